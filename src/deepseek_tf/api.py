@@ -1,0 +1,47 @@
+"""The Python API: train a config into a run directory, load a run back."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from deepseek_tf.config.loader import load_run_config
+from deepseek_tf.config.schema import Config
+
+
+def prepare_tokenizer(config: Config, run_dir=None, resume: bool = False):
+    """The run's tokenizer: loaded from `run_dir` when resuming, else trained on the corpus.
+
+    Returns `(config with model.vocab_size resolved, tokenizer)`.
+    """
+    from deepseek_tf.data.corpus import read_texts, resolve_files
+    from deepseek_tf.tokenizers import load_tokenizer, train_tokenizer
+
+    if resume and run_dir is not None and Path(run_dir, "config.yaml").exists():
+        tokenizer = load_tokenizer(run_dir)
+    else:
+        texts = read_texts(resolve_files(config.data.files))
+        tokenizer = train_tokenizer(config.data.tokenizer, texts, config.data.vocab_size)
+    model = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+    return dataclasses.replace(config, model=model), tokenizer
+
+
+def train(config: Config, run_dir, *, resume: bool = False, verbose: int = 1) -> dict:
+    """Trains `config` into `run_dir` (or continues it); returns the run summary."""
+    from deepseek_tf.training.trainer import Trainer
+
+    config, tokenizer = prepare_tokenizer(config, run_dir, resume)
+    return Trainer(config, run_dir, tokenizer, resume=resume, verbose=verbose).train()
+
+
+def load(run_dir):
+    """Loads a run directory: returns `(model, tokenizer)` with the latest weights."""
+    from deepseek_tf.models.builder import build_model
+    from deepseek_tf.tokenizers import load_tokenizer
+    from deepseek_tf.training.checkpoint import restore_weights
+
+    config = load_run_config(run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    model = build_model(config, tokenizer.vocab_size)
+    restore_weights(run_dir, model)
+    return model, tokenizer

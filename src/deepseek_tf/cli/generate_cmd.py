@@ -1,0 +1,74 @@
+"""`deepseek-tf generate RUN_DIR --prompt TEXT`: sample text with the KV cache."""
+
+from __future__ import annotations
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate text from a trained run")
+    parser.add_argument("run_dir")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="prompt text (repeat for a batch of prompts)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="stop when this text (one token) is generated; repeatable",
+    )
+    parser.set_defaults(func=run)
+
+
+def sample_text(
+    run_dir, prompts, max_new_tokens, *, temperature, top_k, top_p, seed, stop=()
+) -> list[str]:
+    from deepseek_tf.api import load
+    from deepseek_tf.errors import InputError
+    from deepseek_tf.generation.generate import Generator
+
+    model, tokenizer = load(run_dir)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    stop_ids = []
+    for text in stop:
+        ids = tokenizer.encode(text)
+        if len(ids) != 1:
+            raise InputError(f"--stop {text!r} is {len(ids)} tokens; a stop must be one token")
+        stop_ids.append(ids[0])
+    if tokenizer.eos_id is not None:
+        stop_ids.append(tokenizer.eos_id)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    new = Generator(model).generate(
+        encoded,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_ids=stop_ids,
+    )
+    return [p + tokenizer.decode(ids) for p, ids in zip(prompts, new)]
+
+
+def run(args) -> int:
+    texts = sample_text(
+        args.run_dir,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- {i} ---")
+        print(text)
+    return 0

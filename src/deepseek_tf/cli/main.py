@@ -1,0 +1,38 @@
+"""`deepseek-tf` command line: thin subcommands over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from deepseek_tf.cli import eval_cmd, generate_cmd, info_cmd, tokenizer_cmd, train_cmd
+from deepseek_tf.errors import DeepSeekTFError
+
+COMMANDS = (train_cmd, generate_cmd, eval_cmd, info_cmd, tokenizer_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepseek-tf",
+        description="Build, train, evaluate and sample DeepSeek-class models (TensorFlow/Keras 3).",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DeepSeekTFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

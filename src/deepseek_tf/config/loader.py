@@ -1,0 +1,278 @@
+"""YAML presets + files + typed `--set section.key=value` overrides -> `Config`.
+
+Unknown sections or keys and values of the wrong type are `ConfigError`s that
+name the offending key, e.g. ``model.n_layrs: unknown key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepseek_tf.config.schema import (
+    BLOCK_TYPES,
+    POSITION_TYPES,
+    PRECISIONS,
+    ROPE_LAYOUTS,
+    SECTIONS,
+    STRATEGIES,
+    TOKENIZER_TYPES,
+    Config,
+)
+from deepseek_tf.errors import ConfigError
+
+DEFAULT_PRESET = "shakespeare-char"
+CONFIG_FILENAME = "config.yaml"
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped in `deepseek_tf/presets`."""
+    folder = resources.files("deepseek_tf") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def preset_dict(name: str) -> dict:
+    """The raw mapping of preset `name`."""
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    path = resources.files("deepseek_tf") / "presets" / f"{name}.yaml"
+    return _read_yaml(path.read_text(encoding="utf-8"), f"preset {name}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`; returns it in canonical form."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            if option is not type(None):
+                try:
+                    return _coerce(value, option, key)
+                except ConfigError:
+                    pass
+    else:  # pragma: no cover - a schema bug, not user input
+        raise TypeError(f"unsupported annotation {tp!r} for {key}")
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _build_section(section: str, values: Mapping[str, Any]) -> Any:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(sorted(hints))})")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: Mapping, source: str) -> dict:
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in extra.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section {section!r} (known: {', '.join(SECTIONS)})"
+            )
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parses ``section.key=value`` (the value is read as YAML: 3, 1e-3, true, [a, b])."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if section not in SECTIONS:
+        raise ConfigError(
+            f"--set {path}: unknown section {section!r} (known: {', '.join(SECTIONS)})"
+        )
+    return section, key, value
+
+
+def load_config(
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Resolves a `Config` from a preset and/or a YAML file plus overrides.
+
+    With neither `preset` nor `path`, the default preset is used. A file may
+    name its own base preset with a top-level ``preset: NAME`` entry.
+    """
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        raw = _read_yaml(p.read_text(encoding="utf-8"), str(p))
+        preset = raw.pop("preset", None) or preset
+    merged: dict = {}
+    if preset is not None or path is None:
+        merged = _merge(merged, preset_dict(preset or DEFAULT_PRESET), f"preset {preset}")
+    merged = _merge(merged, raw, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        merged = _merge(merged, {section: {key: value}}, f"--set {text}")
+    return config_from_dict(merged)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Builds and validates a `Config` from a nested mapping."""
+    merged = _merge({}, data, "config")
+    sections = {name: _build_section(name, merged.get(name, {})) for name in SECTIONS}
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    out = {}
+    for name in SECTIONS:
+        section = dataclasses.asdict(getattr(config, name))
+        out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+    return out
+
+
+def save_config(config: Config, directory: str | Path) -> Path:
+    """Writes the resolved config as ``config.yaml`` (atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / CONFIG_FILENAME
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
+def load_run_config(directory: str | Path) -> Config:
+    path = Path(directory) / CONFIG_FILENAME
+    if not path.is_file():
+        raise ConfigError(
+            f"{directory}: no {CONFIG_FILENAME} (is this a deepseek-tf run directory?)"
+        )
+    return config_from_dict(_read_yaml(path.read_text(encoding="utf-8"), str(path)))
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(section: Any, prefix: str, names: Iterable[str], allow_zero=False) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{prefix}.{name}: must be {bound}, got {value}")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks; raises `ConfigError` naming the key."""
+    m, d, t, r = config.model, config.data, config.train, config.runtime
+    _check_positive(m, "model", ("d_model", "n_layers", "n_heads", "max_seq_len", "rope_theta"))
+    _check_positive(m, "model", ("vocab_size", "n_kv_heads", "head_dim", "ffn_dim"), True)
+    _check_choice("model.position", m.position, POSITION_TYPES)
+    _check_choice("model.rope_layout", m.rope_layout, ROPE_LAYOUTS)
+    if not m.blocks:
+        raise ConfigError("model.blocks: needs at least one block type")
+    for i, b in enumerate(m.blocks):
+        _check_choice(f"model.blocks[{i}]", b, BLOCK_TYPES)
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % kv:
+        raise ConfigError(f"model.n_kv_heads: {kv} does not divide model.n_heads={m.n_heads}")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model: {m.d_model} is not divisible by n_heads={m.n_heads}")
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    if "rope" in m.position and head_dim % 2:
+        raise ConfigError(f"model.head_dim: rope needs an even head size, got {head_dim}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.rope_scaling_factor < 1.0:
+        raise ConfigError(f"model.rope_scaling_factor: must be >= 1, got {m.rope_scaling_factor}")
+    _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
+    _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_TYPES)
+    _check_positive(d, "data", ("seq_len", "shuffle_buffer", "vocab_size"))
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+    if not 0.0 <= d.token_replace_prob <= 1.0:
+        raise ConfigError(f"data.token_replace_prob: must be in [0, 1], got {d.token_replace_prob}")
+    if not 0.0 <= d.length_jitter_frac < 1.0:
+        raise ConfigError(f"data.length_jitter_frac: must be in [0, 1), got {d.length_jitter_frac}")
+    if d.embedding_noise_std < 0:
+        raise ConfigError(f"data.embedding_noise_std: must be >= 0, got {d.embedding_noise_std}")
+    packed = d.seq_len
+    if d.length_jitter:
+        packed = math.ceil(d.seq_len * (1 + d.length_jitter_frac))
+    if packed > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len: training sequences of {packed} tokens exceed "
+            f"model.max_seq_len={m.max_seq_len}"
+        )
+    _check_positive(t, "train", ("steps", "batch_size", "gradient_accumulation_steps"))
+    _check_positive(t, "train", ("learning_rate", "log_every", "monitor_window"))
+    _check_positive(t, "train", ("warmup_steps", "weight_decay", "clip_norm", "eval_every"), True)
+    _check_positive(t, "train", ("eval_batches", "checkpoint_every", "min_learning_rate"), True)
+    _check_positive(t, "train", ("keep_checkpoints",))
+    _check_choice("train.precision", t.precision, PRECISIONS)
+    _check_choice("runtime.strategy", r.strategy, STRATEGIES)
+    _check_positive(r, "runtime", ("intra_op_threads", "inter_op_threads"), True)
+
+
+def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
+    """`config` with `--set section.key=value` overrides applied (type-checked)."""
+    merged = config_to_dict(config)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        merged = _merge(merged, {section: {key: value}}, f"--set {text}")
+    return config_from_dict(merged)

@@ -1,0 +1,121 @@
+"""Typed, frozen configuration for deepseek-tf.
+
+Configuration flows one way: YAML/CLI -> these dataclasses -> `build_model`
+-> layers as plain keyword arguments. Layers never see these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BLOCK_TYPES = ("attention", "hybrid")
+POSITION_TYPES = ("rope", "dynamic", "rope+dynamic")
+ROPE_LAYOUTS = ("half", "interleaved")
+TOKENIZER_TYPES = ("char", "bpe")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("auto", "one_device", "mirrored")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # embedding / head
+    vocab_size: int = 0  # 0: taken from the run's tokenizer
+    d_model: int = 128  # residual width
+    n_layers: int = 4
+    max_seq_len: int = 256  # longest context the model (and its KV cache) accepts
+    tie_embeddings: bool = True  # output head shares the token embedding matrix
+    # attention
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (MHA); fewer: grouped-query attention
+    head_dim: int = 0  # 0: d_model // n_heads
+    position: str = "rope"  # rope | dynamic | rope+dynamic (dynamic: learned relative bias)
+    # rope
+    rope_theta: float = 10000.0
+    rope_layout: str = "half"  # half (rotate-half) | interleaved (pairs, DeepSeek reference)
+    # yarn (active when rope_scaling_factor > 1)
+    rope_scaling_factor: float = 1.0
+    rope_original_max_len: int = 4096  # context the rope frequencies were trained for
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
+    # dynamic attention (relative-distance buckets -> per-head bias)
+    bias_buckets: int = 32
+    bias_max_distance: int = 128
+    # blocks
+    blocks: tuple[str, ...] = ("attention",)  # cycled over layers: attention | hybrid
+    conv_kernel_size: int = 3  # hybrid blocks: causal Conv1D width
+    # feed-forward (SwiGLU)
+    ffn_dim: int = 0  # 0: 8/3 * d_model rounded up to a multiple of 32
+    # numerics / regularisation
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    files: tuple[str, ...] = ()  # globs of UTF-8 text files; empty: the bundled corpus
+    tokenizer: str = "char"  # char | bpe
+    vocab_size: int = 4096  # bpe only: target vocabulary size
+    seq_len: int = 64  # tokens per training example
+    val_fraction: float = 0.1  # tail of every file held out for validation
+    shuffle_buffer: int = 10000  # packed blocks
+    seed: int = 1337
+    # augmentation (the brief), all off by default
+    token_replace: bool = False  # replace input tokens by random ones ...
+    token_replace_prob: float = 0.05  # ... with this probability
+    length_jitter: bool = False  # vary the effective sequence length ...
+    length_jitter_frac: float = 0.1  # ... uniformly within +-this fraction of seq_len
+    embedding_noise: bool = False  # Gaussian noise on the token embeddings ...
+    embedding_noise_std: float = 0.05  # ... with this standard deviation
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 12  # sequences per micro-batch (global, over all replicas)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    # AdamW + warm-up/cosine schedule
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-4  # end of the cosine decay
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # not applied to norms, biases, embeddings
+    beta1: float = 0.9
+    beta2: float = 0.99
+    clip_norm: float = 1.0  # global-norm gradient clipping; 0 disables
+    precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
+    # evaluation, checkpoints, logs
+    eval_every: int = 250  # steps; 0 disables periodic validation
+    eval_batches: int = 0  # 0: the whole validation split
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    monitor_window: int = 50  # steps in the loss-variance window
+    sparsity_threshold: float = 1e-2  # |activation| below this counts as inactive
+    seed: int = 1337
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    jit_compile: bool = True  # XLA; explicit because Keras' "auto" turns it off on CPU
+    intra_op_threads: int = 0  # 0: TensorFlow's default (all cores)
+    inter_op_threads: int = 0
+    devices: tuple[str, ...] = ()  # e.g. ("/cpu:0",); empty: what TensorFlow sees
+    strategy: str = "auto"  # auto | one_device | mirrored
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "runtime": RuntimeConfig,
+}

@@ -1,0 +1,29 @@
+"""User-facing errors: the CLI prints these as one line, without a traceback."""
+
+
+class DeepSeekTFError(Exception):
+    """Base class for errors caused by the user's input, not by a bug."""
+
+
+class ConfigError(DeepSeekTFError):
+    """A config file, preset or override is malformed; the message names the key."""
+
+
+class DataError(DeepSeekTFError):
+    """A corpus is missing, empty or not UTF-8; the message names the file."""
+
+
+class TokenizerError(DeepSeekTFError):
+    """Text or token ids the tokenizer cannot represent."""
+
+
+class InputError(DeepSeekTFError):
+    """A prompt or token ids the model cannot take (too long, out of range)."""
+
+
+class TrainingError(DeepSeekTFError):
+    """Training cannot continue (for example the loss became NaN)."""
+
+
+class RunDirError(DeepSeekTFError):
+    """A run directory is missing a file it needs."""

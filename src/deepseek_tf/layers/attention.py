@@ -1,0 +1,204 @@
+"""Causal multi-head / grouped-query self-attention with a KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from deepseek_tf.layers.relative_position_bias import RelativePositionBias
+from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_get_mscale
+from deepseek_tf.layers.serialization import init_config
+
+NEG_INF = -1e9
+
+
+def causal_attention(q, k, v, q_positions, k_positions, scale, bias=None):
+    """Scaled dot-product attention; keys at positions after a query are masked.
+
+    Args:
+        q: `(B, T, H, D)` queries.
+        k, v: `(B, S, Hkv, D)` keys / `(B, S, Hkv, Dv)` values, `H % Hkv == 0`.
+        q_positions: `(T,)` absolute positions of the queries.
+        k_positions: `(S,)` absolute positions of the keys. Cache slots not yet
+            written hold positions beyond every query and so are masked too.
+        scale: softmax temperature (usually `1 / sqrt(D)`).
+        bias: optional `(H, T, S)` float32 additive bias.
+
+    Returns:
+        `(B, T, H, Dv)` in the dtype of `v`.
+    """
+    b, t, h, d = ops.shape(q)
+    hkv = ops.shape(k)[2]
+    groups = h // hkv
+    q = ops.reshape(q, (b, t, hkv, groups, d))  # (B, T, Hkv, G, D)
+    scores = ops.einsum("btkgd,bskd->bkgts", q, k)  # (B, Hkv, G, T, S)
+    scores = ops.cast(scores, "float32") * scale
+    if bias is not None:
+        scores = scores + ops.reshape(bias, (1, hkv, groups, t, -1))  # (1, Hkv, G, T, S)
+    visible = k_positions[None, :] <= q_positions[:, None]  # (T, S)
+    scores = ops.where(visible, scores, NEG_INF)
+    probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
+    out = ops.einsum("bkgts,bskd->btkgd", probs, v)  # (B, T, Hkv, G, Dv)
+    return ops.reshape(out, (b, t, h, ops.shape(v)[-1]))  # (B, T, H, Dv)
+
+
+@keras.saving.register_keras_serializable(package="deepseek_tf")
+class CausalSelfAttention(keras.layers.Layer):
+    """Causal MHA/GQA with RoPE and/or a learned relative bias, and a KV cache.
+
+    Args:
+        d_model: input and output width.
+        n_heads: query heads.
+        n_kv_heads: key/value heads (`n_heads` for MHA; a divisor for GQA).
+        head_dim: features per head.
+        position: `"rope"`, `"dynamic"` (learned relative-distance bias) or
+            `"rope+dynamic"`.
+        rope_theta, rope_layout, rope_scaling_factor, rope_original_max_len,
+        yarn_beta_fast, yarn_beta_slow: see `RotaryEmbedding`.
+        yarn_mscale, yarn_mscale_all_dim: YaRN attention-temperature terms.
+        bias_buckets, bias_max_distance: see `RelativePositionBias`.
+        init_std: std of the normal initialiser of the projections.
+        output_init_std: std of the output projection's initialiser.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        x: `(B, T, d_model)`.
+        cache: optional dict `{"k": (B, S, Hkv, D), "v": (B, S, Hkv, D)}`.
+        cache_index: int32 scalar, position of `x[:, 0]` (with a cache).
+
+    Returns:
+        `(B, T, d_model)`, and the updated cache when a cache was given.
+
+    Examples:
+    >>> attn = CausalSelfAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=4)
+    >>> attn(keras.ops.ones((2, 5, 16))).shape
+    TensorShape([2, 5, 16])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        position: str = "rope",
+        rope_theta: float = 10000.0,
+        rope_layout: str = "half",
+        rope_scaling_factor: float = 1.0,
+        rope_original_max_len: int = 4096,
+        yarn_beta_fast: float = 32.0,
+        yarn_beta_slow: float = 1.0,
+        yarn_mscale: float = 1.0,
+        yarn_mscale_all_dim: float = 0.0,
+        bias_buckets: int = 32,
+        bias_max_distance: int = 128,
+        init_std: float = 0.02,
+        output_init_std: float = 0.02,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.position = position
+        self.rope_theta = rope_theta
+        self.rope_layout = rope_layout
+        self.rope_scaling_factor = rope_scaling_factor
+        self.rope_original_max_len = rope_original_max_len
+        self.yarn_beta_fast = yarn_beta_fast
+        self.yarn_beta_slow = yarn_beta_slow
+        self.yarn_mscale = yarn_mscale
+        self.yarn_mscale_all_dim = yarn_mscale_all_dim
+        self.bias_buckets = bias_buckets
+        self.bias_max_distance = bias_max_distance
+        self.init_std = init_std
+        self.output_init_std = output_init_std
+
+        self.scale = 1.0 / math.sqrt(head_dim)
+        factor = rope_scaling_factor
+        if factor > 1.0 and yarn_mscale_all_dim:
+            self.scale *= yarn_get_mscale(factor, yarn_mscale_all_dim) ** 2
+        attention_factor = 1.0
+        if factor > 1.0:
+            denominator = yarn_get_mscale(factor, yarn_mscale_all_dim) if yarn_mscale_all_dim else 1
+            attention_factor = yarn_get_mscale(factor, yarn_mscale) / denominator
+
+        def dense(units, std, name):
+            return keras.layers.Dense(
+                units,
+                use_bias=False,
+                kernel_initializer=keras.initializers.RandomNormal(stddev=std),
+                dtype=self.dtype_policy,
+                name=name,
+            )
+
+        self.q_proj = dense(n_heads * head_dim, init_std, "q_proj")
+        self.k_proj = dense(n_kv_heads * head_dim, init_std, "k_proj")
+        self.v_proj = dense(n_kv_heads * head_dim, init_std, "v_proj")
+        self.o_proj = dense(d_model, output_init_std, "o_proj")
+        self.rope = None
+        if "rope" in position:
+            self.rope = RotaryEmbedding(
+                head_dim,
+                theta=rope_theta,
+                layout=rope_layout,
+                scaling_factor=factor,
+                original_max_len=rope_original_max_len,
+                beta_fast=yarn_beta_fast,
+                beta_slow=yarn_beta_slow,
+                attention_factor=attention_factor,
+                dtype=self.dtype_policy,
+                name="rope",
+            )
+        self.relative_bias = None
+        if "dynamic" in position:
+            self.relative_bias = RelativePositionBias(
+                n_heads, bias_buckets, bias_max_distance, dtype=self.dtype_policy, name="rel_bias"
+            )
+
+    def build(self, input_shape):
+        self.q_proj.build(input_shape)
+        self.k_proj.build(input_shape)
+        self.v_proj.build(input_shape)
+        self.o_proj.build((*input_shape[:-1], self.n_heads * self.head_dim))
+        if self.relative_bias is not None:
+            self.relative_bias.build()
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        shape = (batch_size, max_len, self.n_kv_heads, self.head_dim)
+        return {
+            "k": ops.zeros(shape, self.compute_dtype),
+            "v": ops.zeros(shape, self.compute_dtype),
+        }
+
+    def call(self, x, cache=None, cache_index=None):
+        b, t = ops.shape(x)[0], ops.shape(x)[1]
+        start = 0 if cache_index is None else cache_index
+        q_positions = ops.arange(t, dtype="int32") + start  # (T,)
+        q = ops.reshape(self.q_proj(x), (b, t, self.n_heads, self.head_dim))  # (B, T, H, D)
+        k = ops.reshape(self.k_proj(x), (b, t, self.n_kv_heads, self.head_dim))  # (B, T, Hkv, D)
+        v = ops.reshape(self.v_proj(x), (b, t, self.n_kv_heads, self.head_dim))  # (B, T, Hkv, D)
+        if self.rope is not None:
+            q = self.rope(q, q_positions)
+            k = self.rope(k, q_positions)
+        if cache is not None:
+            zero = ops.zeros((), "int32")
+            index = ops.cast(start, "int32")
+            k = ops.slice_update(cache["k"], (zero, index, zero, zero), k)  # (B, S, Hkv, D)
+            v = ops.slice_update(cache["v"], (zero, index, zero, zero), v)
+            cache = {**cache, "k": k, "v": v}
+        k_positions = ops.arange(ops.shape(k)[1], dtype="int32")  # (S,)
+        if cache is None:
+            k_positions = k_positions + start
+        bias = None
+        if self.relative_bias is not None:
+            bias = self.relative_bias(q_positions, k_positions)  # (H, T, S)
+        out = causal_attention(q, k, v, q_positions, k_positions, self.scale, bias)
+        out = self.o_proj(ops.reshape(out, (b, t, self.n_heads * self.head_dim)))  # (B, T, C)
+        return out if cache is None else (out, cache)
+
+    def get_config(self):
+        return {**super().get_config(), **init_config(self)}

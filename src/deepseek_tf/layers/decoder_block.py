@@ -1,0 +1,137 @@
+"""Pre-norm residual decoder block: attention (+ causal conv) then SwiGLU."""
+
+from __future__ import annotations
+
+import keras
+
+from deepseek_tf.layers.attention import CausalSelfAttention
+from deepseek_tf.layers.causal_conv import CausalConv1D
+from deepseek_tf.layers.rms_norm import RMSNorm
+from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.layers.swiglu import SwiGLU
+
+BLOCK_TYPES = ("attention", "hybrid")
+
+
+@keras.saving.register_keras_serializable(package="deepseek_tf")
+class DecoderBlock(keras.layers.Layer):
+    """`x + mix(norm(x))`, then `x + ffn(norm(x))`.
+
+    `block_type="attention"`: `mix` is causal self-attention.
+    `block_type="hybrid"`: `mix = attention(h) + conv(h)`, the brief's
+    HybridBlock made causal (see `CausalConv1D`), so local n-gram features and
+    global attention are learned side by side.
+
+    Args:
+        block_type: `"attention"` or `"hybrid"`.
+        d_model: residual width.
+        ffn_hidden_dim: SwiGLU hidden width.
+        attention_config: keyword arguments of `CausalSelfAttention` (without
+            `d_model`).
+        conv_kernel_size: hybrid blocks: width of the causal convolution.
+        dropout: residual dropout rate.
+        norm_eps: RMSNorm epsilon.
+        init_std: std of input projections' initialiser.
+        output_init_std: std of output projections' initialiser.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        x: `(B, T, d_model)`.
+        cache: optional per-layer cache `{"k", "v"[, "conv"]}` (see `init_cache`).
+        cache_index: int32 scalar position of `x[:, 0]`, with a cache.
+        training: enables dropout.
+        return_hidden: also return the SwiGLU hidden activations.
+
+    Returns:
+        A dict with `"x"` `(B, T, d_model)`, plus `"cache"` when a cache was
+        given and `"hidden"` when asked for.
+
+    Examples:
+    >>> block = DecoderBlock("hybrid", 16, 32, {"n_heads": 4, "n_kv_heads": 4, "head_dim": 4})
+    >>> block(keras.ops.ones((2, 5, 16)))["x"].shape
+    TensorShape([2, 5, 16])
+    """
+
+    def __init__(
+        self,
+        block_type: str,
+        d_model: int,
+        ffn_hidden_dim: int,
+        attention_config: dict,
+        conv_kernel_size: int = 3,
+        dropout: float = 0.0,
+        norm_eps: float = 1e-6,
+        init_std: float = 0.02,
+        output_init_std: float = 0.02,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if block_type not in BLOCK_TYPES:
+            raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {block_type!r}")
+        self.block_type = block_type
+        self.d_model = d_model
+        self.ffn_hidden_dim = ffn_hidden_dim
+        self.attention_config = dict(attention_config)
+        self.conv_kernel_size = conv_kernel_size
+        self.dropout = dropout
+        self.norm_eps = norm_eps
+        self.init_std = init_std
+        self.output_init_std = output_init_std
+
+        policy = self.dtype_policy
+        self.attn_norm = RMSNorm(norm_eps, dtype=policy, name="attn_norm")
+        self.attention = CausalSelfAttention(
+            d_model,
+            init_std=init_std,
+            output_init_std=output_init_std,
+            dtype=policy,
+            name="attention",
+            **self.attention_config,
+        )
+        self.conv = None
+        if block_type == "hybrid":
+            self.conv = CausalConv1D(d_model, conv_kernel_size, init_std, dtype=policy, name="conv")
+        self.ffn_norm = RMSNorm(norm_eps, dtype=policy, name="ffn_norm")
+        self.ffn = SwiGLU(
+            d_model, ffn_hidden_dim, init_std, output_init_std, dtype=policy, name="ffn"
+        )
+        self.drop = keras.layers.Dropout(dropout, dtype=policy)
+
+    def build(self, input_shape):
+        for layer in (self.attn_norm, self.attention, self.ffn_norm, self.ffn):
+            layer.build(input_shape)
+        if self.conv is not None:
+            self.conv.build(input_shape)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        cache = self.attention.init_cache(batch_size, max_len)
+        if self.conv is not None:
+            cache["conv"] = self.conv.init_state(batch_size)
+        return cache
+
+    def call(self, x, cache=None, cache_index=None, training=None, return_hidden=False):
+        h = self.attn_norm(x)
+        new_cache = None
+        if cache is None:
+            mixed = self.attention(h)
+        else:
+            mixed, new_cache = self.attention(h, cache=cache, cache_index=cache_index)
+        if self.conv is not None:
+            if cache is None:
+                mixed = mixed + self.conv(h)
+            else:
+                conv_out, conv_state = self.conv(h, state=cache["conv"])
+                mixed = mixed + conv_out
+                new_cache = {**new_cache, "conv": conv_state}
+        x = x + self.drop(mixed, training=training)
+        ffn_out, hidden = self.ffn(self.ffn_norm(x), return_hidden=True)
+        x = x + self.drop(ffn_out, training=training)
+        out = {"x": x}
+        if new_cache is not None:
+            out["cache"] = new_cache
+        if return_hidden:
+            out["hidden"] = hidden
+        return out
+
+    def get_config(self):
+        return {**super().get_config(), **init_config(self)}

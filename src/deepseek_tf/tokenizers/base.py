@@ -1,0 +1,84 @@
+"""The tokenizer interface shared by the character and byte-level BPE tokenizers."""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Iterable, Sequence
+
+import tensorflow as tf
+
+from deepseek_tf.errors import TokenizerError
+
+CHAR_FILE = "char_tokenizer.json"  # written by CharTokenizer.save
+BPE_FILE = "tokenizer.json"  # standard Hugging Face tokenizer file, written by BPETokenizer.save
+EOS_TOKEN = "<|endoftext|>"
+
+
+class Tokenizer(abc.ABC):
+    """Maps text to int token ids and back, in Python and inside a tf.data graph.
+
+    Subclasses set `kind` ("char" or "bpe") and implement the abstract methods.
+
+    Args:
+        (none): concrete tokenizers are built by `train_tokenizer` or `load_tokenizer`.
+    """
+
+    kind: str = ""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids; every id lies in [0, vocab_size)."""
+
+    @property
+    def eos_id(self) -> int | None:
+        """Id of the end-of-text token, or None when the vocabulary has none."""
+        return None
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; raises TokenizerError for text it cannot represent."""
+
+    @abc.abstractmethod
+    def _decode_checked(self, ids: list[int]) -> str:
+        """Text of `ids`, which `decode` has already range-checked."""
+
+    @abc.abstractmethod
+    def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
+        """Scalar tf.string -> 1-D int32 token ids; usable inside `tf.data.Dataset.map`."""
+
+    @abc.abstractmethod
+    def _write(self, directory: str) -> str:
+        """Write this tokenizer's file into the existing `directory`; returns its path."""
+
+    def save(self, directory: str | os.PathLike[str]) -> str:
+        """Write the tokenizer into `directory` (created if needed); returns the file path.
+
+        A tokenizer file of the other kind in `directory` is removed, so that
+        `load_tokenizer(directory)` finds this tokenizer.
+        """
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        path = self._write(directory)
+        for name in (CHAR_FILE, BPE_FILE):
+            other = os.path.join(directory, name)
+            if other != path and os.path.isfile(other):
+                os.remove(other)
+        return path
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        """`encode` applied to every text."""
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; an id outside [0, vocab_size) raises TokenizerError naming it."""
+        checked = [int(i) for i in ids]
+        size = self.vocab_size
+        for i in checked:
+            if not 0 <= i < size:
+                raise TokenizerError(f"token id {i} is out of range for vocabulary size {size}")
+        return self._decode_checked(checked)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"

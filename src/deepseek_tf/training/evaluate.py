@@ -1,0 +1,58 @@
+"""Loss, perplexity and next-token accuracy of a model over a dataset."""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+from keras import ops
+
+
+def token_losses(logits, targets):
+    """Per-token cross-entropy `(B, T)` in float32."""
+    return ops.sparse_categorical_crossentropy(
+        targets, ops.cast(logits, "float32"), from_logits=True
+    )
+
+
+def make_eval_step(model, jit_compile: bool):
+    """Compiled step returning (sum of weighted loss, weighted correct, weight)."""
+
+    def step(inputs, targets, weights):
+        logits = model(inputs, training=False)  # (B, T, V)
+        losses = token_losses(logits, targets)
+        predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
+        correct = ops.cast(ops.equal(predicted, ops.cast(targets, "int32")), "float32")
+        return (
+            ops.sum(losses * weights),
+            ops.sum(correct * weights),
+            ops.sum(weights),
+        )
+
+    return tf.function(step, jit_compile=jit_compile, reduce_retracing=True)
+
+
+def evaluate(model, dataset, *, max_batches: int = 0, jit_compile: bool = False, step_fn=None):
+    """Averages over `dataset` of `(inputs, targets, weights)` batches.
+
+    Returns:
+        dict with `loss`, `perplexity`, `accuracy` and `tokens`.
+    """
+    step_fn = step_fn or make_eval_step(model, jit_compile)
+    total_loss = total_correct = total_weight = 0.0
+    for i, (inputs, targets, weights) in enumerate(dataset):
+        if max_batches and i >= max_batches:
+            break
+        loss, correct, weight = step_fn(inputs, targets, weights)
+        total_loss += float(loss)
+        total_correct += float(correct)
+        total_weight += float(weight)
+    if total_weight == 0:
+        raise ValueError("evaluation dataset is empty")
+    loss = total_loss / total_weight
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "accuracy": total_correct / total_weight,
+        "tokens": int(total_weight),
+    }

@@ -1,0 +1,75 @@
+"""TrainingMonitor: the brief's five training signals, as a Keras callback."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import keras
+import numpy as np
+import psutil
+import tensorflow as tf
+
+
+def memory_in_use_mb() -> float:
+    """Accelerator memory in use when there is a GPU, else the process RSS (MiB)."""
+    if tf.config.list_logical_devices("GPU"):
+        info = tf.config.experimental.get_memory_info("GPU:0")
+        return info["current"] / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class TrainingMonitor(keras.callbacks.Callback):
+    """Logs gradient norm, activation sparsity, memory, throughput, loss variance.
+
+    The training step reports `loss`, `grad_norm`, `activation_sparsity` and
+    `tokens` (tokens in the step) in the batch logs; this callback adds
+    `tokens_per_sec` (since the previous batch end), `memory_mb` and
+    `loss_variance` (over the last `window` steps) to the same logs, keeps
+    their history in `self.history`, and writes them to TensorBoard when a
+    summary writer is given.
+
+    Args:
+        window: number of recent steps the loss variance is computed over.
+        summary_writer: optional `tf.summary` writer.
+        every: write to TensorBoard every this many steps.
+
+    Examples:
+    >>> monitor = TrainingMonitor(window=50)
+    """
+
+    SIGNALS = ("grad_norm", "activation_sparsity", "memory_mb", "tokens_per_sec", "loss_variance")
+
+    def __init__(self, window: int = 50, summary_writer=None, every: int = 10):
+        super().__init__()
+        self.window = window
+        self.summary_writer = summary_writer
+        self.every = every
+        self.history = {name: [] for name in self.SIGNALS}
+        self._losses = collections.deque(maxlen=window)
+        self._last_time = None
+
+    def on_train_begin(self, logs=None):
+        self._last_time = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs if logs is not None else {}
+        now = time.perf_counter()
+        elapsed = max(now - (self._last_time or now), 1e-9)
+        self._last_time = now
+        self._losses.append(float(logs["loss"]))
+        logs["tokens_per_sec"] = float(logs.get("tokens", 0)) / elapsed
+        logs["memory_mb"] = memory_in_use_mb()
+        logs["loss_variance"] = float(np.var(self._losses)) if len(self._losses) > 1 else 0.0
+        for name in self.SIGNALS:
+            if name in logs:
+                self.history[name].append(float(logs[name]))
+        step = int(logs.get("step", batch))
+        if self.summary_writer is not None and step % self.every == 0:
+            with self.summary_writer.as_default(step=step):
+                for name in self.SIGNALS:
+                    if name in logs:
+                        tf.summary.scalar(f"monitor/{name}", logs[name])
+
+    def get_config(self):
+        return {"window": self.window, "every": self.every}
