@@ -1,5 +1,24 @@
-"""Shared pytest setup: keep TensorFlow's C++ logging quiet."""
+"""Shared fixtures: quiet TensorFlow, tiny configs, a trained tiny run."""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from deepseek_tf.config.loader import load_config
+
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_config):
+    """A tiny run trained for 20 steps on the bundled corpus (shared, read-only)."""
+    from deepseek_tf.api import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny_config, run_dir, verbose=0)
+    return run_dir

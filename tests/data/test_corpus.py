@@ -101,3 +101,9 @@ def test_read_texts_keeps_bytes_exactly(tmp_path):
     path = tmp_path / "crlf.txt"
     path.write_bytes("line one\r\nline \u00e9\r\n".encode())
     assert read_texts([str(path)]) == ["line one\r\nline \u00e9\r\n"]
+
+
+def test_existing_file_with_glob_characters_is_taken_literally(tmp_path):
+    path = tmp_path / "part[1].txt"
+    path.write_text("literal\n", encoding="utf-8")
+    assert resolve_files([str(path)]) == [str(path)]

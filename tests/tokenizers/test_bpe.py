@@ -6,10 +6,10 @@ import argparse
 
 import pytest
 import tensorflow as tf
+import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tokenizers
 from deepseek_tf.cli import tokenizer_cmd
 from deepseek_tf.data.corpus import default_corpus_path, read_texts
 from deepseek_tf.errors import TokenizerError
@@ -34,7 +34,7 @@ def test_trained_vocabulary(tok):
     assert len(tok.encode(text)) < len(text)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.text(max_size=120))
 def test_round_trip_any_unicode(tok, text):
     assert tok.decode(tok.encode(text)) == text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,7 @@ from deepseek_tf.config.schema import (
 from deepseek_tf.errors import ConfigError
 
 DEFAULT_PRESET = "shakespeare-char"
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 CONFIG_FILENAME = "config.yaml"
 
 
@@ -69,6 +71,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(float(value)):
                 raise ConfigError(f"{key}: must be a finite number, got {value!r}")
@@ -251,9 +255,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.length_jitter_frac: must be in [0, 1), got {d.length_jitter_frac}")
     if d.embedding_noise_std < 0:
         raise ConfigError(f"data.embedding_noise_std: must be >= 0, got {d.embedding_noise_std}")
-    packed = d.seq_len
-    if d.length_jitter:
-        packed = math.ceil(d.seq_len * (1 + d.length_jitter_frac))
+    packed = d.packed_length()
     if packed > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len: training sequences of {packed} tokens exceed "

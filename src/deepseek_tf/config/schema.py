@@ -6,6 +6,7 @@ Configuration flows one way: YAML/CLI -> these dataclasses -> `build_model`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 BLOCK_TYPES = ("attention", "hybrid")
@@ -69,6 +70,13 @@ class DataConfig:
     length_jitter_frac: float = 0.1  # ... uniformly within +-this fraction of seq_len
     embedding_noise: bool = False  # Gaussian noise on the token embeddings ...
     embedding_noise_std: float = 0.05  # ... with this standard deviation
+
+    def packed_length(self) -> int:
+        """Tokens per training sequence: seq_len, or ceil(seq_len * (1 + frac)) with jitter."""
+        if not self.length_jitter:
+            return self.seq_len
+        # Rounding first keeps float noise (10 * 1.1 = 11.000000000000002) from adding a token.
+        return math.ceil(round(self.seq_len * (1.0 + self.length_jitter_frac), 9))
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,7 @@ def packed_length(data_cfg: DataConfig) -> int:
 
     The model's max_seq_len must be at least this.
     """
-    if data_cfg.length_jitter:
-        return jittered_length(data_cfg.seq_len, data_cfg.length_jitter_frac)
-    return data_cfg.seq_len
+    return data_cfg.packed_length()
 
 
 def replace_tokens(inputs: tf.Tensor, prob: float, vocab_size: int, seed: tf.Tensor) -> tf.Tensor:

@@ -17,6 +17,8 @@ def default_corpus_path() -> str:
 
 
 def _expand(pattern: str) -> list[str]:
+    if os.path.isfile(pattern):  # an existing file is taken literally, even "a[1].txt"
+        return [pattern]
     if not glob.has_magic(pattern):
         if os.path.isdir(pattern):
             raise DataError(f"data file '{pattern}' is a directory, not a text file")

@@ -76,7 +76,9 @@ def _check_blocks(
     )
 
 
-def _token_dataset(files: list[str], tokenizer: Tokenizer, split: str, val_fraction: float):
+def _token_dataset(
+    files: list[str], tokenizer: Tokenizer, split: str, val_fraction: float
+) -> tf.data.Dataset:
     """Dataset of one 1-D int32 token tensor per file (its `split` part)."""
     keep = 1.0 - val_fraction  # same float64 arithmetic as corpus.split_point
 
@@ -95,13 +97,22 @@ def _token_dataset(files: list[str], tokenizer: Tokenizer, split: str, val_fract
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _max_offsets(lengths, block_len: int, packed: int):
+def _max_offsets(lengths: tf.Tensor, block_len: int, packed: int) -> tf.Tensor:
     """Exclusive upper bound of each file's start offset: the offset stays below `packed`
     and leaves at least one block in a file that has one."""
     return tf.clip_by_value(lengths - block_len + 1, 1, packed)
 
 
-def _epoch_blocks(epoch, tokens, *, data_cfg, block_len, packed, num_shards, shard_index):
+def _epoch_blocks(
+    epoch: tf.Tensor,
+    tokens: tf.RaggedTensor,
+    *,
+    data_cfg: DataConfig,
+    block_len: int,
+    packed: int,
+    num_shards: int,
+    shard_index: int,
+) -> tf.Tensor:
     """All blocks of one epoch for this shard, permuted: int32 (N, block_len)."""
     lengths = tokens.row_lengths()  # (F,) int64
     max_off = _max_offsets(lengths, block_len, packed)  # (F,)
@@ -151,9 +162,10 @@ def make_train_dataset(
     packed = packed_length(data_cfg)
     block_len = packed + 1
     counts = _token_counts(paths, tokenizer, "train", data_cfg.val_fraction)
-    lengths = tf.constant(counts, tf.int64)
-    worst = tf.maximum((lengths - _max_offsets(lengths, block_len, packed) + 1) // block_len, 0)
-    min_blocks = int(tf.reduce_sum(worst))  # blocks per epoch with the largest offsets
+    # Blocks per epoch when every file draws its largest offset (see _max_offsets).
+    min_blocks = sum(
+        max((n - (min(max(n - block_len + 1, 1), packed) - 1)) // block_len, 0) for n in counts
+    )
     _check_blocks(paths, counts, "train", block_len, min_blocks, num_shards)
 
     tokens = _token_dataset(paths, tokenizer, "train", data_cfg.val_fraction)
@@ -177,7 +189,8 @@ def make_train_dataset(
         inputs, weights = augment_batch(data_cfg, vocab_size, batch_index, inputs)
         return inputs, targets, weights
 
-    ds = tokens.repeat().enumerate().map(epoch_blocks).unbatch()  # (L+1,) blocks
+    # prefetch(1): the next epoch's blocks are cut while this one is consumed.
+    ds = tokens.repeat().enumerate().map(epoch_blocks).prefetch(1).unbatch()  # (L+1,) blocks
     ds = ds.skip(start_batch * batch_size).batch(batch_size, drop_remainder=True)
     ds = ds.enumerate(start=start_batch)
     ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

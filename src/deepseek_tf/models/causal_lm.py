@@ -163,6 +163,11 @@ class CausalLM(keras.Model):
             logits = ops.matmul(x, ops.transpose(table))  # (B, T, V)
         return ops.cast(logits, "float32")
 
+    def __call__(self, token_ids, *args, **kwargs):
+        if isinstance(token_ids, (list, tuple)):  # plain Python ids, e.g. [tokenizer.encode(s)]
+            token_ids = np.asarray(token_ids, np.int32)
+        return super().__call__(token_ids, *args, **kwargs)
+
     # -- forward paths --------------------------------------------------------------------
     def call(self, token_ids, training=None):
         if tf.executing_eagerly():

@@ -7,11 +7,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import tensorflow as tf
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from deepseek_tf.errors import TokenizerError
 from deepseek_tf.tokenizers.base import BPE_FILE, EOS_TOKEN, Tokenizer
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 MIN_BPE_VOCAB = 257  # 256 byte symbols + the end-of-text token
 

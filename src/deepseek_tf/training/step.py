@@ -42,6 +42,8 @@ def make_train_step(
             # Each replica's gradients are summed by the optimizer: divide here.
             scaled = optimizer.scale_loss(loss / (replicas * accumulation))
         grads = tape.gradient(scaled, variables)
+        if accumulation > 1:  # embedding gradients arrive as IndexedSlices: densify to sum
+            grads = [tf.convert_to_tensor(g) for g in grads]
         return loss, grads, stats["activation_sparsity"]
 
     def accumulate(inputs, targets, weights):
@@ -58,7 +60,7 @@ def make_train_step(
         return loss / accumulation, grads, sparsity / accumulation
 
     def grad_norm(grads):
-        norm = tf.linalg.global_norm(grads) * (replicas * accumulation)
+        norm = tf.linalg.global_norm(grads) * replicas  # undo the per-replica division
         return norm / optimizer.dynamic_scale if loss_scaled else norm
 
     def full_step(inputs, targets, weights):

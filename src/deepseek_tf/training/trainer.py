@@ -126,7 +126,13 @@ class Trainer:
         if self.verbose:
             print(message, flush=True)
 
-    def _save(self, step: int) -> str:
+    def _save(self, step: int, last_saved: str | None) -> str:
+        finite = all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.weights)
+        if not finite:  # a finite loss can still be followed by an update to inf/NaN
+            raise TrainingError(
+                f"weights became non-finite at step {step}; stopped without saving. "
+                f"Last good checkpoint: {last_saved or 'none'}"
+            )
         path = self.checkpoint.save(step)
         self.metrics.write(step=step, event="checkpoint", path=path)
         return path
@@ -143,7 +149,7 @@ class Trainer:
             f"{t.learning_rate}, params {self.model.count_params():,}"
         )
         monitor = TrainingMonitor(t.monitor_window, self.writer, every=t.log_every)
-        callbacks = keras.callbacks.CallbackList([monitor], model=self.model)
+        monitor.set_model(self.model)
         progbar = keras.utils.Progbar(
             t.steps, verbose=1 if self.verbose and sys.stdout.isatty() else 0, interval=0.5
         )
@@ -152,7 +158,7 @@ class Trainer:
         train_time, timed_steps = 0.0, 0
         step = self.start_step
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
-        callbacks.on_train_begin()
+        monitor.on_train_begin()
         try:
             while step < t.steps:
                 inputs, targets, weights = next(iterator)
@@ -171,7 +177,7 @@ class Trainer:
                     )
                 logs = {k: float(v) for k, v in out.items()}
                 logs.update(step=step, tokens=tokens_per_step)
-                callbacks.on_train_batch_end(step, logs)
+                monitor.on_train_batch_end(step, logs)  # adds its signals to logs
                 if step % t.log_every == 0 or step == t.steps:
                     logs["lr"] = current_learning_rate(self.optimizer)
                     self.metrics.write(**logs)
@@ -192,15 +198,15 @@ class Trainer:
                         f"{result['loss']:.4f}, val ppl {result['perplexity']:.2f}"
                     )
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
-                    last_saved = self._save(step)
+                    last_saved = self._save(step, last_saved)
         except KeyboardInterrupt:
             if step > self.start_step and step != self.checkpoint.step.numpy():
-                last_saved = self._save(step)
+                last_saved = self._save(step, last_saved)
             self._log(f"[train] interrupted at step {step}; saved {last_saved}")
             raise
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
-            callbacks.on_train_end()
+            monitor.on_train_end()
             self.writer.flush()
         summary = {
             "step": step,

@@ -1,0 +1,81 @@
+import pytest
+
+from deepseek_tf.config.loader import (
+    apply_overrides,
+    load_config,
+    load_run_config,
+    parse_override,
+    preset_names,
+    save_config,
+)
+from deepseek_tf.errors import ConfigError
+
+
+def test_presets_load_and_shakespeare_char_is_the_nanogpt_recipe():
+    assert {"tiny", "shakespeare-char"} <= set(preset_names())
+    c = load_config()  # the default preset
+    assert (c.model.n_layers, c.model.n_heads, c.model.d_model) == (4, 4, 128)
+    assert (c.data.seq_len, c.train.batch_size, c.train.steps) == (64, 12, 2000)
+    assert (c.train.learning_rate, c.model.dropout, c.data.tokenizer) == (1e-3, 0.0, "char")
+
+
+def test_overrides_are_typed():
+    c = load_config(
+        "tiny",
+        overrides=[
+            "train.steps=7",
+            "train.learning_rate=1e-4",
+            "model.blocks=[hybrid]",
+            "runtime.jit_compile=true",
+        ],
+    )
+    assert c.train.steps == 7 and c.train.learning_rate == pytest.approx(1e-4)
+    assert c.model.blocks == ("hybrid",) and c.runtime.jit_compile is True
+    assert parse_override("data.files=a.txt") == ("data", "files", "a.txt")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.n_layrs=3", "model.n_layrs: unknown key"),
+        ("modl.n_layers=3", "unknown section 'modl'"),
+        ("train.steps=abc", "train.steps: expected int, got str 'abc'"),
+        ("train.steps=2.5", "train.steps: expected int"),
+        ("runtime.jit_compile=maybe", "runtime.jit_compile: expected bool"),
+        ("model.blocks=[attention, mamba]", "model.blocks[1]: 'mamba' is not one of"),
+        ("data.seq_len=100", "exceed model.max_seq_len=48"),
+        ("model.n_kv_heads=3", "model.n_kv_heads: 3 does not divide"),
+        ("train.precision=fp8", "train.precision: 'fp8' is not one of"),
+        ("train.steps", "expected section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config("tiny", overrides=[override])
+
+
+def test_bad_files_and_unknown_preset(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path=bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("preset: tiny\nmodel:\n  d_modl: 64\n")
+    with pytest.raises(ConfigError, match="model.d_modl: unknown key"):
+        load_config(path=typo)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(path=tmp_path / "missing.yaml")
+
+
+def test_file_on_top_of_preset_and_run_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: tiny\ntrain:\n  steps: 3\n")
+    c = load_config(path=path, overrides=["train.batch_size=2"])
+    assert (c.train.steps, c.train.batch_size, c.model.d_model) == (3, 2, 32)
+    save_config(c, tmp_path / "run")
+    assert load_run_config(tmp_path / "run") == c
+    assert apply_overrides(c, ["train.steps=9"]).train.steps == 9
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        load_run_config(tmp_path)

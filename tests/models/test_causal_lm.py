@@ -1,0 +1,54 @@
+import dataclasses
+
+import numpy as np
+import pytest
+
+from deepseek_tf.config.loader import apply_overrides
+from deepseek_tf.errors import InputError
+from deepseek_tf.models.builder import build_model, parameter_count
+
+
+def test_parameter_count_matches_built_model(tiny_config):
+    for overrides in ([], ["model.tie_embeddings=false", "model.position=rope"]):
+        config = apply_overrides(tiny_config, overrides)
+        model = build_model(config, vocab_size=37)
+        assert parameter_count(config, 37)["total"] == model.count_params()
+
+
+def test_logits_are_causal_and_cached_forward_matches(tiny_config):
+    config = apply_overrides(tiny_config, ["model.init_std=0.2"])
+    model = build_model(config, vocab_size=23, seed=0)
+    ids = np.random.RandomState(0).randint(0, 23, (2, 12)).astype("int32")
+    full = np.asarray(model(ids))
+    assert full.shape == (2, 12, 23) and full.dtype == np.float32
+    other = ids.copy()
+    other[:, 8:] = (other[:, 8:] + 1) % 23
+    np.testing.assert_allclose(np.asarray(model(other))[:, :8], full[:, :8], atol=1e-5)
+    cache = model.init_cache(2, 16)
+    logits, cache = model.call_with_cache(ids[:, :5], cache, 0)
+    pieces = [np.asarray(logits)]
+    for i in range(5, 12):
+        logits, cache = model.call_with_cache(ids[:, i : i + 1], cache, i)
+        pieces.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-4)
+
+
+def test_embedding_noise_only_in_training(tiny_config):
+    data = dataclasses.replace(tiny_config.data, embedding_noise=True, embedding_noise_std=0.05)
+    model = build_model(dataclasses.replace(tiny_config, data=data), vocab_size=10, seed=0)
+    ids = np.zeros((4, 16), "int32")
+    clean = np.asarray(model.embed(ids, training=False))
+    np.testing.assert_array_equal(np.asarray(model.embed(ids, training=False)), clean)
+    noisy = np.asarray(model.embed(ids, training=True))
+    assert np.std(noisy - clean) == pytest.approx(0.05, rel=0.15)
+
+
+def test_bad_token_ids_and_lengths_raise_input_error(tiny_config):
+    model = build_model(tiny_config, vocab_size=10)
+    with pytest.raises(InputError, match="token id 10 is out of range"):
+        model(np.array([[1, 10]], "int32"))
+    with pytest.raises(InputError, match="token id -1"):
+        model(np.array([[-1, 2]], "int32"))
+    assert model([[1, 2, 3]]).shape == (1, 3, 10)  # plain Python lists are accepted
+    with pytest.raises(InputError, match="exceeds the model's context of 48"):
+        model(np.zeros((1, 49), "int32"))

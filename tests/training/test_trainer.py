@@ -1,0 +1,119 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from deepseek_tf.api import load, train
+from deepseek_tf.config.loader import apply_overrides
+from deepseek_tf.errors import RunDirError, TrainingError
+
+
+def read_metrics(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_training_learns_and_logs_the_five_signals(trained_run):
+    entries = read_metrics(trained_run)
+    steps = [e for e in entries if "loss" in e]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    for signal_name in (
+        "grad_norm",
+        "activation_sparsity",
+        "memory_mb",
+        "tokens_per_sec",
+        "loss_variance",
+    ):
+        values = [e[signal_name] for e in steps]
+        assert all(np.isfinite(values)), signal_name
+    assert all(
+        v > 0
+        for v in (
+            steps[-1]["grad_norm"],
+            steps[-1]["memory_mb"],
+            steps[-1]["tokens_per_sec"],
+            steps[-1]["loss_variance"],
+        )
+    )
+    assert 0.0 <= steps[-1]["activation_sparsity"] <= 1.0
+    assert any(e.get("val_loss") for e in entries)
+    assert list((trained_run / "logs").glob("events.out.tfevents.*"))
+    model, tokenizer = load(trained_run)
+    assert model.vocab_size == tokenizer.vocab_size == 65
+
+
+def test_existing_run_is_not_overwritten(trained_run, tiny_config):
+    with pytest.raises(RunDirError, match="--resume"):
+        train(tiny_config, trained_run, verbose=0)
+
+
+def _losses(run_dir):
+    return {e["step"]: e["loss"] for e in read_metrics(run_dir) if "loss" in e}
+
+
+def test_kill_9_then_resume_continues_the_same_curve(tmp_path, tiny_config):
+    overrides = [
+        "train.steps=300",
+        "train.checkpoint_every=20",
+        "train.eval_every=0",
+        "train.log_every=1",
+    ]
+    config = apply_overrides(tiny_config, overrides)
+    reference = tmp_path / "reference"
+    train(config, reference, verbose=0)
+
+    run = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepseek_tf.cli.main",
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(run),
+        "--sample-tokens",
+        "0",
+    ] + [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "ckpt-40.index").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(run))
+    assert killed_at < 300
+    latest = (run / "checkpoints" / "checkpoint").read_text().splitlines()[0]
+    resumed_from = int(latest.split("ckpt-")[1].rstrip('"'))
+    assert 40 <= resumed_from <= killed_at
+
+    train(config, run, resume=True, verbose=0)
+    losses, expected = _losses(run), _losses(reference)
+    assert sorted(losses) == list(range(1, 301))  # no gap, no duplicate
+    for step in range(1, 301):
+        assert losses[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_config):
+    config = apply_overrides(
+        tiny_config,
+        [
+            "train.learning_rate=1e30",
+            "train.checkpoint_every=1",
+            "train.eval_every=0",
+            "train.steps=50",
+        ],
+    )
+    run = tmp_path / "nan"
+    with pytest.raises(
+        TrainingError, match=r"became (nan|non-finite) .* Last good checkpoint: .*ckpt-"
+    ):
+        train(config, run, verbose=0)
+    model, _ = load(run)
+    weights = np.concatenate([w.numpy().ravel() for w in model.weights])
+    assert np.all(np.isfinite(weights))
