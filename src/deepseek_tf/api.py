@@ -28,8 +28,10 @@ def prepare_tokenizer(config: Config, run_dir=None, resume: bool = False):
 
 def train(config: Config, run_dir, *, resume: bool = False, verbose: int = 1) -> dict:
     """Trains `config` into `run_dir` (or continues it); returns the run summary."""
+    from deepseek_tf.training.runtime import configure_threads
     from deepseek_tf.training.trainer import Trainer
 
+    configure_threads(config.runtime)  # before TensorFlow runs its first op
     config, tokenizer = prepare_tokenizer(config, run_dir, resume)
     return Trainer(config, run_dir, tokenizer, resume=resume, verbose=verbose).train()
 

@@ -117,3 +117,35 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_config):
     model, _ = load(run)
     weights = np.concatenate([w.numpy().ravel() for w in model.weights])
     assert np.all(np.isfinite(weights))
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains_with_float32_logits(tmp_path, tiny_config, precision):
+    config = apply_overrides(
+        tiny_config,
+        [
+            f"train.precision={precision}",
+            "train.steps=6",
+            "train.eval_every=3",
+            "train.eval_batches=1",
+        ],
+    )
+    train(config, tmp_path / precision, verbose=0)
+    model, tokenizer = load(tmp_path / precision)
+    assert model.compute_dtype == precision.split("_")[1]
+    logits = model([tokenizer.encode("ROMEO:")])
+    assert logits.dtype == "float32" and np.all(np.isfinite(logits))
+    losses = [e["loss"] for e in read_metrics(tmp_path / precision) if "loss" in e]
+    assert all(np.isfinite(losses))
+
+
+def test_bpe_run_trains_saves_and_reloads(tmp_path, tiny_config):
+    config = apply_overrides(
+        tiny_config,
+        ["data.tokenizer=bpe", "data.vocab_size=300", "train.steps=4", "train.eval_every=2"],
+    )
+    train(config, tmp_path / "bpe", verbose=0)
+    assert (tmp_path / "bpe" / "tokenizer.json").exists()
+    model, tokenizer = load(tmp_path / "bpe")
+    assert tokenizer.vocab_size == model.vocab_size <= 300
+    assert tokenizer.decode(tokenizer.encode("Wherefore art thou")) == "Wherefore art thou"

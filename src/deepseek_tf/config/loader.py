@@ -246,7 +246,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.rope_scaling_factor: must be >= 1, got {m.rope_scaling_factor}")
     _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
     _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_TYPES)
-    _check_positive(d, "data", ("seq_len", "shuffle_buffer", "vocab_size"))
+    _check_positive(d, "data", ("seq_len", "vocab_size"))
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     if not 0.0 <= d.token_replace_prob <= 1.0:

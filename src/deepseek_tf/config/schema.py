@@ -61,7 +61,6 @@ class DataConfig:
     vocab_size: int = 4096  # bpe only: target vocabulary size
     seq_len: int = 64  # tokens per training example
     val_fraction: float = 0.1  # tail of every file held out for validation
-    shuffle_buffer: int = 10000  # packed blocks
     seed: int = 1337
     # augmentation (the brief), all off by default
     token_replace: bool = False  # replace input tokens by random ones ...
