@@ -9,7 +9,7 @@ from keras import ops
 
 from deepseek_tf.layers.relative_position_bias import RelativePositionBias
 from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_get_mscale
-from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.layers.serialization import init_config, linear
 
 NEG_INF = -1e9
 
@@ -127,13 +127,7 @@ class CausalSelfAttention(keras.layers.Layer):
             attention_factor = yarn_get_mscale(factor, yarn_mscale) / denominator
 
         def dense(units, std, name):
-            return keras.layers.Dense(
-                units,
-                use_bias=False,
-                kernel_initializer=keras.initializers.RandomNormal(stddev=std),
-                dtype=self.dtype_policy,
-                name=name,
-            )
+            return linear(units, std, self.dtype_policy, name)
 
         self.q_proj = dense(n_heads * head_dim, init_std, "q_proj")
         self.k_proj = dense(n_kv_heads * head_dim, init_std, "k_proj")

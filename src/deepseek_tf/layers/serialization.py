@@ -1,8 +1,10 @@
-"""`get_config` from the `__init__` signature: every argument is stored and returned."""
+"""Layer plumbing: `get_config` from the `__init__` signature, bias-free projections."""
 
 from __future__ import annotations
 
 import inspect
+
+import keras
 
 
 def init_args(cls) -> list[str]:
@@ -22,3 +24,14 @@ def init_config(obj) -> dict:
         value = getattr(obj, name)
         out[name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def linear(units: int, init_std: float, dtype, name: str) -> keras.layers.Dense:
+    """A bias-free `Dense` projection with a normal(0, init_std) initialiser."""
+    return keras.layers.Dense(
+        units,
+        use_bias=False,
+        kernel_initializer=keras.initializers.RandomNormal(stddev=init_std),
+        dtype=dtype,
+        name=name,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.layers.serialization import init_config, linear
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -45,13 +45,7 @@ class SwiGLU(keras.layers.Layer):
         self.output_init_std = output_init_std
 
         def dense(units, std, name):
-            return keras.layers.Dense(
-                units,
-                use_bias=False,
-                kernel_initializer=keras.initializers.RandomNormal(stddev=std),
-                dtype=self.dtype_policy,
-                name=name,
-            )
+            return linear(units, std, self.dtype_policy, name)
 
         self.gate_proj = dense(hidden_dim, init_std, "gate_proj")
         self.up_proj = dense(hidden_dim, init_std, "up_proj")
