@@ -24,8 +24,12 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name in ("build_model", "parameter_count"):
-        from deepseek_tf.models import builder
+    if name == "build_model":
+        from deepseek_tf.models.builder import build_model
 
-        return getattr(builder, name)
+        return build_model
+    if name == "parameter_count":
+        from deepseek_tf.models.parameter_count import parameter_count
+
+        return parameter_count
     raise AttributeError(f"module 'deepseek_tf' has no attribute {name!r}")

@@ -5,7 +5,8 @@ import pytest
 
 from deepseek_tf.config.loader import apply_overrides
 from deepseek_tf.errors import InputError
-from deepseek_tf.models.builder import build_model, parameter_count
+from deepseek_tf.models.builder import build_model
+from deepseek_tf.models.parameter_count import parameter_count
 
 
 def test_parameter_count_matches_built_model(tiny_config):

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from deepseek_tf.cli.common import resolve_config
     from deepseek_tf.config.loader import config_to_dict, load_run_config, preset_names
-    from deepseek_tf.models.builder import parameter_count
+    from deepseek_tf.models.parameter_count import parameter_count
 
     if args.presets:
         print("\n".join(preset_names()))

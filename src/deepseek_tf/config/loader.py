@@ -19,13 +19,17 @@ from typing import Any
 import yaml
 
 from deepseek_tf.config.schema import (
+    ATTENTION_TYPES,
     BLOCK_TYPES,
+    MOE_DISPATCH,
     POSITION_TYPES,
     PRECISIONS,
     ROPE_LAYOUTS,
+    SCORING_FUNCS,
     SECTIONS,
     STRATEGIES,
     TOKENIZER_TYPES,
+    TOPK_METHODS,
     Config,
 )
 from deepseek_tf.errors import ConfigError
@@ -245,6 +249,7 @@ def validate(config: Config) -> None:
     if m.rope_scaling_factor < 1.0:
         raise ConfigError(f"model.rope_scaling_factor: must be >= 1, got {m.rope_scaling_factor}")
     _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
+    _validate_mla_moe_mtp(m, d)
     _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_TYPES)
     _check_positive(d, "data", ("seq_len", "vocab_size"))
     if not 0.0 < d.val_fraction < 1.0:
@@ -278,3 +283,41 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
         section, key, value = parse_override(text)
         merged = _merge(merged, {section: {key: value}}, f"--set {text}")
     return config_from_dict(merged)
+
+
+def _validate_mla_moe_mtp(m, d) -> None:
+    _check_choice("model.attention", m.attention, ATTENTION_TYPES)
+    if m.attention == "mla":
+        _check_positive(m, "model", ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"))
+        _check_positive(m, "model", ("q_lora_rank", "qk_nope_head_dim"), True)
+        if m.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.qk_rope_head_dim: must be even, got {m.qk_rope_head_dim}")
+        if m.position != "rope":
+            raise ConfigError(f"model.position: mla uses decoupled rope only, got {m.position!r}")
+    if m.n_routed_experts:
+        e, k = m.n_routed_experts, m.num_experts_per_tok
+        _check_positive(m, "model", ("moe_ffn_dim", "moe_layer_freq", "n_group", "topk_group"))
+        _check_positive(m, "model", ("n_shared_experts", "first_k_dense_replace"), True)
+        _check_positive(m, "model", ("bias_update_speed", "seq_aux_loss_alpha"), True)
+        _check_positive(m, "model", ("routed_scaling_factor",))
+        _check_choice("model.scoring_func", m.scoring_func, SCORING_FUNCS)
+        _check_choice("model.topk_method", m.topk_method, TOPK_METHODS)
+        _check_choice("model.moe_dispatch", m.moe_dispatch, MOE_DISPATCH)
+        if not 1 <= k <= e:
+            raise ConfigError(
+                f"model.num_experts_per_tok: {k} must be in [1, n_routed_experts={e}]"
+            )
+        if e % m.n_group:
+            raise ConfigError(f"model.n_group: {m.n_group} does not divide n_routed_experts={e}")
+        if m.topk_group > m.n_group:
+            raise ConfigError(f"model.topk_group: {m.topk_group} exceeds n_group={m.n_group}")
+        if k > m.topk_group * (e // m.n_group):
+            raise ConfigError(
+                f"model.num_experts_per_tok: {k} experts cannot come from topk_group="
+                f"{m.topk_group} groups of {e // m.n_group}"
+            )
+        if m.topk_method == "noaux_tc" and m.n_group > 1 and e // m.n_group < 2:
+            raise ConfigError("model.n_group: noaux_tc scores groups by their top-2 experts")
+    _check_positive(m, "model", ("mtp_depth", "mtp_loss_weight"), True)
+    if m.mtp_depth >= d.seq_len:
+        raise ConfigError(f"model.mtp_depth: {m.mtp_depth} must be below data.seq_len")

@@ -10,6 +10,10 @@ import math
 from dataclasses import dataclass, field
 
 BLOCK_TYPES = ("attention", "hybrid")
+ATTENTION_TYPES = ("mha", "mla")
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+MOE_DISPATCH = ("sparse", "dense")
 POSITION_TYPES = ("rope", "dynamic", "rope+dynamic")
 ROPE_LAYOUTS = ("half", "interleaved")
 TOKENIZER_TYPES = ("char", "bpe")
@@ -25,6 +29,7 @@ class ModelConfig:
     n_layers: int = 4
     max_seq_len: int = 256  # longest context the model (and its KV cache) accepts
     tie_embeddings: bool = True  # output head shares the token embedding matrix
+    scale_embeddings: bool = True  # embeddings times sqrt(d_model) (DeepSeek checkpoints: false)
     # attention
     n_heads: int = 4
     n_kv_heads: int = 0  # 0: same as n_heads (MHA); fewer: grouped-query attention
@@ -48,6 +53,34 @@ class ModelConfig:
     conv_kernel_size: int = 3  # hybrid blocks: causal Conv1D width
     # feed-forward (SwiGLU)
     ffn_dim: int = 0  # 0: 8/3 * d_model rounded up to a multiple of 32
+    # attention type
+    attention: str = "mha"  # mha (multi-head / grouped-query) | mla (multi-head latent)
+    # mla (DeepSeek-V2/V3 multi-head latent attention)
+    q_lora_rank: int = 0  # 0: plain query projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512  # joint key/value compression width (cached)
+    qk_nope_head_dim: int = 128  # per-head query/key features without rope
+    qk_rope_head_dim: int = 64  # shared decoupled rope key width (cached)
+    v_head_dim: int = 128
+    mla_absorb: bool = True  # decode from the latent cache with absorbed up-projections
+    # moe (DeepSeekMoE); n_routed_experts = 0 keeps every layer dense
+    n_routed_experts: int = 0
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    moe_ffn_dim: int = 0  # hidden width of each expert (shared experts: times their count)
+    first_k_dense_replace: int = 0  # the first k layers keep a dense FFN
+    moe_layer_freq: int = 1  # every n-th layer after those is MoE
+    scoring_func: str = "sigmoid"  # sigmoid (V3) | softmax (V2)
+    topk_method: str = "noaux_tc"  # noaux_tc (V3: bias-corrected) | greedy | group_limited_greedy
+    n_group: int = 1  # expert groups for group-limited routing
+    topk_group: int = 1  # groups a token may use
+    norm_topk_prob: bool = True  # renormalise the chosen experts' gates to sum to 1
+    routed_scaling_factor: float = 1.0
+    bias_update_speed: float = 0.001  # auxiliary-loss-free balancing step gamma; 0: off
+    seq_aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (0: none)
+    moe_dispatch: str = "sparse"  # sparse (gather per expert) | dense (reference, all experts)
+    # mtp (multi-token prediction)
+    mtp_depth: int = 0  # D sequential MTP modules (0: none)
+    mtp_loss_weight: float = 0.3  # lambda
     # numerics / regularisation
     dropout: float = 0.0
     norm_eps: float = 1e-6

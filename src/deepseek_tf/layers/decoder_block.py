@@ -1,4 +1,4 @@
-"""Pre-norm residual decoder block: attention (+ causal conv) then SwiGLU."""
+"""Pre-norm residual decoder block: attention (+ causal conv), then a dense or MoE FFN."""
 
 from __future__ import annotations
 
@@ -11,23 +11,41 @@ from deepseek_tf.layers.serialization import init_config
 from deepseek_tf.layers.swiglu import SwiGLU
 
 BLOCK_TYPES = ("attention", "hybrid")
+ATTENTION_TYPES = ("mha", "mla")
+
+
+def make_attention(attention_type: str, d_model: int, config: dict, **kwargs):
+    """`CausalSelfAttention` (mha) or `MultiHeadLatentAttention` (mla) from plain kwargs."""
+    if attention_type == "mha":
+        return CausalSelfAttention(d_model, **config, **kwargs)
+    if attention_type == "mla":
+        from deepseek_tf.layers.mla import MultiHeadLatentAttention
+
+        return MultiHeadLatentAttention(d_model, **config, **kwargs)
+    raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
 class DecoderBlock(keras.layers.Layer):
     """`x + mix(norm(x))`, then `x + ffn(norm(x))`.
 
-    `block_type="attention"`: `mix` is causal self-attention.
+    `block_type="attention"`: `mix` is causal self-attention (`attention_type`
+    `"mha"`: multi-head/grouped-query; `"mla"`: multi-head latent attention).
     `block_type="hybrid"`: `mix = attention(h) + conv(h)`, the brief's
     HybridBlock made causal (see `CausalConv1D`), so local n-gram features and
     global attention are learned side by side.
 
+    The feed-forward is a SwiGLU, or DeepSeekMoE when `moe_config` is given.
+
     Args:
         block_type: `"attention"` or `"hybrid"`.
         d_model: residual width.
-        ffn_hidden_dim: SwiGLU hidden width.
-        attention_config: keyword arguments of `CausalSelfAttention` (without
+        ffn_hidden_dim: SwiGLU hidden width (dense feed-forward).
+        attention_config: keyword arguments of the attention layer (without
             `d_model`).
+        attention_type: `"mha"` or `"mla"`.
+        moe_config: keyword arguments of `DeepSeekMoE` (without `d_model`), or
+            None for a dense SwiGLU.
         conv_kernel_size: hybrid blocks: width of the causal convolution.
         dropout: residual dropout rate.
         norm_eps: RMSNorm epsilon.
@@ -44,7 +62,8 @@ class DecoderBlock(keras.layers.Layer):
 
     Returns:
         A dict with `"x"` `(B, T, d_model)`, plus `"cache"` when a cache was
-        given and `"hidden"` when asked for.
+        given and `"hidden"` when asked for; MoE blocks add `"aux_loss"` and
+        `"expert_load"` (see `DeepSeekMoE`).
 
     Examples:
     >>> block = DecoderBlock("hybrid", 16, 32, {"n_heads": 4, "n_kv_heads": 4, "head_dim": 4})
@@ -58,6 +77,8 @@ class DecoderBlock(keras.layers.Layer):
         d_model: int,
         ffn_hidden_dim: int,
         attention_config: dict,
+        attention_type: str = "mha",
+        moe_config: dict | None = None,
         conv_kernel_size: int = 3,
         dropout: float = 0.0,
         norm_eps: float = 1e-6,
@@ -72,6 +93,8 @@ class DecoderBlock(keras.layers.Layer):
         self.d_model = d_model
         self.ffn_hidden_dim = ffn_hidden_dim
         self.attention_config = dict(attention_config)
+        self.attention_type = attention_type
+        self.moe_config = dict(moe_config) if moe_config else None
         self.conv_kernel_size = conv_kernel_size
         self.dropout = dropout
         self.norm_eps = norm_eps
@@ -80,21 +103,34 @@ class DecoderBlock(keras.layers.Layer):
 
         policy = self.dtype_policy
         self.attn_norm = RMSNorm(norm_eps, dtype=policy, name="attn_norm")
-        self.attention = CausalSelfAttention(
+        self.attention = make_attention(
+            attention_type,
             d_model,
+            self.attention_config,
             init_std=init_std,
             output_init_std=output_init_std,
             dtype=policy,
             name="attention",
-            **self.attention_config,
         )
         self.conv = None
         if block_type == "hybrid":
             self.conv = CausalConv1D(d_model, conv_kernel_size, init_std, dtype=policy, name="conv")
         self.ffn_norm = RMSNorm(norm_eps, dtype=policy, name="ffn_norm")
-        self.ffn = SwiGLU(
-            d_model, ffn_hidden_dim, init_std, output_init_std, dtype=policy, name="ffn"
-        )
+        if self.moe_config:
+            from deepseek_tf.layers.moe import DeepSeekMoE
+
+            self.ffn = DeepSeekMoE(
+                d_model,
+                init_std=init_std,
+                output_init_std=output_init_std,
+                dtype=policy,
+                name="moe",
+                **self.moe_config,
+            )
+        else:
+            self.ffn = SwiGLU(
+                d_model, ffn_hidden_dim, init_std, output_init_std, dtype=policy, name="ffn"
+            )
         self.drop = keras.layers.Dropout(dropout, dtype=policy)
 
     def build(self, input_shape):
@@ -124,9 +160,15 @@ class DecoderBlock(keras.layers.Layer):
                 mixed = mixed + conv_out
                 new_cache = {**new_cache, "conv": conv_state}
         x = x + self.drop(mixed, training=training)
-        ffn_out, hidden = self.ffn(self.ffn_norm(x), return_hidden=True)
+        out = {}
+        if self.moe_config:
+            moe_out = self.ffn(self.ffn_norm(x), training=training, return_hidden=True)
+            ffn_out, hidden = moe_out["x"], moe_out["hidden"]
+            out.update(aux_loss=moe_out["aux_loss"], expert_load=moe_out["expert_load"])
+        else:
+            ffn_out, hidden = self.ffn(self.ffn_norm(x), return_hidden=True)
         x = x + self.drop(ffn_out, training=training)
-        out = {"x": x}
+        out["x"] = x
         if new_cache is not None:
             out["cache"] = new_cache
         if return_hidden:

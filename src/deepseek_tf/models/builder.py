@@ -22,42 +22,93 @@ def head_dim(m: ModelConfig) -> int:
     return m.head_dim or m.d_model // m.n_heads
 
 
-def model_kwargs(config: Config, vocab_size: int | None = None) -> dict:
-    """The plain keyword arguments `CausalLM` is built with."""
-    m = config.model
-    vocab = vocab_size or m.vocab_size
-    if not vocab:
-        raise ConfigError("model.vocab_size: unknown (0) and no tokenizer to take it from")
-    attention_config = {
-        "n_heads": m.n_heads,
-        "n_kv_heads": m.n_kv_heads or m.n_heads,
-        "head_dim": head_dim(m),
-        "position": m.position,
+def attention_config(m: ModelConfig) -> dict:
+    """Keyword arguments of the attention layer (mha or mla) of every block."""
+    yarn = {
         "rope_theta": m.rope_theta,
-        "rope_layout": m.rope_layout,
         "rope_scaling_factor": m.rope_scaling_factor,
         "rope_original_max_len": m.rope_original_max_len,
         "yarn_beta_fast": m.yarn_beta_fast,
         "yarn_beta_slow": m.yarn_beta_slow,
         "yarn_mscale": m.yarn_mscale,
         "yarn_mscale_all_dim": m.yarn_mscale_all_dim,
+    }
+    if m.attention == "mla":
+        return {
+            "n_heads": m.n_heads,
+            "q_lora_rank": m.q_lora_rank,
+            "kv_lora_rank": m.kv_lora_rank,
+            "qk_nope_head_dim": m.qk_nope_head_dim,
+            "qk_rope_head_dim": m.qk_rope_head_dim,
+            "v_head_dim": m.v_head_dim,
+            "norm_eps": m.norm_eps,
+            "absorb": m.mla_absorb,
+            **yarn,
+        }
+    return {
+        "n_heads": m.n_heads,
+        "n_kv_heads": m.n_kv_heads or m.n_heads,
+        "head_dim": head_dim(m),
+        "position": m.position,
+        "rope_layout": m.rope_layout,
         "bias_buckets": m.bias_buckets,
         "bias_max_distance": m.bias_max_distance,
+        **yarn,
     }
+
+
+def moe_config(m: ModelConfig) -> dict | None:
+    """Keyword arguments of `DeepSeekMoE`, or None for a dense model."""
+    if not m.n_routed_experts:
+        return None
+    return {
+        "moe_hidden_dim": m.moe_ffn_dim,
+        "n_routed_experts": m.n_routed_experts,
+        "n_shared_experts": m.n_shared_experts,
+        "num_experts_per_tok": m.num_experts_per_tok,
+        "scoring_func": m.scoring_func,
+        "topk_method": m.topk_method,
+        "n_group": m.n_group,
+        "topk_group": m.topk_group,
+        "norm_topk_prob": m.norm_topk_prob,
+        "routed_scaling_factor": m.routed_scaling_factor,
+        "bias_update_speed": m.bias_update_speed,
+        "seq_aux_loss_alpha": m.seq_aux_loss_alpha,
+        "dispatch": m.moe_dispatch,
+    }
+
+
+def moe_layers(m: ModelConfig) -> list[bool]:
+    """Which layers use DeepSeekMoE (after `first_k_dense_replace`, every `moe_layer_freq`)."""
+    return [
+        bool(m.n_routed_experts) and i >= m.first_k_dense_replace and i % m.moe_layer_freq == 0
+        for i in range(m.n_layers)
+    ]
+
+
+def model_kwargs(config: Config, vocab_size: int | None = None) -> dict:
+    """The plain keyword arguments `CausalLM` is built with."""
+    m, d = config.model, config.data
+    vocab = vocab_size or m.vocab_size
+    if not vocab:
+        raise ConfigError("model.vocab_size: unknown (0) and no tokenizer to take it from")
     return {
         "vocab_size": vocab,
         "d_model": m.d_model,
         "n_layers": m.n_layers,
         "max_seq_len": m.max_seq_len,
         "block_types": [m.blocks[i % len(m.blocks)] for i in range(m.n_layers)],
-        "attention_config": attention_config,
+        "attention_config": attention_config(m),
         "ffn_hidden_dim": ffn_hidden_dim(m),
+        "attention_type": m.attention,
+        "moe_config": moe_config(m),
+        "moe_layers": moe_layers(m),
+        "mtp_depth": m.mtp_depth,
         "conv_kernel_size": m.conv_kernel_size,
         "tie_embeddings": m.tie_embeddings,
+        "scale_embeddings": m.scale_embeddings,
         "dropout": m.dropout,
-        "embedding_noise_std": config.data.embedding_noise_std
-        if config.data.embedding_noise
-        else 0.0,
+        "embedding_noise_std": d.embedding_noise_std if d.embedding_noise else 0.0,
         "norm_eps": m.norm_eps,
         "init_std": m.init_std,
     }
@@ -69,28 +120,3 @@ def build_model(config: Config, vocab_size: int | None = None, seed: int | None 
         keras.utils.set_random_seed(seed)
     dtype = keras.DTypePolicy(config.train.precision)
     return CausalLM(**model_kwargs(config, vocab_size), dtype=dtype)
-
-
-def parameter_count(config: Config, vocab_size: int | None = None) -> dict:
-    """Parameter counts from the config, without allocating any weight."""
-    kw = model_kwargs(config, vocab_size)
-    d, v, att = kw["d_model"], kw["vocab_size"], kw["attention_config"]
-    h, hkv, hd = att["n_heads"], att["n_kv_heads"], att["head_dim"]
-    attention = d * h * hd + 2 * d * hkv * hd + h * hd * d
-    if "dynamic" in att["position"]:
-        attention += att["bias_buckets"] * h
-    ffn = 3 * d * kw["ffn_hidden_dim"]
-    conv = kw["conv_kernel_size"] * d * d + d
-    blocks = sum(
-        attention + ffn + 2 * d + (conv if t == "hybrid" else 0) for t in kw["block_types"]
-    )
-    embedding = v * d
-    head = 0 if kw["tie_embeddings"] else v * d
-    total = embedding + blocks + d + head
-    return {
-        "total": total,
-        "embedding": embedding,
-        "blocks": blocks,
-        "head": head,
-        "non_embedding": total - embedding,
-    }

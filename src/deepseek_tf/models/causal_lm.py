@@ -11,6 +11,7 @@ from keras import ops
 
 from deepseek_tf.errors import InputError
 from deepseek_tf.layers.decoder_block import DecoderBlock
+from deepseek_tf.layers.mtp import MTPModule
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.serialization import init_config
 
@@ -39,11 +40,18 @@ class CausalLM(keras.Model):
         n_layers: number of decoder blocks.
         max_seq_len: longest sequence (and KV cache) the model accepts.
         block_types: one entry per layer, `"attention"` or `"hybrid"`.
-        attention_config: keyword arguments of `CausalSelfAttention` shared by
-            every layer (heads, head size, position scheme, rope/yarn, bias).
-        ffn_hidden_dim: SwiGLU hidden width.
+        attention_config: keyword arguments of the attention layer shared by
+            every layer (heads, head sizes, position scheme, rope/yarn, ...).
+        ffn_hidden_dim: SwiGLU hidden width of dense layers.
+        attention_type: `"mha"` (multi-head/grouped-query) or `"mla"`
+            (multi-head latent attention).
+        moe_config: keyword arguments of `DeepSeekMoE`, or None.
+        moe_layers: one flag per layer: MoE (True) or dense (False) FFN.
+        mtp_depth: number of Multi-Token Prediction modules (training only).
         conv_kernel_size: causal conv width in hybrid blocks.
         tie_embeddings: use the embedding matrix as the output head.
+        scale_embeddings: multiply token embeddings by `sqrt(d_model)`
+            (DeepSeek checkpoints do not).
         dropout: embedding and residual dropout.
         embedding_noise_std: std of Gaussian noise added to the (scaled)
             embeddings during training; 0 disables (the brief's augmentation).
@@ -77,8 +85,13 @@ class CausalLM(keras.Model):
         block_types: list,
         attention_config: dict,
         ffn_hidden_dim: int,
+        attention_type: str = "mha",
+        moe_config: dict | None = None,
+        moe_layers: list | None = None,
+        mtp_depth: int = 0,
         conv_kernel_size: int = 3,
         tie_embeddings: bool = True,
+        scale_embeddings: bool = True,
         dropout: float = 0.0,
         embedding_noise_std: float = 0.0,
         norm_eps: float = 1e-6,
@@ -88,6 +101,9 @@ class CausalLM(keras.Model):
         super().__init__(**kwargs)
         if len(block_types) != n_layers:
             raise ValueError(f"block_types has {len(block_types)} entries for {n_layers} layers")
+        moe_layers = list(moe_layers) if moe_layers else [False] * n_layers
+        if len(moe_layers) != n_layers or (any(moe_layers) and not moe_config):
+            raise ValueError("moe_layers needs one flag per layer, and moe_config when any is set")
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.n_layers = n_layers
@@ -95,8 +111,13 @@ class CausalLM(keras.Model):
         self.block_types = list(block_types)
         self.attention_config = dict(attention_config)
         self.ffn_hidden_dim = ffn_hidden_dim
+        self.attention_type = attention_type
+        self.moe_config = dict(moe_config) if moe_config else None
+        self.moe_layers = moe_layers
+        self.mtp_depth = mtp_depth
         self.conv_kernel_size = conv_kernel_size
         self.tie_embeddings = tie_embeddings
+        self.scale_embeddings = scale_embeddings
         self.dropout = dropout
         self.embedding_noise_std = embedding_noise_std
         self.norm_eps = norm_eps
@@ -112,23 +133,24 @@ class CausalLM(keras.Model):
         )
         self.embedding_dropout = keras.layers.Dropout(dropout, dtype=policy)
         self.blocks = [
-            DecoderBlock(
-                block_type,
-                d_model,
-                ffn_hidden_dim,
-                self.attention_config,
-                conv_kernel_size=conv_kernel_size,
-                dropout=dropout,
-                norm_eps=norm_eps,
-                init_std=init_std,
-                output_init_std=init_std / math.sqrt(2 * n_layers),
-                dtype=policy,
-                name=f"block_{i}",
-            )
-            for i, block_type in enumerate(self.block_types)
+            DecoderBlock(d_model=d_model, dtype=policy, name=f"block_{i}", **self._block_config(i))
+            for i in range(n_layers)
         ]
         for i, block in enumerate(self.blocks):  # attributes, so tf.train.Checkpoint tracks them
             setattr(self, f"block_{i}", block)
+        self.mtp_modules = [
+            MTPModule(
+                d_model,
+                self._block_config(n_layers - 1),
+                norm_eps,
+                init_std,
+                dtype=policy,
+                name=f"mtp_{k}",
+            )
+            for k in range(mtp_depth)
+        ]
+        for k, module in enumerate(self.mtp_modules):
+            setattr(self, f"mtp_{k}", module)
         self.final_norm = RMSNorm(norm_eps, dtype=policy, name="final_norm")
         self.lm_head = None
         if not tie_embeddings:
@@ -137,31 +159,56 @@ class CausalLM(keras.Model):
             )
         self.build((None, None))
 
+    def _block_config(self, i: int) -> dict:
+        return {
+            "block_type": self.block_types[i],
+            "ffn_hidden_dim": self.ffn_hidden_dim,
+            "attention_config": self.attention_config,
+            "attention_type": self.attention_type,
+            "moe_config": self.moe_config if self.moe_layers[i] else None,
+            "conv_kernel_size": self.conv_kernel_size,
+            "dropout": self.dropout,
+            "norm_eps": self.norm_eps,
+            "init_std": self.init_std,
+            "output_init_std": self.init_std / math.sqrt(2 * self.n_layers),
+        }
+
     def build(self, input_shape):
         self.embedding.build(input_shape)
         hidden_shape = (*input_shape, self.d_model)
-        for block in self.blocks:
-            block.build(hidden_shape)
-        self.final_norm.build(hidden_shape)
+        for layer in (*self.blocks, *self.mtp_modules, self.final_norm):
+            layer.build(hidden_shape)
         if self.lm_head is not None:
             self.lm_head.build(hidden_shape)
         self.built = True
 
     # -- pieces shared by every forward path ------------------------------------------------
     def embed(self, token_ids, training=None):
-        x = self.embedding(token_ids) * ops.cast(math.sqrt(self.d_model), self.compute_dtype)
+        x = self.embedding(token_ids)
+        if self.scale_embeddings:
+            x = x * ops.cast(math.sqrt(self.d_model), self.compute_dtype)
         if self.embedding_noise_std > 0:
             x = self.embedding_noise(x, training=training)
         return self.embedding_dropout(x, training=training)  # (B, T, C)
 
-    def head(self, x):
-        x = self.final_norm(x)
+    def project(self, x):
+        """Output head on normed hidden states: `(B, T, C)` -> float32 `(B, T, V)`."""
         if self.lm_head is not None:
             logits = self.lm_head(x)
         else:
             table = ops.cast(self.embedding.embeddings, x.dtype)  # (V, C)
             logits = ops.matmul(x, ops.transpose(table))  # (B, T, V)
         return ops.cast(logits, "float32")
+
+    def head(self, x):
+        return self.project(self.final_norm(x))
+
+    def moe_modules(self) -> list:
+        """The DeepSeekMoE layers, in the order `forward_with_stats` reports their load."""
+        blocks = [b for b, is_moe in zip(self.blocks, self.moe_layers) if is_moe]
+        if self.moe_config and self.moe_layers[-1]:
+            blocks += [m.block for m in self.mtp_modules]
+        return [b.ffn for b in blocks]
 
     def __call__(self, token_ids, *args, **kwargs):
         if isinstance(token_ids, (list, tuple)):  # plain Python ids, e.g. [tokenizer.encode(s)]
@@ -178,22 +225,50 @@ class CausalLM(keras.Model):
         return self.head(x)
 
     def forward_with_stats(self, token_ids, training=None, sparsity_threshold=1e-2):
-        """Logits plus per-step statistics for the training monitor.
+        """Logits plus what training needs beyond them.
 
         Returns:
-            `(logits, stats)`; `stats["activation_sparsity"]` is the fraction
-            of SwiGLU hidden activations with magnitude below the threshold,
-            averaged over layers.
+            `(logits, stats)`: `stats["activation_sparsity"]` is the fraction
+            of feed-forward hidden activations with magnitude below the
+            threshold (mean over layers); `stats["aux_loss"]` the sum of the
+            MoE balance losses; `stats["expert_load"]` `(n_moe_layers, E)` the
+            routed-token fractions (MoE models only); `stats["mtp_logits"]` a
+            list of `(B, T - k, V)` logits of MTP depth `k` predicting the token
+            `k + 1` steps after each input position (its targets are the
+            next-token targets shifted by `k`).
         """
-        x = self.embed(token_ids, training)
-        sparsity = []
+        collected = {"sparsity": [], "aux_loss": [], "expert_load": []}
+
+        def collect(out):
+            small = ops.abs(ops.cast(out["hidden"], "float32")) < sparsity_threshold
+            collected["sparsity"].append(ops.mean(ops.cast(small, "float32")))
+            if "aux_loss" in out:
+                collected["aux_loss"].append(out["aux_loss"])
+                collected["expert_load"].append(out["expert_load"])
+
+        embeddings = self.embed(token_ids, training)
+        x = embeddings
         for block in self.blocks:
             out = block(x, training=training, return_hidden=True)
+            collect(out)
             x = out["x"]
-            small = ops.abs(ops.cast(out["hidden"], "float32")) < sparsity_threshold
-            sparsity.append(ops.mean(ops.cast(small, "float32")))
-        stats = {"activation_sparsity": ops.mean(ops.stack(sparsity))}
-        return self.head(x), stats
+        logits = self.head(x)
+        mtp_logits = []
+        for k, module in enumerate(self.mtp_modules, start=1):
+            out = module(x[:, :-1], embeddings[:, k:], training=training)  # (B, T - k, C)
+            collect({**out, "hidden": out["ffn_hidden"]})
+            x = out["hidden"]
+            mtp_logits.append(self.project(out["x"]))
+        stats = {
+            "activation_sparsity": ops.mean(ops.stack(collected["sparsity"])),
+            "aux_loss": ops.sum(ops.stack(collected["aux_loss"]))
+            if collected["aux_loss"]
+            else ops.zeros((), "float32"),
+            "mtp_logits": mtp_logits,
+        }
+        if collected["expert_load"]:
+            stats["expert_load"] = ops.stack(collected["expert_load"])  # (L_moe, E)
+        return logits, stats
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> list:
         """Zeroed per-layer decoding caches for `max_len` positions."""

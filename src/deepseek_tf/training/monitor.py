@@ -19,6 +19,20 @@ def memory_in_use_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def balance_stats(expert_load: np.ndarray) -> dict:
+    """Load-balance summary of `(n_moe_layers, n_experts)` routed-token fractions.
+
+    `load_max_mean` is the worst layer's max/mean expert load (1.0 is perfect
+    balance); `load_min_mean` its least-used expert's share relative to the mean.
+    """
+    mean = expert_load.mean(axis=-1, keepdims=True)
+    ratio = expert_load / np.maximum(mean, 1e-12)
+    return {
+        "load_max_mean": float(ratio.max(axis=-1).max()),
+        "load_min_mean": float(ratio.min(axis=-1).min()),
+    }
+
+
 class TrainingMonitor(keras.callbacks.Callback):
     """Logs gradient norm, activation sparsity, memory, throughput, loss variance.
 
@@ -38,7 +52,17 @@ class TrainingMonitor(keras.callbacks.Callback):
     >>> monitor = TrainingMonitor(window=50)
     """
 
-    SIGNALS = ("grad_norm", "activation_sparsity", "memory_mb", "tokens_per_sec", "loss_variance")
+    SIGNALS = (
+        "grad_norm",
+        "activation_sparsity",
+        "memory_mb",
+        "tokens_per_sec",
+        "loss_variance",
+        "load_max_mean",
+        "load_min_mean",
+        "mtp_loss",
+        "aux_loss",
+    )
 
     def __init__(self, window: int = 50, summary_writer=None, every: int = 10):
         super().__init__()

@@ -24,50 +24,82 @@ def make_train_step(
     sparsity_threshold: float,
     jit_compile: bool,
     strategy=None,
+    mtp_loss_weight: float = 0.0,
 ):
-    """Returns `step(inputs, targets, weights) -> {"loss", "grad_norm", "activation_sparsity"}`.
+    """Returns `step(inputs, targets, weights) -> dict of step statistics`.
 
     Inputs are `(B, T)` or, with gradient accumulation, `(A, B, T)`: `A`
-    micro-batches whose gradients are averaged into one optimizer update.
+    micro-batches whose gradients are averaged into one optimizer update. The
+    objective is the next-token loss, plus `mtp_loss_weight` times the mean
+    Multi-Token Prediction loss, plus the MoE balance losses. After the update,
+    each MoE layer's routing bias moves against its expert load (DeepSeek-V3's
+    auxiliary-loss-free balancing: no gradient involved).
     """
     variables = model.trainable_variables
     loss_scaled = hasattr(optimizer, "dynamic_scale")
+    moe_layers = model.moe_modules()
+
+    def losses(inputs, targets, weights):
+        logits, stats = model.forward_with_stats(
+            inputs, training=True, sparsity_threshold=sparsity_threshold
+        )  # (B, T, V)
+        out = {
+            "loss": weighted_mean(token_losses(logits, targets), weights),
+            "aux_loss": stats["aux_loss"],
+            "activation_sparsity": stats["activation_sparsity"],
+        }
+        objective = out["loss"] + out["aux_loss"]
+        if stats["mtp_logits"]:
+            mtp = [  # depth k predicts targets[:, k:] from positions [:, :-k]
+                weighted_mean(token_losses(lg, targets[:, k:]), weights[:, k:])
+                for k, lg in enumerate(stats["mtp_logits"], start=1)
+            ]
+            out["mtp_loss"] = ops.mean(ops.stack(mtp))
+            objective = objective + mtp_loss_weight * out["mtp_loss"]
+        if "expert_load" in stats:
+            out["expert_load"] = stats["expert_load"]  # (L_moe, E)
+        return objective, out
 
     def loss_and_grads(inputs, targets, weights):
         with tf.GradientTape() as tape:
-            logits, stats = model.forward_with_stats(
-                inputs, training=True, sparsity_threshold=sparsity_threshold
-            )  # (B, T, V)
-            loss = weighted_mean(token_losses(logits, targets), weights)
+            objective, out = losses(inputs, targets, weights)
             # Each replica's gradients are summed by the optimizer: divide here.
-            scaled = optimizer.scale_loss(loss / (replicas * accumulation))
+            scaled = optimizer.scale_loss(objective / (replicas * accumulation))
         grads = tape.gradient(scaled, variables)
         if accumulation > 1:  # embedding gradients arrive as IndexedSlices: densify to sum
             grads = [tf.convert_to_tensor(g) for g in grads]
-        return loss, grads, stats["activation_sparsity"]
+        return out, grads
 
     def accumulate(inputs, targets, weights):
         if accumulation == 1:
             return loss_and_grads(inputs, targets, weights)
-        loss, grads, sparsity = loss_and_grads(inputs[0], targets[0], weights[0])
+        out, grads = loss_and_grads(inputs[0], targets[0], weights[0])
         for i in tf.range(1, accumulation):
-            micro_loss, micro_grads, micro_sparsity = loss_and_grads(
-                inputs[i], targets[i], weights[i]
-            )
-            loss += micro_loss
-            sparsity += micro_sparsity
+            micro_out, micro_grads = loss_and_grads(inputs[i], targets[i], weights[i])
+            out = {k: v + micro_out[k] for k, v in out.items()}
             grads = [g + mg for g, mg in zip(grads, micro_grads)]
-        return loss / accumulation, grads, sparsity / accumulation
+        return {k: v / accumulation for k, v in out.items()}, grads
+
+    def update_biases(out):
+        if not moe_layers:
+            return
+        load = out["expert_load"]
+        if replicas > 1:  # every replica applies the same, globally averaged, update
+            context = tf.distribute.get_replica_context()
+            load = context.all_reduce(tf.distribute.ReduceOp.MEAN, load)
+        for i, layer in enumerate(moe_layers):
+            layer.update_bias(load[i])
 
     def grad_norm(grads):
         norm = tf.linalg.global_norm(grads) * replicas  # undo the per-replica division
         return norm / optimizer.dynamic_scale if loss_scaled else norm
 
     def full_step(inputs, targets, weights):
-        loss, grads, sparsity = accumulate(inputs, targets, weights)
-        norm = grad_norm(grads)
+        out, grads = accumulate(inputs, targets, weights)
+        out["grad_norm"] = grad_norm(grads)
         optimizer.apply(grads, variables)  # clips by global norm, AdamW, schedule
-        return {"loss": loss, "grad_norm": norm, "activation_sparsity": sparsity}
+        update_biases(out)
+        return out
 
     if strategy is None or replicas == 1:
         return tf.function(full_step, jit_compile=jit_compile)
@@ -77,10 +109,11 @@ def make_train_step(
     compiled_grads = tf.function(accumulate, jit_compile=jit_compile)
 
     def replica_step(inputs, targets, weights):
-        loss, grads, sparsity = compiled_grads(inputs, targets, weights)
-        norm = grad_norm(grads)  # local; reported for replica 0's share
+        out, grads = compiled_grads(inputs, targets, weights)
+        out["grad_norm"] = grad_norm(grads)  # of this replica's share of the batch
         optimizer.apply(grads, variables)
-        return {"loss": loss, "grad_norm": norm, "activation_sparsity": sparsity}
+        update_biases(out)
+        return out
 
     @tf.function
     def distributed_step(inputs, targets, weights):

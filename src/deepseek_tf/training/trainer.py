@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.config.loader import save_config
@@ -19,7 +20,7 @@ from deepseek_tf.errors import RunDirError, TrainingError
 from deepseek_tf.models.builder import build_model
 from deepseek_tf.training.checkpoint import RunCheckpoint
 from deepseek_tf.training.evaluate import evaluate, make_eval_step
-from deepseek_tf.training.monitor import TrainingMonitor
+from deepseek_tf.training.monitor import TrainingMonitor, balance_stats
 from deepseek_tf.training.optim import current_learning_rate, make_optimizer
 from deepseek_tf.training.runtime import describe_runtime, make_strategy
 from deepseek_tf.training.step import make_train_step
@@ -96,6 +97,7 @@ class Trainer:
             sparsity_threshold=t.sparsity_threshold,
             jit_compile=config.runtime.jit_compile,
             strategy=self.strategy,
+            mtp_loss_weight=config.model.mtp_loss_weight,
         )
         self.eval_step = make_eval_step(self.model, config.runtime.jit_compile)
         self.writer = tf.summary.create_file_writer(str(self.run_dir / "logs"))
@@ -175,11 +177,16 @@ class Trainer:
                         f"loss became {loss} at step {step}; stopped without saving. "
                         f"Last good checkpoint: {last_saved or 'none'}"
                     )
+                load = out.pop("expert_load", None)
                 logs = {k: float(v) for k, v in out.items()}
                 logs.update(step=step, tokens=tokens_per_step)
+                if load is not None:
+                    logs.update(balance_stats(load.numpy()))
                 monitor.on_train_batch_end(step, logs)  # adds its signals to logs
                 if step % t.log_every == 0 or step == t.steps:
                     logs["lr"] = current_learning_rate(self.optimizer)
+                    if load is not None:
+                        logs["expert_load"] = np.round(load.numpy(), 4).tolist()
                     self.metrics.write(**logs)
                     with self.writer.as_default(step=step):
                         tf.summary.scalar("train/loss", loss)

@@ -1,0 +1,81 @@
+"""One Multi-Token Prediction module (DeepSeek-V3, section 2.2)."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from deepseek_tf.layers.decoder_block import DecoderBlock
+from deepseek_tf.layers.rms_norm import RMSNorm
+from deepseek_tf.layers.serialization import init_config, linear
+
+
+@keras.saving.register_keras_serializable(package="deepseek_tf")
+class MTPModule(keras.layers.Layer):
+    """Predicts the token one step further than the previous depth.
+
+    `h_k = Block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_{k-1})]))`, followed by its
+    own RMSNorm; the model's (shared) embedding and output head are applied by
+    the caller. The embedding comes first in the concatenation, as in the
+    published DeepSeek-V3 checkpoints.
+
+    Args:
+        d_model: residual width.
+        block_config: keyword arguments of the module's `DecoderBlock`
+            (without `d_model`).
+        norm_eps: RMSNorm epsilon.
+        init_std: std of the projection's normal initialiser.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        hidden: `(B, T, d_model)` hidden states of the previous depth.
+        next_embeddings: `(B, T, d_model)` embeddings of the tokens `k` ahead.
+        training: enables dropout.
+
+    Returns:
+        The block's output dict (`"x"` is normed, ready for the output head;
+        `"hidden"` is the un-normed state for the next depth).
+
+    Examples:
+    >>> mtp = MTPModule(16, {"block_type": "attention", "ffn_hidden_dim": 32,
+    ...     "attention_config": {"n_heads": 2, "n_kv_heads": 2, "head_dim": 8}})
+    >>> mtp(keras.ops.ones((1, 3, 16)), keras.ops.ones((1, 3, 16)))["x"].shape
+    TensorShape([1, 3, 16])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        block_config: dict,
+        norm_eps: float = 1e-6,
+        init_std: float = 0.02,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.d_model = d_model
+        self.block_config = dict(block_config)
+        self.norm_eps = norm_eps
+        self.init_std = init_std
+        policy = self.dtype_policy
+        self.enorm = RMSNorm(norm_eps, dtype=policy, name="enorm")
+        self.hnorm = RMSNorm(norm_eps, dtype=policy, name="hnorm")
+        self.eh_proj = linear(d_model, init_std, policy, "eh_proj")
+        self.block = DecoderBlock(d_model=d_model, dtype=policy, name="block", **self.block_config)
+        self.norm = RMSNorm(norm_eps, dtype=policy, name="norm")
+
+    def build(self, input_shape):
+        self.enorm.build(input_shape)
+        self.hnorm.build(input_shape)
+        self.eh_proj.build((*input_shape[:-1], 2 * self.d_model))
+        self.block.build(input_shape)
+        self.norm.build(input_shape)
+
+    def call(self, hidden, next_embeddings, training=None):
+        joined = ops.concatenate(
+            [self.enorm(next_embeddings), self.hnorm(hidden)], axis=-1
+        )  # (B, T, 2C)
+        out = self.block(self.eh_proj(joined), training=training, return_hidden=True)
+        return {**out, "hidden": out["x"], "x": self.norm(out["x"]), "ffn_hidden": out["hidden"]}
+
+    def get_config(self):
+        return {**super().get_config(), **init_config(self)}
