@@ -37,13 +37,21 @@ def train(config: Config, run_dir, *, resume: bool = False, verbose: int = 1) ->
 
 
 def load(run_dir):
-    """Loads a run directory: returns `(model, tokenizer)` with the latest weights."""
+    """Loads a run directory: returns `(model, tokenizer)` with the latest weights.
+
+    The tokenizer is None for a run that has none (e.g. a converted checkpoint
+    whose source shipped no `tokenizer.json`); the model then takes token ids.
+    """
+    from deepseek_tf.errors import RunDirError
     from deepseek_tf.models.builder import build_model
     from deepseek_tf.tokenizers import load_tokenizer
     from deepseek_tf.training.checkpoint import restore_weights
 
     config = load_run_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
-    model = build_model(config, tokenizer.vocab_size)
+    try:
+        tokenizer = load_tokenizer(run_dir)
+    except RunDirError:
+        tokenizer = None
+    model = build_model(config, tokenizer.vocab_size if tokenizer else None)
     restore_weights(run_dir, model)
     return model, tokenizer

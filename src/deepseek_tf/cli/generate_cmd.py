@@ -34,6 +34,8 @@ def sample_text(
     from deepseek_tf.generation.generate import Generator
 
     model, tokenizer = load(run_dir)
+    if tokenizer is None:
+        raise InputError(f"{run_dir} has no tokenizer; generate from token ids with the Python API")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     stop_ids = []
     for text in stop:
