@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from deepseek_tf.layers.relative_position_bias import RelativePositionBias
-from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_get_mscale
+from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_attention_factor, yarn_get_mscale
 from deepseek_tf.layers.serialization import init_config, linear
 
 NEG_INF = -1e9
@@ -121,10 +121,7 @@ class CausalSelfAttention(keras.layers.Layer):
         factor = rope_scaling_factor
         if factor > 1.0 and yarn_mscale_all_dim:
             self.scale *= yarn_get_mscale(factor, yarn_mscale_all_dim) ** 2
-        attention_factor = 1.0
-        if factor > 1.0:
-            denominator = yarn_get_mscale(factor, yarn_mscale_all_dim) if yarn_mscale_all_dim else 1
-            attention_factor = yarn_get_mscale(factor, yarn_mscale) / denominator
+        attention_factor = yarn_attention_factor(factor, yarn_mscale, yarn_mscale_all_dim)
 
         def dense(units, std, name):
             return linear(units, std, self.dtype_policy, name)

@@ -18,6 +18,20 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
+def yarn_attention_factor(factor: float, mscale: float, mscale_all_dim: float) -> float:
+    """YaRN's cos/sin multiplier, as Hugging Face's `_compute_yarn_parameters` infers it.
+
+    `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` when both are set
+    (1 for DeepSeek-V2/V3, whose two values are equal), otherwise
+    `mscale(factor, 1)`; 1 without YaRN.
+    """
+    if factor <= 1.0:
+        return 1.0
+    if mscale and mscale_all_dim:
+        return yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+    return yarn_get_mscale(factor)
+
+
 def rope_inv_freq(
     dim: int,
     theta: float,

@@ -1,0 +1,292 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3) with a naive or an absorbed KV cache."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from deepseek_tf.layers.attention import NEG_INF, causal_attention
+from deepseek_tf.layers.rms_norm import RMSNorm
+from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_attention_factor, yarn_get_mscale
+from deepseek_tf.layers.serialization import init_config, linear
+
+
+def mla_cache_values_per_token(
+    n_heads: int,
+    kv_lora_rank: int,
+    qk_nope_head_dim: int,
+    qk_rope_head_dim: int,
+    v_head_dim: int,
+    absorb: bool = True,
+) -> int:
+    """Values one layer caches per token.
+
+    Absorbed decoding caches the normed latent and the shared roped key,
+    `kv_lora_rank + qk_rope_head_dim` values (576 for DeepSeek-V3); naive
+    decoding caches full per-head keys and values,
+    `n_heads * (qk_nope_head_dim + qk_rope_head_dim + v_head_dim)` (40960).
+    """
+    if absorb:
+        return kv_lora_rank + qk_rope_head_dim
+    return n_heads * (qk_nope_head_dim + qk_rope_head_dim + v_head_dim)
+
+
+@keras.saving.register_keras_serializable(package="deepseek_tf")
+class MultiHeadLatentAttention(keras.layers.Layer):
+    """Causal multi-head latent attention (DeepSeek-V2/V3 MLA) with a KV cache.
+
+    Keys and values are up-projected from one low-rank latent per token
+    (`kv_lora_rank` wide, RMS-normed); position enters through a decoupled
+    RoPE part: each query head has `qk_rope_head_dim` roped features and all
+    heads share a single roped key of that width. Queries are optionally
+    low-rank too (`q_lora_rank > 0`). Sub-layers are named after the Hugging
+    Face checkpoint (`q_proj` or `q_a_proj`/`q_a_layernorm`/`q_b_proj`,
+    `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`); Keras
+    kernels are the transposes of the torch weights.
+
+    The uncached forward pass is the plain ("naive") computation. Decoding
+    with a cache runs one of two paths:
+
+    - naive (`absorb=False`): caches full per-head keys `(qk_nope + qk_rope)`
+      and values `v_head_dim`, like MHA.
+    - absorbed (`absorb=True`): caches only the normed latent and the roped
+      shared key; `kv_b_proj`'s key half is folded into the query
+      (`q_nope @ W_UK`) and its value half applied after attention
+      (`(probs @ latent) @ W_UV`), as DeepSeek-V3's reference inference does.
+
+    Args:
+        d_model: input and output width.
+        n_heads: attention heads.
+        q_lora_rank: query latent width; 0 for a plain `q_proj`.
+        kv_lora_rank: key/value latent width (cached by the absorbed path).
+        qk_nope_head_dim: per-head query/key features without position.
+        qk_rope_head_dim: per-head roped query features, and width of the
+            shared roped key.
+        v_head_dim: per-head value features.
+        rope_theta: RoPE base.
+        rope_scaling_factor: YaRN context-extension factor; 1 disables YaRN.
+        rope_original_max_len, yarn_beta_fast, yarn_beta_slow: see
+            `RotaryEmbedding`.
+        yarn_mscale, yarn_mscale_all_dim: YaRN temperature terms (Hugging
+            Face `mscale`, `mscale_all_dim`). With YaRN the softmax scale is
+            multiplied by `yarn_get_mscale(factor, yarn_mscale_all_dim) ** 2`
+            when `yarn_mscale_all_dim` is set, and cos/sin by
+            `yarn_attention_factor(factor, yarn_mscale, yarn_mscale_all_dim)`.
+        norm_eps: epsilon of the two latent RMSNorms.
+        absorb: decode from the compressed latent cache (True) or from a cache
+            of full keys and values (False).
+        init_std: std of the normal initialiser of the projections.
+        output_init_std: std of the output projection's initialiser.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        x: `(B, T, d_model)`.
+        cache: optional dict from `init_cache`: `{"kv": (B, S, kv_lora_rank),
+            "pe": (B, S, qk_rope_head_dim)}` when absorbing, else
+            `{"k": (B, S, H, qk_nope + qk_rope), "v": (B, S, H, v_head_dim)}`.
+        cache_index: int32 scalar, position of `x[:, 0]` (with a cache).
+
+    Returns:
+        `(B, T, d_model)`, and the updated cache when a cache was given.
+
+    Examples:
+    >>> mla = MultiHeadLatentAttention(
+    ...     d_model=32, n_heads=4, q_lora_rank=16, kv_lora_rank=8,
+    ...     qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    >>> mla(keras.ops.ones((2, 5, 32))).shape
+    TensorShape([2, 5, 32])
+    >>> cache = mla.init_cache(batch_size=2, max_len=16)
+    >>> out, cache = mla(keras.ops.ones((2, 1, 32)), cache=cache, cache_index=0)
+    >>> cache["kv"].shape, mla.cache_values_per_token()
+    (TensorShape([2, 16, 8]), 12)
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        q_lora_rank: int,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        rope_theta: float = 10000.0,
+        rope_scaling_factor: float = 1.0,
+        rope_original_max_len: int = 4096,
+        yarn_beta_fast: float = 32.0,
+        yarn_beta_slow: float = 1.0,
+        yarn_mscale: float = 1.0,
+        yarn_mscale_all_dim: float = 0.0,
+        norm_eps: float = 1e-6,
+        absorb: bool = True,
+        init_std: float = 0.02,
+        output_init_std: float = 0.02,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.q_lora_rank = q_lora_rank
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.rope_theta = rope_theta
+        self.rope_scaling_factor = rope_scaling_factor
+        self.rope_original_max_len = rope_original_max_len
+        self.yarn_beta_fast = yarn_beta_fast
+        self.yarn_beta_slow = yarn_beta_slow
+        self.yarn_mscale = yarn_mscale
+        self.yarn_mscale_all_dim = yarn_mscale_all_dim
+        self.norm_eps = norm_eps
+        self.absorb = absorb
+        self.init_std = init_std
+        self.output_init_std = output_init_std
+
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        factor = rope_scaling_factor
+        self.scale = self.qk_head_dim**-0.5
+        if factor > 1.0 and yarn_mscale_all_dim:
+            self.scale *= yarn_get_mscale(factor, yarn_mscale_all_dim) ** 2
+
+        def dense(units, std, name):
+            return linear(units, std, self.dtype_policy, name)
+
+        def norm(name):
+            return RMSNorm(epsilon=norm_eps, dtype=self.dtype_policy, name=name)
+
+        if q_lora_rank > 0:
+            self.q_a_proj = dense(q_lora_rank, init_std, "q_a_proj")
+            self.q_a_layernorm = norm("q_a_layernorm")
+            self.q_b_proj = dense(n_heads * self.qk_head_dim, init_std, "q_b_proj")
+        else:
+            self.q_proj = dense(n_heads * self.qk_head_dim, init_std, "q_proj")
+        self.kv_a_proj_with_mqa = dense(
+            kv_lora_rank + qk_rope_head_dim, init_std, "kv_a_proj_with_mqa"
+        )
+        self.kv_a_layernorm = norm("kv_a_layernorm")
+        self.kv_b_proj = dense(n_heads * (qk_nope_head_dim + v_head_dim), init_std, "kv_b_proj")
+        self.o_proj = dense(d_model, output_init_std, "o_proj")
+        self.rope = RotaryEmbedding(
+            qk_rope_head_dim,
+            theta=rope_theta,
+            layout="interleaved",
+            scaling_factor=factor,
+            original_max_len=rope_original_max_len,
+            beta_fast=yarn_beta_fast,
+            beta_slow=yarn_beta_slow,
+            attention_factor=yarn_attention_factor(factor, yarn_mscale, yarn_mscale_all_dim),
+            dtype=self.dtype_policy,
+            name="rope",
+        )
+
+    def build(self, input_shape):
+        lead = tuple(input_shape[:-1])
+        if self.q_lora_rank > 0:
+            self.q_a_proj.build(input_shape)
+            self.q_a_layernorm.build((*lead, self.q_lora_rank))
+            self.q_b_proj.build((*lead, self.q_lora_rank))
+        else:
+            self.q_proj.build(input_shape)
+        self.kv_a_proj_with_mqa.build(input_shape)
+        self.kv_a_layernorm.build((*lead, self.kv_lora_rank))
+        self.kv_b_proj.build((*lead, self.kv_lora_rank))
+        self.o_proj.build((*lead, self.n_heads * self.v_head_dim))
+
+    def cache_values_per_token(self) -> int:
+        """Values this layer caches per token on its decoding path (see `absorb`)."""
+        return mla_cache_values_per_token(
+            self.n_heads,
+            self.kv_lora_rank,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.v_head_dim,
+            self.absorb,
+        )
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        dtype = self.compute_dtype
+        if self.absorb:
+            return {
+                "kv": ops.zeros((batch_size, max_len, self.kv_lora_rank), dtype),
+                "pe": ops.zeros((batch_size, max_len, self.qk_rope_head_dim), dtype),
+            }
+        return {
+            "k": ops.zeros((batch_size, max_len, self.n_heads, self.qk_head_dim), dtype),
+            "v": ops.zeros((batch_size, max_len, self.n_heads, self.v_head_dim), dtype),
+        }
+
+    def call(self, x, cache=None, cache_index=None):
+        b, t = ops.shape(x)[0], ops.shape(x)[1]
+        h, nope, rope_dim = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        start = 0 if cache_index is None else cache_index
+        q_positions = ops.arange(t, dtype="int32") + start  # (T,)
+
+        if self.q_lora_rank > 0:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # (B, T, H*Dqk)
+        else:
+            q = self.q_proj(x)  # (B, T, H*Dqk)
+        q = ops.reshape(q, (b, t, h, self.qk_head_dim))  # (B, T, H, Dqk)
+        q_nope = q[..., :nope]  # (B, T, H, Dn)
+        q_pe = self.rope(q[..., nope:], q_positions)  # (B, T, H, Dr)
+
+        kv_a = self.kv_a_proj_with_mqa(x)  # (B, T, R + Dr)
+        latent = self.kv_a_layernorm(kv_a[..., : self.kv_lora_rank])  # (B, T, R)
+        k_pe = ops.reshape(kv_a[..., self.kv_lora_rank :], (b, t, 1, rope_dim))  # (B, T, 1, Dr)
+        k_pe = self.rope(k_pe, q_positions)  # (B, T, 1, Dr)
+
+        if cache is not None and self.absorb:
+            out, cache = self._absorbed(q_nope, q_pe, latent, k_pe, q_positions, cache, start)
+        else:
+            out, cache = self._naive(q_nope, q_pe, latent, k_pe, q_positions, cache, start)
+        out = self.o_proj(ops.reshape(out, (b, t, h * self.v_head_dim)))  # (B, T, C)
+        return out if cache is None else (out, cache)
+
+    def _naive(self, q_nope, q_pe, latent, k_pe, q_positions, cache, start):
+        """Up-project keys/values for every head, then plain attention."""
+        b, t = ops.shape(latent)[0], ops.shape(latent)[1]
+        h, nope = self.n_heads, self.qk_nope_head_dim
+        kv = self.kv_b_proj(latent)  # (B, T, H*(Dn+Dv))
+        kv = ops.reshape(kv, (b, t, h, nope + self.v_head_dim))  # (B, T, H, Dn+Dv)
+        k_nope, v = kv[..., :nope], kv[..., nope:]  # (B, T, H, Dn), (B, T, H, Dv)
+        k_pe = ops.broadcast_to(k_pe, (b, t, h, self.qk_rope_head_dim))  # (B, T, H, Dr)
+        k = ops.concatenate([k_nope, k_pe], axis=-1)  # (B, T, H, Dqk)
+        q = ops.concatenate([q_nope, q_pe], axis=-1)  # (B, T, H, Dqk)
+        if cache is not None:
+            zero = ops.zeros((), "int32")
+            index = ops.cast(start, "int32")
+            k = ops.slice_update(cache["k"], (zero, index, zero, zero), k)  # (B, S, H, Dqk)
+            v = ops.slice_update(cache["v"], (zero, index, zero, zero), v)  # (B, S, H, Dv)
+            cache = {**cache, "k": k, "v": v}
+            k_positions = ops.arange(ops.shape(k)[1], dtype="int32")  # (S,)
+        else:
+            k_positions = q_positions  # (T,)
+        out = causal_attention(q, k, v, q_positions, k_positions, self.scale)  # (B, T, H, Dv)
+        return out, cache
+
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, q_positions, cache, start):
+        """Attend over the cached latent; `kv_b_proj` folded into query and output."""
+        h, nope, rank = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
+        zero = ops.zeros((), "int32")
+        index = ops.cast(start, "int32")
+        kv = ops.slice_update(cache["kv"], (zero, index, zero), latent)  # (B, S, R)
+        pe = ops.slice_update(cache["pe"], (zero, index, zero), k_pe[:, :, 0])  # (B, S, Dr)
+        cache = {**cache, "kv": kv, "pe": pe}
+
+        w_kv_b = ops.cast(self.kv_b_proj.kernel, self.compute_dtype)  # (R, H*(Dn+Dv))
+        w_kv_b = ops.reshape(w_kv_b, (rank, h, nope + self.v_head_dim))  # (R, H, Dn+Dv)
+        w_uk, w_uv = w_kv_b[..., :nope], w_kv_b[..., nope:]  # (R, H, Dn), (R, H, Dv)
+        q_latent = ops.einsum("bthd,rhd->bthr", q_nope, w_uk)  # (B, T, H, R)
+        scores = ops.einsum("bthr,bsr->bths", q_latent, kv)  # (B, T, H, S)
+        scores = scores + ops.einsum("bthd,bsd->bths", q_pe, pe)  # (B, T, H, S)
+        scores = ops.cast(scores, "float32") * self.scale
+        k_positions = ops.arange(ops.shape(kv)[1], dtype="int32")  # (S,)
+        visible = k_positions[None, :] <= q_positions[:, None]  # (T, S)
+        scores = ops.where(visible[:, None, :], scores, NEG_INF)  # (B, T, H, S)
+        probs = ops.cast(ops.softmax(scores, axis=-1), kv.dtype)  # (B, T, H, S)
+        context = ops.einsum("bths,bsr->bthr", probs, kv)  # (B, T, H, R)
+        out = ops.einsum("bthr,rhd->bthd", context, w_uv)  # (B, T, H, Dv)
+        return out, cache
+
+    def get_config(self):
+        return {**super().get_config(), **init_config(self)}
