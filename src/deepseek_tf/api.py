@@ -52,6 +52,6 @@ def load(run_dir):
         tokenizer = load_tokenizer(run_dir)
     except RunDirError:
         tokenizer = None
-    model = build_model(config, tokenizer.vocab_size if tokenizer else None)
+    model = build_model(config)  # the config's vocab_size (may exceed the tokenizer's)
     restore_weights(run_dir, model)
     return model, tokenizer

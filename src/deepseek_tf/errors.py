@@ -27,3 +27,7 @@ class TrainingError(DeepSeekTFError):
 
 class RunDirError(DeepSeekTFError):
     """A run directory is missing a file it needs."""
+
+
+class ConversionError(DeepSeekTFError):
+    """A checkpoint cannot be converted; the message names the file, tensor or field."""

@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deepseek_tf.cli import eval_cmd, generate_cmd, info_cmd, tokenizer_cmd, train_cmd
+from deepseek_tf.cli import (
+    convert_cmd,
+    eval_cmd,
+    generate_cmd,
+    info_cmd,
+    tokenizer_cmd,
+    train_cmd,
+)
 from deepseek_tf.errors import DeepSeekTFError
 
-COMMANDS = (train_cmd, generate_cmd, eval_cmd, info_cmd, tokenizer_cmd)
+COMMANDS = (train_cmd, generate_cmd, eval_cmd, info_cmd, tokenizer_cmd, convert_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

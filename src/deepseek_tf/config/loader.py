@@ -236,14 +236,15 @@ def validate(config: Config) -> None:
         raise ConfigError("model.blocks: needs at least one block type")
     for i, b in enumerate(m.blocks):
         _check_choice(f"model.blocks[{i}]", b, BLOCK_TYPES)
-    kv = m.n_kv_heads or m.n_heads
-    if m.n_heads % kv:
-        raise ConfigError(f"model.n_kv_heads: {kv} does not divide model.n_heads={m.n_heads}")
-    if not m.head_dim and m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model: {m.d_model} is not divisible by n_heads={m.n_heads}")
-    head_dim = m.head_dim or m.d_model // m.n_heads
-    if "rope" in m.position and head_dim % 2:
-        raise ConfigError(f"model.head_dim: rope needs an even head size, got {head_dim}")
+    if m.attention == "mha":  # mla sizes its heads with its own keys
+        kv = m.n_kv_heads or m.n_heads
+        if m.n_heads % kv:
+            raise ConfigError(f"model.n_kv_heads: {kv} does not divide model.n_heads={m.n_heads}")
+        if not m.head_dim and m.d_model % m.n_heads:
+            raise ConfigError(f"model.d_model: {m.d_model} is not divisible by n_heads={m.n_heads}")
+        head_dim = m.head_dim or m.d_model // m.n_heads
+        if "rope" in m.position and head_dim % 2:
+            raise ConfigError(f"model.head_dim: rope needs an even head size, got {head_dim}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if m.rope_scaling_factor < 1.0:

@@ -41,7 +41,7 @@ def attention_config(m: ModelConfig) -> dict:
             "qk_nope_head_dim": m.qk_nope_head_dim,
             "qk_rope_head_dim": m.qk_rope_head_dim,
             "v_head_dim": m.v_head_dim,
-            "norm_eps": m.norm_eps,
+            "norm_eps": 1e-6,  # DeepSeek's latent norms use 1e-6 whatever rms_norm_eps is
             "absorb": m.mla_absorb,
             **yarn,
         }

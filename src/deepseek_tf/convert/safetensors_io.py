@@ -1,0 +1,262 @@
+"""Reading and writing Hugging Face safetensors checkpoints (single file or sharded).
+
+Reading parses the safetensors layout itself (an 8-byte little-endian header
+length, a JSON header of `{name: {dtype, shape, data_offsets}}`, then raw
+little-endian buffers) and memory-maps the file: `safetensors`' numpy backend
+(0.8) returns BF16 through `ml_dtypes` but fails on `F8_E4M3` (it looks for a
+`numpy.float8_e4m3fn` that numpy does not have), and DeepSeek-V3 ships FP8.
+`ml_dtypes` (a TensorFlow dependency) supplies the bfloat16/float8 numpy dtypes,
+and tensors are read lazily, one at a time. Writing uses
+`safetensors.numpy.save_file`, which handles `ml_dtypes` arrays.
+
+FP8 weights (DeepSeek-V3's published format) are `weight` float8_e4m3fn plus a
+float32 `weight_scale_inv` of one value per `weight_block_size` block (128 x 128);
+`CheckpointReader.get` dequantises them: `w = fp8 * scale_inv[block]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from deepseek_tf.errors import ConversionError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"
+DEFAULT_BLOCK = (128, 128)
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default max_shard_size ("5GB")
+
+DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+class SafetensorsFile:
+    """One `.safetensors` file: its header, read eagerly; tensors memory-mapped on demand.
+
+    Args:
+        path: the file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+        except (OSError, struct.error, ValueError) as e:
+            raise ConversionError(f"{self.path.name}: not a readable safetensors file ({e})") from e
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.header: dict = header
+        self._data_start = 8 + length
+        self._map = None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def dtype(self, name: str) -> str:
+        return self.header[name]["dtype"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor in its stored dtype (a read-only view of the mapped file)."""
+        info = self.header[name]
+        dtype = DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ConversionError(f"{name}: unsupported safetensors dtype {info['dtype']}")
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        begin, end = (self._data_start + o for o in info["data_offsets"])
+        count = math.prod(info["shape"])
+        if end > self._map.size or end - begin != count * dtype.itemsize:
+            raise ConversionError(f"{name}: truncated or inconsistent data in {self.path.name}")
+        return self._map[begin:end].view(dtype).reshape(info["shape"])
+
+
+def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """Block-wise FP8 dequantisation: `weight[i, j] * scale_inv[i // bm, j // bn]` in float32."""
+    bm, bn = block
+    scale = np.repeat(np.repeat(scale_inv.astype(np.float32), bm, axis=0), bn, axis=1)
+    rows, cols = weight.shape
+    return weight.astype(np.float32) * scale[:rows, :cols]
+
+
+def quantize_fp8(weight: np.ndarray, block: tuple[int, int] = DEFAULT_BLOCK):
+    """Block-wise FP8 (e4m3) quantisation, the inverse of `dequantize_fp8`.
+
+    Every `block` tile is divided by `scale = amax / 448` (448: float8_e4m3fn's
+    largest value) and rounded to float8_e4m3fn. Returns `(fp8 weight, float32
+    scale_inv)`; `scale_inv` has one value per tile, `ceil(shape / block)`.
+    """
+    bm, bn = block
+    rows, cols = weight.shape
+    grid = (-(-rows // bm), -(-cols // bn))
+    padded = np.zeros((grid[0] * bm, grid[1] * bn), np.float32)
+    padded[:rows, :cols] = weight
+    tiles = padded.reshape(grid[0], bm, grid[1], bn)
+    amax = np.abs(tiles).max(axis=(1, 3))  # (grid0, grid1)
+    scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
+    scaled = tiles / scale[:, None, :, None]
+    fp8 = scaled.reshape(padded.shape)[:rows, :cols].astype(ml_dtypes.float8_e4m3fn)
+    return fp8, scale
+
+
+class CheckpointReader:
+    """All tensors of a Hugging Face checkpoint directory, FP8 weights dequantised.
+
+    Reads `model.safetensors`, or `model.safetensors.index.json` and the shards
+    it lists. `names()` hides the `*_scale_inv` companions of FP8 weights.
+
+    Args:
+        directory: the checkpoint directory.
+        block_size: FP8 block shape (`quantization_config.weight_block_size`).
+    """
+
+    def __init__(self, directory: str | Path, block_size: tuple[int, int] = DEFAULT_BLOCK):
+        self.directory = Path(directory)
+        self.block_size = tuple(block_size)
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, SafetensorsFile] = {}
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            for name, file_name in self._read_index(index).items():
+                self._where[name] = self._open(file_name, f"listed in {INDEX_FILE}")
+                if name not in self._where[name].header:
+                    raise ConversionError(f"{name}: listed in {INDEX_FILE} but not in {file_name}")
+        elif (self.directory / SINGLE_FILE).is_file():
+            single = self._open(SINGLE_FILE, "")
+            self._where = dict.fromkeys(single.header, single)
+        else:
+            raise ConversionError(
+                f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE} "
+                "(only safetensors checkpoints are supported)"
+            )
+        self._check_fp8_pairs()
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConversionError(f"{INDEX_FILE}: malformed ({e!r})") from None
+        if not isinstance(weight_map, Mapping):
+            raise ConversionError(f"{INDEX_FILE}: weight_map is not a mapping")
+        return dict(weight_map)
+
+    def _open(self, file_name: str, why: str) -> SafetensorsFile:
+        if file_name not in self._files:
+            path = self.directory / file_name
+            if not path.is_file():
+                raise ConversionError(f"{file_name}: missing ({why})")
+            self._files[file_name] = SafetensorsFile(path)
+        return self._files[file_name]
+
+    def _check_fp8_pairs(self) -> None:
+        for name, file in self._where.items():
+            if file.dtype(name) in FP8_DTYPES and name + SCALE_SUFFIX not in self._where:
+                raise ConversionError(f"{name}: FP8 tensor without {name}{SCALE_SUFFIX}")
+            if name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] not in self._where:
+                raise ConversionError(f"{name}: scale without its FP8 weight")
+
+    def names(self) -> list[str]:
+        """Tensor names, without the FP8 scale companions."""
+        return [k for k in self._where if not self._is_scale(k)]
+
+    def _is_scale(self, name: str) -> bool:
+        base = name[: -len(SCALE_SUFFIX)]
+        return name.endswith(SCALE_SUFFIX) and self._where[base].dtype(base) in FP8_DTYPES
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where and not self._is_scale(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shape(name)
+
+    def dtype(self, name: str) -> str:
+        return self._where[name].dtype(name)
+
+    def get(self, name: str) -> np.ndarray:
+        """Tensor `name` as float32 (FP8 weights dequantised with their `_scale_inv`)."""
+        file = self._where[name]
+        value = file.raw(name)
+        if file.dtype(name) not in FP8_DTYPES:
+            return np.asarray(value, dtype=np.float32)
+        scale_name = name + SCALE_SUFFIX
+        scale = self._where[scale_name].raw(scale_name)
+        if value.ndim != 2:
+            raise ConversionError(f"{name}: FP8 tensor of shape {value.shape}, expected 2-D")
+        bm, bn = self.block_size
+        expected = (-(-value.shape[0] // bm), -(-value.shape[1] // bn))
+        if tuple(scale.shape) != expected:
+            raise ConversionError(
+                f"{scale_name}: shape {tuple(scale.shape)}, expected {expected} "
+                f"for {value.shape} in {bm}x{bn} blocks"
+            )
+        return dequantize_fp8(value, scale, self.block_size)
+
+
+def write_checkpoint(
+    tensors: Mapping[str, np.ndarray],
+    directory: str | Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[Path]:
+    """Writes `tensors` as `model.safetensors`, or as shards plus an index json.
+
+    Shards (`model-00001-of-0000N.safetensors`) are filled in order up to
+    `max_shard_bytes` each, as Hugging Face's `save_pretrained` does; a tensor
+    larger than the limit gets a shard of its own. Returns the files written.
+    """
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in (SINGLE_FILE, INDEX_FILE, "model-*-of-*.safetensors"):
+        for path in directory.glob(stale):  # a previous export's files would shadow these
+            path.unlink()
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, value in tensors.items():
+        nbytes = value.nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = np.ascontiguousarray(value)
+        size += nbytes
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without a known format
+    if len(shards) == 1:
+        path = directory / SINGLE_FILE
+        save_file(shards[0], str(path), metadata=metadata)
+        return [path]
+    written, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file_name), metadata=metadata)
+        written.append(directory / file_name)
+        weight_map.update(dict.fromkeys(shard, file_name))
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+        "weight_map": weight_map,
+    }
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    written.append(directory / INDEX_FILE)
+    return written
