@@ -7,6 +7,8 @@ import pytest
 from deepseek_tf.layers.attention import CausalSelfAttention
 from deepseek_tf.layers.causal_conv import CausalConv1D
 from deepseek_tf.layers.decoder_block import DecoderBlock
+from deepseek_tf.layers.mla import MultiHeadLatentAttention
+from deepseek_tf.layers.moe import DeepSeekMoE
 from deepseek_tf.layers.relative_position_bias import RelativePositionBias
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.rotary import RotaryEmbedding
@@ -66,6 +68,34 @@ CASES = [
             norm_eps=1e-5,
             init_std=0.1,
             output_init_std=0.05,
+        ),
+        lambda: [np.random.randn(2, 5, 16).astype("float32")],
+    ),
+    (
+        lambda: MultiHeadLatentAttention(
+            16, 2, 8, 8, 4, 4, 6, 500.0, 4.0, 4, 16.0, 2.0, 0.9, 0.8, 1e-5, False, 0.1, 0.05
+        ),
+        lambda: [np.random.randn(2, 5, 16).astype("float32")],
+    ),
+    (
+        lambda: DeepSeekMoE(
+            16,
+            8,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=3,
+            scoring_func="softmax",
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=False,
+            routed_scaling_factor=2.0,
+            bias_update_speed=0.01,
+            seq_aux_loss_alpha=0.1,
+            dispatch="dense",
+            init_std=0.1,
+            output_init_std=0.05,
+            tile_size=4,
         ),
         lambda: [np.random.randn(2, 5, 16).astype("float32")],
     ),

@@ -1,0 +1,360 @@
+"""DeepSeekMoE: shared experts plus top-k routed SwiGLU experts with dropless dispatch."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from deepseek_tf.layers.router import TopKRouter
+from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.layers.swiglu import SwiGLU
+
+DISPATCH = ("sparse", "dense")
+MAX_AUTO_TILE = 128
+
+
+def _dim(x, axis: int):
+    """Static size of `x`'s `axis` when known, else a scalar tensor."""
+    size = x.shape[axis]
+    return size if size is not None else tf.shape(x)[axis]
+
+
+def auto_tile_size(n_assignments, n_experts: int) -> int:
+    """Rows per tile of the sparse dispatch when `tile_size=0`.
+
+    Padding every expert's rows to a multiple of `t` adds up to
+    `m * (t - 1)` computed rows (`m = min(E, A)`, `A` assignments) while each
+    of the `~A / t + m` tiles gathers one expert's weights, and small tiles
+    make XLA's batched matmul less efficient. The estimate
+    `t = sqrt(16 * (A - m) / m)`, rounded to the nearest power of two in
+    `[1, 128]`, was the fastest choice on CPU (64 for `A = 2048 * 6`,
+    `E = 64`; see benchmarks/moe_dispatch.py). Decoding (`A <= E`) gets
+    `t = 1`: one gathered expert per assignment and no padding rows.
+    """
+    if not isinstance(n_assignments, int):
+        return 32  # unknown at trace time (a dynamic batch): a middle value
+    m = max(1, min(n_experts, n_assignments))
+    target = (16.0 * (n_assignments - m) / m) ** 0.5
+    if target <= 1.0:
+        return 1
+    return int(min(MAX_AUTO_TILE, 2 ** round(math.log2(target))))
+
+
+def dispatch_plan(topk_idx, n_experts: int, tile: int):
+    """Static-shape layout of the `(token, slot)` assignments in expert-sorted row tiles.
+
+    Rows are grouped by expert (in token order within an expert) and every
+    expert's group is padded to a multiple of `tile` rows, so that each tile
+    belongs to one expert. The number of tiles has the static bound
+    `(A + m * (tile - 1)) // tile`, `A = N * k`, `m = min(E, A)`; tiles past
+    the used ones hold only padding rows. No sort: an assignment's row within
+    its expert is the number of earlier tokens routed to that expert (a
+    cumulative sum over tokens; a token uses an expert at most once).
+
+    Args:
+        topk_idx: `(N, k)` int32 distinct expert ids per token.
+        n_experts: `E`.
+        tile: rows per tile.
+
+    Returns:
+        A dict: `"row_token"` `(R,)` int32 token of each row (`N` for padding
+        rows), `"dest"` `(N, k)` int32 row of each assignment,
+        `"tile_expert"` `(n_tiles,)` int32 expert of each tile and
+        `"n_tiles"`; `R = n_tiles * tile`.
+    """
+    n, k = _dim(topk_idx, 0), topk_idx.shape[1]
+    a = n * k
+    routed = ops.sum(ops.one_hot(topk_idx, n_experts, dtype="int32"), axis=1)  # (N, E) 0/1
+    before = tf.cumsum(routed, axis=0, exclusive=True)  # (N, E) earlier tokens per expert
+    counts = ops.sum(routed, axis=0)  # (E,)
+    tiles_per_expert = (counts + tile - 1) // tile  # (E,)
+    tile_end = tf.cumsum(tiles_per_expert)  # (E,) first tile after each expert's
+    tile_start = tile_end - tiles_per_expert  # (E,)
+    rank = tf.gather(before, topk_idx, batch_dims=1)  # (N, k) row within the expert
+    dest = tf.gather(tile_start * tile, topk_idx) + rank  # (N, k)
+
+    m = min(n_experts, a) if isinstance(a, int) else tf.minimum(n_experts, a)
+    n_tiles = (a + m * (tile - 1)) // tile
+    token = tf.repeat(tf.range(n, dtype=dest.dtype), k)  # (A,) token of each assignment
+    row_token = tf.tensor_scatter_nd_update(
+        tf.fill([n_tiles * tile], tf.cast(n, dest.dtype)), ops.reshape(dest, (-1, 1)), token
+    )  # (R,)
+    tiles = tf.range(n_tiles, dtype=dest.dtype)  # (n_tiles,)
+    tile_expert = ops.sum(
+        ops.cast(tile_end[None, :] <= tiles[:, None], "int32"), axis=1
+    )  # (n_tiles,) experts wholly before each tile
+    tile_expert = ops.minimum(tile_expert, n_experts - 1)  # unused tiles: any expert
+    return {"row_token": row_token, "dest": dest, "tile_expert": tile_expert, "n_tiles": n_tiles}
+
+
+@keras.saving.register_keras_serializable(package="deepseek_tf")
+class DeepSeekMoE(keras.layers.Layer):
+    """DeepSeekMoE feed-forward: `shared(x) + sum_k weight_k * expert_k(x)`.
+
+    Every token goes through the shared experts (one SwiGLU of width
+    `moe_hidden_dim * n_shared_experts`) and through `num_experts_per_tok`
+    of `n_routed_experts` SwiGLU experts chosen by a `TopKRouter` (`gate`).
+    The routed experts' weights are stacked: `experts_gate` and `experts_up`
+    `(E, d_model, moe_hidden_dim)`, `experts_down` `(E, moe_hidden_dim, d_model)`.
+
+    Dispatch:
+
+    - `"sparse"`: exact (dropless) and XLA-compatible; compute scales with
+      `num_experts_per_tok`, not with `E`. The `N * k` assignments are laid
+      out grouped by expert, each expert's rows padded to a multiple of a row
+      tile (`tile_size`), every tile multiplied by its expert's gathered
+      weights in one batched matmul, and each token's `k` result rows
+      gathered back and weighted (see `dispatch_plan`). The gathered weights
+      take `n_tiles * 3 * d_model * moe_hidden_dim` values (and as much again
+      for their gradients), at least one copy per used expert: fine for
+      small experts, too much memory for DeepSeek-V3-sized ones.
+    - `"dense"`: the reference; every expert runs on every token and a dense
+      `(N, E)` gate matrix combines them.
+
+    Load balancing (DeepSeek-V3): with `topk_method="noaux_tc"` the router's
+    non-trainable `e_score_correction_bias` only biases expert selection; the
+    trainer calls `update_bias(expert_load)` after each optimiser step. The
+    complementary sequence-wise balance loss `alpha * sum_i f_i P_i` (mean over
+    sequences) is returned as `"aux_loss"` for the trainer to add.
+
+    Args:
+        d_model: input and output width.
+        moe_hidden_dim: hidden width of each expert.
+        n_routed_experts: routed experts `E`.
+        n_shared_experts: shared experts (0: none).
+        num_experts_per_tok: routed experts per token `k`.
+        scoring_func, topk_method, n_group, topk_group, norm_topk_prob,
+        routed_scaling_factor: see `TopKRouter`.
+        bias_update_speed: `gamma` of the auxiliary-loss-free bias update.
+        seq_aux_loss_alpha: weight `alpha` of the sequence-wise balance loss.
+        dispatch: `"sparse"` or `"dense"`.
+        init_std: std of the router's and the gate/up projections' initialiser.
+        output_init_std: std of the down projections' initialiser.
+        tile_size: rows per tile of the sparse dispatch; 0 chooses one from
+            the token count at trace time (`auto_tile_size`).
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        x: `(B, T, d_model)` (or `(N, d_model)`, one sequence).
+        training: unused (the balance loss is computed on every call; the
+            trainer decides whether to add it).
+        return_hidden: also return `"hidden"`: the shared experts' gated
+            activations `(B, T, moe_hidden_dim * n_shared_experts)`, or
+            without shared experts the chosen routed experts'
+            `(B, T, k * moe_hidden_dim)`.
+
+    Returns:
+        A dict: `"x"` `(B, T, d_model)`; `"expert_load"` `(E,)` float32, the
+        fraction of this call's `(token, slot)` assignments each expert got
+        (sums to 1); `"aux_loss"` float32 scalar (0 when
+        `seq_aux_loss_alpha == 0`); and `"hidden"` when asked for.
+
+    Examples:
+    >>> moe = DeepSeekMoE(8, 16, n_routed_experts=4, n_shared_experts=1,
+    ...                   num_experts_per_tok=2)
+    >>> out = moe(keras.ops.ones((2, 3, 8)))
+    >>> out["x"].shape, out["expert_load"].shape
+    (TensorShape([2, 3, 8]), TensorShape([4]))
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        moe_hidden_dim: int,
+        n_routed_experts: int,
+        n_shared_experts: int = 1,
+        num_experts_per_tok: int = 2,
+        scoring_func: str = "sigmoid",
+        topk_method: str = "noaux_tc",
+        n_group: int = 1,
+        topk_group: int = 1,
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        bias_update_speed: float = 0.001,
+        seq_aux_loss_alpha: float = 0.0,
+        dispatch: str = "sparse",
+        init_std: float = 0.02,
+        output_init_std: float = 0.02,
+        tile_size: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if dispatch not in DISPATCH:
+            raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
+        if tile_size < 0:
+            raise ValueError(f"tile_size must be >= 0, got {tile_size}")
+        self.d_model = d_model
+        self.moe_hidden_dim = moe_hidden_dim
+        self.n_routed_experts = n_routed_experts
+        self.n_shared_experts = n_shared_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.scoring_func = scoring_func
+        self.topk_method = topk_method
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.bias_update_speed = bias_update_speed
+        self.seq_aux_loss_alpha = seq_aux_loss_alpha
+        self.dispatch = dispatch
+        self.init_std = init_std
+        self.output_init_std = output_init_std
+        self.tile_size = tile_size
+
+        policy = self.dtype_policy
+        self.gate = TopKRouter(
+            d_model,
+            n_routed_experts,
+            num_experts_per_tok,
+            scoring_func=scoring_func,
+            topk_method=topk_method,
+            n_group=n_group,
+            topk_group=topk_group,
+            norm_topk_prob=norm_topk_prob,
+            routed_scaling_factor=routed_scaling_factor,
+            init_std=init_std,
+            dtype=policy,
+            name="gate",
+        )
+        self.shared_experts = None
+        if n_shared_experts:
+            self.shared_experts = SwiGLU(
+                d_model,
+                moe_hidden_dim * n_shared_experts,
+                init_std,
+                output_init_std,
+                dtype=policy,
+                name="shared_experts",
+            )
+
+    def build(self, input_shape):
+        e, d, h = self.n_routed_experts, self.d_model, self.moe_hidden_dim
+        self.gate.build((None, d))
+        if self.shared_experts is not None:
+            self.shared_experts.build(input_shape)
+
+        def weight(name, shape, std):
+            return self.add_weight(
+                name=name,
+                shape=shape,
+                initializer=keras.initializers.RandomNormal(stddev=std),
+                dtype=self.variable_dtype,
+            )
+
+        self.experts_gate = weight("experts_gate", (e, d, h), self.init_std)
+        self.experts_up = weight("experts_up", (e, d, h), self.init_std)
+        self.experts_down = weight("experts_down", (e, h, d), self.output_init_std)
+
+    def call(self, x, training=None, return_hidden=False):
+        lead_shape = ops.shape(x)[:-1]
+        tokens = ops.reshape(x, (-1, self.d_model))  # (N, d)
+        topk_idx, topk_weight, scores = self.gate(tokens)  # (N, k), (N, k), (N, E)
+        routed_fn = self._sparse if self.dispatch == "sparse" else self._dense
+        routed, routed_hidden = routed_fn(tokens, topk_idx, topk_weight, return_hidden)
+        out = ops.reshape(routed, ops.shape(x))  # (B, T, d)
+
+        hidden = None
+        if self.shared_experts is not None:
+            shared, hidden = self.shared_experts(x, return_hidden=True)
+            out = out + shared
+        elif return_hidden:
+            hidden = ops.reshape(routed_hidden, (*lead_shape, -1))  # (B, T, k * h)
+
+        flat_e = ops.reshape(topk_idx, (-1,))  # (A,)
+        counts = tf.math.unsorted_segment_sum(
+            tf.ones_like(flat_e, dtype="float32"), flat_e, self.n_routed_experts
+        )  # (E,)
+        result = {
+            "x": out,
+            "expert_load": counts / ops.sum(counts),
+            "aux_loss": self._seq_aux_loss(x, topk_idx, scores),
+        }
+        if return_hidden:
+            result["hidden"] = hidden
+        return result
+
+    def _dense(self, tokens, topk_idx, topk_weight, return_hidden):
+        """Reference: every expert on every token, combined by a dense `(N, E)` gate."""
+        combine = ops.einsum(
+            "nk,nke->ne", topk_weight, ops.one_hot(topk_idx, self.n_routed_experts)
+        )  # (N, E) float32
+        gate = ops.einsum("nd,edh->neh", tokens, self.experts_gate)  # (N, E, h)
+        up = ops.einsum("nd,edh->neh", tokens, self.experts_up)  # (N, E, h)
+        hidden = ops.silu(gate) * up  # (N, E, h)
+        expert_out = ops.einsum("neh,ehd->ned", hidden, self.experts_down)  # (N, E, d)
+        out = ops.einsum("ned,ne->nd", ops.cast(expert_out, "float32"), combine)  # (N, d)
+        chosen_hidden = None
+        if return_hidden:
+            chosen_hidden = tf.gather(hidden, topk_idx, batch_dims=1)  # (N, k, h)
+        return ops.cast(out, self.compute_dtype), chosen_hidden
+
+    def _sparse(self, tokens, topk_idx, topk_weight, return_hidden):
+        """Exact top-k dispatch over expert-sorted row tiles (static shapes)."""
+        n, k = _dim(tokens, 0), self.num_experts_per_tok
+        tile = self.tile_size or auto_tile_size(n * k, self.n_routed_experts)
+        plan = dispatch_plan(topk_idx, self.n_routed_experts, tile)
+        padded = ops.concatenate(
+            [tokens, ops.zeros((1, self.d_model), tokens.dtype)], axis=0
+        )  # (N + 1, d): row N is the padding row
+        rows = tf.gather(padded, plan["row_token"])  # (R, d)
+        rows = ops.reshape(rows, (plan["n_tiles"], tile, self.d_model))  # (n_tiles, tile, d)
+        tile_expert = plan["tile_expert"]
+        w_gate = tf.gather(self.experts_gate, tile_expert)  # (n_tiles, d, h)
+        w_up = tf.gather(self.experts_up, tile_expert)  # (n_tiles, d, h)
+        w_down = tf.gather(self.experts_down, tile_expert)  # (n_tiles, h, d)
+        hidden = ops.silu(ops.matmul(rows, w_gate)) * ops.matmul(rows, w_up)  # (n_tiles, tile, h)
+        rows_out = ops.matmul(hidden, w_down)  # (n_tiles, tile, d)
+        rows_out = ops.reshape(rows_out, (-1, self.d_model))  # (R, d)
+        per_slot = tf.gather(rows_out, plan["dest"])  # (N, k, d)
+        out = ops.einsum("nkd,nk->nd", ops.cast(per_slot, "float32"), topk_weight)  # (N, d)
+        chosen_hidden = None
+        if return_hidden:
+            hidden = ops.reshape(hidden, (-1, self.moe_hidden_dim))  # (R, h)
+            chosen_hidden = tf.gather(hidden, plan["dest"])  # (N, k, h)
+        return ops.cast(out, self.compute_dtype), chosen_hidden
+
+    def _seq_aux_loss(self, x, topk_idx, scores):
+        """`alpha * mean_b sum_i f_i P_i`, the DeepSeek-V3 sequence-wise balance loss.
+
+        Per sequence of `T` tokens: `f_i = E / (k T) * #{(t, slot) routed to i}`,
+        `P_i = mean_t s'_{i,t}` with `s'` the scores normalised over experts.
+        """
+        alpha = self.seq_aux_loss_alpha
+        if not alpha:
+            return ops.zeros((), "float32")
+        e, k = self.n_routed_experts, self.num_experts_per_tok
+        seq_len = _dim(x, -2) if len(x.shape) == 3 else _dim(x, 0)
+        probs = scores / ops.sum(scores, axis=-1, keepdims=True)  # (N, E)
+        probs = ops.reshape(probs, (-1, seq_len, e))  # (B, T, E)
+        p = ops.mean(probs, axis=1)  # (B, E)
+        idx = ops.reshape(topk_idx, (-1, seq_len * k))  # (B, T k)
+        seq = tf.range(tf.shape(idx)[0])[:, None]  # (B, 1)
+        n_seq = tf.shape(idx)[0]
+        counts = tf.math.unsorted_segment_sum(
+            tf.ones_like(idx, dtype="float32"), seq * e + idx, n_seq * e
+        )  # (B E,)
+        f = ops.reshape(counts, (-1, e)) * (e / (k * ops.cast(seq_len, "float32")))  # (B, E)
+        return alpha * ops.mean(ops.sum(f * p, axis=-1))
+
+    def update_bias(self, expert_load):
+        """Auxiliary-loss-free balancing step: `b += gamma * sign(mean(load) - load)`.
+
+        Overloaded experts' selection bias goes down by `bias_update_speed`,
+        underloaded ones' up. A no-op unless `topk_method="noaux_tc"` and
+        `bias_update_speed > 0`. Call it after each optimiser step with that
+        step's `expert_load` `(E,)` (works inside a `tf.function`).
+        """
+        if self.topk_method != "noaux_tc" or not self.bias_update_speed:
+            return
+        load = ops.cast(expert_load, "float32")
+        step = self.bias_update_speed * ops.sign(ops.mean(load) - load)  # (E,)
+        self.gate.e_score_correction_bias.assign_add(step)
+
+    def compute_output_shape(self, input_shape):
+        return {"x": input_shape, "expert_load": (self.n_routed_experts,), "aux_loss": ()}
+
+    def get_config(self):
+        return {**super().get_config(), **init_config(self)}
