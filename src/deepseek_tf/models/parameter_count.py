@@ -63,8 +63,8 @@ def parameter_count(config: Config, vocab_size: int | None = None) -> dict:
     total = embedding + sum(b[0] for b in blocks) + d + head
     activated = sum(b[1] for b in blocks) + d + (head or embedding)
     last = block_params(kw, kw["block_types"][-1], kw["moe_layers"][-1])
-    mtp = kw["mtp_depth"] * (4 * d + 2 * d * d + last[0])  # norms, eh_proj, block
-    mtp_active = kw["mtp_depth"] * (4 * d + 2 * d * d + last[1])
+    mtp = kw["mtp_depth"] * (3 * d + 2 * d * d + last[0])  # 3 norms, eh_proj, block
+    mtp_active = kw["mtp_depth"] * (3 * d + 2 * d * d + last[1])
     return {
         "total": total,
         "activated": activated,
