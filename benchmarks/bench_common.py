@@ -12,9 +12,11 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -56,6 +58,117 @@ def load_average() -> list[float] | None:
         return None
 
 
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes on the machine have spent busy since boot (/proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class CpuMeter:
+    """How much of the machine other processes used while a phase ran.
+
+    `others_share` = (busy CPU time of the whole machine - this process's and its
+    children's CPU time) / (wall time x cores): 0 on a quiet machine, 1 when other
+    processes kept every core busy. Benchmarks on a shared machine report it next to
+    each timing, since a contended run is not comparable with a quiet one. None for
+    phases under a second (too short for the kernel's tick counts).
+    """
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def start(self) -> CpuMeter:
+        self._busy = _busy_seconds()
+        self._own = _own_cpu_seconds()
+        self._wall = time.perf_counter()
+        self.result: dict = {}
+        return self
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self._wall
+        busy = _busy_seconds()
+        own = _own_cpu_seconds() - self._own
+        share = None
+        if busy is not None and self._busy is not None and wall >= 1.0:  # clock ticks: 10 ms
+            others = max(busy - self._busy - own, 0.0)
+            share = round(min(others / (wall * cores()), 1.0), 3)
+        self.result = {
+            "others_cpu_share": share,
+            "own_cpu_seconds": round(own, 2),
+            "wall_seconds": round(wall, 2),
+        }
+        return self.result
+
+
+def wait_for_quiet(max_wait: float, share: float = 0.05, window: float = 10.0) -> dict:
+    """Waits (at most `max_wait` s) until the whole machine's busy share over one
+    `window` stays at or below `share`; returns what it saw. This process should be
+    idle meanwhile (its own CPU time counts as busy)."""
+    started = time.perf_counter()
+    seen = None
+    while True:
+        before = _busy_seconds()
+        time.sleep(window)
+        after = _busy_seconds()
+        if before is None or after is None:
+            return {"waited_seconds": 0.0, "busy_share": None, "quiet": None}
+        seen = round((after - before) / (window * cores()), 3)
+        waited = time.perf_counter() - started
+        if seen <= share or waited + window > max_wait:
+            return {"waited_seconds": round(waited, 1), "busy_share": seen, "quiet": seen <= share}
+
+
+def add_wait_quiet_arg(parser) -> None:
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each side's timed phase, wait up to this long for the shared machine "
+        "to be quiet (<= 5%% busy over 10 s); 0: start at once",
+    )
+
+
+def maybe_wait_quiet(label: str, max_wait: float) -> dict | None:
+    if max_wait <= 0:
+        return None
+    print(f"[{label}] waiting up to {max_wait:.0f} s for a quiet machine ...", flush=True)
+    seen = wait_for_quiet(max_wait)
+    state = "quiet" if seen["quiet"] else "still busy"
+    print(
+        f"[{label}] {state} after {seen['waited_seconds']:.0f} s "
+        f"(busy share {fmt(seen['busy_share'], '.0%')})",
+        flush=True,
+    )
+    return seen
+
+
+def contention_note(label: str, meter_result: dict | None, limit: float = 0.1) -> str | None:
+    share = (meter_result or {}).get("others_cpu_share")
+    if share is None or share <= limit:
+        return None
+    return (
+        f"warning: other processes used {share:.0%} of the machine during {label}; "
+        "its timings are not representative (rerun on a quiet machine)"
+    )
+
+
 def package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -86,6 +199,14 @@ def corpus_path() -> Path:
     if not path.exists():
         sys.exit(f"the bundled corpus is missing: {path}")
     return path
+
+
+def module_missing(name: str) -> bool:
+    """True when `import name` cannot work (checked without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):  # e.g. sys.modules[name] is None
+        return True
 
 
 def median(values: Iterable[float]) -> float:

@@ -18,7 +18,7 @@ Both sides run in this one invocation, one after the other (never at the same ti
    (mean loss of 200 random batches).
 
 Usage:
-    python benchmarks/shakespeare_char.py                # full run, ~5 min on 2 cores
+    python benchmarks/shakespeare_char.py                # full run, ~3 min on 2 cores
     python benchmarks/shakespeare_char.py --steps 50     # smoke run of both sides
     python benchmarks/shakespeare_char.py --skip-peer    # deepseek-tf only
 
@@ -94,7 +94,7 @@ def run_ours(steps: int, run_dir: Path) -> dict:
     log_path = run_dir.parent / f"{run_dir.name}.log"
     load_before = bc.load_average()
     started = time.perf_counter()
-    with log_path.open("w", encoding="utf-8") as log:
+    with bc.CpuMeter() as meter, log_path.open("w", encoding="utf-8") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - started
     log_text = log_path.read_text(encoding="utf-8", errors="replace")
@@ -109,6 +109,10 @@ def run_ours(steps: int, run_dir: Path) -> dict:
     summary = summary[-1]
     params = re.search(r"params ([\d,]+)", log_text)
     last_train = [m for m in metrics if "loss" in m and "step" in m]
+    # one-step throughput at each log line (time between consecutive batch ends, so it
+    # includes the loop's own overhead); the median shrugs off evaluation steps and
+    # short bursts of contention
+    step_rates = [m["tokens_per_sec"] for m in last_train if m.get("step", 0) > 1]
     result = {
         "command": printable,
         "steps": summary["step"],
@@ -119,7 +123,9 @@ def run_ours(steps: int, run_dir: Path) -> dict:
         "train_tokens_per_sec": summary["train_tokens_per_sec"],
         "train_seconds": summary["train_seconds"],
         "timed_steps": summary["step"] - 1,  # the first (compiled) step is excluded
+        "median_step_tokens_per_sec": bc.median(step_rates) if step_rates else None,
         "wall_seconds": wall,
+        "cpu": meter.result,
         "params": int(params.group(1).replace(",", "")) if params else None,
         "load_average_before": load_before,
         "load_average_after": bc.load_average(),
@@ -314,7 +320,9 @@ def run_peer(steps: int) -> dict:
     model.train()
 
     train_time, first_iter, loss_value = 0.0, None, None
+    iter_times = []
     val_curve = {}
+    meter = bc.CpuMeter().start()
     for it in range(steps):
         started = time.perf_counter()
         lr = nanogpt_lr(it, decay_iters)
@@ -328,9 +336,10 @@ def run_peer(steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (it + 1) % LOG_INTERVAL == 0 or it + 1 == steps:
-            loss_value = float(loss)
+            loss_value = loss.item()
         elapsed = time.perf_counter() - started
         train_time += elapsed
+        iter_times.append(elapsed)
         if first_iter is None:
             first_iter = elapsed
         done = it + 1
@@ -342,6 +351,7 @@ def run_peer(steps: int) -> dict:
                 flush=True,
             )
     wall = time.perf_counter() - wall_started  # data, model, training, full-split evals
+    meter.stop()
     estimate_val = estimate_loss(torch, model, val_data)
     estimate_train = estimate_loss(torch, model, train_data)
     tokens = steps * BATCH_SIZE * BLOCK_SIZE
@@ -359,6 +369,10 @@ def run_peer(steps: int) -> dict:
         "train_tokens_per_sec": tokens / train_time,
         "train_seconds": train_time,
         "ms_per_iter": 1000 * train_time / steps,
+        "median_step_tokens_per_sec": BATCH_SIZE
+        * BLOCK_SIZE
+        / bc.median(iter_times[1:] or iter_times),
+        "cpu": meter.result,
         "first_iter_seconds": first_iter,
         "wall_seconds": wall,
         "load_average_before": load_before,
@@ -393,13 +407,14 @@ def report(result: dict) -> None:
                 bc.fmt(r["val_loss"], ".4f"),
                 bc.fmt(est, ".4f"),
                 bc.fmt(r["train_tokens_per_sec"], ".0f"),
+                bc.fmt(r.get("median_step_tokens_per_sec"), ".0f"),
                 bc.fmt(r["train_seconds"], ".1f"),
                 bc.fmt(r["wall_seconds"], ".1f"),
+                bc.fmt(r["cpu"]["others_cpu_share"], ".0%"),
             ]
         )
-    bc.print_table(
-        ["", "params", "val loss", "200-batch est.", "train tok/s", "train s", "wall s"], rows
-    )
+    headers = ["", "params", "val loss", "200-batch est.", "train tok/s", "median step tok/s"]
+    bc.print_table([*headers, "train s", "wall s", "others' CPU"], rows)
     if ours is not None:
         verdict = "meets" if ours["val_loss"] <= TARGET_VAL_LOSS else "misses"
         note = "" if result["steps"] == 2000 else " (short run: not comparable)"
@@ -407,15 +422,26 @@ def report(result: dict) -> None:
             f"deepseek-tf val loss {ours['val_loss']:.4f} {verdict} the {TARGET_VAL_LOSS} "
             f"target{note}"
         )
-    speed = result["ratios"].get("train_tokens_per_sec")
+    ratios = result["ratios"]
+    speed = ratios.get("train_tokens_per_sec")
     if speed is not None:
         verdict = "meets" if speed >= SPEED_GOAL else "misses"
+        median = bc.fmt(ratios.get("median_step_tokens_per_sec"), ".2f")
+        wall = bc.fmt(ratios.get("wall_peer_over_ours"), ".2f")
         print(
             f"train tokens/s, deepseek-tf / nanoGPT: {speed:.2f}x ({verdict} the goal of "
-            f">= {SPEED_GOAL}x); wall time ratio (nanoGPT / ours): "
-            f"{bc.fmt(result['ratios'].get('wall_peer_over_ours'), '.2f')}x"
+            f">= {SPEED_GOAL}x); median step: {median}x; wall time, nanoGPT / deepseek-tf: "
+            f"{wall}x"
         )
-    print("figures come from a shared machine: other processes may have used the CPU too")
+    for label, r in (("deepseek-tf's run", ours), ("the nanoGPT run", peer)):
+        note = bc.contention_note(label, r and r["cpu"])
+        if note:
+            print(note)
+    print(
+        "train tok/s: training steps only (deepseek-tf: first, compiled step excluded); "
+        "wall s: deepseek-tf's whole command (start-up, compile, evaluations, checkpoints) "
+        "vs the peer's data, training and full-split evaluations in this process"
+    )
 
 
 def main(argv=None) -> int:
@@ -424,6 +450,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-peer", action="store_true", help="run deepseek-tf only")
     parser.add_argument("--skip-ours", action="store_true", help="run the PyTorch peer only")
     parser.add_argument("--out", default=bc.default_out(NAME), help="result JSON path")
+    bc.add_wait_quiet_arg(parser)
     parser.add_argument(
         "--keep-run", metavar="DIR", help="keep deepseek-tf's run directory here (must be new)"
     )
@@ -432,8 +459,8 @@ def main(argv=None) -> int:
         parser.error("--steps must be >= 1")
     if args.skip_peer and args.skip_ours:
         parser.error("nothing to run")
-    if not args.skip_peer:
-        import_torch()  # fail now, not after several minutes of training
+    if not args.skip_peer and bc.module_missing("torch"):
+        import_torch()  # exits with the install hint now, not after minutes of training
     if args.keep_run and Path(args.keep_run).exists():
         parser.error(f"--keep-run {args.keep_run} already exists")
 
@@ -449,16 +476,23 @@ def main(argv=None) -> int:
     if not args.skip_ours:
         with tempfile.TemporaryDirectory(prefix="bench-shakespeare-") as tmp:
             run_dir = Path(tmp) / "run"
+            quiet = bc.maybe_wait_quiet("ours", args.wait_quiet)
             result["ours"] = run_ours(args.steps, run_dir)
+            result["ours"]["wait_quiet"] = quiet
             if args.keep_run:
                 shutil.copytree(tmp, args.keep_run)
     if not args.skip_peer:
+        quiet = bc.maybe_wait_quiet("peer", args.wait_quiet)
         result["peer"] = run_peer(args.steps)
+        result["peer"]["wait_quiet"] = quiet
     ours, peer = result["ours"], result["peer"]
     if ours and peer:
         result["ratios"] = {
             "train_tokens_per_sec": bc.ratio(
                 ours["train_tokens_per_sec"], peer["train_tokens_per_sec"]
+            ),
+            "median_step_tokens_per_sec": bc.ratio(
+                ours["median_step_tokens_per_sec"], peer["median_step_tokens_per_sec"]
             ),
             "wall_peer_over_ours": bc.ratio(peer["wall_seconds"], ours["wall_seconds"]),
             "val_loss_ours_minus_peer": ours["val_loss"] - peer["val_loss"],

@@ -11,9 +11,11 @@ import psutil
 import tensorflow as tf
 
 
-def memory_in_use_mb() -> float:
+def memory_in_use_mb(on_gpu: bool | None = None) -> float:
     """Accelerator memory in use when there is a GPU, else the process RSS (MiB)."""
-    if tf.config.list_logical_devices("GPU"):
+    if on_gpu is None:
+        on_gpu = bool(tf.config.list_logical_devices("GPU"))
+    if on_gpu:
         info = tf.config.experimental.get_memory_info("GPU:0")
         return info["current"] / 2**20
     return psutil.Process().memory_info().rss / 2**20
@@ -72,8 +74,10 @@ class TrainingMonitor(keras.callbacks.Callback):
         self.history = {name: [] for name in self.SIGNALS}
         self._losses = collections.deque(maxlen=window)
         self._last_time = None
+        self._on_gpu = None
 
     def on_train_begin(self, logs=None):
+        self._on_gpu = bool(tf.config.list_logical_devices("GPU"))  # once, not per step
         self._last_time = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -83,7 +87,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         self._last_time = now
         self._losses.append(float(logs["loss"]))
         logs["tokens_per_sec"] = float(logs.get("tokens", 0)) / elapsed
-        logs["memory_mb"] = memory_in_use_mb()
+        logs["memory_mb"] = memory_in_use_mb(self._on_gpu)
         logs["loss_variance"] = float(np.var(self._losses)) if len(self._losses) > 1 else 0.0
         for name in self.SIGNALS:
             if name in logs:

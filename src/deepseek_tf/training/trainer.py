@@ -135,8 +135,10 @@ class Trainer:
                 f"weights became non-finite at step {step}; stopped without saving. "
                 f"Last good checkpoint: {last_saved or 'none'}"
             )
+        started = time.perf_counter()
         path = self.checkpoint.save(step)
-        self.metrics.write(step=step, event="checkpoint", path=path)
+        seconds = round(time.perf_counter() - started, 3)
+        self.metrics.write(step=step, event="checkpoint", path=path, seconds=seconds)
         return path
 
     def train(self) -> dict:
