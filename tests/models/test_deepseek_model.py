@@ -17,11 +17,14 @@ def moe_config():
     return load_config("tiny-moe")
 
 
-@pytest.mark.parametrize("preset,total,activated", [
-    ("deepseek-v3", 671e9, 37e9),
-    ("deepseek-v2", 236e9, 21e9),
-    ("deepseek-v2-lite", 15.7e9, 2.4e9),
-])
+@pytest.mark.parametrize(
+    "preset,total,activated",
+    [
+        ("deepseek-v3", 671e9, 37e9),
+        ("deepseek-v2", 236e9, 21e9),
+        ("deepseek-v2-lite", 15.7e9, 2.4e9),
+    ],
+)
 def test_published_parameter_counts(preset, total, activated):
     counts = parameter_count(load_config(preset))
     assert counts["total"] == pytest.approx(total, rel=0.005)
@@ -30,8 +33,9 @@ def test_published_parameter_counts(preset, total, activated):
         assert counts["mtp"] + 2 * counts["embedding"] == pytest.approx(14e9, rel=0.05)
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.q_lora_rank=0", "model.mtp_depth=2",
-                                            "model.n_shared_experts=0"]])
+@pytest.mark.parametrize(
+    "overrides", [[], ["model.q_lora_rank=0", "model.mtp_depth=2", "model.n_shared_experts=0"]]
+)
 def test_counts_match_the_built_model(moe_config, overrides):
     config = apply_overrides(moe_config, overrides)
     model = build_model(config, vocab_size=29)
@@ -43,8 +47,9 @@ def test_counts_match_the_built_model(moe_config, overrides):
 
 @pytest.mark.parametrize("absorb", [True, False])
 def test_cached_decoding_matches_full_forward(moe_config, absorb):
-    config = apply_overrides(moe_config, [f"model.mla_absorb={str(absorb).lower()}",
-                                          "model.init_std=0.3"])
+    config = apply_overrides(
+        moe_config, [f"model.mla_absorb={str(absorb).lower()}", "model.init_std=0.3"]
+    )
     model = build_model(config, vocab_size=29, seed=1)
     ids = np.random.RandomState(0).randint(0, 29, (2, 12)).astype("int32")
     full = np.asarray(model(ids))
