@@ -8,6 +8,7 @@ import sys
 from deepseek_tf.cli import (
     convert_cmd,
     eval_cmd,
+    export_cmd,
     generate_cmd,
     info_cmd,
     tokenizer_cmd,
@@ -15,7 +16,15 @@ from deepseek_tf.cli import (
 )
 from deepseek_tf.errors import DeepSeekTFError
 
-COMMANDS = (train_cmd, generate_cmd, eval_cmd, info_cmd, tokenizer_cmd, convert_cmd)
+COMMANDS = (
+    train_cmd,
+    generate_cmd,
+    eval_cmd,
+    info_cmd,
+    tokenizer_cmd,
+    convert_cmd,
+    export_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,49 @@
+"""`deepseek-tf export RUN_DIR --format savedmodel|litert|onnx --out PATH`."""
+
+from __future__ import annotations
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="export a trained run (SavedModel, LiteRT or ONNX), verified"
+    )
+    parser.add_argument("run_dir")
+    parser.add_argument("--format", required=True, choices=["savedmodel", "litert", "onnx"])
+    parser.add_argument(
+        "--out", required=True, help="output directory (savedmodel) or file (.tflite, .onnx)"
+    )
+    parser.add_argument(
+        "--prefill-len",
+        type=int,
+        default=None,
+        help="litert: fixed prompt length of the prefill signature (default min(16, context))",
+    )
+    parser.add_argument(
+        "--int8", action="store_true", help="litert: dynamic-range int8 weight quantisation"
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip reloading and comparing with Keras"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from deepseek_tf.api import load
+    from deepseek_tf.export import export
+
+    model, tokenizer = load(args.run_dir)
+    report = export(
+        model,
+        args.out,
+        args.format,
+        tokenizer=tokenizer,
+        prefill_len=args.prefill_len,
+        int8=args.int8,
+        verify=not args.no_verify,
+    )
+    signatures = ", ".join(report["signatures"])
+    print(f"exported {args.format} to {report['path']}: signatures {signatures}")
+    for key, value in report.items():
+        if key not in ("format", "path", "signatures"):
+            print(f"  {key}: {value}")
+    return 0

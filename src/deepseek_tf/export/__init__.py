@@ -1,0 +1,45 @@
+"""Export a trained run: SavedModel (TF Serving / saved_model_cli), LiteRT, ONNX.
+
+Each exporter writes its artefact, reloads it with the target runtime, and
+reports the max abs logit difference against the Keras model.
+
+>>> from deepseek_tf.api import load                          # doctest: +SKIP
+>>> model, tokenizer = load("runs/tiny")                      # doctest: +SKIP
+>>> export(model, "out/sm", "savedmodel", tokenizer=tokenizer)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from deepseek_tf.errors import InputError
+
+FORMATS = ("savedmodel", "litert", "onnx")
+
+
+def export(
+    model,
+    out,
+    fmt: str,
+    *,
+    tokenizer=None,
+    prefill_len: int | None = None,
+    int8: bool = False,
+    verify: bool = True,
+) -> dict:
+    """Exports `model` to `out` in format `fmt`; returns the exporter's report dict."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if int8 and fmt != "litert":
+        raise InputError("--int8 (dynamic-range weight quantisation) is only for --format litert")
+    if prefill_len is not None and fmt != "litert":
+        raise InputError("--prefill-len is only for --format litert")
+    if fmt == "savedmodel":
+        from deepseek_tf.export.savedmodel import export_savedmodel
+
+        return export_savedmodel(model, out, tokenizer, verify=verify)
+    if fmt == "litert":
+        from deepseek_tf.export.litert import export_litert
+
+        return export_litert(model, out, prefill_len=prefill_len, int8=int8, verify=verify)
+    from deepseek_tf.export.onnx import export_onnx
+
+    return export_onnx(model, out, verify=verify)
