@@ -11,6 +11,7 @@ from deepseek_tf.cli import (
     export_cmd,
     generate_cmd,
     info_cmd,
+    serve_cmd,
     tokenizer_cmd,
     train_cmd,
 )
@@ -23,6 +24,7 @@ COMMANDS = (
     info_cmd,
     tokenizer_cmd,
     convert_cmd,
+    serve_cmd,
     export_cmd,
 )
 

@@ -1,0 +1,1 @@
+"""HTTP serving: OpenAI-compatible completions/chat and TF-Serving predict."""

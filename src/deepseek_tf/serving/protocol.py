@@ -1,0 +1,281 @@
+"""OpenAI-style request validation, the chat template, and JSON error shapes.
+
+Every problem with a request raises `ApiError`, which the server answers as
+`{"error": {"message", "type", "code"}}` with a 4xx status; nothing a client
+sends can reach a 5xx.
+
+Chat template: each message becomes one line `"<role>: <content>\\n"`, then
+`"assistant:"` is appended for the model to continue, e.g.::
+
+    system: Be brief.
+    user: Hello
+    assistant:
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
+MAX_STOP_STRINGS = 4
+
+
+class ApiError(Exception):
+    """A client error: HTTP `status`, OpenAI error `type` and `code`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = (
+            status,
+            message,
+            type_,
+            code,
+            param,
+        )
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code, param)
+
+
+@dataclass
+class Limits:
+    """Server-side bounds on requests (see `deepseek-tf serve --help`)."""
+
+    context: int  # the model's max_seq_len
+    max_prompt_tokens: int
+    max_tokens: int  # largest max_tokens accepted
+    max_body_bytes: int = 1 << 20
+    max_instances: int = 64  # predict endpoint
+
+
+@dataclass
+class GenRequest:
+    """A validated completion or chat request."""
+
+    kind: str  # "completion" | "chat"
+    model: str
+    prompt: str | None  # text prompt (None when token ids were given)
+    prompt_ids: list[int] = field(default_factory=list)
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    logprobs: int | None = None  # None: off; k: chosen token plus up to k alternatives
+    echo: bool = False
+    include_usage: bool = False
+
+
+def _typed(body: dict, key: str, types, default, name: str):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in types:
+        raise bad(f"'{key}' must be {name}, got a boolean", key, "invalid_type")
+    if not isinstance(value, types):
+        raise bad(f"'{key}' must be {name}, got {type(value).__name__}", key, "invalid_type")
+    return value
+
+
+def _number(body, key, default, low, high):
+    value = _typed(body, key, (int, float), default, "a number")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise bad(f"'{key}' must be between {low} and {high}, got {value}", key)
+    return float(value)
+
+
+def chat_prompt(messages) -> str:
+    """Renders OpenAI chat `messages` with the template in this module's docstring."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list", "messages")
+    lines = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}] must be an object", "messages", "invalid_type")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise bad(f"messages[{i}].role must be one of {list(CHAT_ROLES)}", "messages")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            parts = [p.get("text") for p in content if isinstance(p, dict)]
+            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+                raise bad(f"messages[{i}].content parts must be text", "messages")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise bad(f"messages[{i}].content must be a string", "messages", "invalid_type")
+        lines.append(f"{role}: {content}\n")
+    return "".join(lines) + "assistant:"
+
+
+def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenRequest:
+    """Validates a `/v1/completions` (`kind="completion"`) or chat request body."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_type")
+    model = _typed(body, "model", (str,), served_model, "a string")
+    if model != served_model:
+        raise ApiError(
+            404,
+            f"model '{model}' does not exist; this server serves '{served_model}'",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
+    n = _typed(body, "n", (int,), 1, "an integer")
+    if n != 1:
+        raise bad("only n=1 is supported", "n")
+    if _typed(body, "best_of", (int,), 1, "an integer") != 1:
+        raise bad("only best_of=1 is supported", "best_of")
+    req = GenRequest(kind=kind, model=model, prompt=None)
+    if kind == "chat":
+        req.prompt = chat_prompt(body.get("messages"))
+        if _typed(body, "logprobs", (bool,), False, "a boolean"):
+            req.logprobs = _typed(body, "top_logprobs", (int,), 0, "an integer")
+            if not 0 <= req.logprobs <= 5:
+                raise bad("'top_logprobs' must be between 0 and 5", "top_logprobs")
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one prompt
+        if isinstance(prompt, str):
+            req.prompt = prompt
+        elif isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            req.prompt_ids = list(prompt)
+        elif prompt is None:
+            raise bad("'prompt' is required", "prompt", "missing_required_parameter")
+        else:
+            raise bad(
+                "'prompt' must be a string or a list of token ids (one prompt per request)",
+                "prompt",
+                "invalid_type",
+            )
+        if not (req.prompt or req.prompt_ids):
+            raise bad("'prompt' is empty", "prompt")
+        logprobs = _typed(body, "logprobs", (int,), None, "an integer")
+        if logprobs is not None and not 0 <= logprobs <= 5:
+            raise bad("'logprobs' must be between 0 and 5", "logprobs")
+        req.logprobs = logprobs
+        req.echo = _typed(body, "echo", (bool,), False, "a boolean")
+        key = "max_tokens"
+    default_max = 16 if kind == "completion" else None
+    max_tokens = _typed(body, key, (int,), default_max, "an integer")
+    if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
+        raise bad(f"'{key}' must be between 1 and {limits.max_tokens}, got {max_tokens}", key)
+    req.max_tokens = max_tokens if max_tokens is not None else -1  # -1: fill the context
+    req.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    req.top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if req.top_p == 0.0:
+        req.temperature = 0.0  # an empty nucleus: greedy
+    seed = _typed(body, "seed", (int,), None, "an integer")
+    req.seed = None if seed is None else seed % (2**31)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (
+        isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
+    ):
+        raise bad("'stop' must be a non-empty string or a list of them", "stop", "invalid_type")
+    if stop and len(stop) > MAX_STOP_STRINGS:
+        raise bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed", "stop")
+    req.stop = list(stop or [])
+    req.stream = _typed(body, "stream", (bool,), False, "a boolean")
+    options = _typed(body, "stream_options", (dict,), {}, "an object")
+    req.include_usage = bool(options.get("include_usage", False))
+    return req
+
+
+def finalize_prompt(req: GenRequest, tokenizer, limits: Limits, vocab_size: int) -> None:
+    """Tokenizes the prompt and resolves `max_tokens` against the context (in place)."""
+    if req.prompt is not None:
+        if tokenizer is None:
+            raise bad("this model has no tokenizer: send the prompt as token ids", "prompt")
+        try:
+            req.prompt_ids = tokenizer.encode(req.prompt)
+        except Exception as e:  # e.g. a character the char tokenizer does not know
+            raise bad(f"the prompt cannot be tokenized: {e}", "prompt") from None
+    ids = req.prompt_ids
+    if not ids:
+        raise bad("the prompt is empty (no tokens)", "prompt")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise bad(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    if len(ids) > limits.max_prompt_tokens or len(ids) >= limits.context:
+        raise ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens; this model's context is "
+            f"{limits.context} tokens (prompt limit {limits.max_prompt_tokens}, and "
+            "at least one token must be left to generate)",
+            "invalid_request_error",
+            "context_length_exceeded",
+            "prompt",
+        )
+    room = limits.context - len(ids)
+    if req.max_tokens == -1:
+        req.max_tokens = min(room, limits.max_tokens)
+    elif req.max_tokens > room:
+        raise ApiError(
+            400,
+            f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) "
+            f"exceeds this model's context of {limits.context} tokens",
+            "invalid_request_error",
+            "context_length_exceeded",
+            "max_tokens",
+        )
+
+
+def parse_predict(body, limits: Limits, vocab_size: int) -> tuple[list[list[int]], bool]:
+    """A TF-Serving predict body -> `(token id rows, columnar)`; `columnar` for `"inputs"`."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_type")
+    if ("instances" in body) == ("inputs" in body):
+        raise bad("give exactly one of 'instances' or 'inputs'", "instances")
+    columnar = "inputs" in body
+    rows = body["inputs"] if columnar else body["instances"]
+    if isinstance(rows, dict) and columnar:  # {"inputs": {"token_ids": [[...]]}}
+        if len(rows) != 1:
+            raise bad("'inputs' must hold one named input (the token ids)", "inputs")
+        rows = next(iter(rows.values()))
+    if isinstance(rows, list) and rows and all(isinstance(t, int) for t in rows):
+        rows = [rows]  # a single instance
+    if not isinstance(rows, list) or not rows:
+        raise bad("instances must be a non-empty list of token id lists", "instances")
+    if len(rows) > limits.max_instances:
+        raise bad(f"at most {limits.max_instances} instances per request", "instances")
+    for i, row in enumerate(rows):
+        if isinstance(row, dict) and len(row) == 1:  # {"token_ids": [...]}
+            rows[i] = row = next(iter(row.values()))
+        if not isinstance(row, list) or not row:
+            raise bad(f"instance {i} must be a non-empty list of token ids", "instances")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+            raise bad(f"instance {i} must hold integer token ids", "instances", "invalid_type")
+        if len(row) > limits.context:
+            raise ApiError(
+                400,
+                f"instance {i} has {len(row)} tokens, more than the context of {limits.context}",
+                "invalid_request_error",
+                "context_length_exceeded",
+                "instances",
+            )
+        if any(not 0 <= t < vocab_size for t in row):
+            raise bad(f"instance {i}: token ids must be in [0, {vocab_size})", "instances")
+    return rows, columnar

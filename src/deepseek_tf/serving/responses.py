@@ -1,0 +1,119 @@
+"""OpenAI response shapes: choices, logprobs and usage of completions and chats.
+
+Completions report logprobs in the legacy shape (`tokens`, `token_logprobs`,
+`top_logprobs`, `text_offset`); chats in the `{"content": [{token, logprob,
+bytes, top_logprobs}]}` shape. Logprobs are the model's log-softmax of the raw
+logits (before temperature and top-p), of the token that was chosen.
+"""
+
+from __future__ import annotations
+
+import time
+
+from deepseek_tf.serving.batcher import Job
+
+
+def logprobs_completion(entries, offset: int) -> dict:
+    """Legacy completions logprobs of `(id, text, logprob, alts)` entries from `offset`."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for _, text, lp, alts in entries:
+        tokens.append(text)
+        lps.append(lp)
+        tops.append(dict(alts) if alts else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def logprobs_chat(entries) -> dict:
+    """Chat logprobs (`{"content": [...]}`) of `(id, text, logprob, alts)` entries."""
+
+    def item(text, lp):
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**item(t, lp), "top_logprobs": [item(a, b) for a, b in alts]}
+            for _, t, lp, alts in entries
+        ]
+    }
+
+
+def usage(job: Job) -> dict:
+    """Token counts of a finished job."""
+    p, c = len(job.req.prompt_ids), len(job.tokens)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def choice(job: Job, text: str, entries, reason, offset: int = 0) -> dict:
+    """One (non-delta) choice: a completion's `text` or a chat's `message`."""
+    req = job.req
+    if req.kind == "chat":
+        lp = logprobs_chat(entries) if req.logprobs is not None else None
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": lp,
+            "finish_reason": reason,
+        }
+    lp = logprobs_completion(entries, offset) if req.logprobs is not None else None
+    return {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
+
+
+def completion_body(job: Job, rid: str, model: str, text: str, entries, reason: str) -> dict:
+    """The whole (non-streamed) response of a completion or chat request."""
+    prefix = job.req.prompt if job.req.echo and job.req.prompt else ""
+    return {
+        "id": rid,
+        "object": "chat.completion" if job.req.kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice(job, prefix + text, entries, reason, len(prefix))],
+        "usage": usage(job),
+    }
+
+
+class StreamChunks:
+    """The server-sent event payloads of one streamed request, in order.
+
+    `opening` (chat: the assistant role; completion with `echo`: the prompt; else
+    None), one `delta(text, entries)` per batch of new tokens, then `closing(reason)`:
+    the finish reason, the usage (with `stream_options.include_usage`), `[DONE]`.
+    """
+
+    def __init__(self, job: Job, rid: str, model: str):
+        self.job, self.chat = job, job.req.kind == "chat"
+        self.base = {
+            "id": rid,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        self.offset = 0
+        self.opening = None
+        if self.chat:
+            self.opening = self._chat_chunk({"role": "assistant", "content": ""}, None, None)
+        elif job.req.echo and job.req.prompt:
+            self.opening = {**self.base, "choices": [choice(job, job.req.prompt, [], None)]}
+
+    def _chat_chunk(self, delta: dict, logprobs, reason) -> dict:
+        item = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {**self.base, "choices": [item]}
+
+    def delta(self, text: str, entries) -> dict:
+        if self.chat:
+            lp = logprobs_chat(entries) if self.job.req.logprobs is not None else None
+            return self._chat_chunk({"content": text}, lp, None)
+        item = choice(self.job, text, entries, None, self.offset)
+        self.offset += len(text)
+        return {**self.base, "choices": [item]}
+
+    def closing(self, reason: str) -> list:
+        if self.chat:
+            last = self._chat_chunk({}, None, reason)
+        else:
+            last = {**self.base, "choices": [choice(self.job, "", [], reason, self.offset)]}
+        out = [last]
+        if self.job.req.include_usage:
+            out.append({**self.base, "choices": [], "usage": usage(self.job)})
+        return [*out, "[DONE]"]

@@ -1,0 +1,44 @@
+"""`deepseek-tf serve` from the command line: flags, and a real subprocess server."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+from deepseek_tf.cli.main import build_parser
+
+
+def test_serve_flags():
+    args = build_parser().parse_args(["serve", "run"])
+    assert (args.host, args.port, args.no_batching) == ("127.0.0.1", 8000, False)
+    args = build_parser().parse_args(["serve", "run", "--port", "0", "--api-key", "k"])
+    assert (args.port, args.api_key) == (0, "k")
+
+
+def test_serve_subprocess(serve_run):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    cmd = [sys.executable, "-m", "deepseek_tf.cli.main", "serve", str(serve_run)]
+    proc = subprocess.Popen(
+        [*cmd, "--port", "0", "--api-key", "k", "--no-batching"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving tiny-serve on http://127.0.0.1:"), line
+        url = line.split(" on ")[1].strip()
+        with urllib.request.urlopen(url + "/health", timeout=30) as resp:
+            assert json.load(resp)["status"] == "ok"
+        req = urllib.request.Request(
+            url + "/v1/completions",
+            data=json.dumps({"prompt": "Th", "max_tokens": 3}).encode(),
+            headers={"Authorization": "Bearer k", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert json.load(resp)["usage"]["completion_tokens"] == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
