@@ -22,3 +22,11 @@ def trained_run(tmp_path_factory, tiny_config):
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     train(tiny_config, run_dir, verbose=0)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def loaded(trained_run):
+    """`(model, tokenizer)` of the shared tiny run."""
+    from deepseek_tf.api import load
+
+    return load(trained_run)

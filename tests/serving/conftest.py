@@ -5,21 +5,8 @@ from serving_helpers import start_server
 
 
 @pytest.fixture(scope="session")
-def serve_run(tmp_path_factory):
-    from deepseek_tf.api import train
-    from deepseek_tf.config.loader import load_config
-
-    run_dir = tmp_path_factory.mktemp("serve") / "tiny-serve"
-    config = load_config("tiny", overrides=["train.steps=4", "train.eval_every=0"])
-    train(config, run_dir, verbose=0)
-    return run_dir
-
-
-@pytest.fixture(scope="session")
-def loaded(serve_run):
-    from deepseek_tf.api import load
-
-    return load(serve_run)
+def serve_run(trained_run):
+    return trained_run
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ def start_server(model, tokenizer, **kwargs):
     """Starts a server on a free port; returns `(server, app, base_url)`."""
     from deepseek_tf.serving.server import ServingApp, make_server
 
-    app = ServingApp(model, tokenizer, "tiny-serve", **kwargs)
+    app = ServingApp(model, tokenizer, "tiny", **kwargs)
     server = make_server(app, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, app, f"http://127.0.0.1:{server.server_port}"

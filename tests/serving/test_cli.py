@@ -28,7 +28,7 @@ def test_serve_subprocess(serve_run):
     )
     try:
         line = proc.stdout.readline()
-        assert line.startswith("serving tiny-serve on http://127.0.0.1:"), line
+        assert line.startswith("serving tiny on http://127.0.0.1:"), line
         url = line.split(" on ")[1].strip()
         with urllib.request.urlopen(url + "/health", timeout=30) as resp:
             assert json.load(resp)["status"] == "ok"

@@ -15,8 +15,8 @@ def test_health_and_models(server):
     status, body = request(server[2], "GET", "/health")
     assert status == 200 and body["status"] == "ok"
     status, body = request(server[2], "GET", "/v1/models")
-    assert status == 200 and body["data"][0]["id"] == "tiny-serve"
-    status, body = request(server[2], "GET", "/v1/models/tiny-serve")
+    assert status == 200 and body["data"][0]["id"] == "tiny"
+    status, body = request(server[2], "GET", "/v1/models/tiny")
     assert status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE"
 
 
@@ -24,13 +24,13 @@ def test_predict_rows_and_columns(server, loaded):
     model, tok = loaded
     rows = [tok.encode("ROMEO:"), tok.encode("Th")]
     logits = [np.asarray(model(np.asarray([r], np.int32)))[0, -1] for r in rows]
-    status, body = request(server[2], "POST", "/v1/models/tiny-serve:predict", {"instances": rows})
+    status, body = request(server[2], "POST", "/v1/models/tiny:predict", {"instances": rows})
     assert status == 200
     assert body["predictions"] == [int(np.argmax(x)) for x in logits]
     status, body = request(
         server[2],
         "POST",
-        "/v1/models/tiny-serve:predict",
+        "/v1/models/tiny:predict",
         {"inputs": rows, "signature_name": "logits"},
     )
     assert status == 200
@@ -38,7 +38,7 @@ def test_predict_rows_and_columns(server, loaded):
 
 
 BAD = [
-    ("/v1/completions", {"model": "tiny-serve"}, 400),  # no prompt
+    ("/v1/completions", {"model": "tiny"}, 400),  # no prompt
     ("/v1/completions", {"prompt": ""}, 400),
     ("/v1/completions", {"prompt": "Th", "max_tokens": 0}, 400),
     ("/v1/completions", {"prompt": "Th", "max_tokens": 10**9}, 400),
@@ -59,9 +59,9 @@ BAD = [
     ("/v1/chat/completions", {"messages": []}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400),
-    ("/v1/models/tiny-serve:predict", {"instances": []}, 400),
-    ("/v1/models/tiny-serve:predict", {"instances": [["a"]]}, 400),
-    ("/v1/models/tiny-serve:predict", {"instances": [[1] * 100]}, 400),
+    ("/v1/models/tiny:predict", {"instances": []}, 400),
+    ("/v1/models/tiny:predict", {"instances": [["a"]]}, 400),
+    ("/v1/models/tiny:predict", {"instances": [[1] * 100]}, 400),
     ("/v1/models/other:predict", {"instances": [[1]]}, 404),
     ("/v1/nothing", {}, 404),
 ]
@@ -143,7 +143,7 @@ json_values = st.recursive(
 fields = st.fixed_dictionaries(
     {},
     optional={
-        "model": st.sampled_from(["tiny-serve", "x"]) | json_values,
+        "model": st.sampled_from(["tiny", "x"]) | json_values,
         "prompt": st.sampled_from(["Th", "", "ROMEO:"]) | json_values,
         "messages": st.just([{"role": "user", "content": "Hi"}]) | json_values,
         "max_tokens": st.integers(-3, 60) | json_values,

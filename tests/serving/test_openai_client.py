@@ -19,9 +19,7 @@ def test_greedy_completions_match_generator(client, loaded):
     model, tok = loaded
     expected = Generator(model).generate([tok.encode(p) for p in PROMPTS], 12)
     for prompt, ids in zip(PROMPTS, expected):
-        out = client.completions.create(
-            model="tiny-serve", prompt=prompt, max_tokens=12, temperature=0
-        )
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
         assert out.choices[0].text == tok.decode(ids)
         assert out.choices[0].finish_reason == "length"
         assert out.usage.prompt_tokens == len(tok.encode(prompt))
@@ -39,9 +37,7 @@ def test_concurrent_requests_are_batched_and_equal(client, server, loaded):
     rows_before = app.batcher.rows
 
     def one(prompt):
-        out = client.completions.create(
-            model="tiny-serve", prompt=prompt, max_tokens=10, temperature=0
-        )
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0)
         return out.choices[0].text
 
     with ThreadPoolExecutor(6) as pool:
@@ -52,7 +48,7 @@ def test_concurrent_requests_are_batched_and_equal(client, server, loaded):
 
 def test_logprobs_and_seed(client):
     out = client.completions.create(
-        model="tiny-serve", prompt="Th", max_tokens=6, temperature=0.9, seed=7, logprobs=2
+        model="tiny", prompt="Th", max_tokens=6, temperature=0.9, seed=7, logprobs=2
     )
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == 6
@@ -60,22 +56,22 @@ def test_logprobs_and_seed(client):
     assert all(v <= 0 for v in lp.token_logprobs)
     assert all(len(top) <= 2 for top in lp.top_logprobs)
     again = client.completions.create(
-        model="tiny-serve", prompt="Th", max_tokens=6, temperature=0.9, seed=7
+        model="tiny", prompt="Th", max_tokens=6, temperature=0.9, seed=7
     )
     assert again.choices[0].text == out.choices[0].text
 
 
 def test_stop_strings(client):
-    full = client.completions.create(model="tiny-serve", prompt="Th", max_tokens=12, temperature=0)
+    full = client.completions.create(model="tiny", prompt="Th", max_tokens=12, temperature=0)
     text = full.choices[0].text
     stop = text[3:5]
     cut = client.completions.create(
-        model="tiny-serve", prompt="Th", max_tokens=12, temperature=0, stop=[stop]
+        model="tiny", prompt="Th", max_tokens=12, temperature=0, stop=[stop]
     )
     assert cut.choices[0].text == text[: text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
     streamed = client.completions.create(
-        model="tiny-serve", prompt="Th", max_tokens=12, temperature=0, stop=[stop], stream=True
+        model="tiny", prompt="Th", max_tokens=12, temperature=0, stop=[stop], stream=True
     )
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks) == cut.choices[0].text
@@ -83,9 +79,9 @@ def test_stop_strings(client):
 
 
 def test_streaming_completion_equals_plain(client):
-    plain = client.completions.create(model="tiny-serve", prompt="Th", max_tokens=20, temperature=0)
+    plain = client.completions.create(model="tiny", prompt="Th", max_tokens=20, temperature=0)
     stream = client.completions.create(
-        model="tiny-serve", prompt="Th", max_tokens=20, temperature=0, stream=True
+        model="tiny", prompt="Th", max_tokens=20, temperature=0, stream=True
     )
     chunks = list(stream)
     assert len(chunks) > 2  # several chunks, not one blob
@@ -99,12 +95,12 @@ def test_chat_and_chat_streaming(client, loaded):
     prompt = "user: Hi\nassistant:"
     expected = tok.decode(Generator(model).generate([tok.encode(prompt)], 8)[0])
     out = client.chat.completions.create(
-        model="tiny-serve", messages=messages, max_tokens=8, temperature=0
+        model="tiny", messages=messages, max_tokens=8, temperature=0
     )
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == expected
     stream = client.chat.completions.create(
-        model="tiny-serve",
+        model="tiny",
         messages=messages,
         max_tokens=8,
         temperature=0,
@@ -116,11 +112,11 @@ def test_chat_and_chat_streaming(client, loaded):
 
 
 def test_models_list(client):
-    assert [m.id for m in client.models.list().data] == ["tiny-serve"]
+    assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
 def test_bad_request_raises_openai_error(client):
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny-serve", prompt="Th", max_tokens=5, n=2)
+        client.completions.create(model="tiny", prompt="Th", max_tokens=5, n=2)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="Th", max_tokens=5)
