@@ -18,7 +18,7 @@ POSITION_TYPES = ("rope", "dynamic", "rope+dynamic")
 ROPE_LAYOUTS = ("half", "interleaved")
 TOKENIZER_TYPES = ("char", "bpe")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-STRATEGIES = ("auto", "one_device", "mirrored")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class RuntimeConfig:
     intra_op_threads: int = 0  # 0: TensorFlow's default (all cores)
     inter_op_threads: int = 0
     devices: tuple[str, ...] = ()  # e.g. ("/cpu:0",); empty: what TensorFlow sees
-    strategy: str = "auto"  # auto | one_device | mirrored
+    strategy: str = "auto"  # auto | one_device | mirrored | multi_worker (TF_CONFIG) | tpu
 
 
 @dataclass(frozen=True)
