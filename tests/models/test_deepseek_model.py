@@ -79,3 +79,20 @@ def test_moe_mtp_training_moves_biases_and_logs_balance(tmp_path, moe_config):
     assert len(biases) == 3 and all(np.abs(b).max() > 0 for b in biases)  # restored, moved
     for b in biases:  # every update is +-gamma per expert and step
         np.testing.assert_allclose(np.round(b / 0.01), b / 0.01, atol=1e-3)
+
+
+def test_remat_blocks_gives_the_same_gradients(moe_config):
+    import tensorflow as tf
+
+    ids = np.random.RandomState(0).randint(0, 29, (2, 16)).astype("int32")
+    results = []
+    for remat in ("none", "blocks"):
+        model = build_model(apply_overrides(moe_config, [f"model.remat={remat}"]), 29, seed=0)
+        with tf.GradientTape() as tape:
+            logits, stats = model.forward_with_stats(ids, training=True)
+            loss = tf.reduce_mean(logits**2) + stats["aux_loss"]
+            loss += sum(tf.reduce_mean(lg**2) for lg in stats["mtp_logits"])
+        grads = tape.gradient(loss, model.trainable_variables)
+        results.append([tf.convert_to_tensor(g).numpy() for g in grads])
+    for plain, remat in zip(*results):
+        np.testing.assert_allclose(remat, plain, rtol=1e-5, atol=1e-7)

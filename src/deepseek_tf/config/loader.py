@@ -24,6 +24,7 @@ from deepseek_tf.config.schema import (
     MOE_DISPATCH,
     POSITION_TYPES,
     PRECISIONS,
+    REMAT_MODES,
     ROPE_LAYOUTS,
     SCORING_FUNCS,
     SECTIONS,
@@ -251,6 +252,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.rope_scaling_factor: must be >= 1, got {m.rope_scaling_factor}")
     _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
     _validate_mla_moe_mtp(m, d)
+    _check_choice("model.remat", m.remat, REMAT_MODES)
     _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_TYPES)
     _check_positive(d, "data", ("seq_len", "vocab_size"))
     if not 0.0 < d.val_fraction < 1.0:

@@ -14,6 +14,7 @@ ATTENTION_TYPES = ("mha", "mla")
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MOE_DISPATCH = ("sparse", "dense")
+REMAT_MODES = ("none", "blocks")
 POSITION_TYPES = ("rope", "dynamic", "rope+dynamic")
 ROPE_LAYOUTS = ("half", "interleaved")
 TOKENIZER_TYPES = ("char", "bpe")
@@ -81,6 +82,8 @@ class ModelConfig:
     # mtp (multi-token prediction)
     mtp_depth: int = 0  # D sequential MTP modules (0: none)
     mtp_loss_weight: float = 0.3  # lambda
+    # memory
+    remat: str = "none"  # none | blocks (recompute each block's activations in backward)
     # numerics / regularisation
     dropout: float = 0.0
     norm_eps: float = 1e-6

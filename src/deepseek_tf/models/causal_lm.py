@@ -48,6 +48,9 @@ class CausalLM(keras.Model):
         moe_config: keyword arguments of `DeepSeekMoE`, or None.
         moe_layers: one flag per layer: MoE (True) or dense (False) FFN.
         mtp_depth: number of Multi-Token Prediction modules (training only).
+        remat: `"blocks"` recomputes each decoder block's activations during
+            the backward pass (`tf.recompute_grad`) instead of keeping them:
+            less memory for more compute; `"none"` keeps them.
         conv_kernel_size: causal conv width in hybrid blocks.
         tie_embeddings: use the embedding matrix as the output head.
         scale_embeddings: multiply token embeddings by `sqrt(d_model)`
@@ -89,6 +92,7 @@ class CausalLM(keras.Model):
         moe_config: dict | None = None,
         moe_layers: list | None = None,
         mtp_depth: int = 0,
+        remat: str = "none",
         conv_kernel_size: int = 3,
         tie_embeddings: bool = True,
         scale_embeddings: bool = True,
@@ -115,6 +119,7 @@ class CausalLM(keras.Model):
         self.moe_config = dict(moe_config) if moe_config else None
         self.moe_layers = moe_layers
         self.mtp_depth = mtp_depth
+        self.remat = remat
         self.conv_kernel_size = conv_kernel_size
         self.tie_embeddings = tie_embeddings
         self.scale_embeddings = scale_embeddings
@@ -249,7 +254,7 @@ class CausalLM(keras.Model):
         embeddings = self.embed(token_ids, training)
         x = embeddings
         for block in self.blocks:
-            out = block(x, training=training, return_hidden=True)
+            out = self._run_block(block, x, training)
             collect(out)
             x = out["x"]
         logits = self.head(x)
@@ -269,6 +274,14 @@ class CausalLM(keras.Model):
         if collected["expert_load"]:
             stats["expert_load"] = ops.stack(collected["expert_load"])  # (L_moe, E)
         return logits, stats
+
+    def _run_block(self, block, x, training):
+        def run(h):
+            return block(h, training=training, return_hidden=True)
+
+        if self.remat == "blocks" and training:
+            return tf.recompute_grad(run)(x)  # activations recomputed in backward
+        return run(x)
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> list:
         """Zeroed per-layer decoding caches for `max_len` positions."""
