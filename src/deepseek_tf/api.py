@@ -28,12 +28,14 @@ def prepare_tokenizer(config: Config, run_dir=None, resume: bool = False):
 
 def train(config: Config, run_dir, *, resume: bool = False, verbose: int = 1) -> dict:
     """Trains `config` into `run_dir` (or continues it); returns the run summary."""
-    from deepseek_tf.training.runtime import configure_threads
+    from deepseek_tf.training.runtime import configure_threads, make_strategy
     from deepseek_tf.training.trainer import Trainer
 
-    configure_threads(config.runtime)  # before TensorFlow runs its first op
+    configure_threads(config.runtime)  # before TensorFlow runs its first op ...
+    strategy = make_strategy(config.runtime)  # ... and multi-worker needs its strategy first
     config, tokenizer = prepare_tokenizer(config, run_dir, resume)
-    return Trainer(config, run_dir, tokenizer, resume=resume, verbose=verbose).train()
+    trainer = Trainer(config, run_dir, tokenizer, resume=resume, verbose=verbose, strategy=strategy)
+    return trainer.train()
 
 
 def load(run_dir):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import tensorflow as tf
 
 from deepseek_tf.config.schema import RuntimeConfig
@@ -19,8 +22,62 @@ def configure_threads(r: RuntimeConfig) -> None:
         print(f"[runtime] thread settings not applied: {e}")
 
 
+def check_tf_config() -> dict:
+    """The parsed `TF_CONFIG` of a multi-worker job, or a one-line ConfigError."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise ConfigError(
+            "runtime.strategy=multi_worker needs TF_CONFIG (cluster.worker addresses and task "
+            "type/index) in the environment"
+        )
+    try:
+        tf_config = json.loads(raw)
+        workers = tf_config["cluster"]["worker"]
+        task = tf_config["task"]
+        index = int(task["index"])
+        if task["type"] not in tf_config["cluster"] or not workers:
+            raise ValueError(f"task type {task['type']!r} is not in the cluster")
+        if task["type"] == "worker" and not 0 <= index < len(workers):
+            raise ValueError(f"task index {index} out of range for {len(workers)} workers")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"TF_CONFIG is malformed ({type(e).__name__}: {e})") from None
+    return tf_config
+
+
+def make_tpu_strategy(tpu: str = "") -> tf.distribute.Strategy:
+    """TPUStrategy on the TPU named by `tpu` ('' = the local/env-configured one)."""
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True unless this process is a non-chief worker of a multi-worker job."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    return bool(strategy.extended._in_multi_worker_mode())  # noqa: SLF001
+
+
 def make_strategy(r: RuntimeConfig) -> tf.distribute.Strategy:
-    """`auto`: mirrored over several listed/visible GPUs, else the default strategy."""
+    """`auto`: mirrored over several listed/visible GPUs, else the default strategy.
+
+    `multi_worker` reads TF_CONFIG and must be created before TensorFlow runs
+    any op in this process; `tpu` connects to the TPU cluster.
+    """
+    if r.strategy == "multi_worker":
+        check_tf_config()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if r.strategy == "tpu":
+        return make_tpu_strategy()
     devices = list(r.devices)
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     if r.strategy == "mirrored":
@@ -38,7 +95,7 @@ def make_strategy(r: RuntimeConfig) -> tf.distribute.Strategy:
 
 def describe_runtime(r: RuntimeConfig, strategy: tf.distribute.Strategy) -> dict:
     """What is actually in use, for the start-of-run log line."""
-    return {
+    info = {
         "tensorflow": tf.__version__,
         "jit_compile": r.jit_compile,
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
@@ -47,3 +104,10 @@ def describe_runtime(r: RuntimeConfig, strategy: tf.distribute.Strategy) -> dict
         "strategy": type(strategy).__name__,
         "replicas": strategy.num_replicas_in_sync,
     }
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and resolver.task_type:
+        cluster = resolver.cluster_spec().as_dict()
+        info["task"] = f"{resolver.task_type}:{resolver.task_id}"
+        info["workers"] = sum(len(v) for v in cluster.values())
+        info["chief"] = is_chief(strategy)
+    return info

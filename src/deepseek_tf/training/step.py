@@ -107,10 +107,34 @@ def make_train_step(
     # Several replicas: the optimizer's cross-replica reduction cannot live inside
     # an XLA cluster, so only forward/backward is compiled.
     compiled_grads = tf.function(accumulate, jit_compile=jit_compile)
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    clip_norm = inner.global_clipnorm
+
+    def clip_globally(grads):
+        """All-reduces the gradients and clips them by the norm of the global gradient.
+
+        Keras' optimizer clips *before* its own cross-replica sum, i.e. each replica's
+        partial gradient, which is not the single-device update. So sum here, clip by
+        the global norm, and hand each replica 1/replicas of the clipped sum: the
+        optimizer's sum restores it, and its own clipping (norm <= clip/replicas) is a
+        no-op. Costs a second gradient all-reduce per step.
+        """
+        grads = [tf.convert_to_tensor(g) for g in grads]  # IndexedSlices -> dense
+        context = tf.distribute.get_replica_context()
+        total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        norm = tf.linalg.global_norm(total)  # of the (loss-scaled) global gradient
+        scale = optimizer.dynamic_scale if loss_scaled else 1.0
+        factor = tf.minimum(1.0, clip_norm * scale / norm) / replicas
+        # An inf/NaN norm (float16 overflow) gives NaN gradients: the loss-scale
+        # optimizer then skips the step, as it would have.
+        return [g * tf.cast(factor, g.dtype) for g in total], norm / scale
 
     def replica_step(inputs, targets, weights):
         out, grads = compiled_grads(inputs, targets, weights)
-        out["grad_norm"] = grad_norm(grads)  # of this replica's share of the batch
+        if clip_norm:
+            grads, out["grad_norm"] = clip_globally(grads)
+        else:
+            out["grad_norm"] = grad_norm(grads)  # of this replica's share of the batch
         optimizer.apply(grads, variables)
         update_biases(out)
         return out

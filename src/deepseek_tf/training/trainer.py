@@ -16,13 +16,18 @@ import tensorflow as tf
 from deepseek_tf.config.loader import save_config
 from deepseek_tf.config.schema import Config
 from deepseek_tf.data.pipeline import make_eval_dataset, make_train_dataset
-from deepseek_tf.errors import RunDirError, TrainingError
+from deepseek_tf.errors import ConfigError, RunDirError, TrainingError
 from deepseek_tf.models.builder import build_model
 from deepseek_tf.training.checkpoint import RunCheckpoint
 from deepseek_tf.training.evaluate import evaluate, make_eval_step
 from deepseek_tf.training.monitor import TrainingMonitor, balance_stats
 from deepseek_tf.training.optim import current_learning_rate, make_optimizer
-from deepseek_tf.training.runtime import describe_runtime, make_strategy
+from deepseek_tf.training.runtime import (
+    describe_runtime,
+    is_chief,
+    is_multi_worker,
+    make_strategy,
+)
 from deepseek_tf.training.step import make_train_step
 
 METRICS_FILE = "metrics.jsonl"
@@ -49,6 +54,16 @@ class MetricsLog:
             f.write(json.dumps(entry) + "\n")
 
 
+class _NoMetrics:
+    """What a non-chief worker logs: nothing (the chief writes the run's files)."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def write(self, **entry) -> None:
+        pass
+
+
 class Trainer:
     """Trains the model of `config` on its data, writing everything to `run_dir`.
 
@@ -58,36 +73,59 @@ class Trainer:
         tokenizer: the run's tokenizer (saved into `run_dir`).
         resume: continue from the latest checkpoint of `run_dir`.
         verbose: 0 silent, 1 progress bar and log lines.
+        strategy: an already created distribution strategy (default: made from
+            `config.runtime`). A caller that runs TensorFlow ops before building the
+            Trainer must create a MultiWorkerMirroredStrategy first and pass it here.
     """
 
-    def __init__(self, config: Config, run_dir, tokenizer, *, resume: bool = False, verbose=1):
+    def __init__(
+        self,
+        config: Config,
+        run_dir,
+        tokenizer,
+        *,
+        resume: bool = False,
+        verbose=1,
+        strategy: tf.distribute.Strategy | None = None,
+    ):
         self.config = config
         self.run_dir = Path(run_dir)
         self.tokenizer = tokenizer
         self.verbose = verbose
         t = config.train
+        # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any op.
+        self.strategy = strategy or make_strategy(config.runtime)
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.multi_worker = config.runtime.strategy == "multi_worker" or (
+            self.replicas > 1 and is_multi_worker(self.strategy)
+        )
+        self.chief = is_chief(self.strategy)
+        if t.batch_size % self.replicas:
+            raise ConfigError(
+                f"train.batch_size {t.batch_size} is not divisible by the {self.replicas} "
+                "replicas in sync (each replica gets an equal share)"
+            )
         ckpt_dir = self.run_dir / "checkpoints"
         if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
             raise RunDirError(
                 f"{self.run_dir} already holds checkpoints: pass --resume to continue it, "
                 "or choose another --out"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.run_dir)
-        tokenizer.save(self.run_dir)
+        if self.chief:  # only the chief writes the run directory
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir)
+            tokenizer.save(self.run_dir)
 
-        self.strategy = make_strategy(config.runtime)
-        self.replicas = self.strategy.num_replicas_in_sync
         with self.strategy.scope():
             self.model = build_model(config, tokenizer.vocab_size, seed=t.seed)
             self.optimizer = make_optimizer(t, self.model)
         self.checkpoint = RunCheckpoint(
-            self.run_dir, self.model, self.optimizer, t.keep_checkpoints
+            self.run_dir, self.model, self.optimizer, t.keep_checkpoints, chief=self.chief
         )
         self.start_step = 0
         if resume and self.checkpoint.latest:
             self.start_step = self.checkpoint.restore()
-        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE) if self.chief else _NoMetrics()
         self.metrics.truncate_after(self.start_step)
         self.step_fn = make_train_step(
             self.model,
@@ -100,23 +138,47 @@ class Trainer:
             mtp_loss_weight=config.model.mtp_loss_weight,
         )
         self.eval_step = make_eval_step(self.model, config.runtime.jit_compile)
-        self.writer = tf.summary.create_file_writer(str(self.run_dir / "logs"))
+        self.writer = (
+            tf.summary.create_file_writer(str(self.run_dir / "logs"))
+            if self.chief
+            else tf.summary.create_noop_writer()
+        )
 
     # -- data -------------------------------------------------------------------------------
     def _train_iterator(self):
         t = self.config.train
         accumulation = t.gradient_accumulation_steps
-        ds = make_train_dataset(
-            self.config.data,
-            self.tokenizer,
-            t.batch_size,
-            start_batch=self.start_step * accumulation,
-        )
-        if accumulation > 1:
-            ds = ds.batch(accumulation, drop_remainder=True)  # (A, B, T)
-        if self.replicas > 1:
-            ds = self.strategy.experimental_distribute_dataset(ds)
-        return iter(ds)
+        if self.replicas == 1:  # the default path: one pipeline, the global batch
+            ds = make_train_dataset(
+                self.config.data,
+                self.tokenizer,
+                t.batch_size,
+                start_batch=self.start_step * accumulation,
+            )
+            if accumulation > 1:
+                ds = ds.batch(accumulation, drop_remainder=True)  # (A, B, T)
+            return iter(ds)
+        per_replica = t.batch_size // self.replicas
+
+        def dataset_fn(context: tf.distribute.InputContext):
+            # Each worker builds its own pipeline over its shard of the blocks, batched
+            # per replica; a pipeline feeding R local replicas yields R batches a step.
+            local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+            ds = make_train_dataset(
+                self.config.data,
+                self.tokenizer,
+                context.get_per_replica_batch_size(t.batch_size),
+                start_batch=self.start_step * accumulation * local_replicas,
+                num_shards=context.num_input_pipelines,
+                shard_index=context.input_pipeline_id,
+            )
+            if accumulation > 1:
+                ds = ds.batch(accumulation, drop_remainder=True)  # (A, B/R, T)
+            return ds
+
+        options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+        self._log(f"[data] {per_replica} sequences per replica per micro-batch")
+        return iter(self.strategy.distribute_datasets_from_function(dataset_fn, options))
 
     def validate(self) -> dict:
         t = self.config.train
@@ -209,7 +271,12 @@ class Trainer:
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
                     last_saved = self._save(step, last_saved)
         except KeyboardInterrupt:
-            if step > self.start_step and step != self.checkpoint.step.numpy():
+            # A multi-worker save is collective: the other workers may be gone.
+            if (
+                not self.multi_worker
+                and step > self.start_step
+                and step != self.checkpoint.step.numpy()
+            ):
                 last_saved = self._save(step, last_saved)
             self._log(f"[train] interrupted at step {step}; saved {last_saved}")
             raise
@@ -217,6 +284,7 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous_handler)
             monitor.on_train_end()
             self.writer.flush()
+            self.checkpoint.close()
         summary = {
             "step": step,
             "train_tokens_per_sec": tokens_per_step * timed_steps / train_time if train_time else 0,
