@@ -53,3 +53,28 @@ def test_bad_token_ids_and_lengths_raise_input_error(tiny_config):
     assert model([[1, 2, 3]]).shape == (1, 3, 10)  # plain Python lists are accepted
     with pytest.raises(InputError, match="exceeds the model's context of 48"):
         model(np.zeros((1, 49), "int32"))
+
+
+@pytest.mark.parametrize("share", ["ffn", "attention", "both"])
+def test_adjacent_layers_share_weights(tiny_config, tmp_path, share):
+    config = apply_overrides(tiny_config, [f"model.share_adjacent={share}", "model.n_layers=4"])
+    plain = apply_overrides(tiny_config, ["model.n_layers=4"])
+    model = build_model(config, vocab_size=13, seed=0)
+    unique = {id(w): int(np.prod(w.shape)) for w in model.weights}
+    counts = parameter_count(config, 13)
+    assert counts["total"] == sum(unique.values())
+    assert counts["shared_saving"] > 0
+    assert counts["total"] == parameter_count(plain, 13)["total"] - counts["shared_saving"]
+    if share in ("ffn", "both"):
+        assert (
+            model.blocks[1].ffn is model.blocks[0].ffn
+            and model.blocks[2].ffn is not model.blocks[1].ffn
+        )
+    # a shared weight updated once changes both layers; checkpoints keep the sharing
+    from deepseek_tf.training.checkpoint import RunCheckpoint, restore_weights
+
+    RunCheckpoint(tmp_path, model).save(0)
+    clone = build_model(config, vocab_size=13, seed=1)
+    restore_weights(tmp_path, clone)
+    ids = np.arange(10, dtype="int32")[None] % 13
+    np.testing.assert_allclose(np.asarray(clone(ids)), np.asarray(model(ids)), atol=1e-6)

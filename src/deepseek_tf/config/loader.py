@@ -28,6 +28,7 @@ from deepseek_tf.config.schema import (
     ROPE_LAYOUTS,
     SCORING_FUNCS,
     SECTIONS,
+    SHARE_MODES,
     STRATEGIES,
     TOKENIZER_TYPES,
     TOPK_METHODS,
@@ -253,6 +254,7 @@ def validate(config: Config) -> None:
     _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
     _validate_mla_moe_mtp(m, d)
     _check_choice("model.remat", m.remat, REMAT_MODES)
+    _check_choice("model.share_adjacent", m.share_adjacent, SHARE_MODES)
     _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_TYPES)
     _check_positive(d, "data", ("seq_len", "vocab_size"))
     if not 0.0 < d.val_fraction < 1.0:

@@ -15,6 +15,7 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MOE_DISPATCH = ("sparse", "dense")
 REMAT_MODES = ("none", "blocks")
+SHARE_MODES = ("none", "ffn", "attention", "both")
 POSITION_TYPES = ("rope", "dynamic", "rope+dynamic")
 ROPE_LAYOUTS = ("half", "interleaved")
 TOKENIZER_TYPES = ("char", "bpe")
@@ -82,6 +83,8 @@ class ModelConfig:
     # mtp (multi-token prediction)
     mtp_depth: int = 0  # D sequential MTP modules (0: none)
     mtp_loss_weight: float = 0.3  # lambda
+    # parameter efficiency (the brief: share projections between neighbouring layers)
+    share_adjacent: str = "none"  # none | ffn | attention | both: layers 2i and 2i+1 share it
     # memory
     remat: str = "none"  # none | blocks (recompute each block's activations in backward)
     # numerics / regularisation

@@ -236,6 +236,7 @@ def _check_exportable(m) -> None:
         "attention": (m.attention != "mla", "only mla models have a DeepSeek equivalent"),
         "scale_embeddings": (m.scale_embeddings, "DeepSeek does not scale embeddings"),
         "blocks": (set(m.blocks) != {"attention"}, "hybrid blocks have no DeepSeek equivalent"),
+        "share_adjacent": (m.share_adjacent != "none", "DeepSeek shares no weights across layers"),
     }
     if m.n_routed_experts:
         problems.update(

@@ -135,7 +135,8 @@ class DecoderBlock(keras.layers.Layer):
 
     def build(self, input_shape):
         for layer in (self.attn_norm, self.attention, self.ffn_norm, self.ffn):
-            layer.build(input_shape)
+            if not layer.built:  # a sublayer shared with the previous block is built already
+                layer.build(input_shape)
         if self.conv is not None:
             self.conv.build(input_shape)
 

@@ -48,6 +48,10 @@ class CausalLM(keras.Model):
         moe_config: keyword arguments of `DeepSeekMoE`, or None.
         moe_layers: one flag per layer: MoE (True) or dense (False) FFN.
         mtp_depth: number of Multi-Token Prediction modules (training only).
+        share_adjacent: `"ffn"`, `"attention"` or `"both"`: blocks `2i` and
+            `2i + 1` use the same sublayer (weights shared, the brief's
+            cross-layer sharing) when both blocks have the same kind of it;
+            `"none"` shares nothing.
         remat: `"blocks"` recomputes each decoder block's activations during
             the backward pass (`tf.recompute_grad`) instead of keeping them:
             less memory for more compute; `"none"` keeps them.
@@ -93,6 +97,7 @@ class CausalLM(keras.Model):
         moe_layers: list | None = None,
         mtp_depth: int = 0,
         remat: str = "none",
+        share_adjacent: str = "none",
         conv_kernel_size: int = 3,
         tie_embeddings: bool = True,
         scale_embeddings: bool = True,
@@ -120,6 +125,7 @@ class CausalLM(keras.Model):
         self.moe_layers = moe_layers
         self.mtp_depth = mtp_depth
         self.remat = remat
+        self.share_adjacent = share_adjacent
         self.conv_kernel_size = conv_kernel_size
         self.tie_embeddings = tie_embeddings
         self.scale_embeddings = scale_embeddings
@@ -141,6 +147,7 @@ class CausalLM(keras.Model):
             DecoderBlock(d_model=d_model, dtype=policy, name=f"block_{i}", **self._block_config(i))
             for i in range(n_layers)
         ]
+        self._share_adjacent_sublayers()
         for i, block in enumerate(self.blocks):  # attributes, so tf.train.Checkpoint tracks them
             setattr(self, f"block_{i}", block)
         self.mtp_modules = [
@@ -163,6 +170,16 @@ class CausalLM(keras.Model):
                 vocab_size, use_bias=False, kernel_initializer=normal, dtype=policy, name="lm_head"
             )
         self.build((None, None))
+
+    def _share_adjacent_sublayers(self) -> None:
+        """Points block `2i + 1`'s feed-forward and/or attention at block `2i`'s."""
+        if self.share_adjacent == "none":
+            return
+        names = {"ffn": ("ffn",), "attention": ("attention",), "both": ("ffn", "attention")}
+        for first, second in zip(self.blocks[0::2], self.blocks[1::2]):
+            for name in names[self.share_adjacent]:
+                if type(getattr(first, name)) is type(getattr(second, name)):
+                    setattr(second, name, getattr(first, name))
 
     def _block_config(self, i: int) -> dict:
         return {

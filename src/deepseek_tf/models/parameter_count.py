@@ -46,6 +46,18 @@ def block_params(kw: dict, block_type: str, is_moe: bool) -> tuple[int, int]:
     return fixed + total, fixed + active
 
 
+def shared_params(kw: dict) -> int:
+    """Parameters saved by `share_adjacent`: the second block of each pair reuses the first's."""
+    mode, saved = kw["share_adjacent"], 0
+    moe = kw["moe_layers"]
+    for i in range(1, kw["n_layers"], 2):
+        if mode in ("ffn", "both") and moe[i - 1] == moe[i]:
+            saved += ffn_params(kw, moe[i])[0]
+        if mode in ("attention", "both"):
+            saved += attention_params(kw)
+    return saved
+
+
 def parameter_count(config: Config, vocab_size: int | None = None) -> dict:
     """Counts from the config alone (works for 671B-parameter shapes).
 
@@ -58,10 +70,11 @@ def parameter_count(config: Config, vocab_size: int | None = None) -> dict:
     kw = model_kwargs(config, vocab_size)
     d, v = kw["d_model"], kw["vocab_size"]
     blocks = [block_params(kw, t, m) for t, m in zip(kw["block_types"], kw["moe_layers"])]
+    shared = shared_params(kw)
     embedding = v * d
     head = 0 if kw["tie_embeddings"] else v * d
-    total = embedding + sum(b[0] for b in blocks) + d + head
-    activated = sum(b[1] for b in blocks) + d + (head or embedding)
+    total = embedding + sum(b[0] for b in blocks) + d + head - shared
+    activated = sum(b[1] for b in blocks) + d + (head or embedding)  # shared weights still run
     last = block_params(kw, kw["block_types"][-1], kw["moe_layers"][-1])
     mtp = kw["mtp_depth"] * (3 * d + 2 * d * d + last[0])  # 3 norms, eh_proj, block
     mtp_active = kw["mtp_depth"] * (3 * d + 2 * d * d + last[1])
@@ -74,4 +87,5 @@ def parameter_count(config: Config, vocab_size: int | None = None) -> dict:
         "mtp": mtp,
         "mtp_activated": mtp_active,
         "total_with_mtp": total + mtp,
+        "shared_saving": shared,
     }
