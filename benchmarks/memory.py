@@ -9,6 +9,12 @@ trainer, then runs steps on random token batches. Reported per variant:
   optimizer state and TensorFlow runtime in place): what the step adds -- activations,
   gradients and temporaries, plus, with XLA, the compiler's own peak (which dominates:
   compare remat only between the no-XLA variants, where nothing is compiled);
+- `step alloc MiB`: TensorFlow's allocator peak during the later (compiled) steps over
+  what it held before them (`tf.config.experimental.get_memory_info`, CPU or GPU):
+  what a training step needs at steady state -- activations kept for the backward
+  pass, gradients, temporaries -- without tracing or compilation. This is the column
+  that shows what remat saves (process RSS cannot: after the first step the allocator
+  reuses its memory);
 - `ms/step` and tokens/s: median of the timed steps (compilation excluded).
 
 Variants: remat none vs blocks (fp32, XLA), fp32 vs mixed_bfloat16 (XLA), and
@@ -59,12 +65,18 @@ weights = np.ones(inputs.shape, "float32")
 before = psutil.Process().memory_info().rss
 float(step(inputs, targets, weights)["loss"])  # the first step: trace (+ compile), run
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+import tensorflow as tf
+device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+steady_before = tf.config.experimental.get_memory_info(device)["current"]
+tf.config.experimental.reset_memory_stats(device)
 times = []
 for _ in range(args["steps"]):
     t0 = time.perf_counter()
     float(step(inputs, targets, weights)["loss"])
     times.append(time.perf_counter() - t0)
+steady = tf.config.experimental.get_memory_info(device)["peak"] - steady_before
 print(json.dumps({"before_mib": before / 2**20, "peak_mib": peak / 2**20,
+                  "steady_step_mib": steady / 2**20,
                   "step_s": statistics.median(times), "params": model.count_params()}))
 """
 
@@ -120,12 +132,27 @@ def main() -> None:
                 f"{r['peak_mib']:.0f}",
                 f"{r['step_mib']:.0f}",
                 f"{r['step_mib'] / base['step_mib'] - 1:+.0%}",
+                f"{r['steady_step_mib']:.0f}",
+                f"{r['steady_step_mib'] / base['steady_step_mib'] - 1:+.0%}",
                 f"{r['step_s'] * 1e3:.1f}",
                 f"{r['tokens_per_s']:.0f}",
                 f"{base['step_s'] / r['step_s']:.2f}x",
             ]
         )
-    print_table(["variant", "peak MiB", "step MiB", "vs base", "ms/step", "tok/s", "speed"], rows)
+    print_table(
+        [
+            "variant",
+            "peak MiB",
+            "step MiB",
+            "vs base",
+            "step alloc MiB",
+            "vs base",
+            "ms/step",
+            "tok/s",
+            "speed",
+        ],
+        rows,
+    )
     write_json(args.out, results)
 
 

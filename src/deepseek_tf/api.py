@@ -55,5 +55,9 @@ def load(run_dir):
     except RunDirError:
         tokenizer = None
     model = build_model(config)  # the config's vocab_size (may exceed the tokenizer's)
+    if config.model.quantize != "none":  # a `compress quantize/qat` run: quantized variables
+        from deepseek_tf.compress.quantize import apply_quantized_structure
+
+        apply_quantized_structure(model, config.model)
     restore_weights(run_dir, model)
     return model, tokenizer

@@ -31,3 +31,7 @@ class RunDirError(DeepSeekTFError):
 
 class ConversionError(DeepSeekTFError):
     """A checkpoint cannot be converted; the message names the file, tensor or field."""
+
+
+class CompressionError(DeepSeekTFError):
+    """A compression request the model cannot take; raised before any work starts."""

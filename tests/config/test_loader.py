@@ -47,6 +47,11 @@ def test_overrides_are_typed():
         ("model.n_kv_heads=3", "model.n_kv_heads: 3 does not divide"),
         ("train.precision=fp8", "train.precision: 'fp8' is not one of"),
         ("train.steps", "expected section.key=value"),
+        ("model.layer_n_heads=[2]", "model.layer_n_heads: needs 2 entries"),
+        ("model.layer_n_heads=[3,4]", "model.layer_n_heads[0]: 3 heads is not whole kv groups"),
+        ('model.lowrank=["0/ffn/up_proj"]', "is not LAYER/attention|ffn/PROJECTION=RANK"),
+        ('model.lowrank=["5/ffn/up_proj=4"]', "layer or rank out of range"),
+        ("model.quantize=int3", "model.quantize: 'int3' is not one of"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

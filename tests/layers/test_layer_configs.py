@@ -7,6 +7,8 @@ import pytest
 from deepseek_tf.layers.attention import CausalSelfAttention
 from deepseek_tf.layers.causal_conv import CausalConv1D
 from deepseek_tf.layers.decoder_block import DecoderBlock
+from deepseek_tf.layers.fake_quant_dense import FakeQuantDense
+from deepseek_tf.layers.low_rank_dense import LowRankDense
 from deepseek_tf.layers.mla import MultiHeadLatentAttention
 from deepseek_tf.layers.moe import DeepSeekMoE
 from deepseek_tf.layers.relative_position_bias import RelativePositionBias
@@ -68,12 +70,41 @@ CASES = [
             norm_eps=1e-5,
             init_std=0.1,
             output_init_std=0.05,
+            projection_ranks={"ffn/up_proj": 4, "attention/o_proj": 3},
+            fake_quant=True,
         ),
         lambda: [np.random.randn(2, 5, 16).astype("float32")],
     ),
     (
+        lambda: LowRankDense(12, 3, init_std=0.1, fake_quant=True),
+        lambda: [np.random.randn(2, 5, 16).astype("float32")],
+    ),
+    (
+        lambda: FakeQuantDense(6, use_bias=False),
+        lambda: [np.random.randn(2, 5, 16).astype("float32")],
+    ),
+    (
         lambda: MultiHeadLatentAttention(
-            16, 2, 8, 8, 4, 4, 6, 500.0, 4.0, 4, 16.0, 2.0, 0.9, 0.8, 1e-5, False, 0.1, 0.05
+            16,
+            2,
+            8,
+            8,
+            4,
+            4,
+            6,
+            500.0,
+            4.0,
+            4,
+            16.0,
+            2.0,
+            0.9,
+            0.8,
+            1e-5,
+            False,
+            0.1,
+            0.05,
+            projection_ranks={"o_proj": 4},
+            fake_quant=True,
         ),
         lambda: [np.random.randn(2, 5, 16).astype("float32")],
     ),
@@ -96,6 +127,7 @@ CASES = [
             init_std=0.1,
             output_init_std=0.05,
             tile_size=4,
+            fake_quant=True,
         ),
         lambda: [np.random.randn(2, 5, 16).astype("float32")],
     ),

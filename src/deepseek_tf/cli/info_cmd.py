@@ -29,6 +29,11 @@ def run(args) -> int:
     vocab = config.model.vocab_size or _vocab_from_data(config)
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip())
     print(json.dumps({"parameters": parameter_count(config, vocab), "vocab_size": vocab}))
+    if args.run_dir:
+        from deepseek_tf.compress.run_io import read_history
+
+        for entry in read_history(args.run_dir):  # what `deepseek-tf compress` did to the run
+            print(json.dumps({"compression": entry}))
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from deepseek_tf.cli import (
+    compress_cmd,
     convert_cmd,
     eval_cmd,
     export_cmd,
@@ -26,6 +27,7 @@ COMMANDS = (
     convert_cmd,
     serve_cmd,
     export_cmd,
+    compress_cmd,
 )
 
 

@@ -14,6 +14,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", help="run directory (default: runs/<preset>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument(
+        "--batch-size",
+        help="sequences per step (overrides train.batch_size), or 'auto': the largest batch "
+        "whose step fits --memory-budget",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        default=0,
+        metavar="MIB",
+        help="--batch-size auto: memory one training step may add, per device (default: 80%% "
+        "of the GPU's memory, or of the available RAM)",
+    )
+    parser.add_argument(
         "--sample-tokens",
         type=int,
         default=300,
@@ -38,6 +51,8 @@ def run(args) -> int:
             config = resolve_config(args)
     else:
         config = resolve_config(args)
+    if args.batch_size:
+        config = _batch_size(config, args)
     out = args.out or f"runs/{args.preset or 'shakespeare-char'}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = train(config, out, resume=args.resume)
     print(
@@ -54,3 +69,41 @@ def run(args) -> int:
             ]
         )
     return 0
+
+
+def _batch_size(config, args):
+    """`--batch-size N` or `--batch-size auto` (measured; see `training.autobatch`)."""
+    import dataclasses
+
+    from deepseek_tf.config.loader import apply_overrides
+    from deepseek_tf.errors import ConfigError
+
+    if args.batch_size != "auto":
+        if not args.batch_size.isdigit():
+            raise ConfigError(
+                f"--batch-size: a positive integer or 'auto', got {args.batch_size!r}"
+            )
+        return apply_overrides(config, [f"train.batch_size={args.batch_size}"])
+    if config.runtime.strategy in ("multi_worker", "tpu"):
+        raise ConfigError(
+            f"--batch-size auto measures one device; set train.batch_size for "
+            f"runtime.strategy={config.runtime.strategy}"
+        )
+    from deepseek_tf.api import prepare_tokenizer
+    from deepseek_tf.training.autobatch import MIB, find_batch_size
+    from deepseek_tf.training.runtime import configure_threads, make_strategy
+
+    configure_threads(config.runtime)
+    replicas = make_strategy(config.runtime).num_replicas_in_sync
+    resolved, tokenizer = prepare_tokenizer(config, args.out, args.resume)
+    budget = int(args.memory_budget * MIB) if args.memory_budget else None
+    found = find_batch_size(resolved, tokenizer.vocab_size, budget)
+    batch = found["batch_size"] * replicas  # the probe measured one device
+    print(
+        f"[batch-size auto] {found['batch_size']} sequences of {found['seq_len']} tokens per "
+        f"device x {replicas} device(s) = global batch {batch} (step ~"
+        f"{found['confirmed_step_mib']:.0f} MiB of {found['budget_mib']:.0f} MiB budget; "
+        f"{found['per_sequence_mib']:.2f} MiB per sequence)",
+        flush=True,
+    )
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch))

@@ -24,6 +24,7 @@ from deepseek_tf.config.schema import (
     MOE_DISPATCH,
     POSITION_TYPES,
     PRECISIONS,
+    QUANTIZE_MODES,
     REMAT_MODES,
     ROPE_LAYOUTS,
     SCORING_FUNCS,
@@ -253,6 +254,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.rope_scaling_factor: must be >= 1, got {m.rope_scaling_factor}")
     _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
     _validate_mla_moe_mtp(m, d)
+    _validate_compression(m)
     _check_choice("model.remat", m.remat, REMAT_MODES)
     _check_choice("model.share_adjacent", m.share_adjacent, SHARE_MODES)
     _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_TYPES)
@@ -326,3 +328,52 @@ def _validate_mla_moe_mtp(m, d) -> None:
     _check_positive(m, "model", ("mtp_depth", "mtp_loss_weight"), True)
     if m.mtp_depth >= d.seq_len:
         raise ConfigError(f"model.mtp_depth: {m.mtp_depth} must be below data.seq_len")
+
+
+def parse_lowrank(entries, n_layers: int) -> list[dict]:
+    """`model.lowrank` entries `"LAYER/SUBLAYER/PROJ=RANK"` -> one `{name: rank}` per layer."""
+    ranks = [{} for _ in range(n_layers)]
+    for entry in entries:
+        path, _, rank = entry.partition("=")
+        layer, _, name = path.partition("/")
+        sublayer = name.partition("/")[0]
+        if not (layer.isdigit() and sublayer in ("attention", "ffn") and rank.isdigit()):
+            raise ConfigError(
+                f"model.lowrank: {entry!r} is not LAYER/attention|ffn/PROJECTION=RANK"
+            )
+        if not (int(layer) < n_layers and int(rank) > 0):
+            raise ConfigError(f"model.lowrank: {entry!r}: layer or rank out of range")
+        ranks[int(layer)][name] = int(rank)
+    return ranks
+
+
+def _validate_compression(m) -> None:
+    _check_choice("model.quantize", m.quantize, QUANTIZE_MODES)
+    if m.quantize_bits not in (2, 3, 4, 8):
+        raise ConfigError(f"model.quantize_bits: must be 2, 3, 4 or 8, got {m.quantize_bits}")
+    if m.quantize_group_size == 0 or m.quantize_group_size < -1:
+        raise ConfigError(f"model.quantize_group_size: -1 or positive, got {m.quantize_group_size}")
+    if m.fake_quant and m.quantize != "none":
+        raise ConfigError("model.fake_quant: a quantized model has no float weights to train")
+    for key in ("layer_n_heads", "layer_ffn_dims", "layer_n_experts"):
+        values = getattr(m, key)
+        if values and len(values) != m.n_layers:
+            raise ConfigError(f"model.{key}: needs {m.n_layers} entries, got {len(values)}")
+        if any(v < 0 for v in values):
+            raise ConfigError(f"model.{key}: entries must be >= 0, got {list(values)}")
+    kv = m.n_kv_heads or m.n_heads
+    for i, h in enumerate(m.layer_n_heads):
+        if h > m.n_heads or (m.attention == "mha" and h % (m.n_heads // kv)):
+            raise ConfigError(
+                f"model.layer_n_heads[{i}]: {h} heads is not whole kv groups of "
+                f"{m.n_heads // kv} within n_heads={m.n_heads}"
+            )
+    for i, e in enumerate(m.layer_n_experts):
+        if e and not m.num_experts_per_tok <= e <= m.n_routed_experts:
+            raise ConfigError(
+                f"model.layer_n_experts[{i}]: {e} must be in [num_experts_per_tok="
+                f"{m.num_experts_per_tok}, n_routed_experts={m.n_routed_experts}]"
+            )
+        if e and e != m.n_routed_experts and m.n_group > 1:
+            raise ConfigError("model.layer_n_experts: pruned experts need n_group=1")
+    parse_lowrank(m.lowrank, m.n_layers)

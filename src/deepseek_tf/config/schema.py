@@ -15,6 +15,7 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MOE_DISPATCH = ("sparse", "dense")
 REMAT_MODES = ("none", "blocks")
+QUANTIZE_MODES = ("none", "int8", "int4", "float8", "gptq", "awq")
 SHARE_MODES = ("none", "ffn", "attention", "both")
 POSITION_TYPES = ("rope", "dynamic", "rope+dynamic")
 ROPE_LAYOUTS = ("half", "interleaved")
@@ -87,6 +88,15 @@ class ModelConfig:
     share_adjacent: str = "none"  # none | ffn | attention | both: layers 2i and 2i+1 share it
     # memory
     remat: str = "none"  # none | blocks (recompute each block's activations in backward)
+    # compression (written by `deepseek-tf compress`; empty/none for a trained model)
+    layer_n_heads: tuple[int, ...] = ()  # attention heads kept per layer (mha: whole kv groups)
+    layer_ffn_dims: tuple[int, ...] = ()  # dense SwiGLU width per layer (0: ffn_dim)
+    layer_n_experts: tuple[int, ...] = ()  # routed experts kept per layer (0: n_routed_experts)
+    lowrank: tuple[str, ...] = ()  # "LAYER/SUBLAYER/PROJ=RANK", e.g. "2/ffn/up_proj=48"
+    fake_quant: bool = False  # QAT: projections train against int8-rounded weights and inputs
+    quantize: str = "none"  # none | int8 | int4 | float8 | gptq | awq (weights stored quantized)
+    quantize_bits: int = 4  # gptq/awq: weight bits
+    quantize_group_size: int = -1  # int4/gptq/awq: inputs per scale; -1: one per channel
     # numerics / regularisation
     dropout: float = 0.0
     norm_eps: float = 1e-6

@@ -61,6 +61,9 @@ class CausalSelfAttention(keras.layers.Layer):
         bias_buckets, bias_max_distance: see `RelativePositionBias`.
         init_std: std of the normal initialiser of the projections.
         output_init_std: std of the output projection's initialiser.
+        projection_ranks: `{projection name: rank}`: those projections are
+            `LowRankDense` factor pairs (written by `compress lowrank`).
+        fake_quant: projections train against int8 rounding (QAT).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -96,6 +99,8 @@ class CausalSelfAttention(keras.layers.Layer):
         bias_max_distance: int = 128,
         init_std: float = 0.02,
         output_init_std: float = 0.02,
+        projection_ranks: dict | None = None,
+        fake_quant: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -116,6 +121,8 @@ class CausalSelfAttention(keras.layers.Layer):
         self.bias_max_distance = bias_max_distance
         self.init_std = init_std
         self.output_init_std = output_init_std
+        self.projection_ranks = dict(projection_ranks or {})
+        self.fake_quant = fake_quant
 
         self.scale = 1.0 / math.sqrt(head_dim)
         factor = rope_scaling_factor
@@ -124,7 +131,14 @@ class CausalSelfAttention(keras.layers.Layer):
         attention_factor = yarn_attention_factor(factor, yarn_mscale, yarn_mscale_all_dim)
 
         def dense(units, std, name):
-            return linear(units, std, self.dtype_policy, name)
+            return linear(
+                units,
+                std,
+                self.dtype_policy,
+                name,
+                rank=self.projection_ranks.get(name, 0),
+                fake_quant=fake_quant,
+            )
 
         self.q_proj = dense(n_heads * head_dim, init_std, "q_proj")
         self.k_proj = dense(n_kv_heads * head_dim, init_std, "k_proj")

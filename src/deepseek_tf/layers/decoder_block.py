@@ -51,6 +51,10 @@ class DecoderBlock(keras.layers.Layer):
         norm_eps: RMSNorm epsilon.
         init_std: std of input projections' initialiser.
         output_init_std: std of output projections' initialiser.
+        projection_ranks: `{"attention/q_proj": rank, "ffn/up_proj": rank, ...}`:
+            projections stored as two low-rank factors (`LowRankDense`).
+        fake_quant: attention and feed-forward projections train against int8
+            rounding (quantisation-aware training, see `FakeQuantDense`).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -84,6 +88,8 @@ class DecoderBlock(keras.layers.Layer):
         norm_eps: float = 1e-6,
         init_std: float = 0.02,
         output_init_std: float = 0.02,
+        projection_ranks: dict | None = None,
+        fake_quant: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -100,6 +106,16 @@ class DecoderBlock(keras.layers.Layer):
         self.norm_eps = norm_eps
         self.init_std = init_std
         self.output_init_std = output_init_std
+        self.projection_ranks = dict(projection_ranks or {})
+        self.fake_quant = fake_quant
+        ranks = {"attention": {}, "ffn": {}}  # "ffn/up_proj" -> ranks["ffn"]["up_proj"]
+        for key, rank in self.projection_ranks.items():
+            sublayer, _, projection = key.partition("/")
+            if sublayer not in ranks or not projection:
+                raise ValueError(f"projection_ranks: unknown projection {key!r}")
+            ranks[sublayer][projection] = rank
+        if ranks["ffn"] and moe_config:
+            raise ValueError("projection_ranks: MoE feed-forwards cannot be factorised")
 
         policy = self.dtype_policy
         self.attn_norm = RMSNorm(norm_eps, dtype=policy, name="attn_norm")
@@ -109,6 +125,8 @@ class DecoderBlock(keras.layers.Layer):
             self.attention_config,
             init_std=init_std,
             output_init_std=output_init_std,
+            projection_ranks=ranks["attention"],
+            fake_quant=fake_quant,
             dtype=policy,
             name="attention",
         )
@@ -123,13 +141,21 @@ class DecoderBlock(keras.layers.Layer):
                 d_model,
                 init_std=init_std,
                 output_init_std=output_init_std,
+                fake_quant=fake_quant,
                 dtype=policy,
                 name="moe",
                 **self.moe_config,
             )
         else:
             self.ffn = SwiGLU(
-                d_model, ffn_hidden_dim, init_std, output_init_std, dtype=policy, name="ffn"
+                d_model,
+                ffn_hidden_dim,
+                init_std,
+                output_init_std,
+                projection_ranks=ranks["ffn"],
+                fake_quant=fake_quant,
+                dtype=policy,
+                name="ffn",
             )
         self.drop = keras.layers.Dropout(dropout, dtype=policy)
 

@@ -77,6 +77,11 @@ class MultiHeadLatentAttention(keras.layers.Layer):
             of full keys and values (False).
         init_std: std of the normal initialiser of the projections.
         output_init_std: std of the output projection's initialiser.
+        projection_ranks: `{projection name: rank}`: those projections are
+            `LowRankDense` factor pairs (written by `compress lowrank`);
+            `kv_b_proj` is never factorised (absorbed decoding folds it).
+        fake_quant: projections other than `kv_b_proj` train against int8
+            rounding (QAT).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -121,6 +126,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         absorb: bool = True,
         init_std: float = 0.02,
         output_init_std: float = 0.02,
+        projection_ranks: dict | None = None,
+        fake_quant: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -142,6 +149,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         self.absorb = absorb
         self.init_std = init_std
         self.output_init_std = output_init_std
+        self.projection_ranks = dict(projection_ranks or {})
+        self.fake_quant = fake_quant
 
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         factor = rope_scaling_factor
@@ -150,7 +159,16 @@ class MultiHeadLatentAttention(keras.layers.Layer):
             self.scale *= yarn_get_mscale(factor, yarn_mscale_all_dim) ** 2
 
         def dense(units, std, name):
-            return linear(units, std, self.dtype_policy, name)
+            # kv_b_proj stays a plain Dense: absorbed decoding folds its kernel.
+            plain = name == "kv_b_proj"
+            return linear(
+                units,
+                std,
+                self.dtype_policy,
+                name,
+                rank=0 if plain else self.projection_ranks.get(name, 0),
+                fake_quant=fake_quant and not plain,
+            )
 
         def norm(name):
             return RMSNorm(epsilon=norm_eps, dtype=self.dtype_policy, name=name)

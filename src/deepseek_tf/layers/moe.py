@@ -135,6 +135,8 @@ class DeepSeekMoE(keras.layers.Layer):
         output_init_std: std of the down projections' initialiser.
         tile_size: rows per tile of the sparse dispatch; 0 chooses one from
             the token count at trace time (`auto_tile_size`).
+        fake_quant: the shared experts' projections train against int8
+            rounding (QAT; routed experts stay float, as in int8 PTQ).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -179,6 +181,7 @@ class DeepSeekMoE(keras.layers.Layer):
         init_std: float = 0.02,
         output_init_std: float = 0.02,
         tile_size: int = 0,
+        fake_quant: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -203,6 +206,7 @@ class DeepSeekMoE(keras.layers.Layer):
         self.init_std = init_std
         self.output_init_std = output_init_std
         self.tile_size = tile_size
+        self.fake_quant = fake_quant
 
         policy = self.dtype_policy
         self.gate = TopKRouter(
@@ -226,6 +230,7 @@ class DeepSeekMoE(keras.layers.Layer):
                 moe_hidden_dim * n_shared_experts,
                 init_std,
                 output_init_std,
+                fake_quant=fake_quant,
                 dtype=policy,
                 name="shared_experts",
             )

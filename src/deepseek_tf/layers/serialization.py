@@ -26,9 +26,25 @@ def init_config(obj) -> dict:
     return out
 
 
-def linear(units: int, init_std: float, dtype, name: str) -> keras.layers.Dense:
-    """A bias-free `Dense` projection with a normal(0, init_std) initialiser."""
-    return keras.layers.Dense(
+def linear(
+    units: int, init_std: float, dtype, name: str, *, rank: int = 0, fake_quant: bool = False
+) -> keras.layers.Layer:
+    """A bias-free projection with a normal(0, init_std) initialiser.
+
+    A `Dense`; a `LowRankDense` of two factors when `rank > 0`; with `fake_quant`
+    a `FakeQuantDense` (quantisation-aware training).
+    """
+    if rank:
+        from deepseek_tf.layers.low_rank_dense import LowRankDense
+
+        return LowRankDense(units, rank, init_std, fake_quant, dtype=dtype, name=name)
+    if fake_quant:
+        from deepseek_tf.layers.fake_quant_dense import FakeQuantDense
+
+        cls = FakeQuantDense
+    else:
+        cls = keras.layers.Dense
+    return cls(
         units,
         use_bias=False,
         kernel_initializer=keras.initializers.RandomNormal(stddev=init_std),

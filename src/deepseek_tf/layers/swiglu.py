@@ -17,6 +17,9 @@ class SwiGLU(keras.layers.Layer):
         hidden_dim: width of the gated hidden layer.
         init_std: std of the gate/up projections' normal initialiser.
         output_init_std: std of the down projection's initialiser.
+        projection_ranks: `{projection name: rank}`: those projections are
+            `LowRankDense` factor pairs (written by `compress lowrank`).
+        fake_quant: projections train against int8 rounding (QAT).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -36,6 +39,8 @@ class SwiGLU(keras.layers.Layer):
         hidden_dim: int,
         init_std: float = 0.02,
         output_init_std: float = 0.02,
+        projection_ranks: dict | None = None,
+        fake_quant: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -43,9 +48,18 @@ class SwiGLU(keras.layers.Layer):
         self.hidden_dim = hidden_dim
         self.init_std = init_std
         self.output_init_std = output_init_std
+        self.projection_ranks = dict(projection_ranks or {})
+        self.fake_quant = fake_quant
 
         def dense(units, std, name):
-            return linear(units, std, self.dtype_policy, name)
+            return linear(
+                units,
+                std,
+                self.dtype_policy,
+                name,
+                rank=self.projection_ranks.get(name, 0),
+                fake_quant=fake_quant,
+            )
 
         self.gate_proj = dense(hidden_dim, init_std, "gate_proj")
         self.up_proj = dense(hidden_dim, init_std, "up_proj")

@@ -6,6 +6,7 @@ import math
 
 import keras
 
+from deepseek_tf.config.loader import parse_lowrank
 from deepseek_tf.config.schema import Config, ModelConfig
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.models.causal_lm import CausalLM
@@ -86,6 +87,30 @@ def moe_layers(m: ModelConfig) -> list[bool]:
     ]
 
 
+def layer_overrides(m: ModelConfig) -> list | None:
+    """Per-layer shape changes written by `deepseek-tf compress`, or None (uniform model)."""
+    if not (m.layer_n_heads or m.layer_ffn_dims or m.layer_n_experts or m.lowrank):
+        return None
+    ranks = parse_lowrank(m.lowrank, m.n_layers)
+    kv_group = m.n_heads // (m.n_kv_heads or m.n_heads) if m.attention == "mha" else 1
+    out = []
+    for i in range(m.n_layers):
+        o = {}
+        if m.layer_n_heads and m.layer_n_heads[i]:
+            heads = m.layer_n_heads[i]
+            o["attention"] = {"n_heads": heads}
+            if m.attention == "mha":
+                o["attention"]["n_kv_heads"] = heads // kv_group
+        if m.layer_ffn_dims and m.layer_ffn_dims[i]:
+            o["ffn_hidden_dim"] = m.layer_ffn_dims[i]
+        if m.layer_n_experts and m.layer_n_experts[i]:
+            o["moe"] = {"n_routed_experts": m.layer_n_experts[i]}
+        if ranks[i]:
+            o["projection_ranks"] = ranks[i]
+        out.append(o)
+    return out
+
+
 def model_kwargs(config: Config, vocab_size: int | None = None) -> dict:
     """The plain keyword arguments `CausalLM` is built with."""
     m, d = config.model, config.data
@@ -113,6 +138,8 @@ def model_kwargs(config: Config, vocab_size: int | None = None) -> dict:
         "embedding_noise_std": d.embedding_noise_std if d.embedding_noise else 0.0,
         "norm_eps": m.norm_eps,
         "init_std": m.init_std,
+        "layer_overrides": layer_overrides(m),
+        "fake_quant": m.fake_quant,
     }
 
 

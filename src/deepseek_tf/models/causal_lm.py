@@ -65,6 +65,11 @@ class CausalLM(keras.Model):
         norm_eps: RMSNorm epsilon.
         init_std: std of the normal initialisers; output projections use
             `init_std / sqrt(2 * n_layers)`.
+        layer_overrides: None, or one dict per layer changing that layer's
+            shape (written by `deepseek-tf compress`): `"attention"` (attention
+            kwargs, e.g. pruned `n_heads`), `"ffn_hidden_dim"`, `"moe"` (e.g.
+            pruned `n_routed_experts`), `"projection_ranks"` (low-rank factors).
+        fake_quant: projections train against int8 rounding (QAT).
         **kwargs: standard `keras.Model` arguments (`name`, `dtype`).
 
     Call arguments:
@@ -105,6 +110,8 @@ class CausalLM(keras.Model):
         embedding_noise_std: float = 0.0,
         norm_eps: float = 1e-6,
         init_std: float = 0.02,
+        layer_overrides: list | None = None,
+        fake_quant: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -133,6 +140,10 @@ class CausalLM(keras.Model):
         self.embedding_noise_std = embedding_noise_std
         self.norm_eps = norm_eps
         self.init_std = init_std
+        self.layer_overrides = [dict(o) for o in layer_overrides] if layer_overrides else None
+        self.fake_quant = fake_quant
+        if self.layer_overrides and len(self.layer_overrides) != n_layers:
+            raise ValueError(f"layer_overrides needs one entry per layer ({n_layers})")
 
         policy = self.dtype_policy
         normal = keras.initializers.RandomNormal(stddev=init_std)
@@ -153,7 +164,7 @@ class CausalLM(keras.Model):
         self.mtp_modules = [
             MTPModule(
                 d_model,
-                self._block_config(n_layers - 1),
+                self._block_config(n_layers - 1, overrides=False),
                 norm_eps,
                 init_std,
                 dtype=policy,
@@ -181,18 +192,24 @@ class CausalLM(keras.Model):
                 if type(getattr(first, name)) is type(getattr(second, name)):
                     setattr(second, name, getattr(first, name))
 
-    def _block_config(self, i: int) -> dict:
+    def _block_config(self, i: int, overrides: bool = True) -> dict:
+        """Block `i`'s kwargs: the shared ones, with `layer_overrides[i]` (pruned widths,
+        low-rank projections) applied; MTP modules take the unmodified shape."""
+        o = self.layer_overrides[i] if overrides and self.layer_overrides else {}
+        moe = self.moe_config if self.moe_layers[i] else None
         return {
             "block_type": self.block_types[i],
-            "ffn_hidden_dim": self.ffn_hidden_dim,
-            "attention_config": self.attention_config,
+            "ffn_hidden_dim": o.get("ffn_hidden_dim", self.ffn_hidden_dim),
+            "attention_config": {**self.attention_config, **o.get("attention", {})},
             "attention_type": self.attention_type,
-            "moe_config": self.moe_config if self.moe_layers[i] else None,
+            "moe_config": {**moe, **o.get("moe", {})} if moe else None,
             "conv_kernel_size": self.conv_kernel_size,
             "dropout": self.dropout,
             "norm_eps": self.norm_eps,
             "init_std": self.init_std,
             "output_init_std": self.init_std / math.sqrt(2 * self.n_layers),
+            "projection_ranks": o.get("projection_ranks", {}),
+            "fake_quant": self.fake_quant,
         }
 
     def build(self, input_shape):
@@ -297,7 +314,21 @@ class CausalLM(keras.Model):
             return block(h, training=training, return_hidden=True)
 
         if self.remat == "blocks" and training:
-            return tf.recompute_grad(run)(x)  # activations recomputed in backward
+            # Activations recomputed in backward. tf.recompute_grad orders the recompute
+            # after the backward pass reaches it through a data dependency on the gradient
+            # of its *first* output only. That must be "x": the hidden activations get no
+            # gradient (zeros made up front), and with them first (as a dict's sorted keys
+            # put them) the recompute is free to run during the forward pass and every
+            # activation stays alive -- measured: no memory saved at all.
+            keys = []
+
+            def run_flat(h):
+                out = run(h)
+                keys[:] = ["x", *sorted(k for k in out if k != "x")]
+                return tuple(out[k] for k in keys)
+
+            values = tf.recompute_grad(run_flat)(x)
+            return dict(zip(keys, values))
         return run(x)
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> list:

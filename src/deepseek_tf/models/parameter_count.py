@@ -37,12 +37,63 @@ def ffn_params(kw: dict, is_moe: bool) -> tuple[int, int]:
     return total, router + shared + expert * moe["num_experts_per_tok"]
 
 
+def projection_shapes(kw: dict) -> dict:
+    """`{"attention/q_proj": (in, out), "ffn/up_proj": ...}` of one layer's projections."""
+    d, att = kw["d_model"], kw["attention_config"]
+    h = att["n_heads"]
+    if kw["attention_type"] == "mla":
+        qk = att["qk_nope_head_dim"] + att["qk_rope_head_dim"]
+        q_rank = att["q_lora_rank"]
+        shapes = (
+            {"q_a_proj": (d, q_rank), "q_b_proj": (q_rank, h * qk)}
+            if q_rank
+            else {"q_proj": (d, h * qk)}
+        )
+        shapes["kv_a_proj_with_mqa"] = (d, att["kv_lora_rank"] + att["qk_rope_head_dim"])
+        shapes["o_proj"] = (h * att["v_head_dim"], d)
+    else:
+        hd, hkv = att["head_dim"], att["n_kv_heads"]
+        shapes = {
+            "q_proj": (d, h * hd),
+            "k_proj": (d, hkv * hd),
+            "v_proj": (d, hkv * hd),
+            "o_proj": (h * hd, d),
+        }
+    f = kw["ffn_hidden_dim"]
+    ffn = {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    return {
+        **{f"attention/{k}": v for k, v in shapes.items()},
+        **{f"ffn/{k}": v for k, v in ffn.items()},
+    }
+
+
+def layer_kwargs(kw: dict, i: int) -> dict:
+    """`kw` with layer `i`'s overrides (pruned widths) applied, as `CausalLM` does."""
+    o = (kw.get("layer_overrides") or [{}] * kw["n_layers"])[i]
+    moe = kw["moe_config"]
+    return {
+        **kw,
+        "attention_config": {**kw["attention_config"], **o.get("attention", {})},
+        "ffn_hidden_dim": o.get("ffn_hidden_dim", kw["ffn_hidden_dim"]),
+        "moe_config": {**moe, **o.get("moe", {})} if moe else None,
+        "projection_ranks": o.get("projection_ranks", {}),
+    }
+
+
 def block_params(kw: dict, block_type: str, is_moe: bool) -> tuple[int, int]:
     d = kw["d_model"]
     fixed = attention_params(kw) + 2 * d  # attention + two norms
     if block_type == "hybrid":
         fixed += kw["conv_kernel_size"] * d * d + d
     total, active = ffn_params(kw, is_moe)
+    shapes = projection_shapes(kw)
+    for name, rank in kw.get("projection_ranks", {}).items():  # low-rank factor pairs
+        n_in, n_out = shapes[name]
+        saved = n_in * n_out - rank * (n_in + n_out)
+        if name.startswith("ffn/"):
+            total, active = total - saved, active - saved
+        else:
+            fixed -= saved
     return fixed + total, fixed + active
 
 
@@ -69,7 +120,10 @@ def parameter_count(config: Config, vocab_size: int | None = None) -> dict:
     """
     kw = model_kwargs(config, vocab_size)
     d, v = kw["d_model"], kw["vocab_size"]
-    blocks = [block_params(kw, t, m) for t, m in zip(kw["block_types"], kw["moe_layers"])]
+    blocks = [
+        block_params(layer_kwargs(kw, i), t, m)
+        for i, (t, m) in enumerate(zip(kw["block_types"], kw["moe_layers"]))
+    ]
     shared = shared_params(kw)
     embedding = v * d
     head = 0 if kw["tie_embeddings"] else v * d

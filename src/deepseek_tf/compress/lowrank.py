@@ -1,0 +1,222 @@
+"""Low-rank factorisation: projections replaced by two truncated-SVD factors.
+
+`deepseek-tf compress lowrank RUN --out OUT [--rank R | --energy E] [--targets ffn]`
+factorises every chosen projection `W (in, out) ~= U_r diag(S_r) V_r^T` into
+`down = U_r sqrt(S_r)` `(in, r)` and `up = sqrt(S_r) V_r^T` `(r, out)` (a `LowRankDense`),
+with `r` fixed or the smallest rank keeping a fraction `E` of the squared singular values.
+A projection is only factorised when `r (in + out) < in * out` (it saves parameters);
+the others are skipped and recorded. The result is config-driven (`model.lowrank`
+entries), so the new run loads like any other; an optional fine-tune recovers quality.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from deepseek_tf.compress.distill import count_parameters
+from deepseek_tf.compress.finetune import finetune, validation_loss
+from deepseek_tf.compress.run_io import check_out_dir, load_source, write_run
+from deepseek_tf.errors import CompressionError
+
+TARGETS = ("attention", "ffn")
+SHARED = {"attention": ("attention", "both"), "ffn": ("ffn", "both")}
+
+
+def parse_targets(targets) -> tuple[str, ...]:
+    """`"attention,ffn"` (or a sequence) -> checked tuple of sublayer names."""
+    names = targets.split(",") if isinstance(targets, str) else list(targets)
+    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    bad = [n for n in names if n not in TARGETS]
+    if bad or not names:
+        raise CompressionError(f"--targets: {bad or targets!r} not in {', '.join(TARGETS)}")
+    return names
+
+
+def check_options(config, targets, rank, energy) -> None:
+    """Config-level refusals, before any weight is read."""
+    if rank is not None and rank < 1:
+        raise CompressionError(f"--rank: must be >= 1, got {rank}")
+    if rank is None and not (energy is not None and 0.0 < energy <= 1.0):
+        raise CompressionError(f"--energy: must be in (0, 1], got {energy}")
+    m = config.model
+    if m.quantize != "none":
+        raise CompressionError(
+            f"model.quantize={m.quantize}: quantized weights cannot be factorised; "
+            "factorise the float run, then quantize"
+        )
+    for target in targets:
+        if m.share_adjacent in SHARED[target]:
+            raise CompressionError(
+                f"--targets {target}: shared between adjacent layers "
+                f"(model.share_adjacent={m.share_adjacent}); cannot factorise shared projections"
+            )
+
+
+def projection_names(model, target: str, layer: int) -> list[str]:
+    """Factorisable projections of `target` ("attention" | "ffn") in block `layer`."""
+    if target == "ffn":
+        return [] if model.moe_layers[layer] else ["gate_proj", "up_proj", "down_proj"]
+    if model.attention_type == "mha":
+        return ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # mla: kv_b_proj stays dense (absorbed decoding folds its kernel)
+    query = ["q_a_proj", "q_b_proj"] if model.attention_config["q_lora_rank"] else ["q_proj"]
+    return [*query, "kv_a_proj_with_mqa", "o_proj"]
+
+
+def candidates(model, targets) -> tuple[dict, list[dict]]:
+    """`({"LAYER/SUBLAYER/PROJ": Dense}, skipped)` of the chosen sublayers."""
+    found, skipped = {}, []
+    for i, block in enumerate(model.blocks):
+        for target in targets:
+            if target == "ffn" and model.moe_layers[i]:
+                skipped.append({"projection": f"{i}/ffn", "reason": "MoE feed-forward"})
+            sublayer = block.attention if target == "attention" else block.ffn
+            for name in projection_names(model, target, i):
+                layer = getattr(sublayer, name)
+                if not hasattr(layer, "kernel"):
+                    skipped.append(
+                        {"projection": f"{i}/{target}/{name}", "reason": "already low-rank"}
+                    )
+                    continue
+                found[f"{i}/{target}/{name}"] = layer
+    return found, skipped
+
+
+def check_rank(found: dict, rank: int | None) -> None:
+    """A fixed rank must not exceed `min(in, out)` of any chosen projection."""
+    for key, layer in found.items():
+        n_in, n_out = layer.kernel.shape
+        if rank is not None and rank > min(n_in, n_out):
+            raise CompressionError(
+                f"--rank {rank}: exceeds min(in, out)={min(n_in, n_out)} of {key} ({n_in}x{n_out})"
+            )
+
+
+def choose_rank(s: np.ndarray, rank: int | None, energy: float | None) -> int:
+    """Fixed `rank`, or the smallest rank whose squared singular values reach `energy`."""
+    if rank is not None:
+        return rank
+    power = s.astype(np.float64) ** 2  # (k,)
+    total = power.sum()
+    if total <= 0:
+        return 1
+    kept = np.cumsum(power) / total
+    return int(min(np.searchsorted(kept, energy * (1 - 1e-12)) + 1, len(s)))
+
+
+def factorize(model, config, *, targets=("ffn",), rank: int | None = None, energy=None):
+    """Replaces the projections of `targets` by truncated-SVD factor pairs.
+
+    Args:
+        model: the trained `CausalLM` (not modified).
+        config: its config.
+        targets: sublayers to factorise: "attention", "ffn" (a tuple or a comma list).
+        rank: fixed rank of every factorised projection, or None to use `energy`.
+        energy: fraction in (0, 1] of the squared singular values each projection keeps.
+
+    Returns:
+        `(new_config, new_model, info)`: the config with `model.lowrank` entries, a model
+        with every weight copied and the factors filled, and `{"ranks": {...},
+        "skipped": [...], "energy_kept": {...}}`.
+    """
+    from deepseek_tf.models.builder import build_model
+
+    targets = parse_targets(targets)
+    check_options(config, targets, rank, energy)
+    found, skipped = candidates(model, targets)
+    check_rank(found, rank)
+    ranks, factors, kept = {}, {}, {}
+    for key, layer in found.items():
+        w = tf.cast(layer.kernel, tf.float64)  # (in, out)
+        n_in, n_out = w.shape
+        s, u, v = tf.linalg.svd(w)  # (k,), (in, k), (out, k): w = u diag(s) v^T
+        s, u, v = s.numpy(), u.numpy(), v.numpy()
+        r = choose_rank(s, rank, energy)
+        if r * (n_in + n_out) >= n_in * n_out:
+            reason = f"rank {r} saves no parameters ({n_in}x{n_out})"
+            skipped.append({"projection": key, "reason": reason})
+            continue
+        root = np.sqrt(s[:r])  # (r,)
+        factors[key] = (u[:, :r] * root, root[:, None] * v[:, :r].T)  # (in, r), (r, out)
+        ranks[key] = r
+        kept[key] = round(float((s[:r] ** 2).sum() / max((s**2).sum(), 1e-300)), 6)
+    entries = tuple(config.model.lowrank) + tuple(f"{k}={r}" for k, r in ranks.items())
+    new_config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, lowrank=entries)
+    )
+    new_model = build_model(new_config, model.vocab_size)
+    _copy_weights(model, new_model, factors)
+    return new_config, new_model, {"ranks": ranks, "skipped": skipped, "energy_kept": kept}
+
+
+def _copy_weights(source, target, factors: dict) -> None:
+    """Copies every weight by path (model name stripped), then fills the factor pairs."""
+    by_path = {v.path.split("/", 1)[1]: v for v in source.weights}
+    filled = set()
+    for key, (down, up) in factors.items():
+        layer_index, sublayer, name = key.split("/")
+        block = target.blocks[int(layer_index)]
+        pair = getattr(block.attention if sublayer == "attention" else block.ffn, name)
+        for var, value in ((pair.down.kernel, down), (pair.up.kernel, up)):
+            var.assign(value.astype(var.dtype))
+            filled.add(id(var))
+    for var in target.weights:
+        if id(var) in filled:
+            continue
+        src = by_path.get(var.path.split("/", 1)[1])
+        if src is None or tuple(src.shape) != tuple(var.shape):
+            raise RuntimeError(f"low-rank copy: no source weight for {var.path} {var.shape}")
+        var.assign(src)
+
+
+def run(args) -> dict:
+    """`deepseek-tf compress lowrank`: factorise, optionally fine-tune, write a new run."""
+    from deepseek_tf.config.loader import load_run_config
+
+    targets = parse_targets(args.targets)
+    rank, energy = (args.rank, None) if args.rank is not None else (None, args.energy)
+    if args.steps < 0 or (args.steps and args.learning_rate <= 0):
+        raise CompressionError("--steps must be >= 0 and --learning-rate > 0")
+    out = check_out_dir(args.run_dir, args.out)
+    check_options(load_run_config(args.run_dir), targets, rank, energy)
+    start = time.perf_counter()
+    config, model, tokenizer = load_source(args.run_dir)
+    check_rank(candidates(model, targets)[0], rank)  # before any SVD or evaluation
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    batches = config.train.eval_batches
+    val_before = validation_loss(model, config, tokenizer, batches)
+    new_config, new_model, info = factorize(
+        model, config, targets=targets, rank=rank, energy=energy
+    )
+    finetune(
+        new_model,
+        new_config,
+        tokenizer,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        start_batch=config.train.steps * config.train.gradient_accumulation_steps,
+        log=log,
+    )
+    record = {
+        "method": "lowrank",
+        "options": {
+            "rank": rank,
+            "energy": energy,
+            "targets": list(targets),
+            "steps": args.steps,
+            "learning_rate": args.learning_rate,
+        },
+        **info,
+        "parameters_before": count_parameters(model),
+        "parameters_after": count_parameters(new_model),
+        "val_loss_before": val_before,
+        "val_loss_after": validation_loss(new_model, new_config, tokenizer, batches),
+    }
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    write_run(out, new_config, tokenizer, new_model, args.run_dir, record)
+    return record

@@ -1,0 +1,238 @@
+"""Structured pruning units, their 0/1 masks, and the physical shrinking of a masked model.
+
+A `UnitGroup` is one layer's prunable units of one kind:
+
+- `"heads"`: attention heads. MHA/GQA prunes whole kv groups (one kv head with the
+  `n_heads / n_kv_heads` query heads that read it); MLA prunes single heads.
+- `"ffn"`: hidden channels of a dense SwiGLU.
+- `"experts"`: routed experts of a DeepSeekMoE (stacked weights, router column).
+
+Every tensor a group touches is laid out unit-major along one axis (unit `u` owns
+indices `[u * w, (u + 1) * w)`, `w = size / n_units`), as the layers' reshapes read them:
+MHA `q_proj` columns `(H*Dh)` are `(Hkv, G, Dh)`, `k/v_proj` columns `(Hkv, Dh)`,
+`o_proj` rows `(H*Dh)`; MLA `q(_b)_proj` columns `(H, Dn+Dr)`, `kv_b_proj` columns
+`(H, Dn+Dv)`, `o_proj` rows `(H, Dv)`; the relative-bias table's columns are heads.
+
+Masking zeroes a dead unit's slices, so a dead head outputs zeros (its values and its
+`o_proj` rows are zero), a dead channel `silu(0) * 0 = 0`, and a dead expert is never
+routed to (its selection bias is -1e9). `shrink` then builds the narrower model from
+`layer_n_heads` / `layer_ffn_dims` / `layer_n_experts` and copies the kept slices, so the
+shrunk model computes what the masked one does (exactly, except softmax routers without
+`norm_topk_prob`, whose gate weights are renormalised over the kept experts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+DEAD_BIAS = -1e9  # selection bias of a masked expert: never among the top k
+
+
+@dataclasses.dataclass
+class UnitGroup:
+    """One layer's prunable units of one kind, and which of them are still alive.
+
+    Attributes:
+        kind: `"heads"`, `"ffn"` or `"experts"`.
+        layer: decoder block index.
+        n_units: units before pruning.
+        keep: units kept at the final sparsity.
+        slices: `(variable, axis, role)`: the units' weights along `axis`; role `"in"` /
+            `"out"` enters the magnitude score, None is masked and sliced only.
+        heads_per_unit: query heads per unit (the GQA group size; 1 otherwise).
+        router: the `TopKRouter` of an experts group.
+        bias0: the router's selection bias before pruning.
+        method0: the router's `topk_method` before pruning.
+        alive: `(n_units,)` bool.
+    """
+
+    kind: str
+    layer: int
+    n_units: int
+    keep: int
+    slices: list
+    heads_per_unit: int = 1
+    router: object = None
+    bias0: np.ndarray | None = None
+    method0: str = ""
+    alive: np.ndarray = None
+
+    def __post_init__(self):
+        if self.alive is None:
+            self.alive = np.ones(self.n_units, bool)
+
+    def indices(self, var, axis: int) -> np.ndarray:
+        """Kept indices of `var` along `axis` (every kept unit's whole slice)."""
+        width = var.shape[axis] // self.n_units
+        kept = np.flatnonzero(self.alive)
+        return (kept[:, None] * width + np.arange(width)[None, :]).reshape(-1)  # (K*w,)
+
+
+def find_groups(model, targets, keep_counts) -> list[UnitGroup]:
+    """The `UnitGroup`s of `model` for `targets`.
+
+    Args:
+        model: a built `CausalLM` (MTP modules are left alone).
+        targets: subset of `("heads", "ffn", "experts")`.
+        keep_counts: `{(kind, layer): units kept}` from the pruning plan.
+    """
+    groups = []
+    for i, block in enumerate(model.blocks):
+        attn, ffn = block.attention, block.ffn
+        if "heads" in targets and (("heads", i) in keep_counts):
+            groups.append(_head_group(i, attn, keep_counts[("heads", i)]))
+        is_moe = hasattr(ffn, "experts_gate")
+        if "ffn" in targets and not is_moe and ("ffn", i) in keep_counts:
+            slices = [(ffn.gate_proj.kernel, 1, "in"), (ffn.up_proj.kernel, 1, "in")]
+            slices.append((ffn.down_proj.kernel, 0, "out"))
+            groups.append(UnitGroup("ffn", i, ffn.hidden_dim, keep_counts[("ffn", i)], slices))
+        if "experts" in targets and is_moe and ("experts", i) in keep_counts:
+            slices = [(ffn.experts_gate, 0, "in"), (ffn.experts_up, 0, "in")]
+            slices += [(ffn.experts_down, 0, "out"), (ffn.gate.kernel, 1, None)]
+            bias0 = np.array(ffn.gate.e_score_correction_bias.numpy())
+            groups.append(
+                UnitGroup(
+                    "experts",
+                    i,
+                    ffn.n_routed_experts,
+                    keep_counts[("experts", i)],
+                    slices,
+                    router=ffn.gate,
+                    bias0=bias0,
+                    method0=ffn.gate.topk_method,
+                )
+            )
+    return groups
+
+
+def _head_group(i: int, attn, keep: int) -> UnitGroup:
+    if hasattr(attn, "kv_b_proj"):  # MLA: one unit per head
+        q = attn.q_b_proj if attn.q_lora_rank > 0 else attn.q_proj
+        slices = [(q.kernel, 1, "in"), (attn.kv_b_proj.kernel, 1, "in")]
+        slices.append((attn.o_proj.kernel, 0, "out"))
+        return UnitGroup("heads", i, attn.n_heads, keep, slices)
+    slices = [(attn.q_proj.kernel, 1, "in"), (attn.k_proj.kernel, 1, "in")]
+    slices += [(attn.v_proj.kernel, 1, "in"), (attn.o_proj.kernel, 0, "out")]
+    if attn.relative_bias is not None:
+        slices.append((attn.relative_bias.table, 1, None))  # (buckets, H)
+    group = attn.n_heads // attn.n_kv_heads
+    return UnitGroup("heads", i, attn.n_kv_heads, keep, slices, heads_per_unit=group)
+
+
+def prepare_routers(groups) -> None:
+    """Routes every pruned MoE through its selection bias (`noaux_tc`) before any tracing.
+
+    `greedy` routers (with `n_group=1`, the only pruneable case) pick the same experts
+    as `noaux_tc` with a zero bias; the bias then keeps masked experts out.
+    """
+    for g in groups:
+        if g.router is not None and g.router.topk_method != "noaux_tc":
+            g.router.topk_method = "noaux_tc"
+            g.router.e_score_correction_bias.assign(np.zeros_like(g.bias0))
+
+
+def apply_masks(groups) -> None:
+    """Zeroes the dead units' weights (after every optimiser step) and blocks dead experts."""
+    for g in groups:
+        if g.alive.all():
+            continue
+        for var, axis, _ in g.slices:
+            width = var.shape[axis] // g.n_units
+            shape = [1] * len(var.shape)
+            shape[axis] = var.shape[axis]
+            mask = np.repeat(g.alive, width).astype(var.dtype).reshape(shape)  # broadcastable
+            var.assign(var * mask)
+        if g.router is not None:
+            kept = g.bias0 if g.method0 == "noaux_tc" else np.zeros_like(g.bias0)
+            g.router.e_score_correction_bias.assign(np.where(g.alive, kept, DEAD_BIAS))
+
+
+def _relative(path: str) -> str:
+    """A variable path without the model's own (instance-numbered) name."""
+    return path.split("/", 1)[1]
+
+
+def shrunk_config(config, groups):
+    """`config` with the groups' kept widths in `layer_n_heads/ffn_dims/n_experts`."""
+    from deepseek_tf.config.loader import validate
+
+    m = config.model
+    n = m.n_layers
+    widths = {
+        "heads": list(m.layer_n_heads or [0] * n),
+        "ffn": list(m.layer_ffn_dims or [0] * n),
+        "experts": list(m.layer_n_experts or [0] * n),
+    }
+    for g in groups:
+        widths[g.kind][g.layer] = int(g.alive.sum()) * g.heads_per_unit
+    new_m = dataclasses.replace(
+        m,
+        layer_n_heads=tuple(widths["heads"]) if any(widths["heads"]) else (),
+        layer_ffn_dims=tuple(widths["ffn"]) if any(widths["ffn"]) else (),
+        layer_n_experts=tuple(widths["experts"]) if any(widths["experts"]) else (),
+    )
+    new_config = dataclasses.replace(config, model=new_m)
+    validate(new_config)
+    return new_config
+
+
+def shrink(model, config, groups):
+    """Builds the narrower model of the masked `model` and copies its kept weights.
+
+    Returns:
+        `(new_config, new_model)`.
+    """
+    from deepseek_tf.models.builder import build_model
+
+    new_config = shrunk_config(config, groups)
+    new_model = build_model(new_config, model.vocab_size)
+    take, biases = {}, {}
+    for g in groups:
+        for var, axis, _ in g.slices:
+            take[_relative(var.path)] = (axis, g.indices(var, axis))
+        if g.router is not None:
+            biases[_relative(g.router.e_score_correction_bias.path)] = g.bias0[g.alive]
+    source = {_relative(v.path): v for v in model.weights}
+    for var in new_model.weights:
+        key = _relative(var.path)
+        if key in biases:
+            var.assign(biases[key])
+            continue
+        if key not in source:
+            if "seed_generator" in key:  # random state, not a weight
+                continue
+            raise KeyError(f"shrink: no source weight for {key}")
+        value = source[key].numpy()
+        if key in take:
+            axis, index = take[key]
+            value = np.take(value, index, axis=axis)
+        var.assign(value)
+    return new_config, new_model
+
+
+def unstructured_prune(model, fraction: float) -> int:
+    """Zeroes the `fraction` smallest-magnitude weights of each block projection.
+
+    Attention and feed-forward kernels, shared and routed experts of the decoder blocks
+    (not embeddings, head, norms, routers or MTP modules); shapes stay. Returns the
+    number of weights zeroed.
+    """
+    zeroed = 0
+    for var in model.weights:
+        parts = var.path.split("/")
+        if not any(p.startswith("block_") for p in parts) or not var.trainable:
+            continue
+        projection = parts[-1] == "kernel" and "_proj" in parts[-2]
+        if not (projection or parts[-1].startswith("experts_")):
+            continue
+        value = np.array(var.numpy())
+        k = int(fraction * value.size)
+        if k <= 0:
+            continue
+        threshold = np.partition(np.abs(value).reshape(-1), k - 1)[k - 1]
+        mask = np.abs(value) > threshold
+        zeroed += int(value.size - mask.sum())
+        var.assign(value * mask)
+    return zeroed

@@ -1,0 +1,295 @@
+"""Post-training quantisation with Keras' own quantizers (`model.quantize`).
+
+int8 / int4 / float8 quantize every selected `Dense` from its weights alone; GPTQ
+and AWQ calibrate on training sequences from the run's data pipeline, block by
+block, with the layer structure Keras asks for (`pre_block_layers`: the embedding;
+`sequential_blocks`: the decoder blocks). What can be quantized: the attention and
+dense-FFN projections (and shared experts), optionally the untied output head.
+Routed experts are stacked weights, not `Dense` layers; no Keras quantizer takes
+them, so they stay float and asking for them is an error. MLA's `kv_b_proj` stays
+float too: absorbed decoding folds its float kernel into the query and output.
+
+A quantized run records `model.quantize` (+ bits, group size) in its config;
+`deepseek_tf.load` rebuilds the same quantized variables before restoring them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+
+import keras
+import numpy as np
+
+from deepseek_tf.compress.run_io import (
+    check_out_dir,
+    load_source,
+    progress,
+    weight_bytes,
+    write_run,
+)
+from deepseek_tf.config.loader import load_run_config
+from deepseek_tf.errors import CompressionError
+
+INCLUDE = ("attention", "ffn", "head", "experts")
+UNQUANTIZED = ("kv_b_proj",)  # folded in float by absorbed MLA decoding
+
+
+def projection_filter(include=("attention", "ffn")):
+    """`filter(layer) -> bool` selecting the plain `Dense` projections to quantize."""
+    include = set(include)
+
+    def selected(layer) -> bool:
+        if type(layer) is not keras.layers.Dense:  # not FakeQuantDense, not Embedding
+            return False
+        parts = layer.path.split("/")
+        if parts[-1] in UNQUANTIZED or any(p.startswith("mtp_") for p in parts):
+            return False
+        if parts[-1] == "lm_head":
+            return "head" in include
+        in_block = any(p.startswith("block_") for p in parts)
+        if "attention" in parts:
+            return in_block and "attention" in include
+        return in_block and "ffn" in include  # dense ffn, moe shared experts, conv-free rest
+
+    return selected
+
+
+def check_request(model_config, mode: str, include, bits: int, group_size: int) -> None:
+    """Refuses requests the model cannot take, before any work."""
+    unknown = set(include) - set(INCLUDE)
+    if unknown:
+        raise CompressionError(f"--include: unknown {sorted(unknown)}; choose from {INCLUDE}")
+    if "experts" in include:
+        raise CompressionError(
+            "--include experts: routed experts are stacked weights, not Dense layers; no "
+            "Keras quantizer (int8/int4/float8/gptq/awq) takes them, they stay float"
+        )
+    if "head" in include and model_config.tie_embeddings:
+        raise CompressionError(
+            "--include head: the output head is the tied embedding matrix (an Embedding, "
+            "read in float by the head); quantize an untied model's head only"
+        )
+    if model_config.quantize != "none":
+        raise CompressionError(f"the run is already quantized ({model_config.quantize})")
+    if model_config.fake_quant:
+        raise CompressionError("the run is a QAT model; `compress qat` converts it to int8")
+    if mode == "awq" and bits != 4:
+        raise CompressionError(f"--bits: AWQ supports 4-bit weights only, got {bits}")
+    if mode == "gptq" and bits not in (2, 3, 4, 8):
+        raise CompressionError(f"--bits: GPTQ takes 2, 3, 4 or 8, got {bits}")
+    if group_size == 0 or group_size < -1:
+        raise CompressionError(f"--group-size: -1 (per channel) or positive, got {group_size}")
+    if mode == "float8" and keras.config.backend() != "tensorflow":
+        raise CompressionError("--mode float8 needs the TensorFlow backend")
+
+
+def quantization_config(mode: str, bits: int, group_size: int, dataset=None, tokenizer=None):
+    """The Keras config object of `mode` (None: Keras' default for int8/float8)."""
+    from keras.quantizers import AWQConfig, GPTQConfig, Int4QuantizationConfig
+
+    if mode == "int4" and group_size > 0:
+        return Int4QuantizationConfig(block_size=group_size)
+    if mode == "gptq":
+        return GPTQConfig(
+            dataset,
+            tokenizer,
+            weight_bits=bits,
+            group_size=group_size,
+            num_samples=len(dataset) if dataset is not None else 128,
+            sequence_length=int(np.shape(dataset)[-1]) if dataset is not None else 512,
+        )
+    if mode == "awq":
+        return AWQConfig(
+            dataset,
+            tokenizer,
+            weight_bits=bits,
+            group_size=group_size,
+            num_samples=len(dataset) if dataset is not None else 128,
+            sequence_length=int(np.shape(dataset)[-1]) if dataset is not None else 512,
+        )
+    return None
+
+
+class _Embed(keras.layers.Layer):
+    """GPTQ/AWQ `pre_block_layers` entry: token ids -> the model's scaled embeddings."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+
+    def call(self, token_ids):
+        return self.model.embed(token_ids, training=False)  # (B, T, C)
+
+
+class _Block(keras.layers.Layer):
+    """GPTQ/AWQ `sequential_blocks` entry: a decoder block returning its hidden states."""
+
+    def __init__(self, block, **kwargs):
+        super().__init__(**kwargs)
+        self.block = block
+
+    def call(self, x):
+        return self.block(x)["x"]  # (B, T, C)
+
+
+def layer_structure(model) -> dict:
+    """The topology Keras' GPTQ/AWQ walk: embedding first, then each decoder block."""
+    return {
+        "pre_block_layers": [_Embed(model)],
+        "sequential_blocks": [_Block(b) for b in model.blocks],
+    }
+
+
+def calibration_tokens(config, tokenizer, samples: int) -> np.ndarray:
+    """`(samples, seq_len)` int32 training sequences from the run's data pipeline."""
+    from deepseek_tf.data.pipeline import make_train_dataset
+
+    ds = make_train_dataset(config.data, tokenizer, samples)
+    inputs, _, _ = next(iter(ds))
+    return np.asarray(inputs, np.int32)
+
+
+def quantize_model(model, model_config, mode, *, include, bits, group_size, dataset=None):
+    """Quantizes `model` in place with Keras (`dataset`: calibration ids for gptq/awq)."""
+    cfg = quantization_config(mode, bits, group_size, dataset, tokenizer=_NoTokenizer())
+    if cfg is not None and mode in ("gptq", "awq"):
+        cfg.quantization_layer_structure = layer_structure(model)
+    selected = projection_filter(include)
+    hooked = [layer for layer in model._flatten_layers() if selected(layer)]
+    if mode in ("gptq", "awq"):
+        for layer in hooked:
+            _route_calibration_calls(layer, mode)
+    try:
+        # Keras' GPTQ/AWQ draw a progress bar on stdout: keep stdout for the JSON record.
+        with contextlib.redirect_stdout(sys.stderr):
+            model.quantize(mode, config=cfg, filters=selected)
+    finally:
+        for layer in hooked:
+            layer.__dict__.pop("quantized_call", None)
+
+
+def _route_calibration_calls(layer, mode: str) -> None:
+    """Works around Keras 3.15: GPTQ/AWQ collect activations by patching `layer.call`,
+    but a layer in a quantized mode is run through `quantized_call`, so the hook never
+    fires, the Hessian stays zero and GPTQ degrades to round-to-nearest. Until a layer
+    is calibrated, route `quantized_call` to `call` (its float path) so the hook sees
+    the inputs; calibrated layers run their real quantized call."""
+    quantized_call = type(layer).quantized_call
+
+    def route(*args, **kwargs):
+        if getattr(layer, f"is_{mode}_calibrated", False):
+            return quantized_call(layer, *args, **kwargs)
+        return layer.call(*args, **kwargs)
+
+    layer.quantized_call = route
+
+
+class _NoTokenizer:
+    """GPTQ/AWQ configs require a tokenizer even when the dataset is token ids already."""
+
+    def tokenize(self, text):
+        raise CompressionError("calibration data must be token ids")
+
+
+def apply_quantized_structure(model, model_config) -> None:
+    """Gives a freshly built model the quantized variables a quantized run saved.
+
+    int8/int4/float8 quantize the (random) weights, which the checkpoint then
+    overwrites; GPTQ/AWQ layers are built in their calibrated state directly.
+    """
+    m = model_config
+    include = ("attention", "ffn") + (("head",) if not m.tie_embeddings else ())
+    selected = projection_filter(include)
+    if m.quantize in ("int8", "int4", "float8"):
+        cfg = quantization_config(m.quantize, m.quantize_bits, m.quantize_group_size)
+        model.quantize(m.quantize, config=cfg, filters=selected)
+        return
+    cfg = quantization_config(m.quantize, m.quantize_bits, m.quantize_group_size)
+    for layer in model._flatten_layers():
+        if selected(layer):
+            layer.quantize(m.quantize, config=cfg)
+            del layer._kernel  # what calibration does once the quantized kernel is written
+            setattr(layer, f"is_{m.quantize}_calibrated", True)
+
+
+GPTQ_BLOCK = 128  # columns Keras' GPTQ processes at once
+
+
+def default_group_size(mode: str, group_size: int | None) -> int:
+    if group_size is not None:
+        return group_size
+    return 128 if mode in ("gptq", "awq") else -1
+
+
+def check_group_size(model, mode: str, include, group_size: int) -> None:
+    """Keras 3.15's GPTQ writes one scale per 128-input block even when asked for one per
+    channel (group -1): it then fails on wider layers. Refuse that before calibrating."""
+    if mode != "gptq" or group_size != -1:
+        return
+    selected = projection_filter(include)
+    for layer in model._flatten_layers():
+        if selected(layer) and layer.kernel.shape[0] > GPTQ_BLOCK:
+            raise CompressionError(
+                f"--group-size -1: Keras' GPTQ supports per-channel scales only for layers of "
+                f"at most {GPTQ_BLOCK} inputs ({layer.path} has {layer.kernel.shape[0]}); "
+                "use --group-size 128"
+            )
+
+
+def run(args) -> dict:
+    include = tuple(x for x in args.include.split(",") if x)
+    args.group_size = default_group_size(args.mode, args.group_size)
+    out = check_out_dir(args.run_dir, args.out)
+    check_request(
+        load_run_config(args.run_dir).model, args.mode, include, args.bits, args.group_size
+    )
+    config, model, tokenizer = load_source(args.run_dir)
+    check_group_size(model, args.mode, include, args.group_size)
+    log = (lambda *_: None) if args.quiet else progress
+    from deepseek_tf.compress.finetune import validation_loss
+
+    before = {"parameters": model.count_params(), "bytes": weight_bytes(model)}
+    before["val_loss"] = validation_loss(model, config, tokenizer, config.train.eval_batches)
+    started = time.perf_counter()
+    dataset = None
+    if args.mode in ("gptq", "awq"):
+        dataset = calibration_tokens(config, tokenizer, args.calibration_samples)
+    log(f"[quantize] {args.mode} on {', '.join(include)}")
+    quantize_model(
+        model,
+        config.model,
+        args.mode,
+        include=include,
+        bits=args.bits,
+        group_size=args.group_size,
+        dataset=dataset,
+    )
+    seconds = time.perf_counter() - started
+    new_model = dataclasses.replace(
+        config.model,
+        quantize=args.mode,
+        quantize_bits=args.bits,
+        quantize_group_size=args.group_size,
+    )
+    config = dataclasses.replace(config, model=new_model)
+    after = validation_loss(model, config, tokenizer, config.train.eval_batches)
+    record = {
+        "method": "quantize",
+        "options": {
+            "mode": args.mode,
+            "bits": args.bits,
+            "group_size": args.group_size,
+            "include": list(include),
+            "calibration_samples": args.calibration_samples if dataset is not None else 0,
+        },
+        "parameters_before": before["parameters"],
+        "val_loss_before": before["val_loss"],
+        "val_loss_after": after,
+        "seconds": round(seconds, 3),
+    }
+    record.update(bytes_before=before["bytes"], bytes_after=weight_bytes(model))
+    write_run(out, config, tokenizer, model, args.run_dir, record)
+    return record

@@ -1,0 +1,134 @@
+"""`--batch-size auto`: the largest batch whose training step fits a memory budget.
+
+The brief advises adjusting batch size and sequence length to the hardware. A CPU
+does not raise an out-of-memory error the way a GPU does (the OS kills the process
+instead), so instead of trying batches until one fails, this measures what a step
+*adds* to memory at two small batch sizes, fits `peak(b) = fixed + per_sequence * b`,
+picks the largest batch (a multiple of the replica count) whose prediction fits the
+budget, and then runs one step at that batch to confirm (halving until it fits).
+
+Step memory is TensorFlow's allocator peak during one compiled step over what was
+allocated before it (`tf.config.experimental.get_memory_info` after
+`reset_memory_stats`, on the GPU or on the CPU). Process RSS would not do: after the
+first step the allocator reuses its memory, so later steps barely move the RSS peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+
+import numpy as np
+import psutil
+import tensorflow as tf
+
+from deepseek_tf.errors import ConfigError
+
+MIB = 2**20
+
+
+def _device() -> str:
+    return "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+
+
+def _reset_peak() -> None:
+    tf.config.experimental.reset_memory_stats(_device())
+
+
+def _peak_bytes() -> int:
+    return int(tf.config.experimental.get_memory_info(_device())["peak"])
+
+
+def _current_bytes() -> int:
+    return int(tf.config.experimental.get_memory_info(_device())["current"])
+
+
+def default_budget_bytes() -> int:
+    """80% of the GPU's memory, or of the memory available now on a CPU-only machine."""
+    if _device() == "GPU:0":
+        details = tf.config.experimental.get_device_details(
+            tf.config.list_physical_devices("GPU")[0]
+        )
+        total = details.get("memory_limit") or 0
+        if total:
+            return int(0.8 * total)
+    return int(0.8 * psutil.virtual_memory().available)
+
+
+def step_bytes(config, vocab_size: int, batch: int) -> int:
+    """What one compiled training step at `batch` adds to memory (steady state)."""
+    from deepseek_tf.models.builder import build_model
+    from deepseek_tf.training.optim import make_optimizer
+    from deepseek_tf.training.step import make_train_step
+
+    t = dataclasses.replace(config.train, batch_size=batch)
+    model = build_model(config, vocab_size, seed=t.seed)
+    optimizer = make_optimizer(t, model)
+    step = make_train_step(
+        model,
+        optimizer,
+        accumulation=1,
+        replicas=1,
+        sparsity_threshold=t.sparsity_threshold,
+        jit_compile=config.runtime.jit_compile,
+        mtp_loss_weight=config.model.mtp_loss_weight,
+    )
+    seq = config.data.packed_length()
+    ids = np.random.RandomState(0).randint(0, vocab_size, (batch, seq + 1)).astype("int32")
+    inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T) each
+    weights = np.ones(inputs.shape, "float32")
+    float(step(inputs, targets, weights)["loss"])  # trace + compile: not a training step's cost
+    base = _current_bytes()
+    _reset_peak()
+    float(step(inputs, targets, weights)["loss"])
+    used = max(_peak_bytes() - base, 0)
+    del model, optimizer, step
+    gc.collect()
+    return used
+
+
+def find_batch_size(
+    config,
+    vocab_size: int,
+    budget_bytes: int | None = None,
+    *,
+    replicas: int = 1,
+    max_batch: int = 4096,
+    log=print,
+) -> dict:
+    """Largest global batch (multiple of `replicas`) whose step fits `budget_bytes`.
+
+    Returns `{"batch_size", "seq_len", "budget_mib", "fixed_mib", "per_sequence_mib",
+    "confirmed_step_mib"}`.
+    """
+    budget = budget_bytes or default_budget_bytes()
+    small = (2 * replicas, 8 * replicas)  # two probes; the difference is per-sequence memory
+    measured = [step_bytes(config, vocab_size, b) for b in small]
+    per_seq = max((measured[1] - measured[0]) / (small[1] - small[0]), 1.0)
+    fixed = max(measured[0] - per_seq * small[0], 0.0)
+    batch = int((budget - fixed) // per_seq) // replicas * replicas
+    batch = min(batch, max_batch // replicas * replicas)
+    if batch < replicas:
+        raise ConfigError(
+            f"--batch-size auto: even {replicas} sequence(s) of {config.data.packed_length()} "
+            f"tokens need ~{measured[0] / MIB:.0f} MiB, over the {budget / MIB:.0f} MiB budget; "
+            "lower data.seq_len or the model size"
+        )
+    while True:
+        used = step_bytes(config, vocab_size, batch)
+        if log:
+            log(
+                f"[batch-size auto] batch {batch}: step adds {used / MIB:.0f} MiB "
+                f"(budget {budget / MIB:.0f} MiB)"
+            )
+        if used <= budget or batch <= replicas:
+            break
+        batch = max(batch // 2 // replicas * replicas, replicas)
+    return {
+        "batch_size": batch,
+        "seq_len": config.data.packed_length(),
+        "budget_mib": round(budget / MIB, 1),
+        "fixed_mib": round(fixed / MIB, 1),
+        "per_sequence_mib": round(per_seq / MIB, 3),
+        "confirmed_step_mib": round(used / MIB, 1),
+    }
