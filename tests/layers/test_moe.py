@@ -97,6 +97,29 @@ def test_sparse_equals_dense_forward_and_gradients(kwargs, shape):
         np.testing.assert_allclose(g_s, g_d, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_capacity_overflow_rounds_are_exact(jit):
+    # Every token routed to experts 0 and 1: 64 assignments each against a capacity of 24
+    # rows, so the capacity dispatch adds 5 overflow rounds of 8 rows. Nothing is dropped.
+    from deepseek_tf.layers.moe_capacity import capacity_rows
+
+    rng = np.random.RandomState(3)
+    x = rng.randn(4, 16, D).astype("float32")
+    projection = rng.randn(4, 16, D).astype("float32")
+    sparse, dense = _pair(x)
+    skew = np.zeros(8, "float32")
+    skew[:2] = 100.0
+    for layer in (sparse, dense):
+        layer.gate.e_score_correction_bias.assign(skew)
+    assert capacity_rows(64 * 2, 8, 1.25) == 24
+    wrap = (lambda f: tf.function(f, jit_compile=True)) if jit else None
+    out_s, grads_s = _out_and_grads(sparse, x, projection, fn=wrap)
+    out_d, grads_d = _out_and_grads(dense, x, projection)
+    np.testing.assert_allclose(out_s, out_d, rtol=1e-5, atol=1e-5)
+    for g_s, g_d in zip(grads_s, grads_d):
+        np.testing.assert_allclose(g_s, g_d, rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_under_xla_equals_eager():
     rng = np.random.RandomState(0)
     x = rng.randn(3, 13, D).astype("float32")

@@ -8,12 +8,14 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from deepseek_tf.layers.moe_capacity import capacity_dispatch
 from deepseek_tf.layers.router import TopKRouter
 from deepseek_tf.layers.serialization import init_config
 from deepseek_tf.layers.swiglu import SwiGLU
 
 DISPATCH = ("sparse", "dense")
 MAX_AUTO_TILE = 128
+CAPACITY_MIN_LOAD = 4  # mean assignments per expert from which capacity dispatch is used
 
 
 def _dim(x, axis: int):
@@ -103,14 +105,14 @@ class DeepSeekMoE(keras.layers.Layer):
     Dispatch:
 
     - `"sparse"`: exact (dropless) and XLA-compatible; compute scales with
-      `num_experts_per_tok`, not with `E`. The `N * k` assignments are laid
-      out grouped by expert, each expert's rows padded to a multiple of a row
-      tile (`tile_size`), every tile multiplied by its expert's gathered
-      weights in one batched matmul, and each token's `k` result rows
-      gathered back and weighted (see `dispatch_plan`). The gathered weights
-      take `n_tiles * 3 * d_model * moe_hidden_dim` values (and as much again
-      for their gradients), at least one copy per used expert: fine for
-      small experts, too much memory for DeepSeek-V3-sized ones.
+      `num_experts_per_tok`, not with `E`. With at least 4 assignments per expert
+      (training, prefill) the `N * k` assignments go expert-major into an
+      `(E, C, d)` buffer (`C` = 1.25 x the mean load) multiplied by the stacked
+      weights in place, with exact overflow rounds for experts above capacity
+      (`moe_capacity.capacity_dispatch`). With fewer (decoding) they are laid
+      out grouped by expert in row tiles (`tile_size`), every tile multiplied by
+      its expert's gathered weights in one batched matmul (see `dispatch_plan`);
+      those gathered weights take `n_tiles * 3 * d_model * moe_hidden_dim` values.
     - `"dense"`: the reference; every expert runs on every token and a dense
       `(N, E)` gate matrix combines them.
 
@@ -297,8 +299,23 @@ class DeepSeekMoE(keras.layers.Layer):
         return ops.cast(out, self.compute_dtype), chosen_hidden
 
     def _sparse(self, tokens, topk_idx, topk_weight, return_hidden):
-        """Exact top-k dispatch over expert-sorted row tiles (static shapes)."""
+        """Exact top-k dispatch: expert-major capacity rounds for many tokens (training,
+        prefill), expert-sorted row tiles for few (decoding) or an unknown count."""
         n, k = _dim(tokens, 0), self.num_experts_per_tok
+        if isinstance(n, int) and n * k >= CAPACITY_MIN_LOAD * self.n_routed_experts:
+            per_slot, hidden = capacity_dispatch(
+                tokens,
+                topk_idx,
+                # tensors, not variables (the dispatch's custom gradient differentiates
+                # w.r.t. its inputs), in the compute dtype (mixed precision)
+                *(
+                    ops.cast(tf.identity(w.value), tokens.dtype)
+                    for w in (self.experts_gate, self.experts_up, self.experts_down)
+                ),
+                return_hidden=return_hidden,
+            )  # (N, k, d), (N, k, h) or None
+            out = ops.einsum("nkd,nk->nd", ops.cast(per_slot, "float32"), topk_weight)  # (N, d)
+            return ops.cast(out, self.compute_dtype), hidden
         tile = self.tile_size or auto_tile_size(n * k, self.n_routed_experts)
         plan = dispatch_plan(topk_idx, self.n_routed_experts, tile)
         padded = ops.concatenate(
