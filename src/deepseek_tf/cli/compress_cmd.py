@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import json
 
+from deepseek_tf.cli.common import add_override_arg
+
 METHODS = {
     "quantize": "post-training quantisation: int8, int4, float8, GPTQ or AWQ (Keras quantizers)",
     "qat": "quantisation-aware fine-tuning (int8 fake-quant), then conversion to int8",
@@ -89,14 +91,7 @@ def _distill_args(parser) -> None:
     student = parser.add_mutually_exclusive_group(required=True)
     student.add_argument("--student-config", help="YAML config of the student")
     student.add_argument("--student-preset", help="a bundled preset for the student")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one student config value (repeatable)",
-    )
+    add_override_arg(parser, "override one student config value (repeatable)")
     parser.add_argument(
         "--alpha", type=float, default=0.5, help="weight of the distillation term (hard: 1-alpha)"
     )

@@ -92,23 +92,15 @@ def quantization_config(mode: str, bits: int, group_size: int, dataset=None, tok
 
     if mode == "int4" and group_size > 0:
         return Int4QuantizationConfig(block_size=group_size)
-    if mode == "gptq":
-        return GPTQConfig(
+    if mode in ("gptq", "awq"):
+        calibrated = dataset is not None
+        return (GPTQConfig if mode == "gptq" else AWQConfig)(
             dataset,
             tokenizer,
             weight_bits=bits,
             group_size=group_size,
-            num_samples=len(dataset) if dataset is not None else 128,
-            sequence_length=int(np.shape(dataset)[-1]) if dataset is not None else 512,
-        )
-    if mode == "awq":
-        return AWQConfig(
-            dataset,
-            tokenizer,
-            weight_bits=bits,
-            group_size=group_size,
-            num_samples=len(dataset) if dataset is not None else 128,
-            sequence_length=int(np.shape(dataset)[-1]) if dataset is not None else 512,
+            num_samples=len(dataset) if calibrated else 128,
+            sequence_length=int(np.shape(dataset)[-1]) if calibrated else 512,
         )
     return None
 

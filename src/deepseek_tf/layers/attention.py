@@ -9,7 +9,7 @@ from keras import ops
 
 from deepseek_tf.layers.relative_position_bias import RelativePositionBias
 from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_attention_factor, yarn_get_mscale
-from deepseek_tf.layers.serialization import init_config, linear
+from deepseek_tf.layers.serialization import init_config, projection
 
 NEG_INF = -1e9
 
@@ -131,14 +131,7 @@ class CausalSelfAttention(keras.layers.Layer):
         attention_factor = yarn_attention_factor(factor, yarn_mscale, yarn_mscale_all_dim)
 
         def dense(units, std, name):
-            return linear(
-                units,
-                std,
-                self.dtype_policy,
-                name,
-                rank=self.projection_ranks.get(name, 0),
-                fake_quant=fake_quant,
-            )
+            return projection(self, units, std, name)
 
         self.q_proj = dense(n_heads * head_dim, init_std, "q_proj")
         self.k_proj = dense(n_kv_heads * head_dim, init_std, "k_proj")

@@ -8,7 +8,7 @@ from keras import ops
 from deepseek_tf.layers.attention import NEG_INF, causal_attention
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_attention_factor, yarn_get_mscale
-from deepseek_tf.layers.serialization import init_config, linear
+from deepseek_tf.layers.serialization import init_config, projection
 
 
 def mla_cache_values_per_token(
@@ -160,15 +160,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
 
         def dense(units, std, name):
             # kv_b_proj stays a plain Dense: absorbed decoding folds its kernel.
-            plain = name == "kv_b_proj"
-            return linear(
-                units,
-                std,
-                self.dtype_policy,
-                name,
-                rank=0 if plain else self.projection_ranks.get(name, 0),
-                fake_quant=fake_quant and not plain,
-            )
+            return projection(self, units, std, name, plain=name == "kv_b_proj")
 
         def norm(name):
             return RMSNorm(epsilon=norm_eps, dtype=self.dtype_policy, name=name)

@@ -51,3 +51,16 @@ def linear(
         dtype=dtype,
         name=name,
     )
+
+
+def projection(layer, units: int, init_std: float, name: str, *, plain: bool = False):
+    """`linear` for a projection of `layer`, shaped by the layer's `projection_ranks`
+    (low-rank factors) and `fake_quant` (QAT) attributes; `plain=True` ignores both."""
+    return linear(
+        units,
+        init_std,
+        layer.dtype_policy,
+        name,
+        rank=0 if plain else layer.projection_ranks.get(name, 0),
+        fake_quant=layer.fake_quant and not plain,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from deepseek_tf.layers.serialization import init_config, linear
+from deepseek_tf.layers.serialization import init_config, projection
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -52,14 +52,7 @@ class SwiGLU(keras.layers.Layer):
         self.fake_quant = fake_quant
 
         def dense(units, std, name):
-            return linear(
-                units,
-                std,
-                self.dtype_policy,
-                name,
-                rank=self.projection_ranks.get(name, 0),
-                fake_quant=fake_quant,
-            )
+            return projection(self, units, std, name)
 
         self.gate_proj = dense(hidden_dim, init_std, "gate_proj")
         self.up_proj = dense(hidden_dim, init_std, "up_proj")
