@@ -26,7 +26,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import tempfile
 import time
@@ -64,6 +63,7 @@ def build_rows(run: Path, args) -> list[dict]:
     from deepseek_tf.compress.prune import prune_model
     from deepseek_tf.compress.qat import quantization_aware_finetune
     from deepseek_tf.compress.quantize import calibration_tokens, quantize_model
+    from deepseek_tf.compress.run_io import with_model
     from deepseek_tf.config.loader import load_run_config
 
     config = load_run_config(run)
@@ -71,9 +71,6 @@ def build_rows(run: Path, args) -> list[dict]:
 
     def fresh():
         return load(run)[0]
-
-    def with_model(cfg, **changes):
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))
 
     model, tokenizer = load(run)
     rows = [{"name": "baseline (float32)", "config": config, "model": model, "seconds": 0.0}]
@@ -209,7 +206,7 @@ def measure(rows, tokenizer, run: Path, args) -> None:
     import tensorflow as tf
 
     from deepseek_tf.compress.finetune import validation_loss
-    from deepseek_tf.compress.run_io import directory_bytes, write_run
+    from deepseek_tf.compress.run_io import count_parameters, directory_bytes, write_run
     from deepseek_tf.generation.generate import Generator
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-compress-rows-"))
@@ -218,9 +215,7 @@ def measure(rows, tokenizer, run: Path, args) -> None:
     calls = {}
     for i, row in enumerate(rows):
         model = row["model"]
-        row["parameters"] = int(
-            sum(int(np.prod(v.shape)) for v in {id(v): v for v in model.weights}.values())
-        )
+        row["parameters"] = count_parameters(model)
         out = write_run(
             scratch / f"row{i}", row["config"], tokenizer, model, run, {"method": row["name"]}
         )

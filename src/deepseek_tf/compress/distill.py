@@ -25,7 +25,12 @@ import yaml
 from keras import ops
 
 from deepseek_tf.compress.finetune import distillation_term, validation_loss
-from deepseek_tf.compress.run_io import check_out_dir, load_source, write_run
+from deepseek_tf.compress.run_io import (
+    check_out_dir,
+    count_parameters,
+    load_source,
+    write_run,
+)
 from deepseek_tf.config.loader import (
     config_from_dict,
     config_to_dict,
@@ -183,11 +188,6 @@ def check_options(alpha: float, temperature: float, steps: int) -> None:
         raise CompressionError(f"--temperature: must be > 0, got {temperature}")
     if steps < 0:
         raise CompressionError(f"--steps: must be >= 0, got {steps}")
-
-
-def count_parameters(model) -> int:
-    """Weights of `model` (each shared variable once)."""
-    return int(sum(math.prod(v.shape) for v in {id(v): v for v in model.weights}.values()))
 
 
 def run(args) -> dict:

@@ -11,16 +11,20 @@ entries), so the new run loads like any other; an optional fine-tune recovers qu
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.compress.distill import count_parameters
 from deepseek_tf.compress.finetune import finetune, validation_loss
-from deepseek_tf.compress.run_io import check_out_dir, load_source, write_run
+from deepseek_tf.compress.run_io import (
+    check_out_dir,
+    count_parameters,
+    load_source,
+    with_model,
+    write_run,
+)
 from deepseek_tf.errors import CompressionError
 
 TARGETS = ("attention", "ffn")
@@ -146,9 +150,7 @@ def factorize(model, config, *, targets=("ffn",), rank: int | None = None, energ
         ranks[key] = r
         kept[key] = round(float((s[:r] ** 2).sum() / max((s**2).sum(), 1e-300)), 6)
     entries = tuple(config.model.lowrank) + tuple(f"{k}={r}" for k, r in ranks.items())
-    new_config = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, lowrank=entries)
-    )
+    new_config = with_model(config, lowrank=entries)
     new_model = build_model(new_config, model.vocab_size)
     _copy_weights(model, new_model, factors)
     return new_config, new_model, {"ranks": ranks, "skipped": skipped, "energy_kept": kept}

@@ -32,6 +32,7 @@ from deepseek_tf.compress.prune_shrink import (
     shrink,
     unstructured_prune,
 )
+from deepseek_tf.compress.run_io import count_parameters, weight_bytes
 from deepseek_tf.errors import CompressionError
 
 TARGETS = ("heads", "ffn", "experts")
@@ -316,35 +317,25 @@ def prune_model(
         removed[g.kind][g.layer] = int((~g.alive).sum()) * g.heads_per_unit
     if log:
         log(
-            f"[prune] removed {removed}; parameters {count_params(model)} -> "
-            f"{count_params(new_model)}"
+            f"[prune] removed {removed}; parameters {count_parameters(model)} -> "
+            f"{count_parameters(new_model)}"
         )
     info = {"removed": removed, "losses": losses, "events": events}
     return new_config, new_model, info
 
 
-def count_params(model) -> int:
-    """Every weight of `model` (trainable or not)."""
-    return int(sum(np.prod(v.shape) for v in model.weights))
-
-
 def run(args) -> dict:
     """`deepseek-tf compress prune`: validates, prunes, fine-tunes, shrinks, writes the run."""
     from deepseek_tf.compress.finetune import validation_loss
-    from deepseek_tf.compress.run_io import (
-        check_out_dir,
-        directory_bytes,
-        load_source,
-        write_run,
-    )
+    from deepseek_tf.compress.run_io import check_out_dir, load_source, progress, write_run
     from deepseek_tf.config.loader import load_run_config
 
     out = check_out_dir(args.run_dir, args.out)
     targets, _ = check_request(load_run_config(args.run_dir).model, args)
     config, model, tokenizer = load_source(args.run_dir)
-    log = None if args.quiet else print
+    log = None if args.quiet else progress
     batches = config.train.eval_batches
-    before = count_params(model)
+    before, bytes_before = count_parameters(model), weight_bytes(model)
     loss_before = validation_loss(model, config, tokenizer, batches)
     started = time.perf_counter()
     new_config, new_model, info = prune_model(
@@ -373,14 +364,14 @@ def run(args) -> dict:
             "learning_rate": args.learning_rate,
         },
         "parameters_before": before,
-        "parameters_after": count_params(new_model),
+        "parameters_after": count_parameters(new_model),
         "unstructured_zeroed": zeroed,
         "val_loss_before": loss_before,
         "val_loss_after": validation_loss(new_model, new_config, tokenizer, batches),
         "removed": info["removed"],
-        "bytes_before": directory_bytes(args.run_dir),
+        "bytes_before": bytes_before,
+        "bytes_after": weight_bytes(new_model),
         "seconds": round(seconds, 3),
     }
     write_run(out, new_config, tokenizer, new_model, args.run_dir, record)
-    record["bytes_after"] = directory_bytes(out)
     return record

@@ -12,7 +12,6 @@ QAT model computed (checked and recorded as `max_abs_logit_diff_qat_vs_int8`).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
@@ -21,9 +20,11 @@ from deepseek_tf.compress.finetune import finetune, validation_loss
 from deepseek_tf.compress.quantize import check_request, quantize_model
 from deepseek_tf.compress.run_io import (
     check_out_dir,
+    count_parameters,
     load_source,
     progress,
     weight_bytes,
+    with_model,
     write_run,
 )
 from deepseek_tf.config.loader import load_run_config
@@ -31,10 +32,6 @@ from deepseek_tf.errors import CompressionError
 from deepseek_tf.models.builder import build_model
 
 INCLUDE = ("attention", "ffn")
-
-
-def with_model(config, **changes):
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, **changes))
 
 
 def qat_model_from(model, config):
@@ -69,7 +66,7 @@ def run(args) -> dict:
     config, model, tokenizer = load_source(args.run_dir)
     log = None if args.quiet else progress
     eval_batches = config.train.eval_batches
-    parameters, size = model.count_params(), weight_bytes(model)
+    parameters, size = count_parameters(model), weight_bytes(model)
     loss_float = validation_loss(model, config, tokenizer, eval_batches)
     started = time.perf_counter()
     int8_config, int8_model, qat = quantization_aware_finetune(

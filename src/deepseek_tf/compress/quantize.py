@@ -16,7 +16,6 @@ A quantized run records `model.quantize` (+ bits, group size) in its config;
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import time
 
@@ -25,9 +24,11 @@ import numpy as np
 
 from deepseek_tf.compress.run_io import (
     check_out_dir,
+    count_parameters,
     load_source,
     progress,
     weight_bytes,
+    with_model,
     write_run,
 )
 from deepseek_tf.config.loader import load_run_config
@@ -243,7 +244,7 @@ def run(args) -> dict:
     log = (lambda *_: None) if args.quiet else progress
     from deepseek_tf.compress.finetune import validation_loss
 
-    before = {"parameters": model.count_params(), "bytes": weight_bytes(model)}
+    before = {"parameters": count_parameters(model), "bytes": weight_bytes(model)}
     before["val_loss"] = validation_loss(model, config, tokenizer, config.train.eval_batches)
     started = time.perf_counter()
     dataset = None
@@ -260,13 +261,9 @@ def run(args) -> dict:
         dataset=dataset,
     )
     seconds = time.perf_counter() - started
-    new_model = dataclasses.replace(
-        config.model,
-        quantize=args.mode,
-        quantize_bits=args.bits,
-        quantize_group_size=args.group_size,
+    config = with_model(
+        config, quantize=args.mode, quantize_bits=args.bits, quantize_group_size=args.group_size
     )
-    config = dataclasses.replace(config, model=new_model)
     after = validation_loss(model, config, tokenizer, config.train.eval_batches)
     record = {
         "method": "quantize",

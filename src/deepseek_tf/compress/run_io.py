@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,18 @@ def write_run(out_dir, config, tokenizer, model, source, record: dict) -> Path:
     history = read_history(source) + [entry]
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def with_model(config, **changes):
+    """`config` with `model` fields replaced (the compressed shape of a run)."""
+    import dataclasses
+
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **changes))
+
+
+def count_parameters(model) -> int:
+    """Stored elements of `model`'s weights, each shared variable once."""
+    return int(sum(math.prod(v.shape) for v in {id(v): v for v in model.weights}.values()))
 
 
 def weight_bytes(model) -> int:
