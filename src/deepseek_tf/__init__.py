@@ -29,7 +29,7 @@ def __getattr__(name):
 
         return build_model
     if name == "parameter_count":
-        from deepseek_tf.models.parameter_count import parameter_count
+        from deepseek_tf.models.builder import parameter_count
 
         return parameter_count
     raise AttributeError(f"module 'deepseek_tf' has no attribute {name!r}")

@@ -3,37 +3,54 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-from deepseek_tf.config.loader import load_run_config
 from deepseek_tf.config.schema import Config
+from deepseek_tf.data.corpus import read_texts, resolve_files
+from deepseek_tf.errors import ConfigError
+from deepseek_tf.models.footprint import check_fits
+from deepseek_tf.rundir import RunDir
+from deepseek_tf.tokenizers import train_tokenizer
+from deepseek_tf.training.runtime import configure_threads, make_strategy
+from deepseek_tf.training.trainer import Trainer
 
 
 def prepare_tokenizer(config: Config, run_dir=None, resume: bool = False):
     """The run's tokenizer: loaded from `run_dir` when resuming, else trained on the corpus.
 
-    Returns `(config with model.vocab_size resolved, tokenizer)`.
+    Returns `(config with model.vocab_size resolved, tokenizer)`. An explicit
+    `model.vocab_size` may exceed the tokenizer's (padded embedding rows), never fall
+    short of it.
     """
-    from deepseek_tf.data.corpus import read_texts, resolve_files
-    from deepseek_tf.tokenizers import load_tokenizer, train_tokenizer
-
-    if resume and run_dir is not None and Path(run_dir, "config.yaml").exists():
-        tokenizer = load_tokenizer(run_dir)
+    if resume:
+        tokenizer = RunDir(run_dir).read_tokenizer()
     else:
         texts = read_texts(resolve_files(config.data.files))
         tokenizer = train_tokenizer(config.data.tokenizer, texts, config.data.vocab_size)
-    model = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+    vocab = config.model.vocab_size
+    if vocab and vocab < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
+            "tokens (0 takes the tokenizer's size)"
+        )
+    model = dataclasses.replace(config.model, vocab_size=vocab or tokenizer.vocab_size)
     return dataclasses.replace(config, model=model), tokenizer
 
 
 def train(config: Config, run_dir, *, resume: bool = False, verbose: int = 1) -> dict:
-    """Trains `config` into `run_dir` (or continues it); returns the run summary."""
-    from deepseek_tf.training.runtime import configure_threads, make_strategy
-    from deepseek_tf.training.trainer import Trainer
+    """Trains `config` into `run_dir` (or continues it); returns the run summary.
 
+    `resume=True` needs a run in `run_dir` (its own config and tokenizer) and writes
+    nothing there until its newest readable checkpoint is restored.
+    """
+    run = RunDir(run_dir)
+    if resume:
+        run.require()
+    else:
+        run.check_new()
     configure_threads(config.runtime)  # before TensorFlow runs its first op ...
     strategy = make_strategy(config.runtime)  # ... and multi-worker needs its strategy first
     config, tokenizer = prepare_tokenizer(config, run_dir, resume)
+    check_fits(config, purpose="train")
     trainer = Trainer(config, run_dir, tokenizer, resume=resume, verbose=verbose, strategy=strategy)
     return trainer.train()
 
@@ -44,20 +61,7 @@ def load(run_dir):
     The tokenizer is None for a run that has none (e.g. a converted checkpoint
     whose source shipped no `tokenizer.json`); the model then takes token ids.
     """
-    from deepseek_tf.errors import RunDirError
-    from deepseek_tf.models.builder import build_model
-    from deepseek_tf.tokenizers import load_tokenizer
-    from deepseek_tf.training.checkpoint import restore_weights
-
-    config = load_run_config(run_dir)
-    try:
-        tokenizer = load_tokenizer(run_dir)
-    except RunDirError:
-        tokenizer = None
-    model = build_model(config)  # the config's vocab_size (may exceed the tokenizer's)
-    if config.model.quantize != "none":  # a `compress quantize/qat` run: quantized variables
-        from deepseek_tf.compress.quantize import apply_quantized_structure
-
-        apply_quantized_structure(model, config.model)
-    restore_weights(run_dir, model)
-    return model, tokenizer
+    run = RunDir(run_dir)
+    config = run.read_config()
+    check_fits(config, purpose="inference")
+    return run.load(config)

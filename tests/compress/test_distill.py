@@ -11,15 +11,15 @@ STUDENT = ["model.d_model=16"]  # the tiny preset at half width
 
 
 def _teacher(trained_run, loaded):
-    from deepseek_tf.config.loader import load_run_config
+    from deepseek_tf.rundir import RunDir
 
     model, tokenizer = loaded
-    return load_run_config(trained_run), model, tokenizer
+    return RunDir(trained_run).read_config(), model, tokenizer
 
 
 def _kl(teacher, student, config, tokenizer, batches=4):
     """Mean KL(teacher || student) at temperature 1 over validation batches."""
-    from deepseek_tf.compress.finetune import distillation_term
+    from deepseek_tf.training.losses import distillation_term
     from deepseek_tf.data.pipeline import make_eval_dataset
 
     ds = make_eval_dataset(config.data, tokenizer, 4).take(batches)
@@ -55,7 +55,7 @@ def test_student_moves_toward_teacher(trained_run, loaded):
 def test_cli_writes_loadable_run(trained_run, tmp_path, capsys):
     from deepseek_tf.api import load
     from deepseek_tf.cli.main import main
-    from deepseek_tf.config.loader import load_run_config
+    from deepseek_tf.rundir import RunDir
 
     out = tmp_path / "student"
     argv = ["compress", "distill", str(trained_run), "--out", str(out), "--quiet"]
@@ -68,7 +68,7 @@ def test_cli_writes_loadable_run(trained_run, tmp_path, capsys):
     assert np.isfinite(record["val_loss_after"]) and np.isfinite(record["val_loss_teacher"])
     history = json.loads((out / "compression.json").read_text())
     assert history[-1]["method"] == "distill"
-    teacher_config, config = load_run_config(trained_run), load_run_config(out)
+    teacher_config, config = RunDir(trained_run).read_config(), RunDir(out).read_config()
     assert config.model.d_model == 16 and config.data == teacher_config.data
     model, tokenizer = load(out)
     ids = np.asarray([tokenizer.encode("To be")], "int32")  # (1, T)
@@ -89,9 +89,9 @@ def test_tokenizer_mismatch_is_refused(trained_run, tmp_path, capsys):
 
 def test_student_config_file_checks(trained_run, tmp_path):
     from deepseek_tf.compress.distill import check_options, student_config_for
-    from deepseek_tf.config.loader import load_run_config
+    from deepseek_tf.rundir import RunDir
 
-    teacher = load_run_config(trained_run)
+    teacher = RunDir(trained_run).read_config()
     path = tmp_path / "student.yaml"
     path.write_text("preset: tiny\nmodel: {d_model: 16}\ndata: {tokenizer: char, seq_len: 8}\n")
     student = student_config_for(teacher, path=path, steps=7)

@@ -17,10 +17,10 @@ def _ids(tokenizer):
 def _fresh(trained_run):
     """A private copy of the shared run's model (the `loaded` fixture stays read-only)."""
     from deepseek_tf.api import load
-    from deepseek_tf.config.loader import load_run_config
+    from deepseek_tf.rundir import RunDir
 
     model, tokenizer = load(trained_run)
-    return load_run_config(trained_run), model, tokenizer
+    return RunDir(trained_run).read_config(), model, tokenizer
 
 
 def test_exact_low_rank_kernels_are_reproduced(trained_run):
@@ -52,10 +52,10 @@ def test_exact_low_rank_kernels_are_reproduced(trained_run):
 def test_energy_threshold_drops_parameters(trained_run, loaded):
     from deepseek_tf.compress.distill import count_parameters
     from deepseek_tf.compress.lowrank import factorize
-    from deepseek_tf.config.loader import load_run_config
+    from deepseek_tf.rundir import RunDir
 
     model, tokenizer = loaded
-    config = load_run_config(trained_run)
+    config = RunDir(trained_run).read_config()
     ids = _ids(tokenizer)
     reference = model(ids).numpy()
     before = [v.numpy().copy() for v in model.weights]
@@ -72,10 +72,10 @@ def test_energy_threshold_drops_parameters(trained_run, loaded):
 
 def test_ranks_that_save_nothing_are_skipped(loaded, trained_run):
     from deepseek_tf.compress.lowrank import factorize
-    from deepseek_tf.config.loader import load_run_config
+    from deepseek_tf.rundir import RunDir
 
     model, _ = loaded
-    config = load_run_config(trained_run)
+    config = RunDir(trained_run).read_config()
     # ffn kernels are 32x64: rank 30 >= 32 * 64 / 96 saves no parameters
     new_config, _, info = factorize(model, config, targets="ffn", rank=30)
     assert info["ranks"] == {} and new_config.model.lowrank == ()
@@ -103,10 +103,10 @@ def test_mla_and_moe_projections():
 def test_option_errors(loaded, trained_run, tmp_path, capsys):
     from deepseek_tf.cli.main import main
     from deepseek_tf.compress.lowrank import factorize
-    from deepseek_tf.config.loader import load_run_config
+    from deepseek_tf.rundir import RunDir
 
     model, _ = loaded
-    config = load_run_config(trained_run)
+    config = RunDir(trained_run).read_config()
     with pytest.raises(CompressionError, match=r"--rank 33.*0/ffn/gate_proj"):
         factorize(model, config, targets="ffn", rank=33)
     with pytest.raises(CompressionError, match="--targets"):
@@ -122,7 +122,7 @@ def test_option_errors(loaded, trained_run, tmp_path, capsys):
 def test_cli_writes_loadable_run(trained_run, tmp_path, capsys):
     from deepseek_tf.api import load
     from deepseek_tf.cli.main import main
-    from deepseek_tf.config.loader import load_run_config
+    from deepseek_tf.rundir import RunDir
 
     out = tmp_path / "lowrank"
     argv = ["compress", "lowrank", str(trained_run), "--out", str(out), "--quiet"]
@@ -134,7 +134,7 @@ def test_cli_writes_loadable_run(trained_run, tmp_path, capsys):
     assert np.isfinite(record["val_loss_after"]) and record["seconds"] > 0
     history = json.loads((out / "compression.json").read_text())
     assert history[-1]["ranks"] == record["ranks"]
-    config = load_run_config(out)
+    config = RunDir(out).read_config()
     assert sorted(config.model.lowrank) == sorted(f"{k}={r}" for k, r in record["ranks"].items())
     model, tokenizer = load(out)
     assert model(_ids(tokenizer)).shape[-1] == config.model.vocab_size

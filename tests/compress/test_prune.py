@@ -10,7 +10,8 @@ from deepseek_tf.cli.main import main
 from deepseek_tf.compress.finetune import validation_loss
 from deepseek_tf.compress.prune import plan, prune_model, removal_count
 from deepseek_tf.compress.run_io import load_source
-from deepseek_tf.config.loader import load_config, load_run_config
+from deepseek_tf.config.loader import load_config
+from deepseek_tf.rundir import RunDir
 from deepseek_tf.data.pipeline import make_eval_dataset
 from deepseek_tf.errors import CompressionError
 
@@ -85,7 +86,7 @@ def test_cli_prune_writes_a_loadable_smaller_run(trained_run, tmp_path, capsys):
     assert np.isfinite(record["val_loss_after"])
     history = json.loads((out / "compression.json").read_text())
     assert history[-1]["method"] == "prune"
-    assert load_run_config(out).model.layer_n_heads == (2, 2)
+    assert RunDir(out).read_config().model.layer_n_heads == (2, 2)
     model, _ = load(out)
     assert model.count_params() == record["parameters_after"]
     down = model.blocks[0].ffn.down_proj.kernel.numpy()
@@ -134,13 +135,16 @@ def test_incompatible_requests_fail_before_any_work(trained_run, tmp_path, capsy
 
 
 def test_plan_refuses_shared_layers_grouped_experts_and_too_few_experts():
-    moe = load_config("tiny-moe").model  # n_group=2
+    def with_model(config, **changes):
+        return dataclasses.replace(config, model=dataclasses.replace(config.model, **changes))
+
+    moe = with_model(load_config("tiny-moe"), vocab_size=11)  # n_group=2
     with pytest.raises(CompressionError, match="n_group=1"):
         plan(moe, 0.5, ["experts"])
-    flat = dataclasses.replace(moe, n_group=1, topk_group=1)
+    flat = with_model(moe, n_group=1, topk_group=1)
     assert plan(flat, 0.5, ["experts"]) == {("experts", 1): 4, ("experts", 2): 4}
     with pytest.raises(CompressionError, match="num_experts_per_tok|needs at least 2"):
         plan(flat, 0.85, ["experts"])
-    shared = dataclasses.replace(load_config("tiny").model, share_adjacent="ffn")
+    shared = with_model(load_config("tiny"), share_adjacent="ffn", vocab_size=11)
     with pytest.raises(CompressionError, match="share_adjacent"):
         plan(shared, 0.3, ["ffn"])

@@ -65,9 +65,10 @@ def test_gptq_sees_activations_and_beats_keras_unpatched_gptq(trained_run, quant
     # never fire and GPTQ is round-to-nearest. deepseek-tf routes the calls; its GPTQ must
     # fit the calibration data better than the unpatched run.
     from deepseek_tf.compress import quantize as q
-    from deepseek_tf.config.loader import load_run_config
+    from deepseek_tf.models.quantization import quantization_config
+    from deepseek_tf.rundir import RunDir
 
-    config = load_run_config(trained_run)
+    config = RunDir(trained_run).read_config()
     reference, tokenizer = load(trained_run)
     calibration = q.calibration_tokens(config, tokenizer, 16)
 
@@ -82,9 +83,10 @@ def test_gptq_sees_activations_and_beats_keras_unpatched_gptq(trained_run, quant
         dataset=calibration,
     )
     unpatched, _ = load(trained_run)
-    cfg = q.quantization_config("gptq", 4, 128, calibration, q._NoTokenizer())
+    cfg = quantization_config("gptq", 4, 128, calibration, calibration.shape[-1])
     cfg.quantization_layer_structure = q.layer_structure(unpatched)
-    unpatched.quantize("gptq", config=cfg, filters=q.projection_filter(q.INCLUDE[:2]))
+    chosen = {id(layer) for layer in unpatched.quantizable_layers(q.INCLUDE[:2])}
+    unpatched.quantize("gptq", config=cfg, filters=lambda layer: id(layer) in chosen)
 
     # GPTQ minimises each layer's output error on the calibration inputs: compare it where
     # both models see the same inputs, block 0's query/key/value projections.

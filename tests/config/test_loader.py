@@ -3,12 +3,11 @@ import pytest
 from deepseek_tf.config.loader import (
     apply_overrides,
     load_config,
-    load_run_config,
     parse_override,
     preset_names,
-    save_config,
 )
-from deepseek_tf.errors import ConfigError
+from deepseek_tf.errors import ConfigError, RunDirError
+from deepseek_tf.rundir import RunDir
 
 
 def test_presets_load_and_shakespeare_char_is_the_nanogpt_recipe():
@@ -52,11 +51,54 @@ def test_overrides_are_typed():
         ('model.lowrank=["0/ffn/up_proj"]', "is not LAYER/attention|ffn/PROJECTION=RANK"),
         ('model.lowrank=["5/ffn/up_proj=4"]', "layer or rank out of range"),
         ("model.quantize=int3", "model.quantize: 'int3' is not one of"),
+        # reported under its own key (the MTP check used to speak first)
+        ("data.seq_len=0", "data.seq_len: must be > 0"),
+        ("train.steps=" + "9" * 5000, "--set train.steps: unreadable value"),
+        ("train.steps=" + "[" * 20000, "--set train.steps"),
+        # keys this model's layer types never read are refused, not ignored
+        ("model.kv_lora_rank=64", "model.kv_lora_rank: set to 64, but only read with attention: mla"),
+        ("model.n_routed_experts=0", None),
+        ("model.num_experts_per_tok=4", "only read with n_routed_experts > 0"),
+        ("model.conv_kernel_size=5", None),
+        ("model.mtp_loss_weight=0.5", "only read with mtp_depth > 0"),
+        ("model.quantize_include=[attention,tail]", "model.quantize_include[1]: 'tail'"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
+    if message is None:  # accepted: the key is read by this model
+        load_config("tiny", overrides=[override])
+        return
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config("tiny", overrides=[override])
+
+
+def test_mla_refuses_the_mha_head_keys_and_honours_rope_layout():
+    for key in ("n_kv_heads=2", "head_dim=8"):
+        with pytest.raises(ConfigError, match="only read with attention: mha"):
+            load_config("tiny-moe", overrides=[f"model.{key}"])
+    from deepseek_tf.models.builder import attention_config
+
+    half = load_config("tiny-moe", overrides=["model.rope_layout=half"])
+    assert attention_config(half.model)["rope_layout"] == "half"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"\x00\x01\x02binary\xff", "is not UTF-8 text"),
+        ("model:\n  d_model: caf\xe9\n".encode("latin-1"), "is not UTF-8 text"),
+        (b"model:\n  d_model: 64\n  d_model: 32\n", "'d_model' is given twice (line 3)"),
+        (b"[" * 20000 + b"]" * 20000, "nested too deeply"),
+        (b"train:\n  steps: " + b"7" * 5000 + b"\n", "unreadable value"),
+    ],
+)
+def test_unreadable_config_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(path=path)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_config(path=tmp_path)
 
 
 def test_bad_files_and_unknown_preset(tmp_path):
@@ -79,8 +121,8 @@ def test_file_on_top_of_preset_and_run_round_trip(tmp_path):
     path.write_text("preset: tiny\ntrain:\n  steps: 3\n")
     c = load_config(path=path, overrides=["train.batch_size=2"])
     assert (c.train.steps, c.train.batch_size, c.model.d_model) == (3, 2, 32)
-    save_config(c, tmp_path / "run")
-    assert load_run_config(tmp_path / "run") == c
+    RunDir(tmp_path / "run").write_config(c)
+    assert RunDir(tmp_path / "run").read_config() == c
     assert apply_overrides(c, ["train.steps=9"]).train.steps == 9
-    with pytest.raises(ConfigError, match="no config.yaml"):
-        load_run_config(tmp_path)
+    with pytest.raises(RunDirError, match="no config.yaml"):
+        RunDir(tmp_path).read_config()

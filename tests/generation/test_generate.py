@@ -3,7 +3,6 @@ import pytest
 
 from deepseek_tf.errors import InputError
 from deepseek_tf.generation.generate import Generator, generate_uncached
-from deepseek_tf.generation.sampler import sample_next
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +40,6 @@ def test_sampling_options(model_and_tokenizer, generator):
     assert nucleus == greedy  # a vanishing nucleus keeps only the best token
 
 
-def test_sampler_filters():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], "float32"))
-    seen = {int(sample_next(logits, 1.0, 2, 1.0, np.array([0, s], "int32"))[0]) for s in range(60)}
-    assert seen == {0, 1}
-    seen = {int(sample_next(logits, 1.0, 0, 0.7, np.array([1, s], "int32"))[0]) for s in range(60)}
-    assert seen == {0, 1}
-
-
 def test_stop_tokens_and_sliding_window(model_and_tokenizer, generator):
     model, tok = model_and_tokenizer
     prompt = [tok.encode("KING")]
@@ -56,6 +47,29 @@ def test_stop_tokens_and_sliding_window(model_and_tokenizer, generator):
     assert generator.generate(prompt, 10, stop_ids=[first]) == [[first]]
     long = generator.generate(prompt, model.max_seq_len * 2)
     assert len(long[0]) == model.max_seq_len * 2
+
+
+def test_rows_of_a_batch_take_consecutive_seeds(model_and_tokenizer, generator):
+    tok = model_and_tokenizer[1]
+    a, b = tok.encode("First"), tok.encode("Second")
+    batch = generator.generate([a, b], 10, temperature=1.0, seed=7)
+    assert generator.generate([a], 10, temperature=1.0, seed=7) == [batch[0]]
+    assert generator.generate([b], 10, temperature=1.0, seed=8) == [batch[1]]
+
+
+def test_bad_settings(model_and_tokenizer, generator):
+    prompt = [model_and_tokenizer[1].encode("A")]
+    for kwargs, match in [
+        ({"top_p": -0.5}, "top_p"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            generator.generate(prompt, 4, **kwargs)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        generator.generate(prompt, 10**9)
+    assert len(generator.generate(prompt, 3, temperature=1.0, seed=10**30)[0]) == 3
 
 
 def test_bad_prompts(model_and_tokenizer, generator):

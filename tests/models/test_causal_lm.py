@@ -5,8 +5,7 @@ import pytest
 
 from deepseek_tf.config.loader import apply_overrides
 from deepseek_tf.errors import InputError
-from deepseek_tf.models.builder import build_model
-from deepseek_tf.models.parameter_count import parameter_count
+from deepseek_tf.models.builder import build_model, parameter_count
 
 
 def test_parameter_count_matches_built_model(tiny_config):
@@ -71,10 +70,10 @@ def test_adjacent_layers_share_weights(tiny_config, tmp_path, share):
             and model.blocks[2].ffn is not model.blocks[1].ffn
         )
     # a shared weight updated once changes both layers; checkpoints keep the sharing
-    from deepseek_tf.training.checkpoint import RunCheckpoint, restore_weights
+    from deepseek_tf.rundir import RunDir
 
-    RunCheckpoint(tmp_path, model).save(0)
+    RunDir(tmp_path).checkpoint(model).save(0)
     clone = build_model(config, vocab_size=13, seed=1)
-    restore_weights(tmp_path, clone)
+    RunDir(tmp_path).checkpoint(clone).restore(weights_only=True)
     ids = np.arange(10, dtype="int32")[None] % 13
     np.testing.assert_allclose(np.asarray(clone(ids)), np.asarray(model(ids)), atol=1e-6)

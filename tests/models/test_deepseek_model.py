@@ -8,8 +8,7 @@ import pytest
 from deepseek_tf.api import load, train
 from deepseek_tf.config.loader import apply_overrides, load_config
 from deepseek_tf.generation.generate import Generator, generate_uncached
-from deepseek_tf.models.builder import build_model
-from deepseek_tf.models.parameter_count import parameter_count
+from deepseek_tf.models.builder import build_model, parameter_count
 
 
 @pytest.fixture(scope="module")

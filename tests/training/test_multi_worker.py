@@ -166,7 +166,8 @@ train(config(base + ["train.batch_size=4"]), out / "single", verbose=0)
 # Resume the mirrored run from its step-3 checkpoint: the same steps 4..6 again.
 ckpt = out / "mirrored" / "checkpoints"
 first = losses(out / "mirrored")
-(ckpt / "checkpoint").write_text('model_checkpoint_path: "ckpt-3"\n')
+for path in ckpt.glob("ckpt-6.*"):  # the newest checkpoint on disk is the one resumed
+    path.unlink()
 resumed = train(config(mirrored + ["train.batch_size=4"]), out / "mirrored", resume=True)
 print("LOSSES", json.dumps([first, losses(out / "single"), losses(out / "mirrored")]))
 """

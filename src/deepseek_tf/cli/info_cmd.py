@@ -19,20 +19,21 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from deepseek_tf.cli.common import resolve_config
-    from deepseek_tf.config.loader import config_to_dict, load_run_config, preset_names
-    from deepseek_tf.models.parameter_count import parameter_count
+    from deepseek_tf.config.loader import config_to_dict, preset_names
+    from deepseek_tf.models.builder import parameter_count
+    from deepseek_tf.rundir import RunDir
 
     if args.presets:
         print("\n".join(preset_names()))
         return 0
-    config = load_run_config(args.run_dir) if args.run_dir else resolve_config(args)
+    config = RunDir(args.run_dir).read_config() if args.run_dir else resolve_config(args)
     vocab = config.model.vocab_size or _vocab_from_data(config)
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip())
     print(json.dumps({"parameters": parameter_count(config, vocab), "vocab_size": vocab}))
     if args.run_dir:
-        from deepseek_tf.compress.run_io import read_history
-
-        for entry in read_history(args.run_dir):  # what `deepseek-tf compress` did to the run
+        for entry in RunDir(
+            args.run_dir
+        ).read_history():  # what `deepseek-tf compress` did to the run
             print(json.dumps({"compression": entry}))
     return 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from deepseek_tf.cli.common import add_config_args, resolve_config
 
@@ -37,29 +36,32 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from deepseek_tf.api import train
-    from deepseek_tf.config.loader import apply_overrides, load_run_config
+    from deepseek_tf.config.loader import apply_overrides
     from deepseek_tf.errors import ConfigError
+    from deepseek_tf.rundir import RunDir
 
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR")
-        if (Path(args.out) / "config.yaml").exists():
-            if args.preset or args.config:
-                raise ConfigError("--resume continues the run's own config; drop --preset/--config")
-            config = apply_overrides(load_run_config(args.out), args.overrides)
-        else:
-            config = resolve_config(args)
+        if args.preset or args.config:
+            raise ConfigError("--resume continues the run's own config; drop --preset/--config")
+        # the run's own config; a directory that holds no run is an error, never a new run
+        config = apply_overrides(RunDir(args.out).read_config(), args.overrides)
     else:
         config = resolve_config(args)
+    if args.sample_tokens < 0:
+        raise ConfigError(f"--sample-tokens: must be >= 0, got {args.sample_tokens}")
     if args.batch_size:
         config = _batch_size(config, args)
     out = args.out or f"runs/{args.preset or 'shakespeare-char'}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = train(config, out, resume=args.resume)
+    if summary.get("already_complete"):
+        return 0
     print(
         f"[train] done: {summary['step']} steps, {summary['train_tokens_per_sec']:.0f} "
         f"tokens/s, checkpoint {summary['checkpoint']}"
     )
-    if args.sample_tokens > 0:
+    if args.sample_tokens > 0 and summary["chief"]:  # other workers write no run directory
         from deepseek_tf.cli.generate_cmd import sample_text
 
         print("--- sample ---")

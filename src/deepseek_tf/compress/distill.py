@@ -15,16 +15,12 @@ can train the same student with `alpha=0` (plain training from scratch) for comp
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
-from pathlib import Path
 
 import tensorflow as tf
-import yaml
-from keras import ops
 
-from deepseek_tf.compress.finetune import distillation_term, validation_loss
+from deepseek_tf.compress.finetune import train_in_memory, validation_loss
 from deepseek_tf.compress.run_io import (
     check_out_dir,
     count_parameters,
@@ -35,20 +31,21 @@ from deepseek_tf.config.loader import (
     config_from_dict,
     config_to_dict,
     load_config,
-    load_run_config,
     parse_override,
+    parse_yaml,
+    read_text_file,
 )
-from deepseek_tf.errors import CompressionError, TrainingError
-from deepseek_tf.training.evaluate import token_losses
-from deepseek_tf.training.optim import make_optimizer
-from deepseek_tf.training.step import weighted_mean
+from deepseek_tf.errors import CompressionError
+from deepseek_tf.models.builder import build_model
+from deepseek_tf.rundir import RunDir
+from deepseek_tf.training.losses import distillation_term
 
 
 def _explicit_keys(path, overrides) -> set[str]:
     """`section.key` names the student file's model/data sections or `--set` name."""
     keys = set()
     if path is not None:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        raw = parse_yaml(read_text_file(path, "student config"), str(path)) or {}
         for section in ("model", "data"):
             values = raw.get(section) if isinstance(raw, dict) else None
             keys.update(f"{section}.{k}" for k in (values or {}))
@@ -115,6 +112,10 @@ def distill(
 ):
     """Builds the student of `student_config` and trains it from scratch against `teacher`.
 
+    The student trains with the one training step (its own MTP and MoE balance losses,
+    loss scaling, bias updates) on `(1 - alpha)` times its data losses plus `alpha` times
+    the distillation term, with its own `train` schedule.
+
     Args:
         teacher: the trained `CausalLM` (inference mode, not updated).
         teacher_config: the teacher's config (its data section feeds the student).
@@ -130,53 +131,30 @@ def distill(
     Returns:
         The trained student `CausalLM`.
     """
-    from deepseek_tf.data.pipeline import make_train_dataset
-    from deepseek_tf.models.builder import build_model
-
     check_options(alpha, temperature, steps)
     if student_config.model.vocab_size not in (0, teacher.vocab_size):
         raise CompressionError(
             f"student model.vocab_size={student_config.model.vocab_size} differs from the "
             f"teacher's {teacher.vocab_size}"
         )
-    steps = steps or student_config.train.steps
-    t = dataclasses.replace(student_config.train, steps=steps, gradient_accumulation_steps=1)
-    student = build_model(student_config, teacher.vocab_size, seed=t.seed)
-    optimizer = make_optimizer(t, student)
-    variables = student.trainable_variables
-    moe_layers = student.moe_modules()
-    mtp_weight = student_config.model.mtp_loss_weight
+    train = dataclasses.replace(student_config.train, steps=steps or student_config.train.steps)
+    student = build_model(student_config, teacher.vocab_size, seed=train.seed)
+    teacher.trainable = False  # its forward pass is not recorded for gradients
 
-    def step_fn(inputs, targets, weights):
-        soft = ops.zeros((), "float32")
-        if alpha > 0:  # a Python branch: alpha=0 trains without the teacher
-            teacher_logits = tf.stop_gradient(teacher(inputs, training=False))  # (B, T, V)
-        with tf.GradientTape() as tape:
-            logits, stats = student.forward_with_stats(inputs, training=True)  # (B, T, V)
-            hard = weighted_mean(token_losses(logits, targets), weights)
-            objective_hard = hard
-            for k, lg in enumerate(stats["mtp_logits"], start=1):  # (B, T - k, V)
-                mtp = weighted_mean(token_losses(lg, targets[:, k:]), weights[:, k:])
-                objective_hard += mtp_weight * mtp / len(stats["mtp_logits"])
-            if alpha > 0:
-                soft = distillation_term(teacher_logits, logits, weights, temperature)
-            objective = (1.0 - alpha) * objective_hard + alpha * soft + stats["aux_loss"]
-            scaled = optimizer.scale_loss(objective)
-        grads = tape.gradient(scaled, variables)
-        optimizer.apply(grads, variables)
-        for i, layer in enumerate(moe_layers):  # auxiliary-loss-free balancing, as in training
-            layer.update_bias(stats["expert_load"][i])
-        return hard, soft, objective
+    def soft_loss(inputs, targets, weights, logits):
+        teacher_logits = tf.stop_gradient(teacher(inputs, training=False))  # (B, T, V)
+        return alpha * distillation_term(teacher_logits, logits, weights, temperature)
 
-    compiled = tf.function(step_fn, jit_compile=student_config.runtime.jit_compile)
-    ds = make_train_dataset(student_config.data, tokenizer, t.batch_size)
-    every = max(1, t.steps // 10)
-    for step, (inputs, targets, weights) in enumerate(ds.take(t.steps), start=1):
-        hard, soft, objective = compiled(inputs, targets, weights)
-        if not math.isfinite(float(objective)):
-            raise TrainingError(f"distillation loss became {float(objective)} at step {step}")
-        if log and (step % every == 0 or step == t.steps):
-            log(f"[distill] step {step}/{t.steps} hard {float(hard):.4f} kd {float(soft):.4f}")
+    train_in_memory(
+        student,
+        student_config,
+        tokenizer,
+        train,
+        extra_loss=soft_loss if alpha > 0 else None,
+        hard_loss_weight=1.0 - alpha,
+        log=log,
+        label="distill",
+    )
     return student
 
 
@@ -194,7 +172,7 @@ def run(args) -> dict:
     """`deepseek-tf compress distill`: trains the student, writes it as a new run."""
     check_options(args.alpha, args.temperature, args.steps)
     out = check_out_dir(args.run_dir, args.out)
-    teacher_config = load_run_config(args.run_dir)
+    teacher_config = RunDir(args.run_dir).read_config()
     student_config = student_config_for(
         teacher_config,
         preset=args.student_preset,

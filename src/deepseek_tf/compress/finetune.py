@@ -1,9 +1,11 @@
-"""A short fine-tuning loop shared by the compression methods that train.
+"""Training a model held in memory with the one training step: compression fine-tuning
+(prune, QAT, low-rank) and distillation.
 
-Single device, AdamW with a linear warm-up and cosine decay, next-token loss plus
-an optional extra term (distillation) and a hook after every step (pruning masks).
-Kept apart from `training.Trainer`, which owns run directories, resumption and
-distribution: a compression step starts from weights in memory and writes one run.
+The step is `training.step.make_train_step`, the trainer's own: next-token, MTP and MoE
+balance losses, loss scaling under float16, the auxiliary-loss-free bias update, plus the
+caller's extra loss (distillation) and after-update hook (pruning masks). What this loop
+adds is only what `Trainer` does not fit: the weights start in memory and the caller
+writes one run at the end (no checkpoints, no resumption).
 """
 
 from __future__ import annotations
@@ -11,13 +13,92 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import tensorflow as tf
-from keras import ops
-
-from deepseek_tf.data.pipeline import make_eval_dataset, make_train_dataset
-from deepseek_tf.training.evaluate import evaluate, token_losses
+from deepseek_tf.config.schema import TrainConfig
+from deepseek_tf.data.pipeline import make_eval_dataset, make_step_dataset
+from deepseek_tf.errors import TrainingError
+from deepseek_tf.training.evaluate import evaluate
 from deepseek_tf.training.optim import make_optimizer
-from deepseek_tf.training.step import weighted_mean
+from deepseek_tf.training.step import make_train_step
+
+
+def finetune_schedule(config, steps: int, learning_rate: float) -> TrainConfig:
+    """The run's train section for a short fine-tune: `steps` optimizer steps, warm-up over
+    10% of them, cosine decay from `learning_rate` to a tenth of it."""
+    return dataclasses.replace(
+        config.train,
+        steps=steps,
+        learning_rate=learning_rate,
+        min_learning_rate=learning_rate * 0.1,
+        warmup_steps=max(1, steps // 10),
+    )
+
+
+def train_in_memory(
+    model,
+    config,
+    tokenizer,
+    train: TrainConfig,
+    *,
+    extra_loss=None,
+    hard_loss_weight: float = 1.0,
+    after_update=None,
+    on_step=None,
+    start_step: int = 0,
+    log=print,
+    label: str = "finetune",
+) -> list[float]:
+    """Trains `model` in place for `train.steps` steps on the run's training split.
+
+    Args:
+        model: a built `CausalLM`.
+        config: the run's config (data, precision, MTP weight, XLA).
+        tokenizer: the run's tokenizer.
+        train: the schedule, batch size, accumulation, clipping and weight decay used.
+        extra_loss, hard_loss_weight, after_update: see `make_train_step`.
+        on_step: `fn(step)` called eagerly after each step (e.g. pruning events).
+        start_step: first step of the training stream (continue where training ended).
+        log: printer of a progress line every ~10% of the steps (None: silent).
+        label: the progress lines' tag.
+
+    Returns:
+        The next-token loss of every step.
+    """
+    if train.steps <= 0:
+        return []
+    optimizer = make_optimizer(train, model)
+    step_fn = make_train_step(
+        model,
+        optimizer,
+        accumulation=train.gradient_accumulation_steps,
+        sparsity_threshold=train.sparsity_threshold,
+        jit_compile=config.runtime.jit_compile,
+        mtp_loss_weight=config.model.mtp_loss_weight,
+        hard_loss_weight=hard_loss_weight,
+        extra_loss=extra_loss,
+        after_update=after_update,
+    )
+    ds = make_step_dataset(
+        config.data,
+        tokenizer,
+        train.batch_size,
+        accumulation=train.gradient_accumulation_steps,
+        start_step=start_step,
+    )
+    losses = []
+    every = max(1, train.steps // 10)
+    for step, (inputs, targets, weights) in enumerate(ds.take(train.steps), start=1):
+        out = step_fn(inputs, targets, weights)
+        loss = float(out["loss"])
+        losses.append(loss)
+        extra = float(out.get("extra_loss", 0.0))
+        if not (math.isfinite(loss) and math.isfinite(extra)):
+            raise TrainingError(f"{label} loss became {loss + extra} at step {step}")
+        if on_step is not None:
+            on_step(step)
+        if log and (step % every == 0 or step == train.steps):
+            more = f" extra {extra:.4f}" if "extra_loss" in out else ""
+            log(f"[{label}] step {step}/{train.steps} loss {loss:.4f}{more}")
+    return losses
 
 
 def finetune(
@@ -27,65 +108,22 @@ def finetune(
     *,
     steps: int,
     learning_rate: float,
-    extra_loss=None,
-    after_step=None,
-    start_batch: int = 0,
+    after_update=None,
+    on_step=None,
+    start_step: int = 0,
     log=print,
 ) -> list[float]:
-    """Trains `model` for `steps` steps on the run's training split; returns the losses.
-
-    Args:
-        model: a built `CausalLM` (trained in place).
-        config: the run's config (data, batch size, clipping, weight decay).
-        tokenizer: the run's tokenizer.
-        steps: optimizer steps (0 does nothing).
-        learning_rate: peak learning rate (warm-up over 10% of the steps, cosine to 10%).
-        extra_loss: `fn(inputs, logits, weights) -> scalar` added to the objective.
-        after_step: `fn(step)` called eagerly after each update.
-        start_batch: first batch of the training stream (continue where training ended).
-        log: printer of a progress line every ~10% of the steps (None: silent).
-    """
-    if steps <= 0:
-        return []
-    t = dataclasses.replace(
-        config.train,
-        steps=steps,
-        learning_rate=learning_rate,
-        min_learning_rate=learning_rate * 0.1,
-        warmup_steps=max(1, steps // 10),
-        gradient_accumulation_steps=1,
+    """A short fine-tune of `model` (see `finetune_schedule`); returns the losses."""
+    return train_in_memory(
+        model,
+        config,
+        tokenizer,
+        finetune_schedule(config, steps, learning_rate),
+        after_update=after_update,
+        on_step=on_step,
+        start_step=start_step,
+        log=log,
     )
-    optimizer = make_optimizer(t, model)
-    # MTP modules get no gradient from the next-token loss: fine-tuning leaves them be.
-    variables = [v for v in model.trainable_variables if "/mtp_" not in f"/{v.path}"]
-
-    def step_fn(inputs, targets, weights):
-        with tf.GradientTape() as tape:
-            logits = model(inputs, training=True)  # (B, T, V)
-            loss = weighted_mean(token_losses(logits, targets), weights)
-            objective = loss
-            if extra_loss is not None:
-                objective = objective + extra_loss(inputs, logits, weights)
-        grads = tape.gradient(objective, variables)
-        optimizer.apply(grads, variables)
-        return loss, objective
-
-    compiled = tf.function(step_fn, jit_compile=config.runtime.jit_compile)
-    ds = make_train_dataset(config.data, tokenizer, t.batch_size, start_batch=start_batch)
-    losses = []
-    every = max(1, steps // 10)
-    for step, (inputs, targets, weights) in enumerate(ds.take(steps), start=1):
-        loss, objective = compiled(inputs, targets, weights)
-        losses.append(float(loss))
-        if not math.isfinite(float(objective)):
-            from deepseek_tf.errors import TrainingError
-
-            raise TrainingError(f"fine-tuning loss became {float(objective)} at step {step}")
-        if after_step is not None:
-            after_step(step)
-        if log and (step % every == 0 or step == steps):
-            log(f"[finetune] step {step}/{steps} loss {float(loss):.4f}")
-    return losses
 
 
 def validation_loss(model, config, tokenizer, max_batches: int = 0) -> float:
@@ -94,12 +132,3 @@ def validation_loss(model, config, tokenizer, max_batches: int = 0) -> float:
     return evaluate(model, ds, max_batches=max_batches, jit_compile=config.runtime.jit_compile)[
         "loss"
     ]
-
-
-def distillation_term(teacher_logits, student_logits, weights, temperature: float):
-    """`T^2 * KL(softmax(teacher / T) || softmax(student / T))`, weighted mean over tokens."""
-    t = ops.cast(teacher_logits, "float32") / temperature
-    s = ops.cast(student_logits, "float32") / temperature
-    teacher_logp = ops.log_softmax(t, axis=-1)
-    kl = ops.sum(ops.exp(teacher_logp) * (teacher_logp - ops.log_softmax(s, axis=-1)), axis=-1)
-    return weighted_mean(kl, weights) * temperature**2

@@ -26,6 +26,9 @@ from deepseek_tf.compress.run_io import (
     write_run,
 )
 from deepseek_tf.errors import CompressionError
+from deepseek_tf.layers.low_rank_dense import LowRankDense
+from deepseek_tf.models.builder import build_model
+from deepseek_tf.rundir import RunDir
 
 TARGETS = ("attention", "ffn")
 SHARED = {"attention": ("attention", "both"), "ffn": ("ffn", "both")}
@@ -61,33 +64,21 @@ def check_options(config, targets, rank, energy) -> None:
             )
 
 
-def projection_names(model, target: str, layer: int) -> list[str]:
-    """Factorisable projections of `target` ("attention" | "ffn") in block `layer`."""
-    if target == "ffn":
-        return [] if model.moe_layers[layer] else ["gate_proj", "up_proj", "down_proj"]
-    if model.attention_type == "mha":
-        return ["q_proj", "k_proj", "v_proj", "o_proj"]
-    # mla: kv_b_proj stays dense (absorbed decoding folds its kernel)
-    query = ["q_a_proj", "q_b_proj"] if model.attention_config["q_lora_rank"] else ["q_proj"]
-    return [*query, "kv_a_proj_with_mqa", "o_proj"]
-
-
 def candidates(model, targets) -> tuple[dict, list[dict]]:
-    """`({"LAYER/SUBLAYER/PROJ": Dense}, skipped)` of the chosen sublayers."""
+    """`({"LAYER/SUBLAYER/PROJ": Dense}, skipped)`: the chosen sublayers' projections their
+    layers declare factorisable (MLA's `kv_b_proj` is not: absorbed decoding folds it; nor
+    is a MoE feed-forward)."""
     found, skipped = {}, []
     for i, block in enumerate(model.blocks):
-        for target in targets:
-            if target == "ffn" and model.moe_layers[i]:
-                skipped.append({"projection": f"{i}/ffn", "reason": "MoE feed-forward"})
-            sublayer = block.attention if target == "attention" else block.ffn
-            for name in projection_names(model, target, i):
-                layer = getattr(sublayer, name)
-                if not hasattr(layer, "kernel"):
-                    skipped.append(
-                        {"projection": f"{i}/{target}/{name}", "reason": "already low-rank"}
-                    )
-                    continue
-                found[f"{i}/{target}/{name}"] = layer
+        if "ffn" in targets and model.moe_layers[i]:
+            skipped.append({"projection": f"{i}/ffn", "reason": "MoE feed-forward"})
+        for key, declared, layer in block.projection_layers():
+            if key.split("/")[0] not in targets or not declared.factorizable:
+                continue
+            if isinstance(layer, LowRankDense):
+                skipped.append({"projection": f"{i}/{key}", "reason": "already low-rank"})
+                continue
+            found[f"{i}/{key}"] = layer
     return found, skipped
 
 
@@ -128,8 +119,6 @@ def factorize(model, config, *, targets=("ffn",), rank: int | None = None, energ
         with every weight copied and the factors filled, and `{"ranks": {...},
         "skipped": [...], "energy_kept": {...}}`.
     """
-    from deepseek_tf.models.builder import build_model
-
     targets = parse_targets(targets)
     check_options(config, targets, rank, energy)
     found, skipped = candidates(model, targets)
@@ -178,14 +167,12 @@ def _copy_weights(source, target, factors: dict) -> None:
 
 def run(args) -> dict:
     """`deepseek-tf compress lowrank`: factorise, optionally fine-tune, write a new run."""
-    from deepseek_tf.config.loader import load_run_config
-
     targets = parse_targets(args.targets)
     rank, energy = (args.rank, None) if args.rank is not None else (None, args.energy)
     if args.steps < 0 or (args.steps and args.learning_rate <= 0):
         raise CompressionError("--steps must be >= 0 and --learning-rate > 0")
     out = check_out_dir(args.run_dir, args.out)
-    check_options(load_run_config(args.run_dir), targets, rank, energy)
+    check_options(RunDir(args.run_dir).read_config(), targets, rank, energy)
     start = time.perf_counter()
     config, model, tokenizer = load_source(args.run_dir)
     check_rank(candidates(model, targets)[0], rank)  # before any SVD or evaluation
@@ -201,7 +188,7 @@ def run(args) -> dict:
         tokenizer,
         steps=args.steps,
         learning_rate=args.learning_rate,
-        start_batch=config.train.steps * config.train.gradient_accumulation_steps,
+        start_step=config.train.steps,  # continue the stream where training ended
         log=log,
     )
     record = {

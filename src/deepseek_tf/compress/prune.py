@@ -25,48 +25,47 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.compress.finetune import finetune, validation_loss
 from deepseek_tf.compress.prune_shrink import (
     apply_masks,
     find_groups,
+    masked_update,
     prepare_routers,
     shrink,
     unstructured_prune,
 )
-from deepseek_tf.compress.run_io import count_parameters, weight_bytes
+from deepseek_tf.compress.run_io import (
+    check_out_dir,
+    count_parameters,
+    load_source,
+    progress,
+    weight_bytes,
+    write_run,
+)
+from deepseek_tf.data.pipeline import make_train_dataset
 from deepseek_tf.errors import CompressionError
+from deepseek_tf.models.builder import unbuilt_model
+from deepseek_tf.rundir import RunDir
+from deepseek_tf.training.step import make_objective
 
 TARGETS = ("heads", "ffn", "experts")
 IMPORTANCE = ("magnitude", "gradient", "random")
 
 
-def layer_units(m) -> list[dict]:
-    """Per layer, the prunable units of the config: `{"heads": n, "ffn" | "experts": n}`.
-
-    `"heads"` counts kv groups for MHA/GQA, heads for MLA.
-    """
-    from deepseek_tf.models.builder import ffn_hidden_dim, moe_layers
-
-    def width(values, i, default):  # 0 or no entry: the uniform width
-        return (values[i] if values else 0) or default
-
-    group = m.n_heads // (m.n_kv_heads or m.n_heads) if m.attention == "mha" else 1
-    out = []
-    for i, is_moe in enumerate(moe_layers(m)):
-        units = {"heads": width(m.layer_n_heads, i, m.n_heads) // group}
-        if is_moe:
-            units["experts"] = width(m.layer_n_experts, i, m.n_routed_experts)
-        else:
-            units["ffn"] = width(m.layer_ffn_dims, i, ffn_hidden_dim(m))
-        out.append(units)
-    return out
+def layer_units(config) -> list[dict]:
+    """Per layer, `{kind: PrunableUnits}` of the model of `config`, from its layers' own
+    declarations (an unbuilt model: no weights are allocated)."""
+    model = unbuilt_model(config, config.model.vocab_size or 1)
+    return [{u.kind: u for u in units} for units in model.prunable_units()]
 
 
-def plan(m, sparsity: float, targets, strict: bool = True) -> dict:
-    """Validates a request against model config `m`; returns `{(kind, layer): units kept}`.
+def plan(config, sparsity: float, targets, strict: bool = True) -> dict:
+    """Validates a request against `config`; returns `{(kind, layer): units kept}`.
 
     Raises `CompressionError` naming the option. `strict=False` (the default targets)
     drops the targets the model does not have instead of refusing them.
     """
+    m = config.model
     unknown = set(targets) - set(TARGETS)
     if unknown or not targets:
         raise CompressionError(f"--targets: choose from {', '.join(TARGETS)}, got {targets}")
@@ -81,7 +80,7 @@ def plan(m, sparsity: float, targets, strict: bool = True) -> dict:
         raise CompressionError(
             "prune: the model has low-rank or quantized projections; prune before lowrank/quantize"
         )
-    units = layer_units(m)
+    units = layer_units(config)
     present = {kind for u in units for kind in u}
     missing = [t for t in targets if t not in present]
     if missing and strict:
@@ -92,26 +91,26 @@ def plan(m, sparsity: float, targets, strict: bool = True) -> dict:
             f"--targets experts: pruning experts needs model.n_group=1 (this model has "
             f"{m.n_group} expert groups); drop experts from --targets"
         )
-    group = m.n_heads // (m.n_kv_heads or m.n_heads) if m.attention == "mha" else 1
-    least = {"heads": 1, "ffn": 1, "experts": m.num_experts_per_tok}
-    what = {"heads": "kv groups" if group > 1 else "heads", "ffn": "channels", "experts": "experts"}
     keep = {}
-    for i, u in enumerate(units):
+    for i, layer in enumerate(units):
         for kind in targets:
-            if kind not in u:
+            if kind not in layer:
                 continue
-            kept = int((1.0 - sparsity) * u[kind] + 0.5)
-            if kept < least[kind]:
+            u = layer[kind]
+            what = {"heads": "kv groups" if u.heads_per_unit > 1 else "heads"}.get(kind, kind)
+            what = "channels" if kind == "ffn" else what
+            kept = int((1.0 - sparsity) * u.n_units + 0.5)
+            if kept < u.min_units:
                 raise CompressionError(
-                    f"--sparsity {sparsity}: layer {i} would keep {kept} of {u[kind]} "
-                    f"{what[kind]} (needs at least {least[kind]}); lower --sparsity or drop "
+                    f"--sparsity {sparsity}: layer {i} would keep {kept} of {u.n_units} "
+                    f"{what} (needs at least {u.min_units}); lower --sparsity or drop "
                     f"{kind} from --targets"
                 )
             keep[(kind, i)] = kept
     return keep
 
 
-def check_request(m, args) -> tuple:
+def check_request(config, args) -> tuple:
     """Early validation of the CLI options; returns `(targets, plan)`."""
     targets = [t for t in args.targets.split(",") if t]
     strict = set(targets) != set(TARGETS)
@@ -121,7 +120,7 @@ def check_request(m, args) -> tuple:
         raise CompressionError(f"--learning-rate: must be > 0, got {args.learning_rate}")
     if args.schedule_power <= 0:
         raise CompressionError(f"--schedule-power: must be > 0, got {args.schedule_power}")
-    keep = plan(m, args.sparsity, targets, strict)
+    keep = plan(config, args.sparsity, targets, strict)
     return sorted({kind for kind, _ in keep}, key=TARGETS.index), keep
 
 
@@ -144,23 +143,20 @@ class Scorer:
 
     def _batch(self):
         if self._data is None:
-            from deepseek_tf.data.pipeline import make_train_dataset
-
             ds = make_train_dataset(self.config.data, self.tokenizer, self.config.train.batch_size)
             self._data = iter(ds)
         return next(self._data)
 
     def _gradient_fn(self):
-        from deepseek_tf.training.evaluate import token_losses
-        from deepseek_tf.training.step import weighted_mean
-
         variables = [v for g in self.groups for v, _, _ in g.slices if v.trainable]
+        objective = make_objective(  # the training objective, evaluated without dropout
+            self.model, mtp_loss_weight=self.config.model.mtp_loss_weight
+        )
 
         def grads(inputs, targets, weights):
             with tf.GradientTape() as tape:
-                logits = self.model(inputs, training=False)  # (B, T, V)
-                loss = weighted_mean(token_losses(logits, targets), weights)
-            return tape.gradient(loss, variables)
+                total, _ = objective(inputs, targets, weights, training=False)
+            return tape.gradient(total, variables)
 
         return variables, tf.function(grads)
 
@@ -273,11 +269,9 @@ def prune_model(
         `(new_config, new_model, info)`; `info["removed"]` lists the query heads,
         channels and experts removed per layer, `info["losses"]` the fine-tuning losses.
     """
-    from deepseek_tf.compress.finetune import finetune
-
     if importance not in IMPORTANCE:
         raise CompressionError(f"--importance: choose from {IMPORTANCE}, got {importance!r}")
-    keep = plan(config.model, sparsity, list(targets), strict=False)
+    keep = plan(config, sparsity, list(targets), strict=False)
     groups = [g for g in find_groups(model, targets, keep) if g.keep < g.n_units]
     prepare_routers(groups)
     scorer = Scorer(model, config, tokenizer, groups, importance, importance_batches, seed)
@@ -292,19 +286,19 @@ def prune_model(
         if due and any(c > int((~g.alive).sum()) for g, c in zip(groups, counts)):
             killed = prune_to(groups, scorer(), counts)
             events.append({"step": step, "removed": killed})
-        apply_masks(groups)
+            apply_masks(groups)  # the step keeps them applied (`masked_update`)
 
     losses = []
     if steps > 0 and groups:
-        start = config.train.steps  # continue the training stream where training ended
         losses = finetune(
             model,
             config,
             tokenizer,
             steps=steps,
             learning_rate=learning_rate,
-            after_step=prune_step,
-            start_batch=start,
+            after_update=masked_update(groups),
+            on_step=prune_step,
+            start_step=config.train.steps,  # continue the stream where training ended
             log=log,
         )
     if any(int((~g.alive).sum()) < f for g, f in zip(groups, finals)):  # one shot
@@ -326,12 +320,8 @@ def prune_model(
 
 def run(args) -> dict:
     """`deepseek-tf compress prune`: validates, prunes, fine-tunes, shrinks, writes the run."""
-    from deepseek_tf.compress.finetune import validation_loss
-    from deepseek_tf.compress.run_io import check_out_dir, load_source, progress, write_run
-    from deepseek_tf.config.loader import load_run_config
-
     out = check_out_dir(args.run_dir, args.out)
-    targets, _ = check_request(load_run_config(args.run_dir).model, args)
+    targets, _ = check_request(RunDir(args.run_dir).read_config(), args)
     config, model, tokenizer = load_source(args.run_dir)
     log = None if args.quiet else progress
     batches = config.train.eval_batches

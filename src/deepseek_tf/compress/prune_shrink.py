@@ -26,42 +26,58 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import tensorflow as tf
+
+from deepseek_tf.config.loader import validate
+from deepseek_tf.layers.structure import PrunableUnits
+from deepseek_tf.models.builder import build_model
 
 DEAD_BIAS = -1e9  # selection bias of a masked expert: never among the top k
 
 
 @dataclasses.dataclass
 class UnitGroup:
-    """One layer's prunable units of one kind, and which of them are still alive.
+    """One layer's prunable units of one kind (its `PrunableUnits`), and which are alive.
 
     Attributes:
-        kind: `"heads"`, `"ffn"` or `"experts"`.
         layer: decoder block index.
-        n_units: units before pruning.
+        units: the layer's declaration (`layers.structure.PrunableUnits`).
         keep: units kept at the final sparsity.
-        slices: `(variable, axis, role)`: the units' weights along `axis`; role `"in"` /
-            `"out"` enters the magnitude score, None is masked and sliced only.
-        heads_per_unit: query heads per unit (the GQA group size; 1 otherwise).
-        router: the `TopKRouter` of an experts group.
-        bias0: the router's selection bias before pruning.
-        method0: the router's `topk_method` before pruning.
+        bias0: the router's selection bias before pruning (experts).
+        method0: the router's `topk_method` before pruning (experts).
         alive: `(n_units,)` bool.
+        masks: one 0/1 `tf.Variable` per weight slice, broadcastable to the weight; the
+            training step multiplies the weights by them after every update.
     """
 
-    kind: str
     layer: int
-    n_units: int
+    units: PrunableUnits
     keep: int
-    slices: list
-    heads_per_unit: int = 1
-    router: object = None
     bias0: np.ndarray | None = None
     method0: str = ""
     alive: np.ndarray = None
+    masks: list = None
 
     def __post_init__(self):
         if self.alive is None:
             self.alive = np.ones(self.n_units, bool)
+        if self.masks is None:
+            self.masks = []
+            for sl in self.units.slices:
+                var = sl.variable
+                shape = [1] * len(var.shape)
+                shape[sl.axis] = var.shape[sl.axis]
+                self.masks.append(tf.Variable(tf.ones(shape, var.dtype), trainable=False))
+
+    kind = property(lambda self: self.units.kind)
+    n_units = property(lambda self: self.units.n_units)
+    heads_per_unit = property(lambda self: self.units.heads_per_unit)
+    router = property(lambda self: self.units.router)
+
+    @property
+    def slices(self) -> list:
+        """`(variable, axis, role)` of every weight the units own."""
+        return [(sl.variable, sl.axis, sl.role) for sl in self.units.slices]
 
     def indices(self, var, axis: int) -> np.ndarray:
         """Kept indices of `var` along `axis` (every kept unit's whole slice)."""
@@ -71,7 +87,7 @@ class UnitGroup:
 
 
 def find_groups(model, targets, keep_counts) -> list[UnitGroup]:
-    """The `UnitGroup`s of `model` for `targets`.
+    """The `UnitGroup`s of `model` for `targets`, from its layers' `prunable_units()`.
 
     Args:
         model: a built `CausalLM` (MTP modules are left alone).
@@ -79,46 +95,16 @@ def find_groups(model, targets, keep_counts) -> list[UnitGroup]:
         keep_counts: `{(kind, layer): units kept}` from the pruning plan.
     """
     groups = []
-    for i, block in enumerate(model.blocks):
-        attn, ffn = block.attention, block.ffn
-        if "heads" in targets and (("heads", i) in keep_counts):
-            groups.append(_head_group(i, attn, keep_counts[("heads", i)]))
-        is_moe = hasattr(ffn, "experts_gate")
-        if "ffn" in targets and not is_moe and ("ffn", i) in keep_counts:
-            slices = [(ffn.gate_proj.kernel, 1, "in"), (ffn.up_proj.kernel, 1, "in")]
-            slices.append((ffn.down_proj.kernel, 0, "out"))
-            groups.append(UnitGroup("ffn", i, ffn.hidden_dim, keep_counts[("ffn", i)], slices))
-        if "experts" in targets and is_moe and ("experts", i) in keep_counts:
-            slices = [(ffn.experts_gate, 0, "in"), (ffn.experts_up, 0, "in")]
-            slices += [(ffn.experts_down, 0, "out"), (ffn.gate.kernel, 1, None)]
-            bias0 = np.array(ffn.gate.e_score_correction_bias.numpy())
-            groups.append(
-                UnitGroup(
-                    "experts",
-                    i,
-                    ffn.n_routed_experts,
-                    keep_counts[("experts", i)],
-                    slices,
-                    router=ffn.gate,
-                    bias0=bias0,
-                    method0=ffn.gate.topk_method,
-                )
-            )
+    for i, layer_units in enumerate(model.prunable_units()):
+        for units in layer_units:
+            if units.kind not in targets or (units.kind, i) not in keep_counts:
+                continue
+            group = UnitGroup(i, units, keep_counts[(units.kind, i)])
+            if units.router is not None:
+                group.bias0 = np.array(units.router.e_score_correction_bias.numpy())
+                group.method0 = units.router.topk_method
+            groups.append(group)
     return groups
-
-
-def _head_group(i: int, attn, keep: int) -> UnitGroup:
-    if hasattr(attn, "kv_b_proj"):  # MLA: one unit per head
-        q = attn.q_b_proj if attn.q_lora_rank > 0 else attn.q_proj
-        slices = [(q.kernel, 1, "in"), (attn.kv_b_proj.kernel, 1, "in")]
-        slices.append((attn.o_proj.kernel, 0, "out"))
-        return UnitGroup("heads", i, attn.n_heads, keep, slices)
-    slices = [(attn.q_proj.kernel, 1, "in"), (attn.k_proj.kernel, 1, "in")]
-    slices += [(attn.v_proj.kernel, 1, "in"), (attn.o_proj.kernel, 0, "out")]
-    if attn.relative_bias is not None:
-        slices.append((attn.relative_bias.table, 1, None))  # (buckets, H)
-    group = attn.n_heads // attn.n_kv_heads
-    return UnitGroup("heads", i, attn.n_kv_heads, keep, slices, heads_per_unit=group)
 
 
 def prepare_routers(groups) -> None:
@@ -134,19 +120,32 @@ def prepare_routers(groups) -> None:
 
 
 def apply_masks(groups) -> None:
-    """Zeroes the dead units' weights (after every optimiser step) and blocks dead experts."""
+    """Sets the groups' masks from `alive`, zeroes the dead units' weights and keeps dead
+    experts from being routed to (eagerly, when units die)."""
     for g in groups:
         if g.alive.all():
             continue
-        for var, axis, _ in g.slices:
+        for (var, axis, _), mask in zip(g.slices, g.masks):
             width = var.shape[axis] // g.n_units
-            shape = [1] * len(var.shape)
-            shape[axis] = var.shape[axis]
-            mask = np.repeat(g.alive, width).astype(var.dtype).reshape(shape)  # broadcastable
+            mask.assign(
+                np.repeat(g.alive, width).astype(mask.dtype.as_numpy_dtype).reshape(mask.shape)
+            )
             var.assign(var * mask)
         if g.router is not None:
             kept = g.bias0 if g.method0 == "noaux_tc" else np.zeros_like(g.bias0)
             g.router.e_score_correction_bias.assign(np.where(g.alive, kept, DEAD_BIAS))
+
+
+def masked_update(groups):
+    """The training step's `after_update`: multiplies every pruned weight by its mask, so
+    dead units stay zero through the optimizer's updates (in the compiled step)."""
+
+    def after_update():
+        for g in groups:
+            for (var, _, _), mask in zip(g.slices, g.masks):
+                var.assign(var * tf.cast(mask, var.dtype))
+
+    return after_update
 
 
 def _relative(path: str) -> str:
@@ -156,8 +155,6 @@ def _relative(path: str) -> str:
 
 def shrunk_config(config, groups):
     """`config` with the groups' kept widths in `layer_n_heads/ffn_dims/n_experts`."""
-    from deepseek_tf.config.loader import validate
-
     m = config.model
     n = m.n_layers
     widths = {
@@ -184,8 +181,6 @@ def shrink(model, config, groups):
     Returns:
         `(new_config, new_model)`.
     """
-    from deepseek_tf.models.builder import build_model
-
     new_config = shrunk_config(config, groups)
     new_model = build_model(new_config, model.vocab_size)
     take, biases = {}, {}

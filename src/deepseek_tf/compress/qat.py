@@ -1,8 +1,8 @@
 """Quantisation-aware training: fine-tune against int8 rounding, then convert to int8.
 
 The QAT model is the same architecture with `model.fake_quant` on: every
-projection that int8 post-training quantisation converts (see
-`quantize.projection_filter`) becomes a `FakeQuantDense`, whose forward pass
+projection its layer declares quantizable (the ones int8 post-training quantisation
+converts) becomes a `FakeQuantDense`, whose forward pass
 rounds its kernel (per output channel) and its inputs (per token) to the int8
 grid of Keras' `AbsMaxQuantizer`, with straight-through gradients. After
 fine-tuning, the weights load into the float architecture and Keras'
@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from deepseek_tf.compress.finetune import finetune, validation_loss
-from deepseek_tf.compress.quantize import check_request, quantize_model
+from deepseek_tf.compress.quantize import check_request, float_model_for, quantize_model
 from deepseek_tf.compress.run_io import (
     check_out_dir,
     count_parameters,
@@ -27,9 +27,10 @@ from deepseek_tf.compress.run_io import (
     with_model,
     write_run,
 )
-from deepseek_tf.config.loader import load_run_config
+from deepseek_tf.data.pipeline import make_eval_dataset
 from deepseek_tf.errors import CompressionError
 from deepseek_tf.models.builder import build_model
+from deepseek_tf.rundir import RunDir
 
 INCLUDE = ("attention", "ffn")
 
@@ -43,11 +44,11 @@ def qat_model_from(model, config):
 
 
 def convert_to_int8(qat, config):
-    """The float architecture with `qat`'s weights, quantized to int8 by Keras."""
-    float_model = build_model(with_model(config, fake_quant=False), qat.vocab_size)
-    float_model.set_weights(qat.get_weights())
+    """The float architecture with `qat`'s weights, quantized to int8 by Keras (in the
+    quantization precision, see `quantize.quantization_precision`)."""
+    float_config, float_model = float_model_for(config, qat, fake_quant=False)
     quantize_model(float_model, config.model, "int8", include=INCLUDE, bits=8, group_size=-1)
-    return with_model(config, fake_quant=False, quantize="int8"), float_model
+    return with_model(float_config, quantize="int8"), float_model
 
 
 def quantization_aware_finetune(model, config, tokenizer, *, steps, learning_rate, log=print):
@@ -62,7 +63,7 @@ def run(args) -> dict:
     if args.steps < 1:
         raise CompressionError(f"--steps: QAT needs at least one training step, got {args.steps}")
     out = check_out_dir(args.run_dir, args.out)
-    check_request(load_run_config(args.run_dir).model, "int8", INCLUDE, 8, -1)
+    check_request(RunDir(args.run_dir).read_config().model, "int8", INCLUDE, 8, -1)
     config, model, tokenizer = load_source(args.run_dir)
     log = None if args.quiet else progress
     eval_batches = config.train.eval_batches
@@ -92,7 +93,5 @@ def run(args) -> dict:
 
 def _probe(config, tokenizer):
     """A few validation sequences to compare the QAT and converted models on."""
-    from deepseek_tf.data.pipeline import make_eval_dataset
-
     ds = make_eval_dataset(config.data, tokenizer, 4, split="val")
     return (inputs for inputs, _, _ in ds.take(1))

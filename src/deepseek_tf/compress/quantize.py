@@ -9,19 +9,23 @@ Routed experts are stacked weights, not `Dense` layers; no Keras quantizer takes
 them, so they stay float and asking for them is an error. MLA's `kv_b_proj` stays
 float too: absorbed decoding folds its float kernel into the query and output.
 
-A quantized run records `model.quantize` (+ bits, group size) in its config;
-`deepseek_tf.load` rebuilds the same quantized variables before restoring them.
+A `mixed_float16` run is quantized into a float32 run (Keras' int8 layers refuse float16
+compute). A quantized run records `model.quantize` (+ what it included, bits, group
+size) in its config; `deepseek_tf.load` rebuilds the same quantized variables before
+restoring them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 
 import keras
 import numpy as np
 
+from deepseek_tf.compress.finetune import validation_loss
 from deepseek_tf.compress.run_io import (
     check_out_dir,
     count_parameters,
@@ -31,31 +35,13 @@ from deepseek_tf.compress.run_io import (
     with_model,
     write_run,
 )
-from deepseek_tf.config.loader import load_run_config
+from deepseek_tf.data.pipeline import make_train_dataset
 from deepseek_tf.errors import CompressionError
+from deepseek_tf.models.builder import build_model
+from deepseek_tf.models.quantization import quantization_config
+from deepseek_tf.rundir import RunDir
 
 INCLUDE = ("attention", "ffn", "head", "experts")
-UNQUANTIZED = ("kv_b_proj",)  # folded in float by absorbed MLA decoding
-
-
-def projection_filter(include=("attention", "ffn")):
-    """`filter(layer) -> bool` selecting the plain `Dense` projections to quantize."""
-    include = set(include)
-
-    def selected(layer) -> bool:
-        if type(layer) is not keras.layers.Dense:  # not FakeQuantDense, not Embedding
-            return False
-        parts = layer.path.split("/")
-        if parts[-1] in UNQUANTIZED or any(p.startswith("mtp_") for p in parts):
-            return False
-        if parts[-1] == "lm_head":
-            return "head" in include
-        in_block = any(p.startswith("block_") for p in parts)
-        if "attention" in parts:
-            return in_block and "attention" in include
-        return in_block and "ffn" in include  # dense ffn, moe shared experts, conv-free rest
-
-    return selected
 
 
 def check_request(model_config, mode: str, include, bits: int, group_size: int) -> None:
@@ -85,25 +71,6 @@ def check_request(model_config, mode: str, include, bits: int, group_size: int) 
         raise CompressionError(f"--group-size: -1 (per channel) or positive, got {group_size}")
     if mode == "float8" and keras.config.backend() != "tensorflow":
         raise CompressionError("--mode float8 needs the TensorFlow backend")
-
-
-def quantization_config(mode: str, bits: int, group_size: int, dataset=None, tokenizer=None):
-    """The Keras config object of `mode` (None: Keras' default for int8/float8)."""
-    from keras.quantizers import AWQConfig, GPTQConfig, Int4QuantizationConfig
-
-    if mode == "int4" and group_size > 0:
-        return Int4QuantizationConfig(block_size=group_size)
-    if mode in ("gptq", "awq"):
-        calibrated = dataset is not None
-        return (GPTQConfig if mode == "gptq" else AWQConfig)(
-            dataset,
-            tokenizer,
-            weight_bits=bits,
-            group_size=group_size,
-            num_samples=len(dataset) if calibrated else 128,
-            sequence_length=int(np.shape(dataset)[-1]) if calibrated else 512,
-        )
-    return None
 
 
 class _Embed(keras.layers.Layer):
@@ -138,20 +105,27 @@ def layer_structure(model) -> dict:
 
 def calibration_tokens(config, tokenizer, samples: int) -> np.ndarray:
     """`(samples, seq_len)` int32 training sequences from the run's data pipeline."""
-    from deepseek_tf.data.pipeline import make_train_dataset
-
     ds = make_train_dataset(config.data, tokenizer, samples)
     inputs, _, _ = next(iter(ds))
     return np.asarray(inputs, np.int32)
 
 
 def quantize_model(model, model_config, mode, *, include, bits, group_size, dataset=None):
-    """Quantizes `model` in place with Keras (`dataset`: calibration ids for gptq/awq)."""
-    cfg = quantization_config(mode, bits, group_size, dataset, tokenizer=_NoTokenizer())
+    """Quantizes `model` in place with Keras (`dataset`: calibration ids for gptq/awq).
+
+    The layers quantized are those the model declares quantizable for `include`
+    (`CausalLM.quantizable_layers`).
+    """
+    length = int(np.shape(dataset)[-1]) if dataset is not None else 0
+    cfg = quantization_config(mode, bits, group_size, dataset, sequence_length=length)
     if cfg is not None and mode in ("gptq", "awq"):
         cfg.quantization_layer_structure = layer_structure(model)
-    selected = projection_filter(include)
-    hooked = [layer for layer in model._flatten_layers() if selected(layer)]
+    hooked = model.quantizable_layers(include)
+    chosen = {id(layer) for layer in hooked}
+
+    def selected(layer) -> bool:
+        return id(layer) in chosen
+
     if mode in ("gptq", "awq"):
         for layer in hooked:
             _route_calibration_calls(layer, mode)
@@ -180,34 +154,6 @@ def _route_calibration_calls(layer, mode: str) -> None:
     layer.quantized_call = route
 
 
-class _NoTokenizer:
-    """GPTQ/AWQ configs require a tokenizer even when the dataset is token ids already."""
-
-    def tokenize(self, text):
-        raise CompressionError("calibration data must be token ids")
-
-
-def apply_quantized_structure(model, model_config) -> None:
-    """Gives a freshly built model the quantized variables a quantized run saved.
-
-    int8/int4/float8 quantize the (random) weights, which the checkpoint then
-    overwrites; GPTQ/AWQ layers are built in their calibrated state directly.
-    """
-    m = model_config
-    include = ("attention", "ffn") + (("head",) if not m.tie_embeddings else ())
-    selected = projection_filter(include)
-    if m.quantize in ("int8", "int4", "float8"):
-        cfg = quantization_config(m.quantize, m.quantize_bits, m.quantize_group_size)
-        model.quantize(m.quantize, config=cfg, filters=selected)
-        return
-    cfg = quantization_config(m.quantize, m.quantize_bits, m.quantize_group_size)
-    for layer in model._flatten_layers():
-        if selected(layer):
-            layer.quantize(m.quantize, config=cfg)
-            del layer._kernel  # what calibration does once the quantized kernel is written
-            setattr(layer, f"is_{m.quantize}_calibrated", True)
-
-
 GPTQ_BLOCK = 128  # columns Keras' GPTQ processes at once
 
 
@@ -222,9 +168,8 @@ def check_group_size(model, mode: str, include, group_size: int) -> None:
     channel (group -1): it then fails on wider layers. Refuse that before calibrating."""
     if mode != "gptq" or group_size != -1:
         return
-    selected = projection_filter(include)
-    for layer in model._flatten_layers():
-        if selected(layer) and layer.kernel.shape[0] > GPTQ_BLOCK:
+    for layer in model.quantizable_layers(include):
+        if layer.kernel.shape[0] > GPTQ_BLOCK:
             raise CompressionError(
                 f"--group-size -1: Keras' GPTQ supports per-channel scales only for layers of "
                 f"at most {GPTQ_BLOCK} inputs ({layer.path} has {layer.kernel.shape[0]}); "
@@ -232,17 +177,35 @@ def check_group_size(model, mode: str, include, group_size: int) -> None:
             )
 
 
+def quantization_precision(config):
+    """`config` with the precision its quantized run computes in: Keras' int8 layers refuse
+    float16 compute, so a `mixed_float16` run is quantized (and served) in float32."""
+    if config.train.precision != "mixed_float16":
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, precision="float32"))
+
+
+def float_model_for(config, model, **changes):
+    """`(config, model)` rebuilt with `changes` to the model config and the quantization
+    precision, holding `model`'s weights (the same variables, in the same order)."""
+    target = quantization_precision(with_model(config, **changes))
+    if target == config:
+        return config, model
+    rebuilt = build_model(target, model.vocab_size)
+    rebuilt.set_weights(model.get_weights())
+    return target, rebuilt
+
+
 def run(args) -> dict:
     include = tuple(x for x in args.include.split(",") if x)
     args.group_size = default_group_size(args.mode, args.group_size)
     out = check_out_dir(args.run_dir, args.out)
     check_request(
-        load_run_config(args.run_dir).model, args.mode, include, args.bits, args.group_size
+        RunDir(args.run_dir).read_config().model, args.mode, include, args.bits, args.group_size
     )
     config, model, tokenizer = load_source(args.run_dir)
     check_group_size(model, args.mode, include, args.group_size)
     log = (lambda *_: None) if args.quiet else progress
-    from deepseek_tf.compress.finetune import validation_loss
 
     before = {"parameters": count_parameters(model), "bytes": weight_bytes(model)}
     before["val_loss"] = validation_loss(model, config, tokenizer, config.train.eval_batches)
@@ -251,6 +214,7 @@ def run(args) -> dict:
     if args.mode in ("gptq", "awq"):
         dataset = calibration_tokens(config, tokenizer, args.calibration_samples)
     log(f"[quantize] {args.mode} on {', '.join(include)}")
+    config, model = float_model_for(config, model)
     quantize_model(
         model,
         config.model,
@@ -262,7 +226,11 @@ def run(args) -> dict:
     )
     seconds = time.perf_counter() - started
     config = with_model(
-        config, quantize=args.mode, quantize_bits=args.bits, quantize_group_size=args.group_size
+        config,
+        quantize=args.mode,
+        quantize_include=include,
+        quantize_bits=args.bits,
+        quantize_group_size=args.group_size,
     )
     after = validation_loss(model, config, tokenizer, config.train.eval_batches)
     record = {

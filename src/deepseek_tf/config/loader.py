@@ -24,6 +24,7 @@ from deepseek_tf.config.schema import (
     MOE_DISPATCH,
     POSITION_TYPES,
     PRECISIONS,
+    QUANTIZE_INCLUDES,
     QUANTIZE_MODES,
     REMAT_MODES,
     ROPE_LAYOUTS,
@@ -34,12 +35,12 @@ from deepseek_tf.config.schema import (
     TOKENIZER_TYPES,
     TOPK_METHODS,
     Config,
+    ModelConfig,
 )
 from deepseek_tf.errors import ConfigError
 
 DEFAULT_PRESET = "shakespeare-char"
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-CONFIG_FILENAME = "config.yaml"
 
 
 def preset_names() -> list[str]:
@@ -48,16 +49,61 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, source: str) -> dict:
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (YAML itself keeps
+    the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"{key!r} is given twice (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str):
+    """YAML text -> Python objects, every failure a one-line `ConfigError` naming `source`.
+
+    Refuses duplicate keys, nesting too deep to parse, and integers too long for Python
+    (more than 4,300 digits).
+    """
     try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string ..."
+        raise ConfigError(f"{source}: unreadable value ({str(e).splitlines()[0]})") from None
+
+
+def _read_yaml(text: str, source: str) -> dict:
+    data = parse_yaml(text, source)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def read_text_file(path, what: str) -> str:
+    """The UTF-8 text of a regular file, or a one-line `ConfigError` naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} is not a regular file")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {p} is not UTF-8 text (byte offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {p} cannot be read ({e.strerror})") from None
 
 
 def preset_dict(name: str) -> dict:
@@ -141,9 +187,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     path, raw = text.split("=", 1)
     section, key = path.strip().split(".", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw, f"--set {path}") if raw.strip() else ""
+    except ConfigError as e:
+        if "not valid YAML" not in str(e):
+            raise
+        value = raw  # e.g. a glob like data/*.txt: taken as a string
     if section not in SECTIONS:
         raise ConfigError(
             f"--set {path}: unknown section {section!r} (known: {', '.join(SECTIONS)})"
@@ -163,27 +211,39 @@ def load_config(
     """
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        raw = _read_yaml(p.read_text(encoding="utf-8"), str(p))
+        raw = _read_yaml(read_text_file(path, "config file"), str(path))
         preset = raw.pop("preset", None) or preset
     merged: dict = {}
     if preset is not None or path is None:
         merged = _merge(merged, preset_dict(preset or DEFAULT_PRESET), f"preset {preset}")
     merged = _merge(merged, raw, str(path))
+    explicit = _keys_of(raw)  # what the user's file and --set name (not its base preset)
     for text in overrides:
         section, key, value = parse_override(text)
         merged = _merge(merged, {section: {key: value}}, f"--set {text}")
-    return config_from_dict(merged)
+        explicit.add(f"{section}.{key}")
+    return config_from_dict(merged, explicit=explicit)
 
 
-def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Builds and validates a `Config` from a nested mapping."""
+def _keys_of(raw: Mapping) -> set[str]:
+    return {
+        f"{section}.{key}"
+        for section, values in raw.items()
+        if isinstance(values, Mapping)
+        for key in values
+    }
+
+
+def config_from_dict(data: Mapping[str, Any], explicit: Iterable[str] = ()) -> Config:
+    """Builds and validates a `Config` from a nested mapping.
+
+    `explicit` names the keys the user set (`section.key`); one the model never reads
+    is refused (a key inherited from a preset is not).
+    """
     merged = _merge({}, data, "config")
     sections = {name: _build_section(name, merged.get(name, {})) for name in SECTIONS}
     config = Config(**sections)
-    validate(config)
+    validate(config, explicit)
     return config
 
 
@@ -195,24 +255,14 @@ def config_to_dict(config: Config) -> dict:
     return out
 
 
-def save_config(config: Config, directory: str | Path) -> Path:
-    """Writes the resolved config as ``config.yaml`` (atomically)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / CONFIG_FILENAME
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
-    tmp.replace(target)
-    return target
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML text (what a run directory's ``config.yaml`` holds)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
-def load_run_config(directory: str | Path) -> Config:
-    path = Path(directory) / CONFIG_FILENAME
-    if not path.is_file():
-        raise ConfigError(
-            f"{directory}: no {CONFIG_FILENAME} (is this a deepseek-tf run directory?)"
-        )
-    return config_from_dict(_read_yaml(path.read_text(encoding="utf-8"), str(path)))
+def config_from_yaml(text: str, source: str) -> Config:
+    """A `Config` from YAML text of sections (a run's ``config.yaml``)."""
+    return config_from_dict(_read_yaml(text, source))
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -228,8 +278,9 @@ def _check_positive(section: Any, prefix: str, names: Iterable[str], allow_zero=
             raise ConfigError(f"{prefix}.{name}: must be {bound}, got {value}")
 
 
-def validate(config: Config) -> None:
-    """Cross-field checks; raises `ConfigError` naming the key."""
+def validate(config: Config, explicit: Iterable[str] = ()) -> None:
+    """Cross-field checks; raises `ConfigError` naming the key. `explicit`: see
+    `config_from_dict`."""
     m, d, t, r = config.model, config.data, config.train, config.runtime
     _check_positive(m, "model", ("d_model", "n_layers", "n_heads", "max_seq_len", "rope_theta"))
     _check_positive(m, "model", ("vocab_size", "n_kv_heads", "head_dim", "ffn_dim"), True)
@@ -253,12 +304,13 @@ def validate(config: Config) -> None:
     if m.rope_scaling_factor < 1.0:
         raise ConfigError(f"model.rope_scaling_factor: must be >= 1, got {m.rope_scaling_factor}")
     _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
+    _check_positive(d, "data", ("seq_len", "vocab_size"))
     _validate_mla_moe_mtp(m, d)
+    _refuse_unused(m, set(explicit))
     _validate_compression(m)
     _check_choice("model.remat", m.remat, REMAT_MODES)
     _check_choice("model.share_adjacent", m.share_adjacent, SHARE_MODES)
     _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_TYPES)
-    _check_positive(d, "data", ("seq_len", "vocab_size"))
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     if not 0.0 <= d.token_replace_prob <= 1.0:
@@ -286,10 +338,12 @@ def validate(config: Config) -> None:
 def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
     """`config` with `--set section.key=value` overrides applied (type-checked)."""
     merged = config_to_dict(config)
+    explicit = set()
     for text in overrides:
         section, key, value = parse_override(text)
         merged = _merge(merged, {section: {key: value}}, f"--set {text}")
-    return config_from_dict(merged)
+        explicit.add(f"{section}.{key}")
+    return config_from_dict(merged, explicit=explicit)
 
 
 def _validate_mla_moe_mtp(m, d) -> None:
@@ -330,6 +384,41 @@ def _validate_mla_moe_mtp(m, d) -> None:
         raise ConfigError(f"model.mtp_depth: {m.mtp_depth} must be below data.seq_len")
 
 
+# Model keys only some layer types read: (key, used when, what uses it). A value the user
+# sets where nothing reads it is refused rather than silently ignored.
+_MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_MOE_KEYS = (
+    "n_shared_experts", "num_experts_per_tok", "moe_ffn_dim", "first_k_dense_replace",
+    "moe_layer_freq", "scoring_func", "topk_method", "n_group", "topk_group",
+    "norm_topk_prob", "routed_scaling_factor", "bias_update_speed", "seq_aux_loss_alpha",
+    "moe_dispatch",
+)  # fmt: skip
+_USED_WHEN = (
+    *((k, lambda m: m.attention == "mla", "attention: mla") for k in (*_MLA_KEYS, "mla_absorb")),
+    *((k, lambda m: m.attention == "mha", "attention: mha") for k in ("n_kv_heads", "head_dim")),
+    *((k, lambda m: m.n_routed_experts > 0, "n_routed_experts > 0") for k in _MOE_KEYS),
+    *(
+        (k, lambda m: "dynamic" in m.position, "position: dynamic or rope+dynamic")
+        for k in ("bias_buckets", "bias_max_distance")
+    ),
+    ("conv_kernel_size", lambda m: "hybrid" in m.blocks, "a hybrid block in model.blocks"),
+    ("mtp_loss_weight", lambda m: m.mtp_depth > 0, "mtp_depth > 0"),
+)
+
+
+def _refuse_unused(m, explicit: set[str]) -> None:
+    """A key the user set (away from its default) that this model's layer types never
+    read: refused rather than silently ignored."""
+    defaults = ModelConfig()
+    for key, used, when in _USED_WHEN:
+        value = getattr(m, key)
+        if f"model.{key}" in explicit and value != getattr(defaults, key) and not used(m):
+            raise ConfigError(
+                f"model.{key}: set to {value!r}, but only read with {when}; remove it "
+                "or change the model"
+            )
+
+
 def parse_lowrank(entries, n_layers: int) -> list[dict]:
     """`model.lowrank` entries `"LAYER/SUBLAYER/PROJ=RANK"` -> one `{name: rank}` per layer."""
     ranks = [{} for _ in range(n_layers)]
@@ -353,6 +442,10 @@ def _validate_compression(m) -> None:
         raise ConfigError(f"model.quantize_bits: must be 2, 3, 4 or 8, got {m.quantize_bits}")
     if m.quantize_group_size == 0 or m.quantize_group_size < -1:
         raise ConfigError(f"model.quantize_group_size: -1 or positive, got {m.quantize_group_size}")
+    for i, part in enumerate(m.quantize_include):
+        _check_choice(f"model.quantize_include[{i}]", part, QUANTIZE_INCLUDES)
+    if "head" in m.quantize_include and m.tie_embeddings:
+        raise ConfigError("model.quantize_include: a tied output head is the embedding (float)")
     if m.fake_quant and m.quantize != "none":
         raise ConfigError("model.fake_quant: a quantized model has no float weights to train")
     for key in ("layer_n_heads", "layer_ffn_dims", "layer_n_experts"):

@@ -16,6 +16,7 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MOE_DISPATCH = ("sparse", "dense")
 REMAT_MODES = ("none", "blocks")
 QUANTIZE_MODES = ("none", "int8", "int4", "float8", "gptq", "awq")
+QUANTIZE_INCLUDES = ("attention", "ffn", "head")
 SHARE_MODES = ("none", "ffn", "attention", "both")
 POSITION_TYPES = ("rope", "dynamic", "rope+dynamic")
 ROPE_LAYOUTS = ("half", "interleaved")
@@ -95,6 +96,7 @@ class ModelConfig:
     lowrank: tuple[str, ...] = ()  # "LAYER/SUBLAYER/PROJ=RANK", e.g. "2/ffn/up_proj=48"
     fake_quant: bool = False  # QAT: projections train against int8-rounded weights and inputs
     quantize: str = "none"  # none | int8 | int4 | float8 | gptq | awq (weights stored quantized)
+    quantize_include: tuple[str, ...] = ("attention", "ffn")  # quantized: attention, ffn, head
     quantize_bits: int = 4  # gptq/awq: weight bits
     quantize_group_size: int = -1  # int4/gptq/awq: inputs per scale; -1: one per channel
     # numerics / regularisation

@@ -11,6 +11,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from deepseek_tf.api import load
 from deepseek_tf.convert.hf_config import (
     HF_CONFIG_FILE,
     config_from_hf,
@@ -31,9 +32,11 @@ from deepseek_tf.convert.weight_map import (
     weight_entries,
 )
 from deepseek_tf.errors import ConfigError, RunDirError
+from deepseek_tf.models.builder import build_model
+from deepseek_tf.rundir import HF_SOURCE_CONFIG, RunDir
+from deepseek_tf.tokenizers import BPE_FILE, BPETokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
-SOURCE_CONFIG_FILE = "hf_config.json"  # the source config.json, kept in the run directory
+TOKENIZER_FILE = BPE_FILE  # Hugging Face's tokenizer.json
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 FLOAT32_ONLY = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # as transformers keeps
@@ -99,8 +102,6 @@ def _load_source_tokenizer(hf_dir: Path, vocab_size: int):
     path = hf_dir / TOKENIZER_FILE
     if not path.is_file():
         return None
-    from deepseek_tf.tokenizers import BPETokenizer
-
     tokenizer = BPETokenizer.load(str(path))
     if tokenizer.vocab_size > vocab_size:
         raise ConversionError(
@@ -129,13 +130,10 @@ def convert_from_hf(hf_dir: str | Path, run_dir: str | Path) -> ConversionSummar
             (the message names it).
         RunDirError: `run_dir` already holds a run.
     """
-    from deepseek_tf.config.loader import CONFIG_FILENAME, save_config
-    from deepseek_tf.models.builder import build_model
-    from deepseek_tf.training.checkpoint import CHECKPOINT_DIR, RunCheckpoint
-
-    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
-    if (run_dir / CONFIG_FILENAME).exists() or (run_dir / CHECKPOINT_DIR).exists():
-        raise RunDirError(f"{run_dir}: already a run directory; choose a new --out")
+    hf_dir, run = Path(hf_dir), RunDir(run_dir)
+    if run.exists() or run.checkpoint_dir.exists():
+        raise RunDirError(f"{run.path}: already a run directory; choose a new --out")
+    run.check_new()
     hf = read_hf_config(hf_dir)
     config = config_from_hf(hf)
     quant = hf.get("quantization_config") or {}
@@ -157,14 +155,15 @@ def convert_from_hf(hf_dir: str | Path, run_dir: str | Path) -> ConversionSummar
         value = entry.to_keras([reader.get(name) for name in entry.names])
         entry.variable.assign(value.astype(entry.variable.dtype))
 
-    RunCheckpoint(run_dir, model).save(0)
-    shutil.copyfile(hf_dir / HF_CONFIG_FILE, run_dir / SOURCE_CONFIG_FILE)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.checkpoint(model).save(0)
+    run.copy_in(hf_dir / HF_CONFIG_FILE, HF_SOURCE_CONFIG)
     if tokenizer is not None:
-        shutil.copyfile(hf_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
-    save_config(config, run_dir)  # last: a run directory is complete once it has its config
+        run.copy_in(hf_dir / TOKENIZER_FILE, TOKENIZER_FILE)
+    run.write_config(config)  # last: a run directory is complete once it has its config
     n_tensors = sum(len(e.names) for e in entries)
     has_tokenizer = tokenizer is not None
-    return ConversionSummary(run_dir, "run", n_tensors, has_tokenizer, config.model.mtp_depth)
+    return ConversionSummary(run.path, "run", n_tensors, has_tokenizer, config.model.mtp_depth)
 
 
 def _export_tensors(model, dtype) -> dict[str, np.ndarray]:
@@ -181,7 +180,7 @@ def _export_tensors(model, dtype) -> dict[str, np.ndarray]:
 
 def _token_ids(run_dir: Path, tokenizer) -> dict:
     """bos/eos/pad ids: the source checkpoint's when converted from one, else the tokenizer's."""
-    source = run_dir / SOURCE_CONFIG_FILE
+    source = run_dir / HF_SOURCE_CONFIG
     if source.is_file():
         try:
             hf = json.loads(source.read_text(encoding="utf-8"))
@@ -220,13 +219,10 @@ def convert_to_hf(
         ConfigError: the model has no DeepSeek equivalent (the message names
             the config key), or `dtype` is unknown.
     """
-    from deepseek_tf.api import load
-    from deepseek_tf.config.loader import load_run_config
-
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    config = load_run_config(run_dir)
+    config = RunDir(run_dir).read_config()
     hf_config_from(config)  # fail on unexportable models before loading any weights
     model, tokenizer = load(run_dir)
     hf = {**hf_config_from(config, model.vocab_size), **_token_ids(run_dir, tokenizer)}

@@ -163,13 +163,28 @@ class CheckpointReader:
             raise ConversionError(f"{INDEX_FILE}: weight_map is not a mapping")
         return dict(weight_map)
 
-    def _open(self, file_name: str, why: str) -> SafetensorsFile:
+    def _open(self, file_name, why: str) -> SafetensorsFile:
+        path = self._inside(file_name, why)
         if file_name not in self._files:
-            path = self.directory / file_name
             if not path.is_file():
                 raise ConversionError(f"{file_name}: missing ({why})")
             self._files[file_name] = SafetensorsFile(path)
         return self._files[file_name]
+
+    def _inside(self, file_name, why: str) -> Path:
+        """`directory / file_name`, refusing a name that leaves the model directory (an
+        absolute path, `..`, a link pointing elsewhere) or is not a plain string."""
+        if not isinstance(file_name, str) or not file_name or "\x00" in file_name:
+            raise ConversionError(f"{INDEX_FILE}: file name {file_name!r} is not a file name")
+        relative = Path(file_name)
+        resolved = (self.directory / relative).resolve()
+        inside = resolved.is_relative_to(self.directory.resolve())
+        if relative.is_absolute() or ".." in relative.parts or not inside:
+            raise ConversionError(
+                f"{file_name}: {why or 'a shard'} points outside the model directory "
+                f"{self.directory}"
+            )
+        return self.directory / file_name
 
     def _check_fp8_pairs(self) -> None:
         for name, file in self._where.items():

@@ -24,7 +24,8 @@ def _expand(pattern: str) -> list[str]:
             raise DataError(f"data file '{pattern}' is a directory, not a text file")
         if not os.path.exists(pattern):
             raise DataError(f"data file '{pattern}' does not exist")
-        return [pattern]
+        # a device (/dev/zero), a FIFO or a socket: reading may never end
+        raise DataError(f"data file '{pattern}' is not a regular file")
     matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not matches:
         raise DataError(f"data.files: no file matches '{pattern}'")

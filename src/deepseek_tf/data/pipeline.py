@@ -197,6 +197,32 @@ def make_train_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def make_step_dataset(
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    *,
+    accumulation: int = 1,
+    start_step: int = 0,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> tf.data.Dataset:
+    """What one optimizer step consumes: `(B, P)` batches, or with gradient accumulation
+    `(A, B, P)` stacks of `A` micro-batches; starts at step `start_step` (exactly where a
+    run that stopped after `start_step` steps left off)."""
+    ds = make_train_dataset(
+        data_cfg,
+        tokenizer,
+        batch_size,
+        start_batch=start_step * accumulation,
+        num_shards=num_shards,
+        shard_index=shard_index,
+    )
+    if accumulation > 1:
+        ds = ds.batch(accumulation, drop_remainder=True)  # (A, B, P)
+    return ds
+
+
 def make_eval_dataset(
     data_cfg: DataConfig,
     tokenizer: Tokenizer,

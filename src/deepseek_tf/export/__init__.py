@@ -11,6 +11,9 @@ reports the max abs logit difference against the Keras model.
 from __future__ import annotations
 
 from deepseek_tf.errors import InputError
+from deepseek_tf.export.litert import export_litert
+from deepseek_tf.export.onnx import export_onnx
+from deepseek_tf.export.savedmodel import export_savedmodel
 
 FORMATS = ("savedmodel", "litert", "onnx")
 
@@ -33,13 +36,7 @@ def export(
     if prefill_len is not None and fmt != "litert":
         raise InputError("--prefill-len is only for --format litert")
     if fmt == "savedmodel":
-        from deepseek_tf.export.savedmodel import export_savedmodel
-
         return export_savedmodel(model, out, tokenizer, verify=verify)
     if fmt == "litert":
-        from deepseek_tf.export.litert import export_litert
-
         return export_litert(model, out, prefill_len=prefill_len, int8=int8, verify=verify)
-    from deepseek_tf.export.onnx import export_onnx
-
     return export_onnx(model, out, verify=verify)

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import tempfile
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.errors import InputError
+from deepseek_tf.generation.sampler import check_sampling, sample_tokens
 
 NOTES = (
     "batch 1, fixed shapes, TFLITE_BUILTINS only; MHA/GQA, MLA, MoE and hybrid conv blocks "
-    "convert; sampling is left to the caller (LiteRTRunner.generate is greedy)"
+    "convert; sampling runs outside the graph (LiteRTRunner.generate, the one sampler)"
 )
 
 
@@ -64,7 +66,6 @@ def _archive(model, prefill_len: int):
     (Converting a `tf.Module` holding the Keras model leaves uninitialised
     resource variables in the flatbuffer; the archive's SavedModel does not.)
     """
-    import keras
 
     def prefill(token_ids):
         cache = model.init_cache(1, model.max_seq_len)
@@ -119,7 +120,7 @@ class LiteRTRunner:
     """
 
     def __init__(self, path):
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter  # the optional [export] extra
 
         self.interpreter = Interpreter(model_path=str(path))
         self._prefill = self.interpreter.get_signature_runner("prefill")
@@ -156,12 +157,24 @@ class LiteRTRunner:
         self._cache, self._length = cache, len(ids)
         return np.concatenate(rows, axis=0)
 
-    def generate(self, ids, max_new_tokens: int) -> list[int]:
-        """Greedy continuation of a 1-D prompt (stops at the context)."""
+    def generate(
+        self, ids, max_new_tokens: int, *, temperature=0.0, top_k=0, top_p=1.0, seed=0
+    ) -> list[int]:
+        """Continuation of a 1-D prompt (stops at the context), sampled with the one
+        sampler of every decoding path (`sampler.sample_tokens`, keyed by seed and
+        position), so it picks what `deepseek-tf generate` picks from the same logits."""
+        sampling = check_sampling(temperature, top_k, top_p, seed)
+        settings = (
+            tf.constant([sampling.temperature], tf.float32),
+            tf.constant([sampling.top_k], tf.int32),
+            tf.constant([sampling.top_p], tf.float32),
+            tf.constant([sampling.seed], tf.int32),
+        )
         logits = self.logits(ids)[-1]
         new = []
         while len(new) < max_new_tokens and self._length < self.max_len:
-            token = int(np.argmax(logits))
+            position = tf.constant(self._length, tf.int32)
+            token = int(sample_tokens(logits[None, :], *settings, position)[0])
             new.append(token)
             out = self._decode(
                 token_ids=np.asarray([[token]], np.int32),

@@ -9,11 +9,12 @@ Signatures (all token ids are int32, batch and length dynamic):
   (the first token has no prefix and gets no score).
 - `generate(token_ids (B, P), max_new_tokens, temperature, top_k, top_p, seed)`
   (scalars: int32, float32, int32, float32, int32) -> `new_ids (B, N)` int32
-  with `N = min(max_new_tokens, max_seq_len - P)`: prefill plus a KV-cached
-  `tf.while_loop` with a cache of `max_seq_len` positions, sampling with
-  `sample_next` exactly as `Generator` does (same per-step seeds), so a batch
-  of equal-length prompts gives the same tokens. No stop tokens, no sliding
-  window: generation ends at the context.
+  with `N = min(max_new_tokens, max_seq_len - P)`: the one decode loop
+  (`generation.decoding.DecodeLoop`, compiled with XLA) laid out by the same rules as
+  `Generator` and the server (prefill length, cache length, row `i` sampling with seed
+  `seed + i`), so a prompt gives the same tokens through `deepseek-tf generate`, the
+  server and this signature. No stop tokens, no sliding window: generation ends at
+  the context.
 - `generate_text(text (), max_new_tokens, temperature, top_k, top_p, seed)` ->
   `text ()` string, prompt plus continuation, for char-tokenizer runs only
   (lookup tables in the graph; unknown characters map to id 0).
@@ -25,7 +26,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.generation.sampler import sample_next
+from deepseek_tf.generation.decoding import CACHE_BUCKET, DecodeLoop
+from deepseek_tf.generation.sampler import SEED_MODULUS
 
 NOTES = (
     "all block types (attention, hybrid conv), MHA/GQA, MLA and MoE export; MTP modules "
@@ -49,35 +51,51 @@ def score_tokens(model, token_ids):
     return tf.gather(log_probs, targets, axis=-1, batch_dims=2)  # (B, T - 1)
 
 
-def generate_tokens(model, token_ids, max_new_tokens, temperature, top_k, top_p, seed):
-    """KV-cached decoding in the graph: `(B, P)` prompt ids -> `(B, N)` new ids.
+def _graph_prefill_length(prompt_len):
+    """`decoding.prefill_length` in the graph: the largest power of two <= `prompt_len`."""
+    return tf.while_loop(
+        lambda length: length * 2 <= prompt_len, lambda length: (length * 2,), (tf.constant(1),)
+    )[0]
 
-    `N = clip(max_new_tokens, 0, max_seq_len - P)`. The cache holds
-    `max_seq_len` positions; step `i` samples the token at position `P + i`
-    with seed `(seed, P + i)`, as `Generator` does.
+
+def generate_tokens(loop: DecodeLoop, token_ids, max_new_tokens, temperature, top_k, top_p, seed):
+    """The decode loop in the graph: `(B, P)` prompt ids -> `(B, N)` new ids.
+
+    `N = clip(max_new_tokens, 0, max_seq_len - P)`; the layout is `Decoder.start`'s
+    (prefill length, cache length; rows are not padded), row `i` samples with `seed + i`.
     """
+    model = loop.model
     batch, prompt_len = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
-    max_len = model.max_seq_len
-    steps = tf.clip_by_value(max_new_tokens, 0, max_len - prompt_len)
-    cache = model.init_cache(batch, max_len)  # per layer: (B, S, ...) with S = max_seq_len
-    logits, cache = model.call_with_cache(token_ids, cache, tf.constant(0, tf.int32))
-    logits = logits[:, -1, :]  # (B, V)
-    out = tf.zeros((batch, max_len), tf.int32)  # (B, S), new tokens in [:, :steps]
-
-    def cond(i, out, cache, logits):
-        return i < steps
-
-    def body(i, out, cache, logits):
-        position = prompt_len + i
-        token = sample_next(logits, temperature, top_k, top_p, tf.stack([seed, position]))  # (B,)
-        out = tf.tensor_scatter_nd_update(
-            out, tf.stack([tf.range(batch), tf.fill((batch,), i)], axis=1), token
-        )
-        step_logits, cache = model.call_with_cache(token[:, None], cache, position)
-        return i + 1, out, cache, step_logits[:, -1, :]
-
-    _, out, _, _ = tf.while_loop(cond, body, (tf.constant(0, tf.int32), out, cache, logits))
-    return out[:, :steps]  # (B, N)
+    steps = tf.clip_by_value(max_new_tokens, 0, model.max_seq_len - prompt_len)
+    total = prompt_len + steps
+    bucket = CACHE_BUCKET
+    cache_len = tf.minimum((total + bucket - 1) // bucket * bucket, model.max_seq_len)
+    ids = tf.pad(token_ids, [[0, 0], [0, cache_len - prompt_len]])  # (B, S)
+    is_prompt = tf.broadcast_to(tf.range(cache_len)[None, :] < prompt_len, tf.shape(ids))
+    start = _graph_prefill_length(prompt_len)
+    cache = model.init_cache(batch, cache_len)  # per layer: (B, S, ...)
+    logits, cache = loop.prefill(ids[:, :start], cache)
+    rows = tf.range(batch, dtype=tf.int32)
+    seeds = tf.math.floormod(tf.cast(seed, tf.int64) + tf.cast(rows, tf.int64), SEED_MODULUS)
+    sampling = (
+        tf.fill((batch,), tf.cast(temperature, tf.float32)),
+        tf.fill((batch,), tf.cast(top_k, tf.int32)),
+        tf.fill((batch,), tf.cast(top_p, tf.float32)),
+        tf.cast(seeds, tf.int32),
+    )
+    out = loop.decode(
+        ids,
+        is_prompt,
+        cache,
+        logits,
+        start,
+        total,
+        tf.fill((batch,), total),
+        tf.zeros((batch,), tf.bool),
+        sampling,
+        tf.constant([-1], tf.int32),
+    )
+    return out[1][:, prompt_len:total]  # (B, N)
 
 
 class _CharTables(tf.Module):
@@ -115,8 +133,10 @@ def build_archive(model, tokenizer=None) -> keras.export.ExportArchive:
     def score(token_ids):
         return {"log_probs": score_tokens(model, token_ids)}
 
+    loop = DecodeLoop(model, jit_compile=True)
+
     def generate(token_ids, max_new_tokens, temperature, top_k, top_p, seed):
-        new = generate_tokens(model, token_ids, max_new_tokens, temperature, top_k, top_p, seed)
+        new = generate_tokens(loop, token_ids, max_new_tokens, temperature, top_k, top_p, seed)
         return {"new_ids": new}
 
     archive.add_endpoint("serving_default", serve, input_signature=[IDS_SPEC])
@@ -129,7 +149,7 @@ def build_archive(model, tokenizer=None) -> keras.export.ExportArchive:
 
         def generate_text(text, max_new_tokens, temperature, top_k, top_p, seed):
             ids = tables.encode(text)  # (1, P)
-            new = generate_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, seed)
+            new = generate_tokens(loop, ids, max_new_tokens, temperature, top_k, top_p, seed)
             return {"text": text + tables.decode(new[0])}
 
         text_spec = tf.TensorSpec([], tf.string, name="text")

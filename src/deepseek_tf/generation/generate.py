@@ -1,16 +1,14 @@
-"""KV-cached generation compiled with `tf.function`, and its uncached reference."""
+"""Generation from token ids through the one decode loop, and its uncached reference."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from deepseek_tf.errors import InputError
-from deepseek_tf.generation.sampler import sample_next
-
-CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer retraces)
+from deepseek_tf.generation.decoding import Decoder, Row
+from deepseek_tf.generation.sampler import SEED_MODULUS, SamplingParams, check_sampling
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len: int):
@@ -28,14 +26,22 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_le
             raise InputError(f"prompt {i}: token id {bad[0]} is out of range [0, {vocab_size})")
 
 
-class Generator:
-    """Batched autoregressive decoding with a KV cache, one XLA loop per call.
+MAX_NEW_TOKENS = 1_000_000  # per call; past the context a sliding window continues
 
-    The prompt's shortest common prefix is processed in one pass (prefill);
-    then a `tf.while_loop` decodes one token per step against the cache. Rows
-    whose prompt is longer keep their prompt tokens until it ends, so every row
-    shares one position counter. Sequences longer than the model's context
-    continue in a sliding window: the last half-context is re-encoded.
+
+def row_seeds(seed: int, n: int, round_index: int = 0) -> list[int]:
+    """Per-row seeds of a batch decoded with one `seed`: row `i` samples with
+    `seed + i` (so a prompt alone and the first prompt of a batch agree); each
+    sliding-window round shifts them so that its draws are new."""
+    return [(seed + i + 7919 * round_index) % SEED_MODULUS for i in range(n)]
+
+
+class Generator:
+    """Batched autoregressive decoding with a KV cache, through the one decode loop.
+
+    `generate` lays the prompts out as `Row`s for a `Decoder` (`generation.decoding`) and
+    runs the compiled loop to the end. Sequences longer than the model's context continue
+    in a sliding window: the last half-context is re-encoded.
 
     Args:
         model: a `CausalLM`.
@@ -44,81 +50,20 @@ class Generator:
 
     def __init__(self, model, jit_compile: bool = True):
         self.model = model
-        self._prefill = tf.function(
-            self._prefill_fn, jit_compile=jit_compile, reduce_retracing=True
-        )
-        self._decode = tf.function(self._decode_fn, jit_compile=jit_compile, reduce_retracing=True)
+        self.decoder = Decoder(model, jit_compile=jit_compile)
 
-    def _prefill_fn(self, ids, cache):
-        logits, cache = self.model.call_with_cache(ids, cache, tf.constant(0, tf.int32))
-        return logits[:, -1, :], cache  # (B, V)
-
-    def _decode_fn(
-        self, ids, is_prompt, cache, logits, start, end, temperature, top_k, top_p, seed, stop_ids
-    ):
-        batch = tf.shape(ids)[0]
-        done = tf.zeros((batch,), tf.bool)
-        length = tf.fill((batch,), end)
-
-        def cond(i, ids, cache, logits, done, length):
-            return tf.logical_and(i < end, tf.logical_not(tf.reduce_all(done)))
-
-        def body(i, ids, cache, logits, done, length):
-            step_seed = tf.stack([seed, i])
-            sampled = sample_next(logits, temperature, top_k, top_p, step_seed)  # (B,)
-            forced = is_prompt[:, i]
-            token = tf.where(forced, ids[:, i], sampled)
-            token = tf.where(done, tf.zeros_like(token), token)
-            stopped = tf.logical_and(
-                tf.logical_not(forced), tf.reduce_any(token[:, None] == stop_ids[None, :], -1)
-            )
-            newly = tf.logical_and(stopped, tf.logical_not(done))
-            length = tf.where(newly, i + 1, length)
-            done = tf.logical_or(done, stopped)
-            ids = tf.tensor_scatter_nd_update(
-                ids, tf.stack([tf.range(batch), tf.fill((batch,), i)], axis=1), token
-            )
-            step_logits, cache = self.model.call_with_cache(token[:, None], cache, i)
-            return i + 1, ids, cache, step_logits[:, -1, :], done, length
-
-        _, ids, _, _, _, length = tf.while_loop(
-            cond, body, (start, ids, cache, logits, done, length)
-        )
-        return ids, length
-
-    def _run_window(self, prompts, max_new, temperature, top_k, top_p, seed, stop_ids):
+    def _run_window(self, prompts, max_new, sampling: SamplingParams, seeds, stop_ids):
         """Decodes `max_new` tokens after each prompt, all within the context."""
-        batch = len(prompts)
-        total = max(len(p) for p in prompts) + max_new
-        cache_len = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, self.model.max_seq_len)
-        ids = np.zeros((batch, cache_len), np.int32)
-        is_prompt = np.zeros((batch, cache_len), bool)
-        for row, p in enumerate(prompts):
-            ids[row, : len(p)] = p
-            is_prompt[row, : len(p)] = True
-        start = min(len(p) for p in prompts)
-        cache = self.model.init_cache(batch, cache_len)
-        logits, cache = self._prefill(tf.constant(ids[:, :start]), cache)
-        ends = [len(p) + max_new for p in prompts]
-        out, length = self._decode(
-            tf.constant(ids),
-            tf.constant(is_prompt),
-            cache,
-            logits,
-            tf.constant(start, tf.int32),
-            tf.constant(max(ends), tf.int32),
-            tf.constant(temperature, tf.float32),
-            tf.constant(top_k, tf.int32),
-            tf.constant(top_p, tf.float32),
-            tf.constant(seed, tf.int32),
-            tf.constant(list(stop_ids) or [-1], tf.int32),
-        )
-        out, length = out.numpy(), length.numpy()
-        results = []
-        for row, p in enumerate(prompts):
-            stop = min(int(length[row]), ends[row])
-            results.append((out[row, len(p) : stop].tolist(), stop < ends[row]))
-        return results
+        rows = [
+            Row(p, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed)
+            for p, seed in zip(prompts, seeds)
+        ]
+        new = self.decoder.start(rows, stop_ids).step()
+        stop_set = set(stop_ids)
+        return [
+            (tokens, bool(tokens) and tokens[-1] in stop_set)
+            for tokens in ([t for t, _, _ in row] for row in new)
+        ]
 
     def generate(
         self,
@@ -131,11 +76,19 @@ class Generator:
         seed: int = 0,
         stop_ids: Sequence[int] = (),
     ) -> list[list[int]]:
-        """Returns the new tokens of each prompt (a stop token ends a row, and is kept)."""
+        """Returns the new tokens of each prompt (a stop token ends a row, and is kept).
+
+        Sampling settings follow `sampler.check_sampling` (the server's rules); row `i`
+        samples with seed `seed + i`.
+        """
         model = self.model
         _check_prompts(prompts, model.vocab_size, model.max_seq_len)
-        if max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        sampling = check_sampling(temperature, top_k, top_p, seed)
+        if isinstance(max_new_tokens, bool) or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise InputError(
+                f"max_new_tokens must be between 0 and {MAX_NEW_TOKENS:,} (a sliding window "
+                f"continues past the context), got {max_new_tokens}"
+            )
         context = model.max_seq_len
         sequences = [list(map(int, p)) for p in prompts]
         new = [[] for _ in prompts]
@@ -145,9 +98,8 @@ class Generator:
             if max(len(s) for s in sequences) + remaining > context:
                 sequences = [s[-max(context // 2, 1) :] for s in sequences]  # sliding window
             n = min(remaining, context - max(len(s) for s in sequences))
-            window = self._run_window(
-                sequences, n, temperature, top_k, top_p, seed + 7919 * round_index, stop_ids
-            )
+            seeds = row_seeds(sampling.seed, len(sequences), round_index)
+            window = self._run_window(sequences, n, sampling, seeds, list(stop_ids))
             for row, (tokens, stopped) in enumerate(window):
                 if finished[row]:
                     continue

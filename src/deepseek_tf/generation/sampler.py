@@ -1,39 +1,152 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p (XLA-friendly, dynamic k/p)."""
+"""Next-token sampling: greedy, temperature, top-k, top-p -- the one sampler of every
+decoding path (`generate`, the server, the SavedModel and LiteRT signatures).
+
+Randomness is keyed by each row's seed and the position of the token being sampled, never
+by the batch: the same prompt, seed and settings give the same tokens alone or batched,
+eagerly or in any compiled loop. The noise is a counter-based hash (murmur3's finaliser)
+rather than `tf.random.stateless_*`, which draws for a whole tensor from one seed and so
+would tie a row's draws to its batch.
+"""
 
 from __future__ import annotations
 
+import math
+import operator
+from dataclasses import dataclass
+
 import tensorflow as tf
 
+from deepseek_tf.errors import InputError
+
 NEG_INF = -1e9
+MAX_TEMPERATURE = 2.0  # OpenAI's bound; above it text is noise
+SEED_MODULUS = 2**31  # seeds are reduced to an int32
 
 
-def sample_next(logits, temperature, top_k, top_p, seed):
-    """Picks one token per row of `logits` `(B, V)`.
+class SamplingError(InputError):
+    """A sampling setting out of range; `param` names it (`temperature`, `top_p`, ...)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Checked sampling settings (see `check_sampling`).
+
+    Attributes:
+        temperature: 0 is greedy; up to `MAX_TEMPERATURE`.
+        top_k: keep the `k` most likely tokens (0: all).
+        top_p: keep the smallest set whose probability reaches `p` (1: all).
+        seed: a non-negative int32 (any int is reduced modulo 2**31).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def _number(value, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SamplingError(f"{name} must be a number, got {value!r}", name)
+    if isinstance(value, int):  # an int of any size: compare without converting to float
+        if not low <= value <= high:
+            shown = str(value) if len(str(value)) < 40 else f"{str(value)[:20]}... "
+            raise SamplingError(f"{name} must be between {low:g} and {high:g}, got {shown}", name)
+        return float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise SamplingError(f"{name} must be between {low:g} and {high:g}, got {value}", name)
+    return float(value)
+
+
+def _integer(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise SamplingError(f"{name} must be an integer, got {value!r}", name)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise SamplingError(f"{name} must be an integer, got {value!r}", name) from None
+
+
+def check_sampling(temperature=0.0, top_k=0, top_p=1.0, seed=0) -> SamplingParams:
+    """The one set of rules for sampling settings (CLI, Python API and HTTP server).
+
+    `temperature` in [0, 2], `top_k` >= 0, `top_p` in [0, 1] (0: greedy), `seed` any int.
+
+    Raises:
+        SamplingError: naming the setting.
+    """
+    temperature = _number(temperature, "temperature", 0.0, MAX_TEMPERATURE)
+    top_p = _number(top_p, "top_p", 0.0, 1.0)
+    top_k = _integer(top_k, "top_k")
+    if top_k < 0:
+        raise SamplingError(f"top_k must be >= 0 (0: no top-k filter), got {top_k}", "top_k")
+    seed = _integer(seed, "seed") % SEED_MODULUS
+    if top_p == 0.0:
+        temperature = 0.0  # an empty nucleus: greedy
+    return SamplingParams(temperature, min(top_k, 2**31 - 1), top_p, seed)
+
+
+def uniform_noise(seeds, position, vocab):
+    """`(B, V)` uniform noise in (0, 1) from a counter hash of `(seed, position, token)`.
 
     Args:
-        logits: `(B, V)` float32.
-        temperature: scalar; `<= 0` means greedy (argmax).
-        top_k: scalar int; keep the `k` most likely tokens (`<= 0`: all).
-        top_p: scalar float; keep the smallest set whose probability reaches
-            `p` (`>= 1`: all).
-        seed: `(2,)` int32 seed of the stateless sampler (vary it per step).
+        seeds: `(B,)` int32 per-row seeds.
+        position: int32 scalar, the position of the token being sampled.
+        vocab: the vocabulary size.
+    """
+    u32 = tf.uint32
+    seeds = tf.bitcast(tf.cast(seeds, tf.int32), u32)[:, None]  # (B, 1)
+    tokens = tf.cast(tf.range(vocab), u32)[None, :]  # (1, V)
+    position = tf.bitcast(tf.cast(position, tf.int32), u32)
+    x = seeds * tf.constant(0x9E3779B1, u32) + tokens * tf.constant(0xC2B2AE3D, u32)
+    x = x ^ (position * tf.constant(0x85EBCA77, u32) + tf.constant(0x27D4EB2F, u32))
+    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # murmur3's finaliser
+        x = (x ^ tf.bitwise.right_shift(x, tf.constant(shift, u32))) * tf.constant(mult, u32)
+    x = x ^ tf.bitwise.right_shift(x, tf.constant(16, u32))
+    mantissa = tf.cast(tf.bitwise.right_shift(x, tf.constant(8, u32)), tf.float32)
+    return (mantissa + 0.5) / float(1 << 24)  # (B, V)
+
+
+def sample_tokens(logits, temperature, top_k, top_p, seeds, position):
+    """One token per row of `logits` `(B, V)`, with per-row settings.
+
+    Args:
+        logits: `(B, V)`.
+        temperature: `(B,)` float32; `<= 0` is greedy (argmax).
+        top_k: `(B,)` int32; keep the `k` most likely tokens (`<= 0`: all).
+        top_p: `(B,)` float32; keep the smallest set whose probability reaches `p`
+            (`>= 1`: all; the most likely token is always kept).
+        seeds: `(B,)` int32 per-row seeds.
+        position: int32 scalar, the position of the token being sampled.
 
     Returns:
-        `(B,)` int32 token ids.
+        `(B,)` int32: Gumbel-max over the filtered, temperature-scaled logits, so the
+        choice depends only on the row, its seed and the position. A batch of greedy
+        rows skips the sampling work.
     """
     logits = tf.cast(logits, tf.float32)
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    vocab = tf.shape(logits)[-1]
-    scaled = logits / tf.maximum(tf.cast(temperature, tf.float32), 1e-6)
-    ordered = tf.sort(scaled, axis=-1, direction="DESCENDING")  # (B, V)
-    k = tf.where(top_k > 0, tf.minimum(tf.cast(top_k, tf.int32), vocab), vocab)
-    kth = tf.gather(ordered, k - 1, axis=-1)[:, None]  # (B, 1)
-    ordered = tf.where(ordered < kth, NEG_INF, ordered)
-    probs = tf.nn.softmax(ordered, axis=-1)
-    before = tf.cumsum(probs, axis=-1, exclusive=True)  # probability of better tokens
-    kept = before < tf.cast(top_p, tf.float32)  # the best token is always kept
-    threshold = tf.reduce_min(tf.where(kept, ordered, -NEG_INF), axis=-1, keepdims=True)
-    threshold = tf.maximum(threshold, kth)
-    filtered = tf.where(scaled < threshold, NEG_INF, scaled)
-    sampled = tf.random.stateless_categorical(filtered, 1, seed, dtype=tf.int32)[:, 0]
-    return tf.where(temperature > 0, sampled, greedy)
+    temperature = tf.cast(temperature, tf.float32)
+
+    def sample():
+        vocab = tf.shape(logits)[-1]
+        scaled = logits / tf.maximum(temperature, 1e-6)[:, None]  # (B, V)
+        ordered = tf.sort(scaled, axis=-1, direction="DESCENDING")  # (B, V)
+        k = tf.cast(top_k, tf.int32)
+        k = tf.where(k > 0, tf.minimum(k, vocab), vocab)  # (B,)
+        kth = tf.gather(ordered, k - 1, axis=1, batch_dims=1)[:, None]  # (B, 1)
+        ordered = tf.where(ordered < kth, NEG_INF, ordered)
+        probs = tf.nn.softmax(ordered, axis=-1)
+        before = tf.cumsum(probs, axis=-1, exclusive=True)  # probability of better tokens
+        kept = before < tf.cast(top_p, tf.float32)[:, None]  # the best token is always kept
+        threshold = tf.reduce_min(tf.where(kept, ordered, -NEG_INF), axis=-1, keepdims=True)
+        threshold = tf.maximum(threshold, kth)  # (B, 1)
+        filtered = tf.where(scaled < threshold, NEG_INF, scaled)
+        gumbel = -tf.math.log(-tf.math.log(uniform_noise(seeds, position, vocab)))
+        sampled = tf.argmax(filtered + gumbel, axis=-1, output_type=tf.int32)
+        return tf.where(temperature > 0, sampled, greedy)
+
+    return tf.cond(tf.reduce_any(temperature > 0), sample, lambda: greedy)

@@ -9,7 +9,15 @@ from keras import ops
 
 from deepseek_tf.layers.relative_position_bias import RelativePositionBias
 from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_attention_factor, yarn_get_mscale
-from deepseek_tf.layers.serialization import init_config, projection
+from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.layers.structure import (
+    Projection,
+    PrunableUnits,
+    WeightSlice,
+    build_projections,
+    make_projections,
+    projection_parameters,
+)
 
 NEG_INF = -1e9
 
@@ -130,13 +138,7 @@ class CausalSelfAttention(keras.layers.Layer):
             self.scale *= yarn_get_mscale(factor, yarn_mscale_all_dim) ** 2
         attention_factor = yarn_attention_factor(factor, yarn_mscale, yarn_mscale_all_dim)
 
-        def dense(units, std, name):
-            return projection(self, units, std, name)
-
-        self.q_proj = dense(n_heads * head_dim, init_std, "q_proj")
-        self.k_proj = dense(n_kv_heads * head_dim, init_std, "k_proj")
-        self.v_proj = dense(n_kv_heads * head_dim, init_std, "v_proj")
-        self.o_proj = dense(d_model, output_init_std, "o_proj")
+        make_projections(self)  # q_proj, k_proj, v_proj, o_proj (see `projections`)
         self.rope = None
         if "rope" in position:
             self.rope = RotaryEmbedding(
@@ -157,11 +159,38 @@ class CausalSelfAttention(keras.layers.Layer):
                 n_heads, bias_buckets, bias_max_distance, dtype=self.dtype_policy, name="rel_bias"
             )
 
+    def projections(self) -> list[Projection]:
+        """The layer's projections (see `layers.structure`)."""
+        d, h, hkv, hd = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim
+        return [
+            Projection("q_proj", d, h * hd),
+            Projection("k_proj", d, hkv * hd),
+            Projection("v_proj", d, hkv * hd),
+            Projection("o_proj", h * hd, d, output=True),
+        ]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """`(total, activated)` parameters, from the constructor arguments alone."""
+        total = projection_parameters(self)
+        if self.relative_bias is not None:
+            total += self.bias_buckets * self.n_heads  # the (buckets, H) table
+        return total, total
+
+    def prunable_units(self) -> list[PrunableUnits]:
+        """Whole kv groups: one kv head with the `n_heads / n_kv_heads` query heads that read
+        it (query columns are laid out `(Hkv, G, D)`, key/value columns `(Hkv, D)`)."""
+        slices = [WeightSlice(getattr(self, n), "kernel", 1, "in") for n in ("q_proj", "k_proj")]
+        slices += [
+            WeightSlice(self.v_proj, "kernel", 1, "in"),
+            WeightSlice(self.o_proj, "kernel", 0, "out"),
+        ]
+        if self.relative_bias is not None:
+            slices.append(WeightSlice(self.relative_bias, "table", 1, None))  # (buckets, H)
+        group = self.n_heads // self.n_kv_heads
+        return [PrunableUnits("heads", self.n_kv_heads, 1, tuple(slices), heads_per_unit=group)]
+
     def build(self, input_shape):
-        self.q_proj.build(input_shape)
-        self.k_proj.build(input_shape)
-        self.v_proj.build(input_shape)
-        self.o_proj.build((*input_shape[:-1], self.n_heads * self.head_dim))
+        build_projections(self, input_shape)
         if self.relative_bias is not None:
             self.relative_bias.build()
 

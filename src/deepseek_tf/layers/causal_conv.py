@@ -53,6 +53,11 @@ class CausalConv1D(keras.layers.Layer):
             name="conv",
         )
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """`(total, activated)`: the `(k, d, d)` kernel and the bias."""
+        total = self.kernel_size * self.d_model * self.d_model + self.d_model
+        return total, total
+
     def build(self, input_shape):
         self.conv.build((input_shape[0], None, self.d_model))
 

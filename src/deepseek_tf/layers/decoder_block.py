@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import keras
 
 from deepseek_tf.layers.attention import CausalSelfAttention
 from deepseek_tf.layers.causal_conv import CausalConv1D
+from deepseek_tf.layers.mla import MultiHeadLatentAttention
+from deepseek_tf.layers.moe import DeepSeekMoE
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.layers.structure import Projection
 from deepseek_tf.layers.swiglu import SwiGLU
 
 BLOCK_TYPES = ("attention", "hybrid")
@@ -19,8 +24,6 @@ def make_attention(attention_type: str, d_model: int, config: dict, **kwargs):
     if attention_type == "mha":
         return CausalSelfAttention(d_model, **config, **kwargs)
     if attention_type == "mla":
-        from deepseek_tf.layers.mla import MultiHeadLatentAttention
-
         return MultiHeadLatentAttention(d_model, **config, **kwargs)
     raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
 
@@ -135,8 +138,6 @@ class DecoderBlock(keras.layers.Layer):
             self.conv = CausalConv1D(d_model, conv_kernel_size, init_std, dtype=policy, name="conv")
         self.ffn_norm = RMSNorm(norm_eps, dtype=policy, name="ffn_norm")
         if self.moe_config:
-            from deepseek_tf.layers.moe import DeepSeekMoE
-
             self.ffn = DeepSeekMoE(
                 d_model,
                 init_std=init_std,
@@ -158,6 +159,53 @@ class DecoderBlock(keras.layers.Layer):
                 name="ffn",
             )
         self.drop = keras.layers.Dropout(dropout, dtype=policy)
+
+    def parameter_counts(self, counted: set | None = None) -> tuple[int, int]:
+        """`(total, activated)` parameters, from the constructor arguments alone.
+
+        A sublayer whose id is in `counted` (shared with an earlier block, see
+        `CausalLM.share_adjacent`) still runs, so it adds to `activated` but not to
+        `total`; the ids of this block's attention and feed-forward are added to `counted`.
+        """
+        counted = set() if counted is None else counted
+        norms = 2 * self.d_model  # attn_norm + ffn_norm
+        total = active = norms
+        if self.conv is not None:
+            total, active = (c + n for c, n in zip(self.conv.parameter_counts(), (total, active)))
+        for sublayer in (self.attention, self.ffn):
+            sub_total, sub_active = sublayer.parameter_counts()
+            active += sub_active
+            if id(sublayer) not in counted:
+                total += sub_total
+                counted.add(id(sublayer))
+        return total, active
+
+    def projection_layers(self) -> list[tuple[str, Projection, keras.layers.Layer]]:
+        """`(key, declaration, layer)` of every projection in the block: keys are
+        `"attention/<name>"`, `"ffn/<name>"` (the `projection_ranks` keys) and
+        `"ffn/shared_experts/<name>"` (a MoE's shared experts: quantizable, but a MoE
+        feed-forward is never factorised)."""
+        out = [
+            (f"attention/{p.name}", p, getattr(self.attention, p.name))
+            for p in self.attention.projections()
+        ]
+        if isinstance(self.ffn, SwiGLU):
+            out += [(f"ffn/{p.name}", p, getattr(self.ffn, p.name)) for p in self.ffn.projections()]
+        elif self.ffn.shared_experts is not None:
+            shared = self.ffn.shared_experts
+            out += [
+                (
+                    f"ffn/shared_experts/{p.name}",
+                    replace(p, factorizable=False),
+                    getattr(shared, p.name),
+                )
+                for p in shared.projections()
+            ]
+        return out
+
+    def prunable_units(self) -> list:
+        """The attention's and the feed-forward's `PrunableUnits`."""
+        return [*self.attention.prunable_units(), *self.ffn.prunable_units()]
 
     def build(self, input_shape):
         for layer in (self.attn_norm, self.attention, self.ffn_norm, self.ffn):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import keras
 
-from deepseek_tf.layers.serialization import init_config, linear
+from deepseek_tf.layers.fake_quant_dense import FakeQuantDense
+from deepseek_tf.layers.serialization import init_config
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -44,8 +45,14 @@ class LowRankDense(keras.layers.Layer):
         self.rank = rank
         self.init_std = init_std
         self.fake_quant = fake_quant
-        self.down = linear(rank, init_std, self.dtype_policy, "down", fake_quant=fake_quant)
-        self.up = linear(units, init_std, self.dtype_policy, "up", fake_quant=fake_quant)
+        factor = FakeQuantDense if fake_quant else keras.layers.Dense
+        normal = keras.initializers.RandomNormal(stddev=init_std)
+        self.down = factor(
+            rank, use_bias=False, kernel_initializer=normal, dtype=self.dtype_policy, name="down"
+        )
+        self.up = factor(
+            units, use_bias=False, kernel_initializer=normal, dtype=self.dtype_policy, name="up"
+        )
 
     def build(self, input_shape):
         self.down.build(input_shape)

@@ -8,7 +8,15 @@ from keras import ops
 from deepseek_tf.layers.attention import NEG_INF, causal_attention
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_attention_factor, yarn_get_mscale
-from deepseek_tf.layers.serialization import init_config, projection
+from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.layers.structure import (
+    Projection,
+    PrunableUnits,
+    WeightSlice,
+    build_projections,
+    make_projections,
+    projection_parameters,
+)
 
 
 def mla_cache_values_per_token(
@@ -64,6 +72,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
             shared roped key.
         v_head_dim: per-head value features.
         rope_theta: RoPE base.
+        rope_layout: `"interleaved"` (DeepSeek's published models: feature pairs
+            `(2i, 2i + 1)` rotate together) or `"half"` (rotate-half).
         rope_scaling_factor: YaRN context-extension factor; 1 disables YaRN.
         rope_original_max_len, yarn_beta_fast, yarn_beta_slow: see
             `RotaryEmbedding`.
@@ -116,6 +126,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         qk_rope_head_dim: int,
         v_head_dim: int,
         rope_theta: float = 10000.0,
+        rope_layout: str = "interleaved",
         rope_scaling_factor: float = 1.0,
         rope_original_max_len: int = 4096,
         yarn_beta_fast: float = 32.0,
@@ -139,6 +150,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         self.qk_rope_head_dim = qk_rope_head_dim
         self.v_head_dim = v_head_dim
         self.rope_theta = rope_theta
+        self.rope_layout = rope_layout
         self.rope_scaling_factor = rope_scaling_factor
         self.rope_original_max_len = rope_original_max_len
         self.yarn_beta_fast = yarn_beta_fast
@@ -158,29 +170,14 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         if factor > 1.0 and yarn_mscale_all_dim:
             self.scale *= yarn_get_mscale(factor, yarn_mscale_all_dim) ** 2
 
-        def dense(units, std, name):
-            # kv_b_proj stays a plain Dense: absorbed decoding folds its kernel.
-            return projection(self, units, std, name, plain=name == "kv_b_proj")
-
-        def norm(name):
-            return RMSNorm(epsilon=norm_eps, dtype=self.dtype_policy, name=name)
-
+        make_projections(self)  # see `projections`
         if q_lora_rank > 0:
-            self.q_a_proj = dense(q_lora_rank, init_std, "q_a_proj")
-            self.q_a_layernorm = norm("q_a_layernorm")
-            self.q_b_proj = dense(n_heads * self.qk_head_dim, init_std, "q_b_proj")
-        else:
-            self.q_proj = dense(n_heads * self.qk_head_dim, init_std, "q_proj")
-        self.kv_a_proj_with_mqa = dense(
-            kv_lora_rank + qk_rope_head_dim, init_std, "kv_a_proj_with_mqa"
-        )
-        self.kv_a_layernorm = norm("kv_a_layernorm")
-        self.kv_b_proj = dense(n_heads * (qk_nope_head_dim + v_head_dim), init_std, "kv_b_proj")
-        self.o_proj = dense(d_model, output_init_std, "o_proj")
+            self.q_a_layernorm = RMSNorm(norm_eps, dtype=self.dtype_policy, name="q_a_layernorm")
+        self.kv_a_layernorm = RMSNorm(norm_eps, dtype=self.dtype_policy, name="kv_a_layernorm")
         self.rope = RotaryEmbedding(
             qk_rope_head_dim,
             theta=rope_theta,
-            layout="interleaved",
+            layout=rope_layout,
             scaling_factor=factor,
             original_max_len=rope_original_max_len,
             beta_fast=yarn_beta_fast,
@@ -190,18 +187,49 @@ class MultiHeadLatentAttention(keras.layers.Layer):
             name="rope",
         )
 
+    def projections(self) -> list[Projection]:
+        """The layer's projections (see `layers.structure`). `kv_b_proj` is neither
+        factorised nor quantized: absorbed decoding folds its float kernel into the query
+        and the output."""
+        d, h = self.d_model, self.n_heads
+        rank, rope = self.kv_lora_rank, self.qk_rope_head_dim
+        if self.q_lora_rank > 0:
+            query = [
+                Projection("q_a_proj", d, self.q_lora_rank),
+                Projection("q_b_proj", self.q_lora_rank, h * self.qk_head_dim),
+            ]
+        else:
+            query = [Projection("q_proj", d, h * self.qk_head_dim)]
+        kv_b = h * (self.qk_nope_head_dim + self.v_head_dim)
+        return [
+            *query,
+            Projection("kv_a_proj_with_mqa", d, rank + rope),
+            Projection("kv_b_proj", rank, kv_b, factorizable=False, quantizable=False),
+            Projection("o_proj", h * self.v_head_dim, d, output=True),
+        ]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """`(total, activated)` parameters, from the constructor arguments alone."""
+        total = projection_parameters(self) + self.q_lora_rank + self.kv_lora_rank  # + norms
+        return total, total
+
+    def prunable_units(self) -> list[PrunableUnits]:
+        """Single heads: query columns `(H, Dn + Dr)`, `kv_b_proj` columns `(H, Dn + Dv)`,
+        `o_proj` rows `(H, Dv)`."""
+        query = self.q_b_proj if self.q_lora_rank > 0 else self.q_proj
+        slices = (
+            WeightSlice(query, "kernel", 1, "in"),
+            WeightSlice(self.kv_b_proj, "kernel", 1, "in"),
+            WeightSlice(self.o_proj, "kernel", 0, "out"),
+        )
+        return [PrunableUnits("heads", self.n_heads, 1, slices)]
+
     def build(self, input_shape):
         lead = tuple(input_shape[:-1])
+        build_projections(self, input_shape)
         if self.q_lora_rank > 0:
-            self.q_a_proj.build(input_shape)
             self.q_a_layernorm.build((*lead, self.q_lora_rank))
-            self.q_b_proj.build((*lead, self.q_lora_rank))
-        else:
-            self.q_proj.build(input_shape)
-        self.kv_a_proj_with_mqa.build(input_shape)
         self.kv_a_layernorm.build((*lead, self.kv_lora_rank))
-        self.kv_b_proj.build((*lead, self.kv_lora_rank))
-        self.o_proj.build((*lead, self.n_heads * self.v_head_dim))
 
     def cache_values_per_token(self) -> int:
         """Values this layer caches per token on its decoding path (see `absorb`)."""

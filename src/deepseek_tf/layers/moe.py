@@ -11,6 +11,7 @@ from keras import ops
 from deepseek_tf.layers.moe_capacity import capacity_dispatch
 from deepseek_tf.layers.router import TopKRouter
 from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.layers.structure import PrunableUnits, WeightSlice
 from deepseek_tf.layers.swiglu import SwiGLU
 
 DISPATCH = ("sparse", "dense")
@@ -237,8 +238,36 @@ class DeepSeekMoE(keras.layers.Layer):
                 name="shared_experts",
             )
 
-    def build(self, input_shape):
+    def expert_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """The stacked routed-expert weights: `{name: (E, in, out)}`."""
         e, d, h = self.n_routed_experts, self.d_model, self.moe_hidden_dim
+        return {"experts_gate": (e, d, h), "experts_up": (e, d, h), "experts_down": (e, h, d)}
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """`(total, activated)`: router kernel and balance bias, shared experts, and all
+        routed experts (activated: the `num_experts_per_tok` a token uses)."""
+        e, d, h = self.n_routed_experts, self.d_model, self.moe_hidden_dim
+        fixed = d * e + e  # router kernel + e_score_correction_bias
+        if self.shared_experts is not None:
+            fixed += self.shared_experts.parameter_counts()[0]
+        expert = 3 * d * h
+        return fixed + expert * e, fixed + expert * self.num_experts_per_tok
+
+    def prunable_units(self) -> list[PrunableUnits]:
+        """Routed experts: the stacked weights' expert axis and the router's column."""
+        slices = (
+            WeightSlice(self, "experts_gate", 0, "in"),
+            WeightSlice(self, "experts_up", 0, "in"),
+            WeightSlice(self, "experts_down", 0, "out"),
+            WeightSlice(self.gate, "kernel", 1, None),
+        )
+        units = PrunableUnits(
+            "experts", self.n_routed_experts, self.num_experts_per_tok, slices, router=self.gate
+        )
+        return [units]
+
+    def build(self, input_shape):
+        d = self.d_model
         self.gate.build((None, d))
         if self.shared_experts is not None:
             self.shared_experts.build(input_shape)
@@ -251,9 +280,9 @@ class DeepSeekMoE(keras.layers.Layer):
                 dtype=self.variable_dtype,
             )
 
-        self.experts_gate = weight("experts_gate", (e, d, h), self.init_std)
-        self.experts_up = weight("experts_up", (e, d, h), self.init_std)
-        self.experts_down = weight("experts_down", (e, h, d), self.output_init_std)
+        for name, shape in self.expert_shapes().items():
+            std = self.output_init_std if name == "experts_down" else self.init_std
+            setattr(self, name, weight(name, shape, std))
 
     def call(self, x, training=None, return_hidden=False):
         lead_shape = ops.shape(x)[:-1]

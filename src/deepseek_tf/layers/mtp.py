@@ -7,7 +7,8 @@ from keras import ops
 
 from deepseek_tf.layers.decoder_block import DecoderBlock
 from deepseek_tf.layers.rms_norm import RMSNorm
-from deepseek_tf.layers.serialization import init_config, linear
+from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.layers.structure import projection_layer
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -59,9 +60,17 @@ class MTPModule(keras.layers.Layer):
         policy = self.dtype_policy
         self.enorm = RMSNorm(norm_eps, dtype=policy, name="enorm")
         self.hnorm = RMSNorm(norm_eps, dtype=policy, name="hnorm")
-        self.eh_proj = linear(d_model, init_std, policy, "eh_proj")
+        self.eh_proj = projection_layer(d_model, init_std, policy, "eh_proj")
         self.block = DecoderBlock(d_model=d_model, dtype=policy, name="block", **self.block_config)
         self.norm = RMSNorm(norm_eps, dtype=policy, name="norm")
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """`(total, activated)`: three norms, `eh_proj` `(2d, d)` and the block (the
+        embedding and output head are the model's, shared)."""
+        d = self.d_model
+        fixed = 3 * d + 2 * d * d
+        total, active = self.block.parameter_counts()
+        return fixed + total, fixed + active
 
     def build(self, input_shape):
         self.enorm.build(input_shape)

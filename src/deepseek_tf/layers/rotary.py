@@ -115,11 +115,18 @@ class RotaryEmbedding(keras.layers.Layer):
         self.beta_fast = beta_fast
         self.beta_slow = beta_slow
         self.attention_factor = attention_factor
-        self._inv_freq = rope_inv_freq(
-            head_dim, theta, scaling_factor, original_max_len, beta_fast, beta_slow
-        )
+        self._inv_freq = None  # computed on first use: an unbuilt model allocates nothing
 
     def call(self, x, positions):
+        if self._inv_freq is None:
+            self._inv_freq = rope_inv_freq(
+                self.head_dim,
+                self.theta,
+                self.scaling_factor,
+                self.original_max_len,
+                self.beta_fast,
+                self.beta_slow,
+            )
         inv_freq = ops.convert_to_tensor(self._inv_freq, "float32")
         angles = ops.cast(positions, "float32")[:, None] * inv_freq[None, :]  # (T, D/2)
         cos = ops.cos(angles)[None, :, None, :] * self.attention_factor  # (1, T, 1, D/2)

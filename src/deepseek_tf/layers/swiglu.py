@@ -5,7 +5,15 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from deepseek_tf.layers.serialization import init_config, projection
+from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.layers.structure import (
+    Projection,
+    PrunableUnits,
+    WeightSlice,
+    build_projections,
+    make_projections,
+    projection_parameters,
+)
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -51,17 +59,33 @@ class SwiGLU(keras.layers.Layer):
         self.projection_ranks = dict(projection_ranks or {})
         self.fake_quant = fake_quant
 
-        def dense(units, std, name):
-            return projection(self, units, std, name)
+        make_projections(self)  # gate_proj, up_proj, down_proj (see `projections`)
 
-        self.gate_proj = dense(hidden_dim, init_std, "gate_proj")
-        self.up_proj = dense(hidden_dim, init_std, "up_proj")
-        self.down_proj = dense(d_model, output_init_std, "down_proj")
+    def projections(self) -> list[Projection]:
+        """The layer's projections (see `layers.structure`)."""
+        d, h = self.d_model, self.hidden_dim
+        return [
+            Projection("gate_proj", d, h),
+            Projection("up_proj", d, h),
+            Projection("down_proj", h, d, output=True),
+        ]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """`(total, activated)` parameters, from the constructor arguments alone."""
+        total = projection_parameters(self)
+        return total, total
+
+    def prunable_units(self) -> list[PrunableUnits]:
+        """Hidden channels: `gate_proj`/`up_proj` columns and `down_proj` rows."""
+        slices = (
+            WeightSlice(self.gate_proj, "kernel", 1, "in"),
+            WeightSlice(self.up_proj, "kernel", 1, "in"),
+            WeightSlice(self.down_proj, "kernel", 0, "out"),
+        )
+        return [PrunableUnits("ffn", self.hidden_dim, 1, slices)]
 
     def build(self, input_shape):
-        self.gate_proj.build(input_shape)
-        self.up_proj.build(input_shape)
-        self.down_proj.build((*input_shape[:-1], self.hidden_dim))
+        build_projections(self, input_shape)
 
     def call(self, x, return_hidden=False):
         hidden = ops.silu(self.gate_proj(x)) * self.up_proj(x)  # (..., hidden_dim)

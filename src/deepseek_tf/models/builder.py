@@ -1,4 +1,4 @@
-"""Config -> model, and parameter counts computed from the config alone."""
+"""Config -> model: the one place the config becomes layer keyword arguments."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from deepseek_tf.config.loader import parse_lowrank
 from deepseek_tf.config.schema import Config, ModelConfig
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.models.causal_lm import CausalLM
+from deepseek_tf.models.quantization import apply_quantized_structure
 
 
 def ffn_hidden_dim(m: ModelConfig) -> int:
@@ -42,6 +43,7 @@ def attention_config(m: ModelConfig) -> dict:
             "qk_nope_head_dim": m.qk_nope_head_dim,
             "qk_rope_head_dim": m.qk_rope_head_dim,
             "v_head_dim": m.v_head_dim,
+            "rope_layout": m.rope_layout,
             "norm_eps": 1e-6,  # DeepSeek's latent norms use 1e-6 whatever rms_norm_eps is
             "absorb": m.mla_absorb,
             **yarn,
@@ -97,7 +99,7 @@ def layer_overrides(m: ModelConfig) -> list | None:
     for i in range(m.n_layers):
         o = {}
         if m.layer_n_heads and m.layer_n_heads[i]:
-            heads = m.layer_n_heads[i]
+            heads = m.layer_n_heads[i]  # whole kv groups (checked by config validation)
             o["attention"] = {"n_heads": heads}
             if m.attention == "mha":
                 o["attention"]["n_kv_heads"] = heads // kv_group
@@ -143,9 +145,27 @@ def model_kwargs(config: Config, vocab_size: int | None = None) -> dict:
     }
 
 
-def build_model(config: Config, vocab_size: int | None = None, seed: int | None = None) -> CausalLM:
-    """Builds the `CausalLM` of `config` (weights initialised, policy from `train.precision`)."""
-    if seed is not None:
-        keras.utils.set_random_seed(seed)
+def unbuilt_model(config: Config, vocab_size: int | None = None) -> CausalLM:
+    """The `CausalLM` of `config` without weights: it describes itself
+    (`parameter_counts`, `prunable_units`) at any size, 671B parameters included."""
     dtype = keras.DTypePolicy(config.train.precision)
     return CausalLM(**model_kwargs(config, vocab_size), dtype=dtype)
+
+
+def build_model(config: Config, vocab_size: int | None = None, seed: int | None = None) -> CausalLM:
+    """Builds the `CausalLM` of `config`: weights initialised (seeded), dtype policy from
+    `train.precision`, and for a quantized run (`model.quantize`) the quantized variables
+    its checkpoint holds."""
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    model = unbuilt_model(config, vocab_size)
+    model.build((None, None))
+    if config.model.quantize != "none":
+        apply_quantized_structure(model, config.model)
+    return model
+
+
+def parameter_count(config: Config, vocab_size: int | None = None) -> dict:
+    """Parameter counts of `config`'s model from its layers' declarations, without
+    allocating a weight (see `CausalLM.parameter_counts`)."""
+    return unbuilt_model(config, vocab_size).parameter_counts()

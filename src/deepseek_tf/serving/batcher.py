@@ -2,10 +2,11 @@
 
 HTTP handler threads `submit` a `Job` and read its `events` queue. The worker
 takes the first waiting job, waits up to `window_s` for more (at most
-`max_batch`), and decodes them as one batch with a `ChunkedDecoder`. After every
-chunk it hands each job its new tokens: the job turns them into text, checks
-its stop strings, and the worker drops finished or abandoned jobs (a client
-that disconnected) from the batch. `max_batch=1` turns batching off.
+`max_batch`), and decodes them as one batch through the one decode loop
+(`generation.decoding.Decoder`, the loop `deepseek-tf generate` runs), `chunk`
+positions at a time. After every chunk it hands each job its new tokens: the
+job turns them into text, checks its stop strings, and the worker drops finished
+or abandoned jobs (a client that disconnected) from the batch. `max_batch=1` turns batching off.
 
 Events on `Job.events`: `("delta", text, tokens)` where `tokens` is a list of
 `(token_id, token_text, logprob, [(alt_text, alt_logprob), ...])`, then one
@@ -20,7 +21,7 @@ import random
 import threading
 import time
 
-from deepseek_tf.serving.decoder import ChunkedDecoder, Row
+from deepseek_tf.generation.decoding import Decoder, Row
 from deepseek_tf.serving.protocol import GenRequest
 
 log = logging.getLogger("deepseek_tf.serving")
@@ -33,7 +34,7 @@ class Job:
         self.req = req
         self.tokenizer = tokenizer
         self.eos_id = eos_id
-        self.seed = req.seed if req.seed is not None else random.getrandbits(31)
+        self.seed = req.seed if req.seed is not None else random.getrandbits(31)  # < 2**31
         self.events: queue.Queue = queue.Queue()
         self.cancelled = False  # set by the handler when its client goes away
         self.finished = False
@@ -118,7 +119,8 @@ class Batcher:
     ):
         self.tokenizer = tokenizer
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
-        self.decoder = ChunkedDecoder(model, chunk=chunk, jit_compile=jit_compile)
+        self.decoder = Decoder(model, jit_compile=jit_compile, logprobs=True)
+        self.chunk = chunk
         self.max_batch = max(1, max_batch)
         self.window_s = window_s
         self._queue: queue.Queue = queue.Queue()
@@ -179,13 +181,20 @@ class Batcher:
         self.batches += 1
         self.rows += len(jobs)
         rows = [
-            Row(j.req.prompt_ids, j.req.max_tokens, j.req.temperature, j.req.top_p, j.seed)
+            Row(
+                j.req.prompt_ids,
+                j.req.max_tokens,
+                j.req.temperature,
+                j.req.top_k,
+                j.req.top_p,
+                j.seed,
+            )
             for j in jobs
         ]
         stop_ids = [] if self.eos_id is None else [self.eos_id]
         state = self.decoder.start(rows, stop_ids)
         while not state.finished:
-            new = state.step()
+            new = state.step(self.chunk)
             for row, job in enumerate(jobs):
                 if job.finished or job.cancelled:
                     if not job.finished and not state.done[row]:

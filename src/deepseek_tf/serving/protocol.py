@@ -14,8 +14,9 @@ Chat template: each message becomes one line `"<role>: <content>\\n"`, then
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+from deepseek_tf.generation.sampler import SamplingError, check_sampling
 
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOP_STRINGS = 4
@@ -77,6 +78,7 @@ class GenRequest:
     prompt_ids: list[int] = field(default_factory=list)
     max_tokens: int = 16
     temperature: float = 1.0
+    top_k: int = 0  # an extension (as vLLM's): keep the k most likely tokens; 0: all
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -95,13 +97,6 @@ def _typed(body: dict, key: str, types, default, name: str):
     if not isinstance(value, types):
         raise bad(f"'{key}' must be {name}, got {type(value).__name__}", key, "invalid_type")
     return value
-
-
-def _number(body, key, default, low, high):
-    value = _typed(body, key, (int, float), default, "a number")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise bad(f"'{key}' must be between {low} and {high}, got {value}", key)
-    return float(value)
 
 
 def chat_prompt(messages) -> str:
@@ -183,12 +178,18 @@ def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenR
     if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
         raise bad(f"'{key}' must be between 1 and {limits.max_tokens}, got {max_tokens}", key)
     req.max_tokens = max_tokens if max_tokens is not None else -1  # -1: fill the context
-    req.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    req.top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if req.top_p == 0.0:
-        req.temperature = 0.0  # an empty nucleus: greedy
     seed = _typed(body, "seed", (int,), None, "an integer")
-    req.seed = None if seed is None else seed % (2**31)
+    try:  # the rules of `deepseek-tf generate` (one sampler, one set of checks)
+        sampling = check_sampling(
+            _typed(body, "temperature", (int, float), 1.0, "a number"),
+            _typed(body, "top_k", (int,), 0, "an integer"),
+            _typed(body, "top_p", (int, float), 1.0, "a number"),
+            0 if seed is None else seed,
+        )
+    except SamplingError as e:
+        raise bad(f"'{e.param}': {e}", e.param) from None
+    req.temperature, req.top_k, req.top_p = sampling.temperature, sampling.top_k, sampling.top_p
+    req.seed = None if seed is None else sampling.seed
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

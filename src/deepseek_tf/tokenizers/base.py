@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 
 import tensorflow as tf
@@ -48,19 +49,31 @@ class Tokenizer(abc.ABC):
     def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
         """Scalar tf.string -> 1-D int32 token ids; usable inside `tf.data.Dataset.map`."""
 
+    file_name: str = ""  # the file `save` writes (CHAR_FILE or BPE_FILE)
+
     @abc.abstractmethod
-    def _write(self, directory: str) -> str:
-        """Write this tokenizer's file into the existing `directory`; returns its path."""
+    def _write(self, path: str) -> None:
+        """Write this tokenizer's file to `path`."""
 
     def save(self, directory: str | os.PathLike[str]) -> str:
         """Write the tokenizer into `directory` (created if needed); returns the file path.
 
-        A tokenizer file of the other kind in `directory` is removed, so that
-        `load_tokenizer(directory)` finds this tokenizer.
+        The file is replaced atomically (written beside it, then renamed), so a process
+        killed while saving leaves the previous tokenizer intact. A tokenizer file of the
+        other kind in `directory` is removed, so that `load_tokenizer(directory)` finds
+        this tokenizer.
         """
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        path = self._write(directory)
+        path = os.path.join(directory, self.file_name)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.file_name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            self._write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         for name in (CHAR_FILE, BPE_FILE):
             other = os.path.join(directory, name)
             if other != path and os.path.isfile(other):

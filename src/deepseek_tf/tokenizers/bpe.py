@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -24,6 +23,7 @@ class BPETokenizer(Tokenizer):
     """
 
     kind = "bpe"
+    file_name = BPE_FILE
 
     def __init__(self, hf_tokenizer: HFTokenizer) -> None:
         self._tok = hf_tokenizer
@@ -82,10 +82,8 @@ class BPETokenizer(Tokenizer):
         ids.set_shape([None])  # (N,)
         return ids
 
-    def _write(self, directory: str) -> str:
-        path = os.path.join(directory, BPE_FILE)
+    def _write(self, path: str) -> None:
         self._tok.save(path)
-        return path
 
     @classmethod
     def load(cls, path: str) -> BPETokenizer:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 
 import tensorflow as tf
@@ -20,6 +19,7 @@ class CharTokenizer(Tokenizer):
     """
 
     kind = "char"
+    file_name = CHAR_FILE
 
     def __init__(self, chars: Iterable[str]) -> None:
         self._chars = tuple(chars)
@@ -92,12 +92,10 @@ class CharTokenizer(Tokenizer):
         with tf.control_dependencies([check]):
             return tf.identity(ids)
 
-    def _write(self, directory: str) -> str:
-        path = os.path.join(directory, CHAR_FILE)
+    def _write(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"kind": "char", "chars": list(self._chars)}, f, ensure_ascii=False)
             f.write("\n")
-        return path
 
     @classmethod
     def load(cls, path: str) -> CharTokenizer:

@@ -23,6 +23,9 @@ import psutil
 import tensorflow as tf
 
 from deepseek_tf.errors import ConfigError
+from deepseek_tf.models.builder import build_model
+from deepseek_tf.training.optim import make_optimizer
+from deepseek_tf.training.step import make_train_step
 
 MIB = 2**20
 
@@ -57,10 +60,6 @@ def default_budget_bytes() -> int:
 
 def step_bytes(config, vocab_size: int, batch: int) -> int:
     """What one compiled training step at `batch` adds to memory (steady state)."""
-    from deepseek_tf.models.builder import build_model
-    from deepseek_tf.training.optim import make_optimizer
-    from deepseek_tf.training.step import make_train_step
-
     t = dataclasses.replace(config.train, batch_size=batch)
     model = build_model(config, vocab_size, seed=t.seed)
     optimizer = make_optimizer(t, model)

@@ -7,12 +7,7 @@ import math
 import tensorflow as tf
 from keras import ops
 
-
-def token_losses(logits, targets):
-    """Per-token cross-entropy `(B, T)` in float32."""
-    return ops.sparse_categorical_crossentropy(
-        targets, ops.cast(logits, "float32"), from_logits=True
-    )
+from deepseek_tf.training.losses import token_losses
 
 
 def make_eval_step(model, jit_compile: bool):

@@ -10,6 +10,15 @@ import tensorflow as tf
 from deepseek_tf.config.schema import RuntimeConfig
 from deepseek_tf.errors import ConfigError
 
+# What a collective raises when a peer worker is gone (timed out or aborted): the job
+# cannot continue, every worker restarts with --resume.
+LOST_WORKER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.CancelledError,
+    tf.errors.AbortedError,
+)
+
 
 def configure_threads(r: RuntimeConfig) -> None:
     """Sets oneDNN/TF thread pools; must run before TensorFlow executes any op."""

@@ -1,70 +1,103 @@
-"""The training step: forward, loss, backward, (accumulate), clip, update.
+"""The training step: forward, loss, backward, (accumulate), clip, update, after-update.
 
+The one step every trainer runs (`Trainer`, compression fine-tuning, distillation).
 Read top to bottom; `make_train_step` only decides what gets compiled.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
-from keras import ops
 
-from deepseek_tf.training.evaluate import token_losses
+from deepseek_tf.training.losses import objective as training_objective
 
 
-def weighted_mean(values, weights):
-    return ops.sum(values * weights) / ops.maximum(ops.sum(weights), 1.0)
+def make_objective(
+    model,
+    *,
+    mtp_loss_weight: float,
+    sparsity_threshold: float = 1e-2,
+    hard_loss_weight: float = 1.0,
+    extra_loss=None,
+):
+    """`fn(inputs, targets, weights, training=True) -> (objective, parts)` (`losses.objective`).
+
+    `extra_loss(inputs, targets, weights, logits) -> scalar` adds a term (distillation).
+    """
+
+    def fn(inputs, targets, weights, training=True):
+        logits, stats = model.forward_with_stats(
+            inputs, training=training, sparsity_threshold=sparsity_threshold
+        )  # (B, T, V)
+        extra = None if extra_loss is None else extra_loss(inputs, targets, weights, logits)
+        return training_objective(
+            logits,
+            stats,
+            targets,
+            weights,
+            mtp_loss_weight=mtp_loss_weight,
+            hard_loss_weight=hard_loss_weight,
+            extra=extra,
+        )
+
+    return fn
 
 
 def make_train_step(
     model,
     optimizer,
     *,
-    accumulation: int,
-    replicas: int,
-    sparsity_threshold: float,
-    jit_compile: bool,
+    accumulation: int = 1,
+    replicas: int = 1,
+    sparsity_threshold: float = 1e-2,
+    jit_compile: bool = True,
     strategy=None,
     mtp_loss_weight: float = 0.0,
+    hard_loss_weight: float = 1.0,
+    extra_loss=None,
+    after_update=None,
+    variables=None,
 ):
     """Returns `step(inputs, targets, weights) -> dict of step statistics`.
 
     Inputs are `(B, T)` or, with gradient accumulation, `(A, B, T)`: `A`
     micro-batches whose gradients are averaged into one optimizer update. The
-    objective is the next-token loss, plus `mtp_loss_weight` times the mean
-    Multi-Token Prediction loss, plus the MoE balance losses. After the update,
-    each MoE layer's routing bias moves against its expert load (DeepSeek-V3's
-    auxiliary-loss-free balancing: no gradient involved).
+    objective is `losses.objective`: the next-token loss, plus `mtp_loss_weight` times
+    the mean Multi-Token Prediction loss, plus the MoE balance losses, plus
+    `extra_loss` (see `make_objective`). A `LossScaleOptimizer` (float16) gets the
+    loss scaled and its gradients unscaled. After the update each MoE layer's routing
+    bias moves against its expert load (DeepSeek-V3's auxiliary-loss-free balancing:
+    no gradient involved), then `after_update()` runs (e.g. re-applying pruning masks).
+
+    Args:
+        model: the `CausalLM`.
+        optimizer: its optimizer (built for `variables`).
+        accumulation: micro-batches per update.
+        replicas: replicas in sync (several: `strategy` runs the step on each).
+        sparsity_threshold: activation magnitude counted as inactive (monitor).
+        jit_compile: compile with XLA.
+        strategy: the distribution strategy (several replicas).
+        mtp_loss_weight: lambda of the MTP loss.
+        hard_loss_weight: weight of the data losses (distillation: `1 - alpha`).
+        extra_loss: `fn(inputs, targets, weights, logits) -> scalar`, or None.
+        after_update: `fn()` run in the step after the update, or None.
+        variables: the variables trained (default: all trainable variables).
     """
-    variables = model.trainable_variables
+    variables = list(model.trainable_variables if variables is None else variables)
     loss_scaled = hasattr(optimizer, "dynamic_scale")
     moe_layers = model.moe_modules()
-
-    def losses(inputs, targets, weights):
-        logits, stats = model.forward_with_stats(
-            inputs, training=True, sparsity_threshold=sparsity_threshold
-        )  # (B, T, V)
-        out = {
-            "loss": weighted_mean(token_losses(logits, targets), weights),
-            "aux_loss": stats["aux_loss"],
-            "activation_sparsity": stats["activation_sparsity"],
-        }
-        objective = out["loss"] + out["aux_loss"]
-        if stats["mtp_logits"]:
-            mtp = [  # depth k predicts targets[:, k:] from positions [:, :-k]
-                weighted_mean(token_losses(lg, targets[:, k:]), weights[:, k:])
-                for k, lg in enumerate(stats["mtp_logits"], start=1)
-            ]
-            out["mtp_loss"] = ops.mean(ops.stack(mtp))
-            objective = objective + mtp_loss_weight * out["mtp_loss"]
-        if "expert_load" in stats:
-            out["expert_load"] = stats["expert_load"]  # (L_moe, E)
-        return objective, out
+    losses = make_objective(
+        model,
+        mtp_loss_weight=mtp_loss_weight,
+        sparsity_threshold=sparsity_threshold,
+        hard_loss_weight=hard_loss_weight,
+        extra_loss=extra_loss,
+    )
 
     def loss_and_grads(inputs, targets, weights):
         with tf.GradientTape() as tape:
-            objective, out = losses(inputs, targets, weights)
+            total, out = losses(inputs, targets, weights)
             # Each replica's gradients are summed by the optimizer: divide here.
-            scaled = optimizer.scale_loss(objective / (replicas * accumulation))
+            scaled = optimizer.scale_loss(total / (replicas * accumulation))
         grads = tape.gradient(scaled, variables)
         if accumulation > 1:  # embedding gradients arrive as IndexedSlices: densify to sum
             grads = [tf.convert_to_tensor(g) for g in grads]
@@ -99,6 +132,8 @@ def make_train_step(
         out["grad_norm"] = grad_norm(grads)
         optimizer.apply(grads, variables)  # clips by global norm, AdamW, schedule
         update_biases(out)
+        if after_update is not None:
+            after_update()
         return out
 
     if strategy is None or replicas == 1:
@@ -137,6 +172,8 @@ def make_train_step(
             out["grad_norm"] = grad_norm(grads)  # of this replica's share of the batch
         optimizer.apply(grads, variables)
         update_biases(out)
+        if after_update is not None:
+            after_update()
         return out
 
     @tf.function

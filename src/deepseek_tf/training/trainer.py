@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import signal
 import sys
+import threading
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.config.loader import save_config
 from deepseek_tf.config.schema import Config
-from deepseek_tf.data.pipeline import make_eval_dataset, make_train_dataset
-from deepseek_tf.errors import ConfigError, RunDirError, TrainingError
+from deepseek_tf.data.pipeline import make_eval_dataset, make_step_dataset
+from deepseek_tf.errors import ConfigError, TrainingError
 from deepseek_tf.models.builder import build_model
-from deepseek_tf.training.checkpoint import RunCheckpoint
+from deepseek_tf.rundir import NoMetrics, RunDir
 from deepseek_tf.training.evaluate import evaluate, make_eval_step
 from deepseek_tf.training.monitor import TrainingMonitor, balance_stats
-from deepseek_tf.training.optim import current_learning_rate, make_optimizer
+from deepseek_tf.training.optim import (
+    current_learning_rate,
+    learning_rate_schedule,
+    make_optimizer,
+)
 from deepseek_tf.training.runtime import (
+    LOST_WORKER_ERRORS,
     describe_runtime,
     is_chief,
     is_multi_worker,
@@ -30,48 +36,20 @@ from deepseek_tf.training.runtime import (
 )
 from deepseek_tf.training.step import make_train_step
 
-METRICS_FILE = "metrics.jsonl"
-
-
-class MetricsLog:
-    """Append-only JSON-lines log; on resume, entries after the checkpoint are dropped."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        keep = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-    def write(self, **entry) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-
-
-class _NoMetrics:
-    """What a non-chief worker logs: nothing (the chief writes the run's files)."""
-
-    def truncate_after(self, step: int) -> None:
-        pass
-
-    def write(self, **entry) -> None:
-        pass
+SCHEDULE_KEYS = ("steps", "warmup_steps", "learning_rate", "min_learning_rate")
 
 
 class Trainer:
     """Trains the model of `config` on its data, writing everything to `run_dir`.
 
+    Nothing is written to `run_dir` before a resumed run's checkpoint has been restored:
+    a failed `--resume` leaves the run as it was.
+
     Args:
         config: the resolved configuration (saved as `run_dir/config.yaml`).
         run_dir: output directory (config, tokenizer, checkpoints, logs).
         tokenizer: the run's tokenizer (saved into `run_dir`).
-        resume: continue from the latest checkpoint of `run_dir`.
+        resume: continue from the newest readable checkpoint of `run_dir`.
         verbose: 0 silent, 1 progress bar and log lines.
         strategy: an already created distribution strategy (default: made from
             `config.runtime`). A caller that runs TensorFlow ops before building the
@@ -89,9 +67,11 @@ class Trainer:
         strategy: tf.distribute.Strategy | None = None,
     ):
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(run_dir)
+        self.run_dir = self.run.path
         self.tokenizer = tokenizer
         self.verbose = verbose
+        self.resume = resume
         t = config.train
         # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any op.
         self.strategy = strategy or make_strategy(config.runtime)
@@ -105,28 +85,23 @@ class Trainer:
                 f"train.batch_size {t.batch_size} is not divisible by the {self.replicas} "
                 "replicas in sync (each replica gets an equal share)"
             )
-        ckpt_dir = self.run_dir / "checkpoints"
-        if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-            raise RunDirError(
-                f"{self.run_dir} already holds checkpoints: pass --resume to continue it, "
-                "or choose another --out"
-            )
-        if self.chief:  # only the chief writes the run directory
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir)
-            tokenizer.save(self.run_dir)
+        self.previous_config = self.run.read_config() if resume else None
+        if not resume:
+            self.run.check_new()
 
         with self.strategy.scope():
-            self.model = build_model(config, tokenizer.vocab_size, seed=t.seed)
+            self.model = build_model(config, seed=t.seed)
             self.optimizer = make_optimizer(t, self.model)
-        self.checkpoint = RunCheckpoint(
-            self.run_dir, self.model, self.optimizer, t.keep_checkpoints, chief=self.chief
+        self.checkpoint = self.run.checkpoint(
+            self.model, self.optimizer, t.keep_checkpoints, chief=self.chief
         )
+        self.checkpoint.log = self._log
         self.start_step = 0
+        self.restored = None
         if resume and self.checkpoint.latest:
             self.start_step = self.checkpoint.restore()
-        self.metrics = MetricsLog(self.run_dir / METRICS_FILE) if self.chief else _NoMetrics()
-        self.metrics.truncate_after(self.start_step)
+            self.restored = f"ckpt-{self.start_step}"  # checkpoints are numbered by step
+        self.metrics = self.run.metrics if self.chief else NoMetrics()
         self.step_fn = make_train_step(
             self.model,
             self.optimizer,
@@ -138,43 +113,37 @@ class Trainer:
             mtp_loss_weight=config.model.mtp_loss_weight,
         )
         self.eval_step = make_eval_step(self.model, config.runtime.jit_compile)
-        self.writer = (
-            tf.summary.create_file_writer(str(self.run_dir / "logs"))
-            if self.chief
-            else tf.summary.create_noop_writer()
-        )
+        self.writer = None
 
     # -- data -------------------------------------------------------------------------------
     def _train_iterator(self):
         t = self.config.train
         accumulation = t.gradient_accumulation_steps
         if self.replicas == 1:  # the default path: one pipeline, the global batch
-            ds = make_train_dataset(
-                self.config.data,
-                self.tokenizer,
-                t.batch_size,
-                start_batch=self.start_step * accumulation,
+            return iter(
+                make_step_dataset(
+                    self.config.data,
+                    self.tokenizer,
+                    t.batch_size,
+                    accumulation=accumulation,
+                    start_step=self.start_step,
+                )
             )
-            if accumulation > 1:
-                ds = ds.batch(accumulation, drop_remainder=True)  # (A, B, T)
-            return iter(ds)
         per_replica = t.batch_size // self.replicas
 
         def dataset_fn(context: tf.distribute.InputContext):
             # Each worker builds its own pipeline over its shard of the blocks, batched
             # per replica; a pipeline feeding R local replicas yields R batches a step.
             local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
-            ds = make_train_dataset(
+            return make_step_dataset(
                 self.config.data,
                 self.tokenizer,
                 context.get_per_replica_batch_size(t.batch_size),
-                start_batch=self.start_step * accumulation * local_replicas,
+                accumulation=accumulation,
+                start_step=self.start_step * local_replicas,
                 num_shards=context.num_input_pipelines,
                 shard_index=context.input_pipeline_id,
-            )
-            if accumulation > 1:
-                ds = ds.batch(accumulation, drop_remainder=True)  # (A, B/R, T)
-            return ds
+            )  # (B/R, T) or (A, B/R, T)
 
         options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
         self._log(f"[data] {per_replica} sequences per replica per micro-batch")
@@ -185,10 +154,49 @@ class Trainer:
         ds = make_eval_dataset(self.config.data, self.tokenizer, t.batch_size, split="val")
         return evaluate(self.model, ds, max_batches=t.eval_batches, step_fn=self.eval_step)
 
-    # -- loop -------------------------------------------------------------------------------
+    # -- the run directory --------------------------------------------------------------------
     def _log(self, message: str) -> None:
         if self.verbose:
             print(message, flush=True)
+
+    def _prepare_run_dir(self) -> None:
+        """Writes the config and tokenizer of a new run; on resume, drops the metrics after
+        the restored step, sets corrupt checkpoints aside and saves a changed config. Only
+        called once the checkpoint is restored; only the chief writes."""
+        if self.chief:
+            if not self.resume:
+                self.run.write_config(self.config)
+                self.run.write_tokenizer(self.tokenizer)
+            else:
+                self.checkpoint.set_aside_unreadable()
+                self.metrics.truncate_after(self.start_step)
+                if self.config != self.previous_config:
+                    self.run.write_config(self.config)
+        self.writer = (
+            tf.summary.create_file_writer(str(self.run.logs_dir))
+            if self.chief
+            else tf.summary.create_noop_writer()
+        )
+
+    def _describe_resume(self) -> None:
+        t = self.config.train
+        if self.restored:
+            self._log(f"[resume] restored {self.run.checkpoint_dir / self.restored}")
+        else:
+            self._log("[resume] the run has no checkpoint yet: starting at step 0")
+        old = self.previous_config.train
+        changed = [k for k in SCHEDULE_KEYS if getattr(old, k) != getattr(t, k)]
+        if changed and self.start_step:
+            before = float(learning_rate_schedule(old)(self.start_step))
+            after = float(learning_rate_schedule(t)(self.start_step))
+            what = ", ".join(f"train.{k} {getattr(old, k)} -> {getattr(t, k)}" for k in changed)
+            print(
+                f"[resume] warning: the learning-rate schedule changed ({what}): at step "
+                f"{self.start_step} the learning rate was {before:.3g} and is now {after:.3g}; "
+                f"warm-up and cosine decay are recomputed for {t.steps} steps",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _save(self, step: int, last_saved: str | None) -> str:
         finite = all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.weights)
@@ -198,13 +206,31 @@ class Trainer:
                 f"Last good checkpoint: {last_saved or 'none'}"
             )
         started = time.perf_counter()
-        path = self.checkpoint.save(step)
+        with signals_deferred():  # SIGTERM/Ctrl-C during the write: after it, not inside it
+            path = self.checkpoint.save(step)
         seconds = round(time.perf_counter() - started, 3)
         self.metrics.write(step=step, event="checkpoint", path=path, seconds=seconds)
         return path
 
+    # -- loop -------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, t = self.config, self.config.train
+        if self.resume:
+            self._describe_resume()
+        if self.start_step >= t.steps:
+            self._log(
+                f"[train] already complete: {self.run_dir} is at step {self.start_step} of "
+                f"train.steps={t.steps}; pass --set train.steps=N to train further"
+            )
+            return {
+                "step": self.start_step,
+                "already_complete": True,
+                "chief": self.chief,
+                "checkpoint": self.checkpoint.latest,
+                "train_tokens_per_sec": 0.0,
+                "train_seconds": 0.0,
+            }
+        self._prepare_run_dir()
         tokens_per_step = t.batch_size * t.gradient_accumulation_steps * self.config.data.seq_len
         info = describe_runtime(cfg.runtime, self.strategy)
         self._log(f"[runtime] {json.dumps(info)}")
@@ -229,7 +255,7 @@ class Trainer:
             while step < t.steps:
                 inputs, targets, weights = next(iterator)
                 started = time.perf_counter()
-                out = self.step_fn(inputs, targets, weights)
+                out = self._run_step(step, inputs, targets, weights)
                 loss = float(out["loss"])
                 elapsed = time.perf_counter() - started
                 step += 1
@@ -290,9 +316,52 @@ class Trainer:
             "train_tokens_per_sec": tokens_per_step * timed_steps / train_time if train_time else 0,
             "train_seconds": train_time,
             "checkpoint": last_saved,
+            "chief": self.chief,
         }
         self.metrics.write(event="summary", **summary)
         return summary
+
+    def _run_step(self, step: int, inputs, targets, weights) -> dict:
+        """One training step; a worker lost mid-collective is a one-line `TrainingError`."""
+        try:
+            return self.step_fn(inputs, targets, weights)
+        except LOST_WORKER_ERRORS as e:
+            if not self.multi_worker:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingError(
+                f"lost contact with another worker at step {step + 1} ({type(e).__name__}: "
+                f"{first[:200]}); restart every worker with --resume to continue from the "
+                "last checkpoint"
+            ) from None
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Holds SIGTERM and SIGINT until the block ends, then delivers the last one held.
+
+    Python runs signal handlers in the main thread between bytecodes, so a handler that
+    raises could interrupt a checkpoint write half-way; during the block, handlers only
+    record the signal.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals (and may set handlers)
+        return
+    held = []
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            handler = previous[held[-1]]
+            if callable(handler):
+                handler(held[-1], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), held[-1])
 
 
 def _raise_interrupt(signum, frame):

@@ -1,0 +1,227 @@
+"""The decode loop: prefill, then one KV-cached step per token -- the one loop of every
+decoding path (`Generator`, the server, the SavedModel `generate` signature).
+
+The model supplies the cached step (`CausalLM.call_with_cache`). Rows share one position
+counter: a row whose prompt is longer keeps its prompt tokens (forced) until it ends, so
+one compiled loop decodes a batch of prompts of any lengths. The prompt's first
+`prefill_length(shortest prompt)` tokens go through one prefill call (a power of two: few
+compiled shapes); the rest of each prompt is fed through the loop. Cache lengths are
+rounded up to `CACHE_BUCKET`. Every caller uses these same rules, so the same prompt and
+sampling settings give the same tokens whichever path decodes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from deepseek_tf.generation.sampler import sample_tokens
+
+CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer shapes)
+TOP_LOGPROBS = 5  # alternatives reported per generated token (with `logprobs`)
+
+
+def prefill_length(shortest: int) -> int:
+    """Tokens of every prompt fed through one prefill call: the largest power of two not
+    above the shortest prompt."""
+    return 1 << (max(int(shortest), 1).bit_length() - 1)
+
+
+def cache_length(total: int, max_seq_len: int) -> int:
+    """Cache positions for sequences of up to `total` tokens."""
+    return min(-(-int(total) // CACHE_BUCKET) * CACHE_BUCKET, max_seq_len)
+
+
+def pad_batch(n: int) -> int:
+    """Batch sizes are padded to a power of two (fewer compiled shapes)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+class DecodeLoop:
+    """The compiled prefill and decode loop of one model.
+
+    Args:
+        model: a `CausalLM`.
+        jit_compile: compile both with XLA.
+        logprobs: also return each chosen token's log-probability and the
+            `TOP_LOGPROBS` best alternatives (the server's `logprobs`).
+    """
+
+    def __init__(self, model, jit_compile: bool = True, logprobs: bool = False):
+        self.model = model
+        self.logprobs = logprobs
+        self.prefill = tf.function(self._prefill, jit_compile=jit_compile, reduce_retracing=True)
+        self.decode = tf.function(self._decode, jit_compile=jit_compile, reduce_retracing=True)
+
+    def _prefill(self, ids, cache):
+        """`(B, P)` ids at positions `0..P-1` -> last logits `(B, V)` and the cache."""
+        logits, cache = self.model.call_with_cache(ids, cache, tf.constant(0, tf.int32))
+        return logits[:, -1, :], cache
+
+    def _decode(self, ids, is_prompt, cache, logits, start, stop, ends, done, sampling, stop_ids):
+        """Decodes positions `start..stop-1` (fewer when every row is done).
+
+        Args:
+            ids: `(B, S)` int32 tokens: the prompts, then what is decoded.
+            is_prompt: `(B, S)` bool: prompt positions (forced, not sampled).
+            cache: the model's cache after positions `0..start-1`.
+            logits: `(B, V)` logits of position `start - 1`.
+            start, stop: int32 scalars.
+            ends: `(B,)` int32: a row is done once it reaches this position.
+            done: `(B,)` bool: rows already finished (padding, cancelled).
+            sampling: `(temperature (B,), top_k (B,), top_p (B,), seeds (B,))`.
+            stop_ids: `(K,)` int32 tokens that end a row (after being emitted).
+
+        Returns:
+            `(position, ids, cache, logits, done, logprobs, top_ids, top_logprobs)`;
+            the last three are `(B, S)`, `(B, S, TOP_LOGPROBS)` zeros without `logprobs`.
+        """
+        batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
+        top = TOP_LOGPROBS if self.logprobs else 0
+        logprobs = tf.zeros((batch, length), tf.float32)
+        top_ids = tf.zeros((batch, length, top), tf.int32)
+        top_lps = tf.zeros((batch, length, top), tf.float32)
+        temperature, top_k, top_p, seeds = sampling
+
+        def cond(i, ids, cache, logits, done, logprobs, top_ids, top_lps):
+            return tf.logical_and(i < stop, tf.logical_not(tf.reduce_all(done)))
+
+        def body(i, ids, cache, logits, done, logprobs, top_ids, top_lps):
+            sampled = sample_tokens(logits, temperature, top_k, top_p, seeds, i)  # (B,)
+            forced = is_prompt[:, i]
+            token = tf.where(forced, ids[:, i], sampled)
+            token = tf.where(done, tf.zeros_like(token), token)
+            index = tf.stack([tf.range(batch), tf.fill((batch,), i)], axis=1)  # (B, 2)
+            ids = tf.tensor_scatter_nd_update(ids, index, token)
+            if self.logprobs:
+                log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)  # (B, V)
+                chosen = tf.gather(log_probs, token, axis=1, batch_dims=1)  # (B,)
+                best_lps, best_ids = tf.math.top_k(log_probs, top)  # (B, top)
+                logprobs = tf.tensor_scatter_nd_update(logprobs, index, chosen)
+                top_ids = tf.tensor_scatter_nd_update(top_ids, index, best_ids)
+                top_lps = tf.tensor_scatter_nd_update(top_lps, index, best_lps)
+            stopped = tf.logical_and(
+                tf.logical_not(forced), tf.reduce_any(token[:, None] == stop_ids[None, :], -1)
+            )
+            done = tf.logical_or(done, tf.logical_or(stopped, i + 1 >= ends))
+            step_logits, cache = self.model.call_with_cache(token[:, None], cache, i)
+            return i + 1, ids, cache, step_logits[:, -1, :], done, logprobs, top_ids, top_lps
+
+        return tf.while_loop(
+            cond, body, (start, ids, cache, logits, done, logprobs, top_ids, top_lps)
+        )
+
+
+@dataclass
+class Row:
+    """One sequence of a batch: its prompt and sampling settings (checked by the caller,
+    see `sampler.check_sampling`)."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class Decoder:
+    """Host side of the decode loop: lays out a batch of `Row`s, prefills, decodes in
+    steps of up to `chunk` positions (streaming, cancelling rows between steps).
+
+    Args:
+        model: a `CausalLM`.
+        jit_compile: compile the loop with XLA.
+        logprobs: report log-probabilities (see `DecodeLoop`).
+    """
+
+    def __init__(self, model, jit_compile: bool = True, logprobs: bool = False):
+        self.model = model
+        self.loop = DecodeLoop(model, jit_compile=jit_compile, logprobs=logprobs)
+
+    def start(self, rows: Sequence[Row], stop_ids: Sequence[int] = ()) -> DecodeState:
+        """Prefills `rows` (each `len(prompt) + max_new_tokens <= model.max_seq_len`)."""
+        n = len(rows)
+        batch = pad_batch(n)
+        ends = [len(r.prompt) + r.max_new_tokens for r in rows]
+        cache_len = cache_length(max(ends), self.model.max_seq_len)
+        ids = np.zeros((batch, cache_len), np.int32)
+        is_prompt = np.zeros((batch, cache_len), bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r.prompt)] = r.prompt
+            is_prompt[i, : len(r.prompt)] = True
+        start = prefill_length(min(len(r.prompt) for r in rows))
+        cache = self.model.init_cache(batch, cache_len)
+        logits, cache = self.loop.prefill(tf.constant(ids[:, :start]), cache)
+        pad = batch - n
+        state = DecodeState(self, rows, stop_ids)
+        state.ids, state.is_prompt = tf.constant(ids), tf.constant(is_prompt)
+        state.cache, state.logits, state.position = cache, logits, start
+        state.ends = np.asarray(ends + [1] * pad, np.int32)
+        state.done = np.asarray([False] * n + [True] * pad)
+        state.sampling = (
+            tf.constant([r.temperature for r in rows] + [0.0] * pad, tf.float32),
+            tf.constant([r.top_k for r in rows] + [0] * pad, tf.int32),
+            tf.constant([r.top_p for r in rows] + [1.0] * pad, tf.float32),
+            tf.constant([r.seed for r in rows] + [0] * pad, tf.int32),
+        )
+        return state
+
+
+class DecodeState:
+    """The running decode of one batch (made by `Decoder.start`)."""
+
+    def __init__(self, decoder: Decoder, rows: Sequence[Row], stop_ids: Sequence[int]):
+        self.decoder = decoder
+        self.rows = list(rows)
+        self.stop_set = {int(t) for t in stop_ids}
+        self.stop_ids = tf.constant(sorted(self.stop_set) or [-1], tf.int32)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.done.all())
+
+    def cancel(self, row: int) -> None:
+        """Stops decoding `row` (its client left, or it reached a stop string)."""
+        self.done[row] = True
+
+    def step(self, chunk: int | None = None) -> list[list[tuple[int, float, list]]]:
+        """Decodes up to `chunk` positions (None: to the end); returns each row's new
+        `(token, logprob, [(alt_token, alt_logprob), ...])` (a stop token is included)."""
+        before = self.position
+        was_done = self.done.copy()
+        last = int(self.ends.max())
+        stop = last if chunk is None else min(before + chunk, last)
+        out = self.decoder.loop.decode(
+            self.ids,
+            self.is_prompt,
+            self.cache,
+            self.logits,
+            tf.constant(before, tf.int32),
+            tf.constant(stop, tf.int32),
+            tf.constant(self.ends),
+            tf.constant(self.done),
+            self.sampling,
+            self.stop_ids,
+        )
+        position, self.ids, self.cache, self.logits, done, logprobs, top_ids, top_lps = out
+        self.position = int(position)
+        self.done = done.numpy().copy()
+        ids = self.ids.numpy()
+        logprobs, top_ids, top_lps = logprobs.numpy(), top_ids.numpy(), top_lps.numpy()
+        new = []
+        for row, r in enumerate(self.rows):
+            tokens = []
+            if not was_done[row]:
+                first = max(before, len(r.prompt))
+                last_new = min(self.position, len(r.prompt) + r.max_new_tokens)
+                for i in range(first, last_new):
+                    alts = list(zip(top_ids[row, i].tolist(), top_lps[row, i].tolist()))
+                    tokens.append((int(ids[row, i]), float(logprobs[row, i]), alts))
+                    if tokens[-1][0] in self.stop_set:
+                        break
+            new.append(tokens)
+        return new

@@ -1,0 +1,124 @@
+"""Memory a model needs, estimated from its config before anything is allocated.
+
+Absurd sizes (`d_model: 1000000000`, `train.batch_size: 1000000000`, ...) are refused up
+front with the estimate, instead of an allocator failure or an out-of-memory kill minutes
+later. The estimate is deliberately rough (a lower bound on what TensorFlow allocates):
+
+- weights: the model's parameters (with the MTP modules) in the variable dtype;
+- training: weights, gradients and AdamW's two moments in float32, plus activations of
+  one micro-batch, about `tokens x (n_layers x (16 d_model + 3 ffn + H T) + 2 vocab)`
+  values;
+- one full-context KV cache for a single sequence (`model.max_seq_len` positions), which
+  generation, serving and export allocate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import psutil
+
+from deepseek_tf.config.schema import Config
+from deepseek_tf.errors import ConfigError
+from deepseek_tf.models.builder import ffn_hidden_dim, unbuilt_model
+
+FLOAT_BYTES = 4
+SAMPLE_LAYERS = 64
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
+
+
+def cache_values_per_token(config: Config) -> int:
+    """Values one decoded token adds to the KV caches of all layers."""
+    m = config.model
+    if m.attention == "mla":
+        if m.mla_absorb:
+            per_layer = m.kv_lora_rank + m.qk_rope_head_dim
+        else:
+            per_layer = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+    else:
+        per_layer = 2 * (m.n_kv_heads or m.n_heads) * (m.head_dim or m.d_model // m.n_heads)
+    return per_layer * m.n_layers
+
+
+def parameters(config: Config) -> int:
+    """Parameters with the MTP modules, from the layers' own declarations. Beyond
+    `SAMPLE_LAYERS` layers, the blocks of the first `SAMPLE_LAYERS` are counted and scaled
+    (constructing a hundred thousand unbuilt blocks would take minutes)."""
+    m = config.model
+    vocab = m.vocab_size or 1
+    if m.n_layers <= SAMPLE_LAYERS:
+        return unbuilt_model(config, vocab).parameter_counts()["total_with_mtp"]
+    n = SAMPLE_LAYERS
+    sample = dataclasses.replace(
+        m,
+        n_layers=n,
+        layer_n_heads=m.layer_n_heads[:n],
+        layer_ffn_dims=m.layer_ffn_dims[:n],
+        layer_n_experts=m.layer_n_experts[:n],
+        lowrank=tuple(e for e in m.lowrank if int(e.split("/", 1)[0]) < n),
+    )
+    counts = unbuilt_model(dataclasses.replace(config, model=sample), vocab).parameter_counts()
+    outside = counts["embedding"] + counts["head"] + m.d_model  # + final norm
+    blocks = (counts["total"] - outside) * m.n_layers // n
+    return outside + blocks + counts["mtp"]
+
+
+def estimate(config: Config) -> dict[str, int]:
+    """Bytes: `weights`, `training` (weights + gradients + Adam + activations) and
+    `cache` (one full-context sequence)."""
+    m, t, d = config.model, config.train, config.data
+    params = parameters(config)
+    tokens = t.batch_size * d.packed_length()
+    heads = m.n_heads
+    per_token = m.n_layers * (16 * m.d_model + 3 * ffn_hidden_dim(m) + heads * d.packed_length())
+    activations = tokens * (per_token + 2 * (m.vocab_size or 1))
+    return {
+        "parameters": params,
+        "weights": params * FLOAT_BYTES,
+        "training": params * 4 * FLOAT_BYTES + activations * FLOAT_BYTES,
+        "activations": activations * FLOAT_BYTES,
+        "cache": m.max_seq_len * cache_values_per_token(config) * FLOAT_BYTES,
+    }
+
+
+def check_fits(config: Config, purpose: str, available: int | None = None) -> None:
+    """Raises a one-line `ConfigError` when `purpose` (`"train"` or `"inference"`) needs
+    more memory than the machine has (`available` bytes; default: its physical memory)."""
+    available = available or psutil.virtual_memory().total
+    est = estimate(config)
+    m = config.model
+    parts = {"cache": est["cache"]}
+    if purpose == "train":
+        parts["training"] = est["training"]
+    else:
+        parts["weights"] = est["weights"]
+    need = sum(parts.values())
+    if need <= available:
+        return
+    if purpose == "train" and est["activations"] > est["cache"] + est["weights"] * 4:
+        culprit = (
+            f"train.batch_size={config.train.batch_size} x data.seq_len="
+            f"{config.data.seq_len}: one step's activations need ~{_human(est['activations'])}"
+        )
+    elif est["cache"] >= max(parts.values()):
+        culprit = (
+            f"model.max_seq_len={m.max_seq_len}: one sequence's full-context KV cache needs "
+            f"~{_human(est['cache'])}"
+        )
+    else:
+        culprit = (
+            f"the model's {est['parameters']:,} parameters (model.d_model={m.d_model}, "
+            f"model.n_layers={m.n_layers}, model.vocab_size={m.vocab_size}) need "
+            f"~{_human(est['weights'])} for the weights alone"
+        )
+    raise ConfigError(
+        f"{culprit}; {purpose} needs ~{_human(need)} in all, more than this machine's "
+        f"{_human(available)} of memory"
+    )
