@@ -64,9 +64,9 @@ def build_rows(run: Path, args) -> list[dict]:
     from deepseek_tf.compress.qat import quantization_aware_finetune
     from deepseek_tf.compress.quantize import calibration_tokens, quantize_model
     from deepseek_tf.compress.run_io import with_model
-    from deepseek_tf.config.loader import load_run_config
+    from deepseek_tf.rundir import RunDir
 
-    config = load_run_config(run)
+    config = RunDir(run).read_config()
     quiet = None
 
     def fresh():

@@ -42,8 +42,8 @@ def serve_child(args) -> None:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from deepseek_tf.config.loader import load_config
+    from deepseek_tf.generation.decoding import Row
     from deepseek_tf.models.builder import build_model
-    from deepseek_tf.serving.decoder import Row
     from deepseek_tf.serving.server import ServingApp, make_server
 
     cfg = load_config(PRESET, overrides=[f"model.max_seq_len={MAX_SEQ_LEN}"])

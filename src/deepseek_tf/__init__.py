@@ -1,35 +1,34 @@
 """deepseek-tf: build, train, compress and serve DeepSeek-class models with TensorFlow/Keras 3.
 
-Importing the package is cheap; TensorFlow loads on first use of a model API.
+Importing the package is cheap (the command line's `--help` does not load TensorFlow):
+the names below are loaded from their modules on first use (PEP 562).
 """
 
-from deepseek_tf.api import load, train
-from deepseek_tf.config.loader import load_config
-from deepseek_tf.config.schema import Config, DataConfig, ModelConfig, RuntimeConfig, TrainConfig
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Config",
-    "DataConfig",
-    "ModelConfig",
-    "RuntimeConfig",
-    "TrainConfig",
-    "build_model",
-    "load",
-    "load_config",
-    "parameter_count",
-    "train",
-]
+_EXPORTS = {
+    "Config": "deepseek_tf.config.schema",
+    "DataConfig": "deepseek_tf.config.schema",
+    "ModelConfig": "deepseek_tf.config.schema",
+    "RuntimeConfig": "deepseek_tf.config.schema",
+    "TrainConfig": "deepseek_tf.config.schema",
+    "load_config": "deepseek_tf.config.loader",
+    "build_model": "deepseek_tf.models.builder",
+    "parameter_count": "deepseek_tf.models.builder",
+    "RunDir": "deepseek_tf.rundir",
+    "load": "deepseek_tf.api",
+    "train": "deepseek_tf.api",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    if name == "build_model":
-        from deepseek_tf.models.builder import build_model
-
-        return build_model
-    if name == "parameter_count":
-        from deepseek_tf.models.builder import parameter_count
-
-        return parameter_count
-    raise AttributeError(f"module 'deepseek_tf' has no attribute {name!r}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deepseek_tf' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

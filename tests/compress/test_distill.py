@@ -19,8 +19,8 @@ def _teacher(trained_run, loaded):
 
 def _kl(teacher, student, config, tokenizer, batches=4):
     """Mean KL(teacher || student) at temperature 1 over validation batches."""
-    from deepseek_tf.training.losses import distillation_term
     from deepseek_tf.data.pipeline import make_eval_dataset
+    from deepseek_tf.training.losses import distillation_term
 
     ds = make_eval_dataset(config.data, tokenizer, 4).take(batches)
     values = [

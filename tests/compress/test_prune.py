@@ -11,9 +11,9 @@ from deepseek_tf.compress.finetune import validation_loss
 from deepseek_tf.compress.prune import plan, prune_model, removal_count
 from deepseek_tf.compress.run_io import load_source
 from deepseek_tf.config.loader import load_config
-from deepseek_tf.rundir import RunDir
 from deepseek_tf.data.pipeline import make_eval_dataset
 from deepseek_tf.errors import CompressionError
+from deepseek_tf.rundir import RunDir
 
 
 def _batch(config, tokenizer):

@@ -56,7 +56,7 @@ def test_overrides_are_typed():
         ("train.steps=" + "9" * 5000, "--set train.steps: unreadable value"),
         ("train.steps=" + "[" * 20000, "--set train.steps"),
         # keys this model's layer types never read are refused, not ignored
-        ("model.kv_lora_rank=64", "model.kv_lora_rank: set to 64, but only read with attention: mla"),
+        ("model.kv_lora_rank=64", "model.kv_lora_rank: set to 64, but only read with attention"),
         ("model.n_routed_experts=0", None),
         ("model.num_experts_per_tok=4", "only read with n_routed_experts > 0"),
         ("model.conv_kernel_size=5", None),

@@ -121,10 +121,9 @@ def test_sigterm_during_a_checkpoint_write_keeps_that_checkpoint(short_run):
     checkpoint = RunDir(run).checkpoint(model)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            with signals_deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                checkpoint.save(10)
+        with pytest.raises(KeyboardInterrupt), signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            checkpoint.save(10)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert (run / "checkpoints" / "ckpt-10.index").exists()

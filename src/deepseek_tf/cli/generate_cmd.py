@@ -58,7 +58,25 @@ def sample_text(
     return [p + tokenizer.decode(ids) for p, ids in zip(prompts, new)]
 
 
+def check_options(args) -> None:
+    """The server's rules for sampling settings, checked before the model loads."""
+    from deepseek_tf.errors import InputError
+    from deepseek_tf.generation.generate import MAX_NEW_TOKENS
+    from deepseek_tf.generation.sampler import SamplingError, check_sampling
+
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    except SamplingError as e:
+        raise InputError(f"--{e.param.replace('_', '-')}: {e}") from None
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise InputError(
+            f"--max-new-tokens: must be between 0 and {MAX_NEW_TOKENS:,} (past the context a "
+            f"sliding window continues), got {args.max_new_tokens}"
+        )
+
+
 def run(args) -> int:
+    check_options(args)
     texts = sample_text(
         args.run_dir,
         args.prompt,

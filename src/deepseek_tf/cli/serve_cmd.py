@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--max-queue", type=int, default=256, help="waiting requests beyond this get 429"
     )
+    parser.add_argument(
+        "--max-connections", type=int, default=256, help="open connections beyond this get 503"
+    )
     parser.set_defaults(func=run)
 
 
@@ -39,9 +42,12 @@ def run(args) -> int:
     from pathlib import Path
 
     from deepseek_tf.api import load
+    from deepseek_tf.errors import InputError
     from deepseek_tf.serving.server import ServingApp, make_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not 0 <= args.port <= 65535:  # before the (slow) model load
+        raise InputError(f"--port: must be in 0-65535 (0: any free port), got {args.port}")
     model, tokenizer = load(args.run_dir)
     app = ServingApp(
         model,
@@ -55,6 +61,7 @@ def run(args) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_body_bytes=args.max_body_bytes,
         max_queue=args.max_queue,
+        max_connections=args.max_connections,
     )
     server = make_server(app, args.host, args.port)
     print(f"serving {app.model_name} on http://{args.host}:{server.server_port}", flush=True)

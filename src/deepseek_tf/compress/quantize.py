@@ -189,8 +189,6 @@ def float_model_for(config, model, **changes):
     """`(config, model)` rebuilt with `changes` to the model config and the quantization
     precision, holding `model`'s weights (the same variables, in the same order)."""
     target = quantization_precision(with_model(config, **changes))
-    if target == config:
-        return config, model
     rebuilt = build_model(target, model.vocab_size)
     rebuilt.set_weights(model.get_weights())
     return target, rebuilt
@@ -214,7 +212,8 @@ def run(args) -> dict:
     if args.mode in ("gptq", "awq"):
         dataset = calibration_tokens(config, tokenizer, args.calibration_samples)
     log(f"[quantize] {args.mode} on {', '.join(include)}")
-    config, model = float_model_for(config, model)
+    if quantization_precision(config) != config:
+        config, model = float_model_for(config, model)
     quantize_model(
         model,
         config.model,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 from deepseek_tf.errors import ConversionError
 
@@ -241,7 +242,6 @@ def write_checkpoint(
     `max_shard_bytes` each, as Hugging Face's `save_pretrained` does; a tensor
     larger than the limit gets a shard of its own. Returns the files written.
     """
-    from safetensors.numpy import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """The HTTP app: OpenAI-compatible completions/chat, TF-Serving predict, health.
 
-Built on the standard library's `ThreadingHTTPServer` (no extra dependency):
-one thread per connection, generation funnelled through a `Batcher`.
+Built on the standard library's `ThreadingHTTPServer` (no extra dependency): one thread
+per connection (at most `max_connections`; beyond that a connection is answered 503 and
+closed), generation funnelled through a `Batcher`, at most `max_queue` requests waiting
+(completions and predictions alike; beyond that 429 with `Retry-After`).
 
 Endpoints:
     GET  /health                      -> {"status": "ok", ...} (never needs the API key)
@@ -14,36 +16,62 @@ Endpoints:
         last position's logits); `{"inputs": ...}` -> `{"outputs": [...]}` as TF-Serving's
         columnar format does. `"signature_name": "logits"` returns the last position's
         logits (a list of vocab_size floats) instead of the argmax id.
+
+A request naming a model other than the served one gets 404 `model_not_found` (as vLLM
+does; llama.cpp's server answers any name).
 """
 
 from __future__ import annotations
 
-import hmac
-import json
+import contextlib
+import errno
 import logging
+import math
+import socket
+import sys
+import threading
 import time
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.errors import InputError
 from deepseek_tf.serving.batcher import Batcher, Job
-from deepseek_tf.serving.protocol import (
-    ApiError,
-    Limits,
-    bad,
-    finalize_prompt,
-    parse_generation,
-    parse_predict,
-)
-from deepseek_tf.serving.responses import StreamChunks, completion_body
+from deepseek_tf.serving.handler import DISCONNECTS, Handler
+from deepseek_tf.serving.protocol import ApiError, Limits, bad, parse_predict
 
 log = logging.getLogger("deepseek_tf.serving")
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+
+
+def _check_options(**options) -> None:
+    """One-line `InputError`s for server options out of range (named as CLI flags)."""
+    for name, (value, low) in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < low:
+            raise InputError(f"{flag}: must be a number >= {low}, got {value!r}")
 
 
 class ServingApp:
-    """Model, tokenizer, limits and batcher shared by all request handlers."""
+    """Model, tokenizer, limits and batcher shared by all request handlers.
+
+    Args:
+        model, tokenizer: the served run (tokenizer None: token ids only).
+        model_name: the served model id.
+        api_key: require `Authorization: Bearer KEY` (None: no key).
+        max_batch: most rows decoded together.
+        window_s: how long the first waiting request waits for company.
+        chunk: tokens decoded between checks (stop strings, disconnects, streaming).
+        max_tokens, max_prompt_tokens: request limits (None: the context).
+        max_body_bytes: largest request body.
+        max_queue: requests waiting (or predicting) beyond this get 429.
+        max_connections: open connections beyond this get 503.
+        jit_compile: compile the decode loop with XLA.
+    """
 
     def __init__(
         self,
@@ -59,8 +87,19 @@ class ServingApp:
         max_prompt_tokens: int | None = None,
         max_body_bytes: int = 1 << 20,
         max_queue: int = 256,
+        max_connections: int = 256,
         jit_compile: bool = True,
     ):
+        _check_options(
+            max_batch=(max_batch, 1),
+            batch_window_ms=(window_s, 0),
+            chunk=(chunk, 1),
+            max_tokens=(max_tokens, 1),
+            max_prompt_tokens=(max_prompt_tokens, 1),
+            max_body_bytes=(max_body_bytes, 1),
+            max_queue=(max_queue, 0),
+            max_connections=(max_connections, 1),
+        )
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.api_key = api_key
         context = model.max_seq_len
@@ -70,28 +109,72 @@ class ServingApp:
             max_tokens=min(max_tokens or context, context),
             max_body_bytes=max_body_bytes,
         )
-        self.max_queue = max_queue  # waiting requests beyond this are answered 429
+        self.max_queue = max_queue
+        self.max_connections = max_connections
         self.batcher = Batcher(model, tokenizer, max_batch, window_s, chunk, jit_compile)
         self.created = int(time.time())
+        self._predicting = 0
+        self._lock = threading.Lock()
         self._last_logits = tf.function(self._last_logits_fn, reduce_retracing=True)
 
+    # -- admission -------------------------------------------------------------------------
+    def _busy(self) -> ApiError:
+        return ApiError(
+            429,
+            f"the server is busy ({self.max_queue} requests waiting); retry later",
+            "rate_limit_error",
+            "server_busy",
+        )
+
+    def submit(self, req) -> Job:
+        """Queues a generation request, or raises 429 when `max_queue` requests wait."""
+        with self._lock:
+            if self.batcher.pending() + self._predicting >= self.max_queue:
+                raise self._busy()
+            return self.batcher.submit(req)
+
+    @contextlib.contextmanager
+    def _predict_slot(self):
+        with self._lock:
+            if self.batcher.pending() + self._predicting >= self.max_queue:
+                raise self._busy()
+            self._predicting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._predicting -= 1
+
+    # -- endpoints -------------------------------------------------------------------------
     def _last_logits_fn(self, ids, lengths):
         logits = self.model(ids, training=False)  # (B, T, V)
         return tf.gather(logits, lengths - 1, axis=1, batch_dims=1)  # (B, V)
 
-    def predict(self, body) -> dict:
+    def _check_name(self, name: str) -> None:
+        if name != self.model_name:
+            raise ApiError(
+                404,
+                f"model '{name[:80]}' is not served here (this server serves '{self.model_name}')",
+                "invalid_request_error",
+                "model_not_found",
+            )
+
+    def predict(self, name: str, body) -> dict:
+        self._check_name(name)
         rows, columnar = parse_predict(body, self.limits, self.model.vocab_size)
         signature = body.get("signature_name", "serving_default")
         if signature not in ("serving_default", "predict", "argmax", "logits"):
             raise bad(
-                f"unknown signature_name {signature!r} (serving_default, logits)", "signature_name"
+                f"unknown signature_name {str(signature)[:40]!r} (serving_default, logits)",
+                "signature_name",
             )
         width = max(len(r) for r in rows)
         ids = np.zeros((len(rows), width), np.int32)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r  # right padding: causal, so it cannot change earlier logits
         lengths = np.asarray([len(r) for r in rows], np.int32)
-        logits = self._last_logits(tf.constant(ids), tf.constant(lengths)).numpy()
+        with self._predict_slot():
+            logits = self._last_logits(tf.constant(ids), tf.constant(lengths)).numpy()
         if signature == "logits":
             out = [[float(v) for v in row] for row in logits]
         else:
@@ -111,8 +194,9 @@ class ServingApp:
             ],
         }
 
-    def model_status(self) -> dict:
+    def model_status(self, name: str) -> dict:
         """`GET /v1/models/NAME`: OpenAI's model object plus TF-Serving's status fields."""
+        self._check_name(name)
         status = {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK"}}
         return {**self.models()["data"][0], "model_version_status": [status]}
 
@@ -126,208 +210,8 @@ class ServingApp:
         }
 
 
-class Handler(BaseHTTPRequestHandler):
-    """One HTTP connection; `server.app` is the `ServingApp`."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "deepseek-tf"
-    timeout = 120  # seconds a connection may stall (a half-sent body, an idle keep-alive)
-
-    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
-        log.info("%s %s", self.address_string(), format % args)
-
-    @property
-    def app(self) -> ServingApp:
-        return self.server.app
-
-    # -- plumbing ----------------------------------------------------------------------
-    def _send_json(self, status: int, body: dict, close: bool = False) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, e: ApiError, close: bool = False) -> None:
-        self._send_json(e.status, e.body(), close)
-
-    def _check_auth(self) -> None:
-        key = self.app.api_key
-        if key is None:
-            return
-        header = self.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), key.encode()):
-            raise ApiError(
-                401,
-                "invalid or missing API key (Authorization: Bearer KEY)",
-                "invalid_request_error",
-                "invalid_api_key",
-            )
-
-    def _read_json(self):
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding") or length is None:
-            self.close_connection = True
-            raise ApiError(
-                411,
-                "a Content-Length header is required",
-                "invalid_request_error",
-                "length_required",
-            )
-        if not length.isdigit():
-            self.close_connection = True
-            raise bad("invalid Content-Length header")
-        length = int(length)
-        if length > self.app.limits.max_body_bytes:
-            self.close_connection = True  # the body is left unread
-            raise ApiError(
-                413,
-                f"the request body is over {self.app.limits.max_body_bytes} bytes",
-                "invalid_request_error",
-                "request_too_large",
-            )
-        raw = self.rfile.read(length)
-        self._body_read = True
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise ApiError(
-                400, f"invalid JSON body: {e}", "invalid_request_error", "invalid_json"
-            ) from None
-
-    def _dispatch(self, method: str) -> None:
-        path = self.path.split("?", 1)[0]
-        self._body_read = False
-        try:
-            if method == "GET" and path == "/health":
-                return self._send_json(200, self.app.health())
-            self._check_auth()
-            routes = {
-                "/v1/models": ("GET",),
-                "/v1/completions": ("POST",),
-                "/v1/chat/completions": ("POST",),
-            }
-            is_predict = path.startswith("/v1/models/") and path.endswith(":predict")
-            if method == "GET" and path == f"/v1/models/{self.app.model_name}":
-                return self._send_json(200, self.app.model_status())
-            if path not in routes and not is_predict and path != "/health":
-                raise ApiError(404, f"no route {path}", "invalid_request_error", "not_found")
-            allowed = ("POST",) if is_predict else routes.get(path, ("GET",))
-            if method not in allowed:
-                raise ApiError(
-                    405,
-                    f"{method} is not allowed on {path}",
-                    "invalid_request_error",
-                    "method_not_allowed",
-                )
-            if path == "/v1/models":
-                return self._send_json(200, self.app.models())
-            body = self._read_json()
-            if is_predict:
-                name = path[len("/v1/models/") : -len(":predict")]
-                if name != self.app.model_name:
-                    raise ApiError(
-                        404,
-                        f"model '{name}' is not served here",
-                        "invalid_request_error",
-                        "model_not_found",
-                    )
-                return self._send_json(200, self.app.predict(body))
-            if self.app.batcher.pending() >= self.app.max_queue:
-                raise ApiError(
-                    429,
-                    f"the server is busy ({self.app.max_queue} requests waiting); retry later",
-                    "rate_limit_error",
-                    "server_busy",
-                )
-            kind = "chat" if path == "/v1/chat/completions" else "completion"
-            req = parse_generation(body, kind, self.app.limits, self.app.model_name)
-            finalize_prompt(req, self.app.tokenizer, self.app.limits, self.app.model.vocab_size)
-            self._generate(req)
-        except ApiError as e:
-            if not self._body_read and self.headers.get("Content-Length", "0") != "0":
-                self.close_connection = True  # an unread body would be taken for a request
-            self._error(e, close=self.close_connection)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception:  # a bug, not the client's fault: 500, and keep serving
-            log.exception("request failed")
-            self._error(ApiError(500, "internal server error", "server_error", "internal"))
-
-    def do_GET(self):  # noqa: N802 - the base class's naming
-        self._dispatch("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._dispatch("POST")
-
-    def do_PUT(self):  # noqa: N802
-        self._dispatch("PUT")
-
-    def do_DELETE(self):  # noqa: N802
-        self._dispatch("DELETE")
-
-    # -- generation --------------------------------------------------------------------
-    def _generate(self, req) -> None:
-        job = self.app.batcher.submit(req)
-        rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        try:
-            if req.stream:
-                self._stream(job, rid)
-            else:
-                self._complete(job, rid)
-        finally:
-            job.cancelled = True  # no-op when finished; frees the slot when the client left
-
-    def _complete(self, job: Job, rid: str) -> None:
-        text, entries = "", []
-        while True:
-            event = job.events.get()
-            if event[0] == "delta":
-                text += event[1]
-                entries += event[2]
-            elif event[0] == "error":
-                raise RuntimeError(event[1])
-            else:
-                break
-        self._send_json(
-            200, completion_body(job, rid, self.app.model_name, text, entries, event[1])
-        )
-
-    def _sse(self, payload) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
-        self.wfile.write(f"data: {data}\n\n".encode())
-        self.wfile.flush()
-
-    def _stream(self, job: Job, rid: str) -> None:
-        first = job.events.get()  # wait for the first tokens: errors can still be JSON
-        if first[0] == "error":
-            raise RuntimeError(first[1])
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.close_connection = True
-        self.end_headers()
-        chunks = StreamChunks(job, rid, self.app.model_name)
-        if chunks.opening is not None:
-            self._sse(chunks.opening)
-        event = first
-        while event[0] == "delta":
-            self._sse(chunks.delta(event[1], event[2]))  # raises when the client has gone
-            event = job.events.get()
-        if event[0] == "error":
-            return  # headers are sent: end the stream without [DONE]
-        for payload in chunks.closing(event[1]):
-            self._sse(payload)
-
-
 class ServingHTTPServer(ThreadingHTTPServer):
-    """`ThreadingHTTPServer` carrying the `ServingApp`."""
+    """`ThreadingHTTPServer` carrying the `ServingApp`, with a cap on connections."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -336,10 +220,54 @@ class ServingHTTPServer(ThreadingHTTPServer):
     def __init__(self, address, app: ServingApp):
         super().__init__(address, Handler)
         self.app = app
+        self._slots = threading.BoundedSemaphore(app.max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):  # over the cap: answer and close
+            body = b'{"error": {"message": "too many open connections", "code": "busy"}}'
+            with contextlib.suppress(OSError):
+                request.sendall(BUSY + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        """A client that vanished is not an error worth a traceback."""
+        exc = sys.exc_info()[1]  # called from within the `except` of the failed request
+        if isinstance(exc, (*DISCONNECTS, socket.timeout)):
+            log.info("%s: connection closed (%s)", client_address[0], type(exc).__name__)
+            return
+        log.exception("connection from %s failed", client_address[0])
 
 
 def make_server(app: ServingApp, host: str = "127.0.0.1", port: int = 8000) -> ServingHTTPServer:
-    """Binds the server and starts the batcher (call `serve_forever()` next)."""
-    server = ServingHTTPServer((host, port), app)
+    """Binds the server and starts the batcher (call `serve_forever()` next).
+
+    Raises:
+        InputError: a port outside 0-65535, a host that does not resolve, an address in
+            use or not available on this machine.
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InputError(f"--port: must be in 0-65535 (0: any free port), got {port!r}")
+    try:
+        server = ServingHTTPServer((host, port), app)
+    except socket.gaierror as e:
+        raise InputError(f"--host {host!r}: cannot be resolved ({e.strerror})") from None
+    except OverflowError as e:
+        raise InputError(f"--port {port}: {e}") from None
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"--port {port}: {host}:{port} is already in use") from None
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     app.batcher.start()
     return server

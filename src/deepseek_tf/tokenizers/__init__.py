@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from deepseek_tf.data.corpus import read_texts, resolve_files
 from deepseek_tf.errors import RunDirError, TokenizerError
 from deepseek_tf.tokenizers.base import BPE_FILE, CHAR_FILE, EOS_TOKEN, Tokenizer
 from deepseek_tf.tokenizers.bpe import BPETokenizer
@@ -36,8 +37,6 @@ def train_tokenizer(
     paths = [os.fspath(p) for p in texts_or_files if isinstance(p, os.PathLike)]
     texts = [t for t in texts_or_files if isinstance(t, str)]
     if paths:
-        from deepseek_tf.data.corpus import read_texts, resolve_files
-
         texts.extend(read_texts(resolve_files(paths)))
     if kind == "char":
         return CharTokenizer.train(texts)

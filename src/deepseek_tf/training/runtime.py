@@ -55,10 +55,38 @@ def check_tf_config() -> dict:
 
 def make_tpu_strategy(tpu: str = "") -> tf.distribute.Strategy:
     """TPUStrategy on the TPU named by `tpu` ('' = the local/env-configured one)."""
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"runtime.strategy=tpu: no TPU to connect to ({first})") from None
     return tf.distribute.TPUStrategy(resolver)
+
+
+def check_devices(r: RuntimeConfig) -> list[str]:
+    """`runtime.devices`, each a device TensorFlow parses and this machine has."""
+    available = {d.name.lower(): d.name for d in tf.config.list_logical_devices()}
+    names = []
+    for i, device in enumerate(r.devices):
+        try:
+            spec = tf.DeviceSpec.from_string(device)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"runtime.devices[{i}]: {device!r} is not a device name (e.g. /cpu:0, /gpu:1)"
+            ) from None
+        if spec.device_type is None:
+            raise ConfigError(f"runtime.devices[{i}]: {device!r} names no device type")
+        index = spec.device_index or 0
+        full = f"/device:{spec.device_type.upper()}:{index}".lower()
+        if full not in available:
+            raise ConfigError(
+                f"runtime.devices[{i}]: {device!r} is not on this machine (it has "
+                f"{', '.join(sorted(available.values()))})"
+            )
+        names.append(available[full])
+    return names
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -87,7 +115,7 @@ def make_strategy(r: RuntimeConfig) -> tf.distribute.Strategy:
         return tf.distribute.MultiWorkerMirroredStrategy()
     if r.strategy == "tpu":
         return make_tpu_strategy()
-    devices = list(r.devices)
+    devices = check_devices(r)
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     if r.strategy == "mirrored":
         return tf.distribute.MirroredStrategy(devices or None)

@@ -1,0 +1,271 @@
+"""One HTTP connection: parsing, routing, JSON answers and server-sent events.
+
+Built on the standard library's `BaseHTTPRequestHandler` (HTTP/1.1 keep-alive). Whatever a
+client sends gets a JSON answer or a clean close, never a 5xx or the standard library's
+HTML pages: a body is always read (or the connection closed) before the next request on
+the connection; unknown methods get 405 with `Allow`; malformed request lines get JSON
+400s; a client that leaves mid-answer ends its connection quietly. Each answer goes out in
+one write with `TCP_NODELAY` (two small writes under Nagle's algorithm cost a delayed-ACK
+round, ~40 ms, on every keep-alive request).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import socket
+import uuid
+from http.server import BaseHTTPRequestHandler
+
+from deepseek_tf.serving.batcher import Job
+from deepseek_tf.serving.protocol import ApiError, bad, finalize_prompt, parse_generation
+from deepseek_tf.serving.responses import StreamChunks, completion_body
+
+log = logging.getLogger("deepseek_tf.serving")
+
+ROUTES = {
+    "/health": ("GET",),
+    "/v1/models": ("GET",),
+    "/v1/completions": ("POST",),
+    "/v1/chat/completions": ("POST",),
+}
+DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII digits only ("²".isdigit() is True)
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """`text` with control characters escaped, cut to `limit` characters (for logs)."""
+    clean = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return clean + ("..." if len(text) > limit else "")
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One HTTP connection; `server.app` is the `ServingApp`."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "deepseek-tf"
+    timeout = 120  # seconds a connection may stall (a half-sent body, an idle keep-alive)
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        log.info("%s %s", self.address_string(), printable(format % args))
+
+    def __getattr__(self, name):
+        # The base class answers a method without a `do_<METHOD>` with an HTML 501: route
+        # every method through `_dispatch` instead (405 with `Allow` where not allowed).
+        if name.startswith("do_"):
+            return lambda: self._dispatch(name[3:])
+        raise AttributeError(name)
+
+    @property
+    def app(self):
+        return self.server.app
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _send_json(self, status: int, body: dict, close: bool = False, headers=()) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in headers:
+            self.send_header(key, value)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        head = getattr(self, "_headers_buffer", [])  # none for an HTTP/0.9 request
+        self.wfile.write(b"".join([*head, b"\r\n" if head else b""]) + data)  # one write
+        self._headers_buffer = []
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's error page (bad request line, oversized headers), as
+        JSON; the connection is closed (the stream may be out of step). A request the
+        client got wrong is a 4xx: the standard library's 505 for an HTTP version other
+        than 1.x becomes a 400."""
+        code = 400 if code == 505 else code
+        error = ApiError(code, message or "bad request", "invalid_request_error", "bad_request")
+        if self.request_version == "HTTP/0.9":  # unparsed: answer with an HTTP/1.1 status line
+            self.request_version = "HTTP/1.1"
+        try:
+            self._send_json(code, error.body(), close=True)
+        except DISCONNECTS:
+            self.close_connection = True
+
+    def _error(self, e: ApiError, close: bool = False) -> None:
+        headers = [("Allow", e.allow)] if getattr(e, "allow", None) else []
+        if e.status == 429:
+            headers.append(("Retry-After", "1"))
+        try:
+            self._send_json(e.status, e.body(), close, headers)
+        except DISCONNECTS:  # the client left while we answered: nothing more to say
+            self.close_connection = True
+
+    def _check_auth(self) -> None:
+        key = self.app.api_key
+        if key is None:
+            return
+        header = self.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise ApiError(
+                401,
+                "invalid or missing API key (Authorization: Bearer KEY)",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+
+    def _read_body(self, required: bool) -> bytes:
+        """The request body (drained even where it is ignored, so that it is not read as
+        the next request); `required`: a POST must declare its length."""
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise ApiError(
+                411, "chunked bodies are not supported; send Content-Length",
+                "invalid_request_error", "length_required",
+            )  # fmt: skip
+        if length is None:
+            if required:
+                self.close_connection = True
+                raise ApiError(
+                    411, "a Content-Length header is required",
+                    "invalid_request_error", "length_required",
+                )  # fmt: skip
+            return b""
+        if not _DIGITS.fullmatch(length.strip()):
+            self.close_connection = True
+            raise bad("invalid Content-Length header")
+        size = int(length)
+        if size > self.app.limits.max_body_bytes:
+            self.close_connection = True  # the body is left unread
+            raise ApiError(
+                413,
+                f"the request body is over {self.app.limits.max_body_bytes} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            )
+        data = self.rfile.read(size)
+        if len(data) < size:  # the client stopped sending
+            self.close_connection = True
+            raise bad("the request body is shorter than its Content-Length")
+        return data
+
+    @staticmethod
+    def _json(raw: bytes):
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # incl. >4300 digits
+            raise ApiError(
+                400,
+                f"invalid JSON body: {printable(str(e), 200)}",
+                "invalid_request_error",
+                "invalid_json",
+            ) from None
+
+    def _route(self, method: str, path: str) -> None:
+        """Raises 404/405 unless `method` is allowed on `path`."""
+        is_predict = path.startswith("/v1/models/") and path.endswith(":predict")
+        if is_predict:
+            allowed = ("POST",)
+        elif path.startswith("/v1/models/") and path.count("/") == 3:
+            allowed = ("GET",)  # a model object
+        elif path in ROUTES:
+            allowed = ROUTES[path]
+        else:
+            raise ApiError(404, f"no route {printable(path, 80)}", "invalid_request_error",
+                           "not_found")  # fmt: skip
+        if method not in allowed:
+            error = ApiError(
+                405,
+                f"{printable(method, 20)} is not allowed on {path} (allowed: {', '.join(allowed)})",
+                "invalid_request_error",
+                "method_not_allowed",
+            )
+            error.allow = ", ".join(allowed)
+            raise error
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            body = self._read_body(required=method == "POST")
+            self._route(method, path)
+            if path == "/health":
+                return self._send_json(200, self.app.health())
+            self._check_auth()
+            if path == "/v1/models":
+                return self._send_json(200, self.app.models())
+            if method == "GET":  # /v1/models/NAME
+                return self._send_json(200, self.app.model_status(path[len("/v1/models/") :]))
+            request = self._json(body)
+            if path.endswith(":predict"):
+                name = path[len("/v1/models/") : -len(":predict")]
+                return self._send_json(200, self.app.predict(name, request))
+            kind = "chat" if path == "/v1/chat/completions" else "completion"
+            req = parse_generation(request, kind, self.app.limits, self.app.model_name)
+            finalize_prompt(req, self.app.tokenizer, self.app.limits, self.app.model.vocab_size)
+            self._generate(req)
+        except ApiError as e:
+            self._error(e, close=self.close_connection)
+        except DISCONNECTS:
+            self.close_connection = True
+        except Exception:  # a bug, not the client's fault: 500, and keep serving
+            log.exception("request failed")
+            self._error(ApiError(500, "internal server error", "server_error", "internal"), True)
+
+    # -- generation --------------------------------------------------------------------
+    def _generate(self, req) -> None:
+        job = self.app.submit(req)  # 429 when the queue is full
+        rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        try:
+            if req.stream:
+                self._stream(job, rid)
+            else:
+                self._complete(job, rid)
+        finally:
+            job.cancelled = True  # no-op when finished; frees the slot when the client left
+
+    def _complete(self, job: Job, rid: str) -> None:
+        text, entries = "", []
+        while True:
+            event = job.events.get()
+            if event[0] == "delta":
+                text += event[1]
+                entries += event[2]
+            elif event[0] == "error":
+                raise RuntimeError(event[1])
+            else:
+                break
+        self._send_json(
+            200, completion_body(job, rid, self.app.model_name, text, entries, event[1])
+        )
+
+    def _sse(self, payload) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def _stream(self, job: Job, rid: str) -> None:
+        first = job.events.get()  # wait for the first tokens: errors can still be JSON
+        if first[0] == "error":
+            raise RuntimeError(first[1])
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.close_connection = True
+        self.end_headers()
+        chunks = StreamChunks(job, rid, self.app.model_name)
+        if chunks.opening is not None:
+            self._sse(chunks.opening)
+        event = first
+        while event[0] == "delta":
+            self._sse(chunks.delta(event[1], event[2]))  # raises when the client has gone
+            event = job.events.get()
+        if event[0] == "error":
+            return  # headers are sent: end the stream without [DONE]
+        for payload in chunks.closing(event[1]):
+            self._sse(payload)

@@ -1,0 +1,131 @@
+"""The reliability campaign's bad CLI inputs: each is one line `error: ...` naming the
+problem and exit code 2 -- never a traceback, never a silently wrong run."""
+
+import os
+import shutil
+import socket
+
+import pytest
+
+from deepseek_tf.cli.main import main
+
+TRAIN = ["train", "--preset", "tiny", "--sample-tokens", "0"]
+
+
+def one_line_error(capsys, args, match):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err + out
+
+
+@pytest.fixture()
+def files(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x00\xff\xfe" * 10)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("model:\n  d_model: caf\xe9\n".encode("latin-1"))
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 20000 + "]" * 20000)
+    dupes = tmp_path / "dupes.yaml"
+    dupes.write_text("preset: tiny\ntrain:\n  steps: 3\n  steps: 4\n")
+    existing = tmp_path / "existing.txt"
+    existing.write_text("not a run")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    return {
+        "binary": binary,
+        "latin": latin,
+        "deep": deep,
+        "dupes": dupes,
+        "existing": existing,
+        "fifo": fifo,
+        "out": tmp_path / "out",
+        "empty_dir": tmp_path,
+    }
+
+
+CASES = [
+    (["--config", "{binary}"], "is not UTF-8 text"),
+    (["--config", "{latin}"], "is not UTF-8 text"),
+    (["--config", "{deep}"], "nested too deeply"),
+    (["--config", "{dupes}"], "'steps' is given twice (line 4)"),
+    (["--set", "train.steps=" + "9" * 5000], "unreadable value"),
+    (["--set", "runtime.strategy=tpu"], "runtime.strategy=tpu: no TPU"),
+    (["--set", "runtime.devices=[banana]"], "runtime.devices[0]: 'banana' is not a device name"),
+    (["--set", "runtime.devices=[/gpu:7]"], "'/gpu:7' is not on this machine"),
+    (["--set", "model.d_model=1000000000"], "model.d_model=1000000000"),
+    (["--set", "model.n_layers=100000"], "more than this machine's"),
+    (["--set", "train.batch_size=1000000000"], "train.batch_size=1000000000"),
+    (["--set", "model.vocab_size=2000000000"], "more than this machine's"),
+    (["--set", "model.max_seq_len=2000000000"], "model.max_seq_len=2000000000"),
+    (["--set", "data.files=[/dev/zero]"], "'/dev/zero' is not a regular file"),
+    (["--set", "data.files=[{fifo}]"], "is not a regular file"),
+    (["--set", "model.vocab_size=1"], "model.vocab_size: 1 is smaller than the tokenizer's 65"),
+    (["--set", "data.seq_len=0"], "data.seq_len: must be > 0"),
+    (["--set", "model.kv_lora_rank=8"], "only read with attention: mla"),
+]
+
+
+@pytest.mark.parametrize("extra,match", CASES, ids=[m[:30] for _, m in CASES])
+def test_train(capsys, files, extra, match):
+    extra = [a.format(**files) for a in extra]
+    base = ["train", "--sample-tokens", "0"] if "--config" in extra else TRAIN
+    one_line_error(capsys, [*base, "--out", files["out"], *extra], match)
+    assert not files["out"].exists()  # refused before anything was written
+
+
+def test_train_out_and_resume(capsys, files):
+    one_line_error(capsys, [*TRAIN, "--out", files["existing"]], "is an existing file")
+    one_line_error(capsys, ["train", "--out", files["empty_dir"], "--resume"], "no config.yaml")
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer(trained_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("notok") / "run"
+    shutil.copytree(trained_run, run)
+    (run / "char_tokenizer.json").unlink()
+    return run
+
+
+def test_eval(capsys, trained_run, no_tokenizer):
+    one_line_error(capsys, ["eval", trained_run, "--batch-size", "0"], "--batch-size")
+    one_line_error(capsys, ["eval", trained_run, "--max-batches", "-1"], "--max-batches")
+    one_line_error(capsys, ["eval", no_tokenizer], "has no tokenizer")
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--top-p", "-0.5"], "--top-p"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--top-k", "-3"], "--top-k"),
+        (["--max-new-tokens", "1000000000"], "--max-new-tokens"),
+    ],
+)
+def test_generate(capsys, trained_run, extra, match):
+    one_line_error(capsys, ["generate", trained_run, "--prompt", "A", *extra], match)
+
+
+def test_generate_takes_any_integer_seed(capsys, trained_run):
+    args = ["generate", trained_run, "--prompt", "A", "--max-new-tokens", "4"]
+    assert main([str(a) for a in [*args, "--seed", str(10**30)]]) == 0
+    assert capsys.readouterr().out.startswith("A")
+
+
+def test_serve(capsys, trained_run):
+    one_line_error(capsys, ["serve", trained_run, "--port", "70000"], "--port")
+    one_line_error(capsys, ["serve", trained_run, "--chunk", "0"], "--chunk")
+    one_line_error(capsys, ["serve", trained_run, "--max-queue", "-1"], "--max-queue")
+    one_line_error(
+        capsys, ["serve", trained_run, "--host", "no-such-host.invalid"], "cannot be resolved"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(capsys, ["serve", trained_run, "--port", port], "already in use")

@@ -1,0 +1,59 @@
+"""One decode loop, one sampler: `deepseek-tf generate`, `/v1/completions` and the
+SavedModel `generate` signature give the same tokens for the same prompt and settings."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from serving_helpers import request, start_server
+
+from deepseek_tf.cli.main import main
+from deepseek_tf.export.savedmodel import export_savedmodel
+
+SETTINGS = [
+    {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0},
+    {"temperature": 0.9, "top_k": 20, "top_p": 0.95, "seed": 11},
+    {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "seed": 123456789012},
+]
+PROMPT = "ROMEO:\nWhat"
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def paths(trained_run, loaded, tmp_path_factory):
+    model, tokenizer = loaded
+    saved = tmp_path_factory.mktemp("same") / "sm"
+    export_savedmodel(model, saved, tokenizer, verify=False)
+    srv, app, url = start_server(model, tokenizer)
+    yield trained_run, tf.saved_model.load(str(saved)), url
+    srv.shutdown()
+    srv.server_close()
+    app.batcher.stop()
+
+
+@pytest.mark.parametrize("s", SETTINGS, ids=["greedy", "top-k+top-p", "big-seed"])
+def test_generate_serve_and_savedmodel_agree(paths, loaded, capsys, s):
+    run, saved, url = paths
+    tokenizer = loaded[1]
+    args = ["generate", str(run), "--prompt", PROMPT, "--max-new-tokens", str(NEW)]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in s.items()]
+    assert main(args) == 0
+    cli = capsys.readouterr().out.rstrip("\n")[len(PROMPT) :]
+
+    status, body = request(
+        url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": NEW, **s}
+    )
+    assert status == 200, body
+    served = body["choices"][0]["text"]
+
+    ids = np.asarray([tokenizer.encode(PROMPT)], np.int32)
+    new = saved.signatures["generate"](
+        token_ids=tf.constant(ids),
+        max_new_tokens=tf.constant(NEW),
+        temperature=tf.constant(s["temperature"], tf.float32),
+        top_k=tf.constant(s["top_k"]),
+        top_p=tf.constant(s["top_p"], tf.float32),
+        seed=tf.constant(s["seed"] % 2**31),
+    )["new_ids"].numpy()[0]
+    exported = tokenizer.decode(new.tolist())
+
+    assert len(cli) == NEW and cli == served == exported, (cli, served, exported)

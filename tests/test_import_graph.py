@@ -1,0 +1,115 @@
+"""The package's imports: no circles, and no imports hidden inside functions.
+
+Imports are read from the source with `ast` (nothing is imported). An import inside a
+function is allowed only in `cli/` (subcommands load what they need, so `--help` stays
+fast) and for the optional extras (`[export]`: LiteRT, ONNX); the package roots' PEP 562
+lazy attribute tables (`importlib.import_module`) are not import statements.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "src" / "deepseek_tf"
+PACKAGE = "deepseek_tf"
+OPTIONAL = ("ai_edge_litert", "onnxruntime", "tf2onnx")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _target(node, module: str) -> list[str]:
+    """The deepseek_tf modules an import statement imports."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] == PACKAGE]
+    base = node.module or ""
+    if node.level:  # relative import
+        package = module.split(".")[: -node.level]
+        base = ".".join([*package, base] if base else package)
+    if base.split(".")[0] != PACKAGE:
+        return []
+    out = []
+    for alias in node.names:  # `from a.b import c`: the submodule a.b.c when there is one
+        sub = f"{base}.{alias.name}"
+        out.append(sub if sub in MODULES else base)
+    return out
+
+
+def _imports(module: str) -> tuple[set[str], list[str]]:
+    """(deepseek_tf modules imported anywhere in the module, imports inside functions).
+
+    A circle through an import inside a function is still a circle (it only fails later).
+    """
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    top, nested = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            top.update(_target(node, module))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for sub in ast.walk(node):
+                if isinstance(sub, (ast.Import, ast.ImportFrom)):
+                    name = sub.module if isinstance(sub, ast.ImportFrom) else sub.names[0].name
+                    nested.append(f"{module}:{sub.lineno} imports {name} in {node.name}()")
+    return top - {module}, nested
+
+
+GRAPH = {m: _imports(m)[0] for m in MODULES}
+
+
+def test_the_import_graph_has_no_circles():
+    state, stack, circles = {}, [], []
+
+    def visit(module):
+        state[module] = "open"
+        stack.append(module)
+        for dep in sorted(GRAPH.get(module, ())):
+            if state.get(dep) == "open":
+                circles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[module] = "done"
+
+    for module in MODULES:
+        if module not in state:
+            visit(module)
+    assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+def test_no_imports_inside_functions_outside_the_cli():
+    found = []
+    for module in MODULES:
+        if module.startswith(f"{PACKAGE}.cli"):
+            continue
+        for note in _imports(module)[1]:
+            imported = note.split(" imports ")[1].split(" ")[0]
+            if imported.split(".")[0] not in OPTIONAL:
+                found.append(note)
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    "source,circle",
+    [
+        ({"a": {"b"}, "b": {"a"}}, True),
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, False),
+    ],
+)
+def test_the_circle_finder_finds_circles(source, circle, monkeypatch):
+    """The check itself can fail: a made-up graph with a circle is caught."""
+    monkeypatch.setattr(f"{__name__}.GRAPH", source)
+    monkeypatch.setattr(f"{__name__}.MODULES", dict.fromkeys(source))
+    if circle:
+        with pytest.raises(AssertionError, match="a -> b -> a"):
+            test_the_import_graph_has_no_circles()
+    else:
+        test_the_import_graph_has_no_circles()
