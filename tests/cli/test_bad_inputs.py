@@ -66,7 +66,7 @@ CASES = [
     (["--set", "data.files=[{fifo}]"], "is not a regular file"),
     (["--set", "model.vocab_size=1"], "model.vocab_size: 1 is smaller than the tokenizer's 65"),
     (["--set", "data.seq_len=0"], "data.seq_len: must be > 0"),
-    (["--set", "model.kv_lora_rank=8"], "only read with attention: mla"),
+    (["--set", "model.kv_lora_rank=8"], "only read with model.attention: mla"),
 ]
 
 

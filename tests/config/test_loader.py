@@ -56,12 +56,13 @@ def test_overrides_are_typed():
         ("train.steps=" + "9" * 5000, "--set train.steps: unreadable value"),
         ("train.steps=" + "[" * 20000, "--set train.steps"),
         # keys this model's layer types never read are refused, not ignored
-        ("model.kv_lora_rank=64", "model.kv_lora_rank: set to 64, but only read with attention"),
+        ("model.kv_lora_rank=64", "model.kv_lora_rank: set to 64, but only read with model"),
         ("model.n_routed_experts=0", None),
-        ("model.num_experts_per_tok=4", "only read with n_routed_experts > 0"),
+        ("model.num_experts_per_tok=4", "only read with model.n_routed_experts > 0"),
         ("model.conv_kernel_size=5", None),
-        ("model.mtp_loss_weight=0.5", "only read with mtp_depth > 0"),
+        ("model.mtp_loss_weight=0.5", "only read with model.mtp_depth > 0"),
         ("model.quantize_include=[attention,tail]", "model.quantize_include[1]: 'tail'"),
+        ("data.vocab_size=10", "data.vocab_size: set to 10, but only read with data.tokenizer"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -74,7 +75,7 @@ def test_bad_overrides_name_the_key(override, message):
 
 def test_mla_refuses_the_mha_head_keys_and_honours_rope_layout():
     for key in ("n_kv_heads=2", "head_dim=8"):
-        with pytest.raises(ConfigError, match="only read with attention: mha"):
+        with pytest.raises(ConfigError, match="only read with model.attention: mha"):
             load_config("tiny-moe", overrides=[f"model.{key}"])
     from deepseek_tf.models.builder import attention_config
 

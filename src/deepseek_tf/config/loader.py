@@ -35,7 +35,6 @@ from deepseek_tf.config.schema import (
     TOKENIZER_TYPES,
     TOPK_METHODS,
     Config,
-    ModelConfig,
 )
 from deepseek_tf.errors import ConfigError
 
@@ -306,7 +305,7 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
     _check_positive(d, "data", ("seq_len", "vocab_size"))
     _validate_mla_moe_mtp(m, d)
-    _refuse_unused(m, set(explicit))
+    _refuse_unused(config, set(explicit))
     _validate_compression(m)
     _check_choice("model.remat", m.remat, REMAT_MODES)
     _check_choice("model.share_adjacent", m.share_adjacent, SHARE_MODES)
@@ -394,28 +393,30 @@ _MOE_KEYS = (
     "moe_dispatch",
 )  # fmt: skip
 _USED_WHEN = (
-    *((k, lambda m: m.attention == "mla", "attention: mla") for k in (*_MLA_KEYS, "mla_absorb")),
-    *((k, lambda m: m.attention == "mha", "attention: mha") for k in ("n_kv_heads", "head_dim")),
-    *((k, lambda m: m.n_routed_experts > 0, "n_routed_experts > 0") for k in _MOE_KEYS),
-    *(
-        (k, lambda m: "dynamic" in m.position, "position: dynamic or rope+dynamic")
-        for k in ("bias_buckets", "bias_max_distance")
-    ),
-    ("conv_kernel_size", lambda m: "hybrid" in m.blocks, "a hybrid block in model.blocks"),
-    ("mtp_loss_weight", lambda m: m.mtp_depth > 0, "mtp_depth > 0"),
-)
+    *((f"model.{k}", lambda c: c.model.attention == "mla", "model.attention: mla")
+      for k in (*_MLA_KEYS, "mla_absorb")),
+    *((f"model.{k}", lambda c: c.model.attention == "mha", "model.attention: mha")
+      for k in ("n_kv_heads", "head_dim")),
+    *((f"model.{k}", lambda c: c.model.n_routed_experts > 0, "model.n_routed_experts > 0")
+      for k in _MOE_KEYS),
+    *((f"model.{k}", lambda c: "dynamic" in c.model.position,
+       "model.position: dynamic or rope+dynamic") for k in ("bias_buckets", "bias_max_distance")),
+    ("model.conv_kernel_size", lambda c: "hybrid" in c.model.blocks, "a hybrid block"),
+    ("model.mtp_loss_weight", lambda c: c.model.mtp_depth > 0, "model.mtp_depth > 0"),
+    ("data.vocab_size", lambda c: c.data.tokenizer == "bpe", "data.tokenizer: bpe"),
+)  # fmt: skip
 
 
-def _refuse_unused(m, explicit: set[str]) -> None:
-    """A key the user set (away from its default) that this model's layer types never
-    read: refused rather than silently ignored."""
-    defaults = ModelConfig()
+def _refuse_unused(config, explicit: set[str]) -> None:
+    """A key the user set (away from its default) that this model's layer types (or its
+    tokenizer) never read: refused rather than silently ignored."""
     for key, used, when in _USED_WHEN:
-        value = getattr(m, key)
-        if f"model.{key}" in explicit and value != getattr(defaults, key) and not used(m):
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        default = getattr(SECTIONS[section](), name)
+        if key in explicit and value != default and not used(config):
             raise ConfigError(
-                f"model.{key}: set to {value!r}, but only read with {when}; remove it "
-                "or change the model"
+                f"{key}: set to {value!r}, but only read with {when}; remove it or change the model"
             )
 
 
