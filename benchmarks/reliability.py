@@ -265,9 +265,15 @@ def _send(port: int, data: bytes, leave: bool) -> int | None:
 
 
 def http_campaign(run: Path, requests: int, seconds: float) -> dict:
+    # the server logs a line per request: into a file, never a pipe that could fill up
+    with tempfile.TemporaryFile("w+") as log:
+        return _http_campaign(run, requests, seconds, log)
+
+
+def _http_campaign(run: Path, requests: int, seconds: float, log) -> dict:
     proc = subprocess.Popen(
         [*CLI, "serve", str(run), "--port", "0", "--max-tokens", "16"],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=ENV, stdout=subprocess.PIPE, stderr=log, text=True,
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
@@ -291,10 +297,12 @@ def http_campaign(run: Path, requests: int, seconds: float) -> dict:
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            _, stderr = proc.communicate(timeout=30)
+            proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            _, stderr = proc.communicate()
+            proc.communicate()
+        log.seek(0)
+        stderr = log.read()
     return {
         "requests": sent,
         "seconds": round(time.perf_counter() - started, 1),

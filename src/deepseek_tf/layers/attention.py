@@ -194,6 +194,10 @@ class CausalSelfAttention(keras.layers.Layer):
         if self.relative_bias is not None:
             self.relative_bias.build()
 
+    def cache_values_per_token(self) -> int:
+        """Values this layer caches per decoded token: its keys and values."""
+        return 2 * self.n_kv_heads * self.head_dim
+
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         shape = (batch_size, max_len, self.n_kv_heads, self.head_dim)
         return {

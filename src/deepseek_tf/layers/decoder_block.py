@@ -214,6 +214,11 @@ class DecoderBlock(keras.layers.Layer):
         if self.conv is not None:
             self.conv.build(input_shape)
 
+    def cache_values_per_token(self) -> int:
+        """Values the block's cache grows by per decoded token (the attention's; a hybrid
+        block's conv state is a fixed window)."""
+        return self.attention.cache_values_per_token()
+
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         cache = self.attention.init_cache(batch_size, max_len)
         if self.conv is not None:

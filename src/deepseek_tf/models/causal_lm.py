@@ -390,6 +390,10 @@ class CausalLM(keras.Model):
             return dict(zip(keys, values))
         return run(x)
 
+    def cache_values_per_token(self) -> int:
+        """Values all layers' KV caches grow by per decoded token (works unbuilt)."""
+        return sum(block.cache_values_per_token() for block in self.blocks)
+
     def init_cache(self, batch_size: int, max_len: int | None = None) -> list:
         """Zeroed per-layer decoding caches for `max_len` positions (an int or a scalar
         tensor; None: the whole context)."""

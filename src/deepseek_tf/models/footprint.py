@@ -34,28 +34,14 @@ def _human(n: float) -> str:
     return f"{n:.1f} PiB"  # pragma: no cover
 
 
-def cache_values_per_token(config: Config) -> int:
-    """Values one decoded token adds to the KV caches of all layers."""
-    m = config.model
-    if m.attention == "mla":
-        if m.mla_absorb:
-            per_layer = m.kv_lora_rank + m.qk_rope_head_dim
-        else:
-            per_layer = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
-    else:
-        per_layer = 2 * (m.n_kv_heads or m.n_heads) * (m.head_dim or m.d_model // m.n_heads)
-    return per_layer * m.n_layers
-
-
-def parameters(config: Config) -> int:
-    """Parameters with the MTP modules, from the layers' own declarations. Beyond
-    `SAMPLE_LAYERS` layers, the blocks of the first `SAMPLE_LAYERS` are counted and scaled
-    (constructing a hundred thousand unbuilt blocks would take minutes)."""
+def _described(config: Config) -> tuple[int, int]:
+    """`(parameters with the MTP modules, KV-cache values per token)` from the layers' own
+    declarations (an unbuilt model). Beyond `SAMPLE_LAYERS` layers, the first
+    `SAMPLE_LAYERS` blocks are described and scaled (constructing a hundred thousand
+    unbuilt blocks would take minutes)."""
     m = config.model
     vocab = m.vocab_size or 1
-    if m.n_layers <= SAMPLE_LAYERS:
-        return unbuilt_model(config, vocab).parameter_counts()["total_with_mtp"]
-    n = SAMPLE_LAYERS
+    n = min(m.n_layers, SAMPLE_LAYERS)
     sample = dataclasses.replace(
         m,
         n_layers=n,
@@ -64,27 +50,30 @@ def parameters(config: Config) -> int:
         layer_n_experts=m.layer_n_experts[:n],
         lowrank=tuple(e for e in m.lowrank if int(e.split("/", 1)[0]) < n),
     )
-    counts = unbuilt_model(dataclasses.replace(config, model=sample), vocab).parameter_counts()
+    model = unbuilt_model(dataclasses.replace(config, model=sample), vocab)
+    counts = model.parameter_counts()
     outside = counts["embedding"] + counts["head"] + m.d_model  # + final norm
     blocks = (counts["total"] - outside) * m.n_layers // n
-    return outside + blocks + counts["mtp"]
+    cache = model.cache_values_per_token() * m.n_layers // n
+    return outside + blocks + counts["mtp"], cache
 
 
 def estimate(config: Config) -> dict[str, int]:
     """Bytes: `weights`, `training` (weights + gradients + Adam + activations) and
     `cache` (one full-context sequence)."""
     m, t, d = config.model, config.train, config.data
-    params = parameters(config)
+    params, cache_per_token = _described(config)
     tokens = t.batch_size * d.packed_length()
-    heads = m.n_heads
-    per_token = m.n_layers * (16 * m.d_model + 3 * ffn_hidden_dim(m) + heads * d.packed_length())
+    per_token = m.n_layers * (
+        16 * m.d_model + 3 * ffn_hidden_dim(m) + m.n_heads * d.packed_length()
+    )
     activations = tokens * (per_token + 2 * (m.vocab_size or 1))
     return {
         "parameters": params,
         "weights": params * FLOAT_BYTES,
         "training": params * 4 * FLOAT_BYTES + activations * FLOAT_BYTES,
         "activations": activations * FLOAT_BYTES,
-        "cache": m.max_seq_len * cache_values_per_token(config) * FLOAT_BYTES,
+        "cache": m.max_seq_len * cache_per_token * FLOAT_BYTES,
     }
 
 
