@@ -67,7 +67,8 @@ def build_variants(args):
     import keras
     import tensorflow as tf
 
-    from deepseek_tf.layers.moe import DeepSeekMoE, auto_tile_size
+    from deepseek_tf.layers.moe import DeepSeekMoE
+    from deepseek_tf.layers.moe_tiles import auto_tile_size
     from deepseek_tf.layers.swiglu import SwiGLU
 
     keras.utils.set_random_seed(0)

@@ -37,11 +37,17 @@ def test_logits_match_keras(tflite, loaded, length):
     np.testing.assert_allclose(got, np.asarray(model(ids[None]))[0], atol=1e-4)
 
 
-def test_greedy_generate_matches_generator(tflite, loaded):
+def test_generate_matches_generator(tflite, loaded):
+    """Greedy and sampled: the runner's loop uses the one sampler, keyed by seed and
+    position, so it picks the tokens `Generator` picks."""
     path, _ = tflite
     model, _ = loaded
     prompt = list(range(1, PREFILL + 2))
     assert LiteRTRunner(path).generate(prompt, 10) == Generator(model).generate([prompt], 10)[0]
+    sampled = {"temperature": 0.9, "top_k": 12, "top_p": 0.95, "seed": 5}
+    want = Generator(model).generate([prompt], 12, **sampled)[0]
+    assert LiteRTRunner(path).generate(prompt, 12, **sampled) == want
+    assert LiteRTRunner(path).generate(prompt, 12, **{**sampled, "seed": 6}) != want
 
 
 def test_int8_weights(loaded, tmp_path):

@@ -166,7 +166,7 @@ def test_matches_hf_deepseek_v3_attention(hf, case):
         expected = ref(xt, rotary(xt, position_ids), mask)[0].numpy()
     assert rotary.attention_scaling == pytest.approx(layer.rope.attention_factor)
     assert ref.scaling == pytest.approx(layer.scale)
-    np.testing.assert_allclose(layer.rope._inv_freq, rotary.inv_freq.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(layer.rope.inv_freq, rotary.inv_freq.numpy(), rtol=1e-6)
     for absorb in (True, False):  # the uncached forward is the same computation for both
         layer.absorb = absorb
         error = _relative_error(np.asarray(layer(x)), expected)

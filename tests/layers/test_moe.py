@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.layers.moe import DeepSeekMoE, auto_tile_size, dispatch_plan
+from deepseek_tf.layers.moe import DeepSeekMoE
+from deepseek_tf.layers.moe_tiles import auto_tile_size, dispatch_plan
 
 D = 16
 H = 8

@@ -28,7 +28,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.config.loader import validate
+from deepseek_tf.config.validation import validate
 from deepseek_tf.layers.structure import PrunableUnits
 from deepseek_tf.models.builder import build_model
 

@@ -2,95 +2,19 @@
 
 from __future__ import annotations
 
-import math
-
 import keras
 import tensorflow as tf
 from keras import ops
 
 from deepseek_tf.layers.moe_capacity import capacity_dispatch
+from deepseek_tf.layers.moe_tiles import auto_tile_size, dim, dispatch_plan
 from deepseek_tf.layers.router import TopKRouter
 from deepseek_tf.layers.serialization import init_config
 from deepseek_tf.layers.structure import PrunableUnits, WeightSlice
 from deepseek_tf.layers.swiglu import SwiGLU
 
 DISPATCH = ("sparse", "dense")
-MAX_AUTO_TILE = 128
 CAPACITY_MIN_LOAD = 4  # mean assignments per expert from which capacity dispatch is used
-
-
-def _dim(x, axis: int):
-    """Static size of `x`'s `axis` when known, else a scalar tensor."""
-    size = x.shape[axis]
-    return size if size is not None else tf.shape(x)[axis]
-
-
-def auto_tile_size(n_assignments, n_experts: int) -> int:
-    """Rows per tile of the sparse dispatch when `tile_size=0`.
-
-    Padding every expert's rows to a multiple of `t` adds up to
-    `m * (t - 1)` computed rows (`m = min(E, A)`, `A` assignments) while each
-    of the `~A / t + m` tiles gathers one expert's weights, and small tiles
-    make XLA's batched matmul less efficient. The estimate
-    `t = sqrt(16 * (A - m) / m)`, rounded to the nearest power of two in
-    `[1, 128]`, was the fastest choice on CPU (64 for `A = 2048 * 6`,
-    `E = 64`; see benchmarks/moe_dispatch.py). Decoding (`A <= E`) gets
-    `t = 1`: one gathered expert per assignment and no padding rows.
-    """
-    if not isinstance(n_assignments, int):
-        return 32  # unknown at trace time (a dynamic batch): a middle value
-    m = max(1, min(n_experts, n_assignments))
-    target = (16.0 * (n_assignments - m) / m) ** 0.5
-    if target <= 1.0:
-        return 1
-    return int(min(MAX_AUTO_TILE, 2 ** round(math.log2(target))))
-
-
-def dispatch_plan(topk_idx, n_experts: int, tile: int):
-    """Static-shape layout of the `(token, slot)` assignments in expert-sorted row tiles.
-
-    Rows are grouped by expert (in token order within an expert) and every
-    expert's group is padded to a multiple of `tile` rows, so that each tile
-    belongs to one expert. The number of tiles has the static bound
-    `(A + m * (tile - 1)) // tile`, `A = N * k`, `m = min(E, A)`; tiles past
-    the used ones hold only padding rows. No sort: an assignment's row within
-    its expert is the number of earlier tokens routed to that expert (a
-    cumulative sum over tokens; a token uses an expert at most once).
-
-    Args:
-        topk_idx: `(N, k)` int32 distinct expert ids per token.
-        n_experts: `E`.
-        tile: rows per tile.
-
-    Returns:
-        A dict: `"row_token"` `(R,)` int32 token of each row (`N` for padding
-        rows), `"dest"` `(N, k)` int32 row of each assignment,
-        `"tile_expert"` `(n_tiles,)` int32 expert of each tile and
-        `"n_tiles"`; `R = n_tiles * tile`.
-    """
-    n, k = _dim(topk_idx, 0), topk_idx.shape[1]
-    a = n * k
-    routed = ops.sum(ops.one_hot(topk_idx, n_experts, dtype="int32"), axis=1)  # (N, E) 0/1
-    before = tf.cumsum(routed, axis=0, exclusive=True)  # (N, E) earlier tokens per expert
-    counts = ops.sum(routed, axis=0)  # (E,)
-    tiles_per_expert = (counts + tile - 1) // tile  # (E,)
-    tile_end = tf.cumsum(tiles_per_expert)  # (E,) first tile after each expert's
-    tile_start = tile_end - tiles_per_expert  # (E,)
-    rank = tf.gather(before, topk_idx, batch_dims=1)  # (N, k) row within the expert
-    dest = tf.gather(tile_start * tile, topk_idx) + rank  # (N, k)
-
-    m = min(n_experts, a) if isinstance(a, int) else tf.minimum(n_experts, a)
-    n_tiles = (a + m * (tile - 1)) // tile
-    token = tf.repeat(tf.range(n, dtype=dest.dtype), k)  # (A,) token of each assignment
-    row_token = tf.tensor_scatter_nd_update(
-        tf.fill([n_tiles * tile], tf.cast(n, dest.dtype)), ops.reshape(dest, (-1, 1)), token
-    )  # (R,)
-    tiles = tf.range(n_tiles, dtype=dest.dtype)  # (n_tiles,)
-    tile_expert = ops.sum(
-        ops.cast(tile_end[None, :] <= tiles[:, None], "int32"), axis=1
-    )  # (n_tiles,) experts wholly before each tile
-    tile_expert = ops.minimum(tile_expert, n_experts - 1)  # unused tiles: any expert
-    return {"row_token": row_token, "dest": dest, "tile_expert": tile_expert, "n_tiles": n_tiles}
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -330,7 +254,7 @@ class DeepSeekMoE(keras.layers.Layer):
     def _sparse(self, tokens, topk_idx, topk_weight, return_hidden):
         """Exact top-k dispatch: expert-major capacity rounds for many tokens (training,
         prefill), expert-sorted row tiles for few (decoding) or an unknown count."""
-        n, k = _dim(tokens, 0), self.num_experts_per_tok
+        n, k = dim(tokens, 0), self.num_experts_per_tok
         if isinstance(n, int) and n * k >= CAPACITY_MIN_LOAD * self.n_routed_experts:
             per_slot, hidden = capacity_dispatch(
                 tokens,
@@ -377,7 +301,7 @@ class DeepSeekMoE(keras.layers.Layer):
         if not alpha:
             return ops.zeros((), "float32")
         e, k = self.n_routed_experts, self.num_experts_per_tok
-        seq_len = _dim(x, -2) if len(x.shape) == 3 else _dim(x, 0)
+        seq_len = dim(x, -2) if len(x.shape) == 3 else dim(x, 0)
         probs = scores / ops.sum(scores, axis=-1, keepdims=True)  # (N, E)
         probs = ops.reshape(probs, (-1, seq_len, e))  # (B, T, E)
         p = ops.mean(probs, axis=1)  # (B, E)

@@ -4,7 +4,7 @@ The `N * k` (token, slot) assignments are placed expert-major in an `(E, C, d)`
 buffer, `C` rows per expert (a static capacity, `capacity_factor` times the mean
 load), and the three SwiGLU projections run as batched matmuls against the
 stacked expert weights in place -- no per-tile weight gathers, which is what
-makes the tiled dispatch (`moe.dispatch_plan`) cost ~2.5x a dense SwiGLU of the
+makes the tiled dispatch (`moe_tiles.dispatch_plan`) cost ~2.5x a dense SwiGLU of the
 same active width on CPU. Assignments past an expert's first `C` rows are not
 dropped: they run in overflow rounds of `(E, C/8, d)` in a `tf.while_loop` whose
 trip count is the measured overflow (zero when the load is balanced, the usual

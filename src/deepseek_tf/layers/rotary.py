@@ -117,7 +117,9 @@ class RotaryEmbedding(keras.layers.Layer):
         self.attention_factor = attention_factor
         self._inv_freq = None  # computed on first use: an unbuilt model allocates nothing
 
-    def call(self, x, positions):
+    @property
+    def inv_freq(self):
+        """`(head_dim / 2,)` float64 rotation frequencies (computed on first use)."""
         if self._inv_freq is None:
             self._inv_freq = rope_inv_freq(
                 self.head_dim,
@@ -127,7 +129,10 @@ class RotaryEmbedding(keras.layers.Layer):
                 self.beta_fast,
                 self.beta_slow,
             )
-        inv_freq = ops.convert_to_tensor(self._inv_freq, "float32")
+        return self._inv_freq
+
+    def call(self, x, positions):
+        inv_freq = ops.convert_to_tensor(self.inv_freq, "float32")
         angles = ops.cast(positions, "float32")[:, None] * inv_freq[None, :]  # (T, D/2)
         cos = ops.cos(angles)[None, :, None, :] * self.attention_factor  # (1, T, 1, D/2)
         sin = ops.sin(angles)[None, :, None, :] * self.attention_factor

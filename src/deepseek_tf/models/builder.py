@@ -6,8 +6,8 @@ import math
 
 import keras
 
-from deepseek_tf.config.loader import parse_lowrank
 from deepseek_tf.config.schema import Config, ModelConfig
+from deepseek_tf.config.validation import parse_lowrank
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.models.causal_lm import CausalLM
 from deepseek_tf.models.quantization import apply_quantized_structure

@@ -1,0 +1,226 @@
+"""Validation of a resolved `Config`: ranges, choices, cross-field consistency, and keys
+the model never reads. Every failure is a `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from deepseek_tf.config.schema import (
+    ATTENTION_TYPES,
+    BLOCK_TYPES,
+    MOE_DISPATCH,
+    POSITION_TYPES,
+    PRECISIONS,
+    QUANTIZE_INCLUDES,
+    QUANTIZE_MODES,
+    REMAT_MODES,
+    ROPE_LAYOUTS,
+    SCORING_FUNCS,
+    SECTIONS,
+    SHARE_MODES,
+    STRATEGIES,
+    TOKENIZER_TYPES,
+    TOPK_METHODS,
+    Config,
+)
+from deepseek_tf.errors import ConfigError
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(section: Any, prefix: str, names: Iterable[str], allow_zero=False) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{prefix}.{name}: must be {bound}, got {value}")
+
+
+def validate(config: Config, explicit: Iterable[str] = ()) -> None:
+    """Cross-field checks; raises `ConfigError` naming the key. `explicit`: see
+    `config_from_dict`."""
+    m, d, t, r = config.model, config.data, config.train, config.runtime
+    _check_positive(m, "model", ("d_model", "n_layers", "n_heads", "max_seq_len", "rope_theta"))
+    _check_positive(m, "model", ("vocab_size", "n_kv_heads", "head_dim", "ffn_dim"), True)
+    _check_choice("model.position", m.position, POSITION_TYPES)
+    _check_choice("model.rope_layout", m.rope_layout, ROPE_LAYOUTS)
+    if not m.blocks:
+        raise ConfigError("model.blocks: needs at least one block type")
+    for i, b in enumerate(m.blocks):
+        _check_choice(f"model.blocks[{i}]", b, BLOCK_TYPES)
+    if m.attention == "mha":  # mla sizes its heads with its own keys
+        kv = m.n_kv_heads or m.n_heads
+        if m.n_heads % kv:
+            raise ConfigError(f"model.n_kv_heads: {kv} does not divide model.n_heads={m.n_heads}")
+        if not m.head_dim and m.d_model % m.n_heads:
+            raise ConfigError(f"model.d_model: {m.d_model} is not divisible by n_heads={m.n_heads}")
+        head_dim = m.head_dim or m.d_model // m.n_heads
+        if "rope" in m.position and head_dim % 2:
+            raise ConfigError(f"model.head_dim: rope needs an even head size, got {head_dim}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if m.rope_scaling_factor < 1.0:
+        raise ConfigError(f"model.rope_scaling_factor: must be >= 1, got {m.rope_scaling_factor}")
+    _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
+    _check_positive(d, "data", ("seq_len", "vocab_size"))
+    _validate_mla_moe_mtp(m, d)
+    _refuse_unused(config, set(explicit))
+    _validate_compression(m)
+    _check_choice("model.remat", m.remat, REMAT_MODES)
+    _check_choice("model.share_adjacent", m.share_adjacent, SHARE_MODES)
+    _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_TYPES)
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+    if not 0.0 <= d.token_replace_prob <= 1.0:
+        raise ConfigError(f"data.token_replace_prob: must be in [0, 1], got {d.token_replace_prob}")
+    if not 0.0 <= d.length_jitter_frac < 1.0:
+        raise ConfigError(f"data.length_jitter_frac: must be in [0, 1), got {d.length_jitter_frac}")
+    if d.embedding_noise_std < 0:
+        raise ConfigError(f"data.embedding_noise_std: must be >= 0, got {d.embedding_noise_std}")
+    packed = d.packed_length()
+    if packed > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len: training sequences of {packed} tokens exceed "
+            f"model.max_seq_len={m.max_seq_len}"
+        )
+    _check_positive(t, "train", ("steps", "batch_size", "gradient_accumulation_steps"))
+    _check_positive(t, "train", ("learning_rate", "log_every", "monitor_window"))
+    _check_positive(t, "train", ("warmup_steps", "weight_decay", "clip_norm", "eval_every"), True)
+    _check_positive(t, "train", ("eval_batches", "checkpoint_every", "min_learning_rate"), True)
+    _check_positive(t, "train", ("keep_checkpoints",))
+    _check_choice("train.precision", t.precision, PRECISIONS)
+    _check_choice("runtime.strategy", r.strategy, STRATEGIES)
+    _check_positive(r, "runtime", ("intra_op_threads", "inter_op_threads"), True)
+
+
+def _validate_mla_moe_mtp(m, d) -> None:
+    _check_choice("model.attention", m.attention, ATTENTION_TYPES)
+    if m.attention == "mla":
+        _check_positive(m, "model", ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"))
+        _check_positive(m, "model", ("q_lora_rank", "qk_nope_head_dim"), True)
+        if m.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.qk_rope_head_dim: must be even, got {m.qk_rope_head_dim}")
+        if m.position != "rope":
+            raise ConfigError(f"model.position: mla uses decoupled rope only, got {m.position!r}")
+    if m.n_routed_experts:
+        e, k = m.n_routed_experts, m.num_experts_per_tok
+        _check_positive(m, "model", ("moe_ffn_dim", "moe_layer_freq", "n_group", "topk_group"))
+        _check_positive(m, "model", ("n_shared_experts", "first_k_dense_replace"), True)
+        _check_positive(m, "model", ("bias_update_speed", "seq_aux_loss_alpha"), True)
+        _check_positive(m, "model", ("routed_scaling_factor",))
+        _check_choice("model.scoring_func", m.scoring_func, SCORING_FUNCS)
+        _check_choice("model.topk_method", m.topk_method, TOPK_METHODS)
+        _check_choice("model.moe_dispatch", m.moe_dispatch, MOE_DISPATCH)
+        if not 1 <= k <= e:
+            raise ConfigError(
+                f"model.num_experts_per_tok: {k} must be in [1, n_routed_experts={e}]"
+            )
+        if e % m.n_group:
+            raise ConfigError(f"model.n_group: {m.n_group} does not divide n_routed_experts={e}")
+        if m.topk_group > m.n_group:
+            raise ConfigError(f"model.topk_group: {m.topk_group} exceeds n_group={m.n_group}")
+        if k > m.topk_group * (e // m.n_group):
+            raise ConfigError(
+                f"model.num_experts_per_tok: {k} experts cannot come from topk_group="
+                f"{m.topk_group} groups of {e // m.n_group}"
+            )
+        if m.topk_method == "noaux_tc" and m.n_group > 1 and e // m.n_group < 2:
+            raise ConfigError("model.n_group: noaux_tc scores groups by their top-2 experts")
+    _check_positive(m, "model", ("mtp_depth", "mtp_loss_weight"), True)
+    if m.mtp_depth >= d.seq_len:
+        raise ConfigError(f"model.mtp_depth: {m.mtp_depth} must be below data.seq_len")
+
+
+# Model keys only some layer types read: (key, used when, what uses it). A value the user
+# sets where nothing reads it is refused rather than silently ignored.
+_MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_MOE_KEYS = (
+    "n_shared_experts", "num_experts_per_tok", "moe_ffn_dim", "first_k_dense_replace",
+    "moe_layer_freq", "scoring_func", "topk_method", "n_group", "topk_group",
+    "norm_topk_prob", "routed_scaling_factor", "bias_update_speed", "seq_aux_loss_alpha",
+    "moe_dispatch",
+)  # fmt: skip
+_USED_WHEN = (
+    *((f"model.{k}", lambda c: c.model.attention == "mla", "model.attention: mla")
+      for k in (*_MLA_KEYS, "mla_absorb")),
+    *((f"model.{k}", lambda c: c.model.attention == "mha", "model.attention: mha")
+      for k in ("n_kv_heads", "head_dim")),
+    *((f"model.{k}", lambda c: c.model.n_routed_experts > 0, "model.n_routed_experts > 0")
+      for k in _MOE_KEYS),
+    *((f"model.{k}", lambda c: "dynamic" in c.model.position,
+       "model.position: dynamic or rope+dynamic") for k in ("bias_buckets", "bias_max_distance")),
+    ("model.conv_kernel_size", lambda c: "hybrid" in c.model.blocks, "a hybrid block"),
+    ("model.mtp_loss_weight", lambda c: c.model.mtp_depth > 0, "model.mtp_depth > 0"),
+    ("data.vocab_size", lambda c: c.data.tokenizer == "bpe", "data.tokenizer: bpe"),
+)  # fmt: skip
+
+
+def _refuse_unused(config, explicit: set[str]) -> None:
+    """A key the user set (away from its default) that this model's layer types (or its
+    tokenizer) never read: refused rather than silently ignored."""
+    for key, used, when in _USED_WHEN:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        default = getattr(SECTIONS[section](), name)
+        if key in explicit and value != default and not used(config):
+            raise ConfigError(
+                f"{key}: set to {value!r}, but only read with {when}; remove it or change the model"
+            )
+
+
+def parse_lowrank(entries, n_layers: int) -> list[dict]:
+    """`model.lowrank` entries `"LAYER/SUBLAYER/PROJ=RANK"` -> one `{name: rank}` per layer."""
+    ranks = [{} for _ in range(n_layers)]
+    for entry in entries:
+        path, _, rank = entry.partition("=")
+        layer, _, name = path.partition("/")
+        sublayer = name.partition("/")[0]
+        if not (layer.isdigit() and sublayer in ("attention", "ffn") and rank.isdigit()):
+            raise ConfigError(
+                f"model.lowrank: {entry!r} is not LAYER/attention|ffn/PROJECTION=RANK"
+            )
+        if not (int(layer) < n_layers and int(rank) > 0):
+            raise ConfigError(f"model.lowrank: {entry!r}: layer or rank out of range")
+        ranks[int(layer)][name] = int(rank)
+    return ranks
+
+
+def _validate_compression(m) -> None:
+    _check_choice("model.quantize", m.quantize, QUANTIZE_MODES)
+    if m.quantize_bits not in (2, 3, 4, 8):
+        raise ConfigError(f"model.quantize_bits: must be 2, 3, 4 or 8, got {m.quantize_bits}")
+    if m.quantize_group_size == 0 or m.quantize_group_size < -1:
+        raise ConfigError(f"model.quantize_group_size: -1 or positive, got {m.quantize_group_size}")
+    for i, part in enumerate(m.quantize_include):
+        _check_choice(f"model.quantize_include[{i}]", part, QUANTIZE_INCLUDES)
+    if "head" in m.quantize_include and m.tie_embeddings:
+        raise ConfigError("model.quantize_include: a tied output head is the embedding (float)")
+    if m.fake_quant and m.quantize != "none":
+        raise ConfigError("model.fake_quant: a quantized model has no float weights to train")
+    for key in ("layer_n_heads", "layer_ffn_dims", "layer_n_experts"):
+        values = getattr(m, key)
+        if values and len(values) != m.n_layers:
+            raise ConfigError(f"model.{key}: needs {m.n_layers} entries, got {len(values)}")
+        if any(v < 0 for v in values):
+            raise ConfigError(f"model.{key}: entries must be >= 0, got {list(values)}")
+    kv = m.n_kv_heads or m.n_heads
+    for i, h in enumerate(m.layer_n_heads):
+        if h > m.n_heads or (m.attention == "mha" and h % (m.n_heads // kv)):
+            raise ConfigError(
+                f"model.layer_n_heads[{i}]: {h} heads is not whole kv groups of "
+                f"{m.n_heads // kv} within n_heads={m.n_heads}"
+            )
+    for i, e in enumerate(m.layer_n_experts):
+        if e and not m.num_experts_per_tok <= e <= m.n_routed_experts:
+            raise ConfigError(
+                f"model.layer_n_experts[{i}]: {e} must be in [num_experts_per_tok="
+                f"{m.num_experts_per_tok}, n_routed_experts={m.n_routed_experts}]"
+            )
+        if e and e != m.n_routed_experts and m.n_group > 1:
+            raise ConfigError("model.layer_n_experts: pruned experts need n_group=1")
+    parse_lowrank(m.lowrank, m.n_layers)
