@@ -1,8 +1,12 @@
 """Shared fixtures: quiet TensorFlow, tiny configs, a trained tiny run."""
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# tests in other folders use the serving tests' helpers (a real server on 127.0.0.1)
+sys.path.insert(0, str(Path(__file__).parent / "serving"))
 
 import pytest  # noqa: E402
 

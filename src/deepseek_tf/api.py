@@ -1,4 +1,4 @@
-"""The Python API: train a config into a run directory, load a run back."""
+"""The Python API: train a config (centrally or federated) into a run directory, load a run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 from deepseek_tf.config.schema import Config
 from deepseek_tf.data.corpus import read_texts, resolve_files
 from deepseek_tf.errors import ConfigError
+from deepseek_tf.federated.engine import FederatedRun, prepare_clients
 from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.rundir import RunDir
 from deepseek_tf.tokenizers import train_tokenizer
@@ -53,6 +54,39 @@ def train(config: Config, run_dir, *, resume: bool = False, verbose: int = 1) ->
     check_fits(config, purpose="train")
     trainer = Trainer(config, run_dir, tokenizer, resume=resume, verbose=verbose, strategy=strategy)
     return trainer.train()
+
+
+def train_federated(
+    config: Config, run_dir, *, resume: bool = False, verbose: int = 1, prepare_only=False
+) -> dict:
+    """Federated training of `config` (its `federated` section) into `run_dir`, or its
+    continuation from the last completed round; returns the last round's summary.
+
+    `prepare_only` writes the run directory (config, tokenizer, the clients' data) and
+    stops: a Flower deployment (`flwr run`) then trains into it.
+    """
+    run = RunDir(run_dir)
+    if resume:
+        run.require()
+    else:
+        run.check_new()
+    configure_threads(config.runtime)
+    config, tokenizer = prepare_tokenizer(config, run_dir, resume)
+    check_fits(config, purpose="train")
+    clients = prepare_clients(config, run, resume)
+    log = print if verbose else (lambda *_: None)
+    if prepare_only or config.federated.engine == "flower":  # Flower's apps read the run
+        if not resume:
+            run.write_config(config)
+            run.write_tokenizer(tokenizer)
+        if prepare_only:
+            return {"rounds": 0, "clients": len(clients), "run_dir": str(run.path)}
+    if config.federated.engine == "flower":
+        import deepseek_tf.federated.flower_app as flower_app  # the optional [federated] extra
+
+        return flower_app.simulate(run.path, config, clients, resume, log)
+    fed = FederatedRun(config, run_dir, tokenizer, clients, resume=resume, log=log)
+    return fed.train()
 
 
 def load(run_dir):

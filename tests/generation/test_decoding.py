@@ -22,7 +22,7 @@ def run(decoder, rows, chunk=5):
     out = [[] for _ in rows]
     while not state.finished:
         for i, new in enumerate(state.step(chunk)):
-            out[i] += [t for t, _, _ in new]
+            out[i] += [entry[0] for entry in new]
     return out
 
 
@@ -61,7 +61,7 @@ def test_logprobs_are_the_models_log_softmax(loaded, decoder):
     new = state.step()[0]
     logits = np.asarray(model([prompt]))[0, -1].astype(np.float64)
     log_probs = logits - np.log(np.exp(logits).sum())
-    token, logprob, alts = new[0]
+    token, logprob, alts, _ = new[0]
     assert token == int(np.argmax(logits))
     assert logprob == pytest.approx(log_probs[token], abs=1e-4)
     assert [a for a, _ in alts] == list(np.argsort(-log_probs)[:5])

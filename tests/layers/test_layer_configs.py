@@ -8,6 +8,7 @@ from deepseek_tf.layers.attention import CausalSelfAttention
 from deepseek_tf.layers.causal_conv import CausalConv1D
 from deepseek_tf.layers.decoder_block import DecoderBlock
 from deepseek_tf.layers.fake_quant_dense import FakeQuantDense
+from deepseek_tf.layers.gaussian_head import GaussianHead
 from deepseek_tf.layers.low_rank_dense import LowRankDense
 from deepseek_tf.layers.mla import MultiHeadLatentAttention
 from deepseek_tf.layers.moe import DeepSeekMoE
@@ -80,6 +81,10 @@ CASES = [
         lambda: [np.random.randn(2, 5, 16).astype("float32")],
     ),
     (
+        lambda: GaussianHead(16, init_log_var=-2.0, seed=3),
+        lambda: [np.random.randn(2, 5, 16).astype("float32")],
+    ),
+    (
         lambda: FakeQuantDense(6, use_bias=False),
         lambda: [np.random.randn(2, 5, 16).astype("float32")],
     ),
@@ -137,6 +142,8 @@ CASES = [
 
 def _output(layer, inputs):
     out = layer(*inputs)
+    if isinstance(out, tuple):  # GaussianHead: (loc, log_var)
+        return np.concatenate([np.asarray(o) for o in out], axis=-1)
     return np.asarray(out["x"] if isinstance(out, dict) else out)
 
 

@@ -1,4 +1,5 @@
-"""`deepseek-tf eval RUN_DIR [--data FILES]`: loss, perplexity, accuracy as JSON."""
+"""`deepseek-tf eval RUN_DIR [--data FILES] [--uncertainty ...]`: loss, perplexity, accuracy
+and, with `--uncertainty`, calibration, selective prediction and OOD detection, as JSON."""
 
 from __future__ import annotations
 
@@ -11,6 +12,30 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data", nargs="+", help="file pattern(s); default: validation split")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
     parser.add_argument("--max-batches", type=int, default=0, help="0: all")
+    unc = parser.add_argument_group("uncertainty")
+    unc.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="add NLL, ECE, Brier, predictive entropy, mutual information, AUROC of error "
+        "detection, AURC and accuracy at 50%% coverage",
+    )
+    unc.add_argument(
+        "--samples", type=int, default=8, help="gaussian head: latent samples per token"
+    )
+    unc.add_argument("--mc-samples", type=int, help="Monte Carlo dropout with this many passes")
+    unc.add_argument(
+        "--ensemble", nargs="+", metavar="RUN", help="more runs (one tokenizer): a deep ensemble"
+    )
+    unc.add_argument("--plot", metavar="DIR", help="write a reliability diagram and a "
+                     "risk-coverage curve (PNG) into DIR")  # fmt: skip
+    unc.add_argument(
+        "--ood-data", nargs="+", metavar="FILE", help="other text: AUROC of detecting its blocks"
+    )
+    unc.add_argument(
+        "--drop-unknown",
+        action="store_true",
+        help="--ood-data: drop characters outside a char tokenizer's vocabulary (default: error)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -26,6 +51,9 @@ def run(args) -> int:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.max_batches < 0:
         raise InputError(f"--max-batches: must be >= 0 (0: all), got {args.max_batches}")
+    extras = [f for f in ("mc_samples", "ensemble", "plot", "ood_data") if getattr(args, f)]
+    if extras and not args.uncertainty:
+        raise InputError(f"--{extras[0].replace('_', '-')} needs --uncertainty")
     config = RunDir(args.run_dir).read_config()
     files = resolve_files(args.data) if args.data else None
     model, tokenizer = load(args.run_dir)
@@ -35,9 +63,16 @@ def run(args) -> int:
             "ids with the Python API"
         )
     split = "all" if files else "val"
-    ds = make_eval_dataset(config.data, tokenizer, args.batch_size, files=files, split=split)
+
+    def dataset(paths=files, part=split):
+        return make_eval_dataset(config.data, tokenizer, args.batch_size, files=paths, split=part)
+
     result = evaluate(
-        model, ds, max_batches=args.max_batches, jit_compile=config.runtime.jit_compile
+        model, dataset(), max_batches=args.max_batches, jit_compile=config.runtime.jit_compile
     )
+    if args.uncertainty:
+        from deepseek_tf.cli.uncertainty import uncertainty_result
+
+        result["uncertainty"] = uncertainty_result(args, config, model, tokenizer, dataset)
     print(json.dumps(result))
     return 0

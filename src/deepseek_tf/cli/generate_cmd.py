@@ -23,12 +23,23 @@ def add_parser(subparsers) -> None:
         default=[],
         help="stop when this text (one token) is generated; repeatable",
     )
+    parser.add_argument(
+        "--show-uncertainty",
+        action="store_true",
+        help="after the text, one line per generated token: its text, the entropy (nats) of "
+        "the distribution it was drawn from, its log-probability, and ! above 2 nats",
+    )
     parser.set_defaults(func=run)
 
 
+UNCERTAIN_NATS = 2.0  # --show-uncertainty marks tokens drawn from a wider distribution
+
+
 def sample_text(
-    run_dir, prompts, max_new_tokens, *, temperature, top_k, top_p, seed, stop=()
-) -> list[str]:
+    run_dir, prompts, max_new_tokens, *, temperature, top_k, top_p, seed, stop=(), details=False
+) -> list:
+    """The prompts' continuations: texts, or with `details` `(text, [(token text, entropy,
+    logprob), ...])` per prompt."""
     from deepseek_tf.api import load
     from deepseek_tf.errors import InputError
     from deepseek_tf.generation.generate import Generator
@@ -54,8 +65,18 @@ def sample_text(
         top_p=top_p,
         seed=seed,
         stop_ids=stop_ids,
+        details=details,
     )
-    return [p + tokenizer.decode(ids) for p, ids in zip(prompts, new)]
+    if not details:
+        return [p + tokenizer.decode(ids) for p, ids in zip(prompts, new)]
+    return [
+        (
+            p + tokenizer.decode(d["tokens"]),
+            [(tokenizer.decode([t]), float(h), float(lp))
+             for t, h, lp in zip(d["tokens"], d["entropy"], d["logprob"])],
+        )
+        for p, d in zip(prompts, new)
+    ]  # fmt: skip
 
 
 def check_options(args) -> None:
@@ -86,9 +107,19 @@ def run(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=args.stop,
+        details=args.show_uncertainty,
     )
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- {i} ---")
+        if not args.show_uncertainty:
+            print(text)
+            continue
+        text, tokens = text
         print(text)
+        print(f"--- uncertainty: token, entropy (nats), log-probability; ! above "
+              f"{UNCERTAIN_NATS:g} nats ---")  # fmt: skip
+        for token, entropy, logprob in tokens:
+            mark = " !" if entropy > UNCERTAIN_NATS else ""
+            print(f"{token!r}\t{entropy:.3f}\t{logprob:.3f}{mark}")
     return 0

@@ -6,10 +6,12 @@ import argparse
 import sys
 
 from deepseek_tf.cli import (
+    calibrate_cmd,
     compress_cmd,
     convert_cmd,
     eval_cmd,
     export_cmd,
+    federated_cmd,
     generate_cmd,
     info_cmd,
     serve_cmd,
@@ -28,6 +30,8 @@ COMMANDS = (
     serve_cmd,
     export_cmd,
     compress_cmd,
+    calibrate_cmd,
+    federated_cmd,
 )
 
 

@@ -19,10 +19,12 @@ QUANTIZE_MODES = ("none", "int8", "int4", "float8", "gptq", "awq")
 QUANTIZE_INCLUDES = ("attention", "ffn", "head")
 SHARE_MODES = ("none", "ffn", "attention", "both")
 POSITION_TYPES = ("rope", "dynamic", "rope+dynamic")
+HEAD_TYPES = ("categorical", "gaussian")
 ROPE_LAYOUTS = ("half", "interleaved")
 TOKENIZER_TYPES = ("char", "bpe")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+FEDERATED_ENGINES = ("inprocess", "flower")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,11 @@ class ModelConfig:
     quantize_include: tuple[str, ...] = ("attention", "ffn")  # quantized: attention, ffn, head
     quantize_bits: int = 4  # gptq/awq: weight bits
     quantize_group_size: int = -1  # int4/gptq/awq: inputs per scale; -1: one per channel
+    # output head (uncertainty, the brief's section 8.1)
+    head: str = "categorical"  # categorical | gaussian (a Gaussian over the last hidden state)
+    head_samples: int = 1  # gaussian: latent samples per training step (the ELBO's estimate)
+    head_kl_weight: float = 1e-3  # gaussian: weight of KL(q(z|h) || N(0, I)) per token
+    logit_temperature: float = 1.0  # next-token logits are divided by it (`calibrate` fits it)
     # numerics / regularisation
     dropout: float = 0.0
     norm_eps: float = 1e-6
@@ -164,11 +171,43 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class FederatedConfig:
+    """`deepseek-tf federated` (the brief's section 8.2); clients train with `train.*`."""
+
+    # clients and their data
+    clients: int = 16  # clients made from the corpus
+    partition: str = "by-speaker"  # iid | by-speaker | dirichlet:ALPHA | by-file
+    # rounds
+    rounds: int = 50
+    clients_per_round: int = 8  # K sampled per round (with DP: Poisson, K / clients)
+    local_steps: int = 10  # each sampled client's optimizer steps per round
+    min_clients: int = 1  # fewest client updates for a round to count
+    round_timeout: float = 600.0  # seconds to wait for the clients of a round (flower)
+    eval_every: int = 5  # rounds between global validation losses (0: the last only)
+    # server update
+    algorithm: str = "fedavg"  # fedavg | fedprox:MU | fedadam | fedyogi
+    server_learning_rate: float = 1.0  # fedavg/fedprox: 1 is plain averaging
+    server_beta1: float = 0.9  # fedadam/fedyogi moments
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    # privacy
+    dp_clip: float = 0.0  # client-level DP: clip each update to this L2 norm (0: off)
+    dp_noise_multiplier: float = 0.0  # noise std on the sum = multiplier * clip
+    dp_delta: float = 0.0  # 0: min(1e-5, 1 / clients)
+    secure_aggregation: bool = False  # pairwise-masked sums: the server sees only the sum
+    secagg_threshold: int = 0  # fewest survivors of a masked round (0: half the sampled)
+    secagg_frac_bits: int = 16  # fixed-point precision of masked updates
+    # engine
+    engine: str = "inprocess"  # inprocess (pure TensorFlow) | flower
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
 
 
 SECTIONS = {
@@ -176,4 +215,5 @@ SECTIONS = {
     "data": DataConfig,
     "train": TrainConfig,
     "runtime": RuntimeConfig,
+    "federated": FederatedConfig,
 }

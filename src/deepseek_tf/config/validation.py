@@ -10,6 +10,8 @@ from typing import Any
 from deepseek_tf.config.schema import (
     ATTENTION_TYPES,
     BLOCK_TYPES,
+    FEDERATED_ENGINES,
+    HEAD_TYPES,
     MOE_DISPATCH,
     POSITION_TYPES,
     PRECISIONS,
@@ -72,6 +74,9 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _refuse_unused(config, set(explicit))
     _validate_compression(m)
     _check_choice("model.remat", m.remat, REMAT_MODES)
+    _check_choice("model.head", m.head, HEAD_TYPES)
+    _check_positive(m, "model", ("head_samples", "logit_temperature"))
+    _check_positive(m, "model", ("head_kl_weight",), True)
     _check_choice("model.share_adjacent", m.share_adjacent, SHARE_MODES)
     _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_TYPES)
     if not 0.0 < d.val_fraction < 1.0:
@@ -95,6 +100,7 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(t, "train", ("keep_checkpoints",))
     _check_choice("train.precision", t.precision, PRECISIONS)
     _check_choice("runtime.strategy", r.strategy, STRATEGIES)
+    _validate_federated(config.federated)
     _check_positive(r, "runtime", ("intra_op_threads", "inter_op_threads"), True)
 
 
@@ -157,6 +163,8 @@ _USED_WHEN = (
     ("model.conv_kernel_size", lambda c: "hybrid" in c.model.blocks, "a hybrid block"),
     ("model.mtp_loss_weight", lambda c: c.model.mtp_depth > 0, "model.mtp_depth > 0"),
     ("data.vocab_size", lambda c: c.data.tokenizer == "bpe", "data.tokenizer: bpe"),
+    *((f"model.{k}", lambda c: c.model.head == "gaussian", "model.head: gaussian")
+      for k in ("head_samples", "head_kl_weight")),
 )  # fmt: skip
 
 
@@ -224,3 +232,31 @@ def _validate_compression(m) -> None:
         if e and e != m.n_routed_experts and m.n_group > 1:
             raise ConfigError("model.layer_n_experts: pruned experts need n_group=1")
     parse_lowrank(m.lowrank, m.n_layers)
+
+
+def _validate_federated(f) -> None:
+    """Ranges of the federated section (the partition and algorithm specs are parsed by
+    `deepseek_tf.federated`, which names them as CLI options)."""
+    _check_positive(f, "federated", ("clients", "rounds", "clients_per_round", "local_steps"))
+    _check_positive(f, "federated", ("min_clients", "round_timeout", "secagg_frac_bits"))
+    _check_positive(f, "federated", ("server_learning_rate",))
+    _check_positive(f, "federated", ("eval_every", "secagg_threshold", "server_tau"), True)
+    _check_positive(f, "federated", ("dp_clip", "dp_noise_multiplier", "dp_delta"), True)
+    _check_choice("federated.engine", f.engine, FEDERATED_ENGINES)
+    if f.clients_per_round > f.clients:
+        raise ConfigError(
+            f"federated.clients_per_round: {f.clients_per_round} is more than the "
+            f"{f.clients} clients"
+        )
+    if f.min_clients > f.clients_per_round:
+        raise ConfigError(
+            f"federated.min_clients: {f.min_clients} exceeds clients_per_round="
+            f"{f.clients_per_round}"
+        )
+    for name in ("server_beta1", "server_beta2"):
+        if not 0.0 <= getattr(f, name) < 1.0:
+            raise ConfigError(f"federated.{name}: must be in [0, 1), got {getattr(f, name)}")
+    if not 1 <= f.secagg_frac_bits <= 24:
+        raise ConfigError(
+            f"federated.secagg_frac_bits: must be in [1, 24], got {f.secagg_frac_bits}"
+        )

@@ -237,6 +237,15 @@ def _check_exportable(m) -> None:
         "scale_embeddings": (m.scale_embeddings, "DeepSeek does not scale embeddings"),
         "blocks": (set(m.blocks) != {"attention"}, "hybrid blocks have no DeepSeek equivalent"),
         "share_adjacent": (m.share_adjacent != "none", "DeepSeek shares no weights across layers"),
+        "head": (m.head != "categorical", "transformers' DeepSeek has a plain output head"),
+        "logit_temperature": (
+            m.logit_temperature != 1.0,
+            "transformers' DeepSeek has no logit temperature (convert the uncalibrated run)",
+        ),
+        "rope_layout": (
+            m.attention == "mla" and m.rope_layout != "interleaved",
+            "exported DeepSeek configs use interleaved rope (rope_interleave: true)",
+        ),
     }
     if m.n_routed_experts:
         problems.update(

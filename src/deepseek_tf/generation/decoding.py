@@ -46,8 +46,9 @@ class DecodeLoop:
     Args:
         model: a `CausalLM`.
         jit_compile: compile both with XLA.
-        logprobs: also return each chosen token's log-probability and the
-            `TOP_LOGPROBS` best alternatives (the server's `logprobs`).
+        logprobs: also return each chosen token's log-probability, the
+            `TOP_LOGPROBS` best alternatives (the server's `logprobs`) and the
+            entropy of the distribution it was drawn from (per-token uncertainty).
     """
 
     def __init__(self, model, jit_compile: bool = True, logprobs: bool = False):
@@ -76,20 +77,22 @@ class DecodeLoop:
             stop_ids: `(K,)` int32 tokens that end a row (after being emitted).
 
         Returns:
-            `(position, ids, cache, logits, done, logprobs, top_ids, top_logprobs)`;
-            the last three are `(B, S)`, `(B, S, TOP_LOGPROBS)` zeros without `logprobs`.
+            `(position, ids, cache, logits, done, logprobs, top_ids, top_logprobs,
+            entropy)`; `logprobs` and `entropy` are `(B, S)`, the tops
+            `(B, S, TOP_LOGPROBS)`, all zeros without `logprobs`.
         """
         batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
         top = TOP_LOGPROBS if self.logprobs else 0
         logprobs = tf.zeros((batch, length), tf.float32)
+        entropy = tf.zeros((batch, length), tf.float32)
         top_ids = tf.zeros((batch, length, top), tf.int32)
         top_lps = tf.zeros((batch, length, top), tf.float32)
         temperature, top_k, top_p, seeds = sampling
 
-        def cond(i, ids, cache, logits, done, logprobs, top_ids, top_lps):
+        def cond(i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy):
             return tf.logical_and(i < stop, tf.logical_not(tf.reduce_all(done)))
 
-        def body(i, ids, cache, logits, done, logprobs, top_ids, top_lps):
+        def body(i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy):
             sampled = sample_tokens(logits, temperature, top_k, top_p, seeds, i)  # (B,)
             forced = is_prompt[:, i]
             token = tf.where(forced, ids[:, i], sampled)
@@ -103,15 +106,18 @@ class DecodeLoop:
                 logprobs = tf.tensor_scatter_nd_update(logprobs, index, chosen)
                 top_ids = tf.tensor_scatter_nd_update(top_ids, index, best_ids)
                 top_lps = tf.tensor_scatter_nd_update(top_lps, index, best_lps)
+                spread = -tf.reduce_sum(tf.exp(log_probs) * log_probs, axis=-1)  # (B,)
+                entropy = tf.tensor_scatter_nd_update(entropy, index, spread)
             stopped = tf.logical_and(
                 tf.logical_not(forced), tf.reduce_any(token[:, None] == stop_ids[None, :], -1)
             )
             done = tf.logical_or(done, tf.logical_or(stopped, i + 1 >= ends))
             step_logits, cache = self.model.call_with_cache(token[:, None], cache, i)
-            return i + 1, ids, cache, step_logits[:, -1, :], done, logprobs, top_ids, top_lps
+            step = (done, logprobs, top_ids, top_lps, entropy)
+            return i + 1, ids, cache, step_logits[:, -1, :], *step
 
         return tf.while_loop(
-            cond, body, (start, ids, cache, logits, done, logprobs, top_ids, top_lps)
+            cond, body, (start, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy)
         )
 
 
@@ -188,9 +194,10 @@ class DecodeState:
         """Stops decoding `row` (its client left, or it reached a stop string)."""
         self.done[row] = True
 
-    def step(self, chunk: int | None = None) -> list[list[tuple[int, float, list]]]:
+    def step(self, chunk: int | None = None) -> list[list[tuple[int, float, list, float]]]:
         """Decodes up to `chunk` positions (None: to the end); returns each row's new
-        `(token, logprob, [(alt_token, alt_logprob), ...])` (a stop token is included)."""
+        `(token, logprob, [(alt_token, alt_logprob), ...], entropy)` (a stop token is
+        included; logprob, alternatives and entropy only with `logprobs`)."""
         before = self.position
         was_done = self.done.copy()
         last = int(self.ends.max())
@@ -207,11 +214,12 @@ class DecodeState:
             self.sampling,
             self.stop_ids,
         )
-        position, self.ids, self.cache, self.logits, done, logprobs, top_ids, top_lps = out
+        position, self.ids, self.cache, self.logits, done, logprobs, top_ids, top_lps, ent = out
         self.position = int(position)
         self.done = done.numpy().copy()
         ids = self.ids.numpy()
         logprobs, top_ids, top_lps = logprobs.numpy(), top_ids.numpy(), top_lps.numpy()
+        ent = ent.numpy()
         new = []
         for row, r in enumerate(self.rows):
             tokens = []
@@ -220,7 +228,8 @@ class DecodeState:
                 last_new = min(self.position, len(r.prompt) + r.max_new_tokens)
                 for i in range(first, last_new):
                     alts = list(zip(top_ids[row, i].tolist(), top_lps[row, i].tolist()))
-                    tokens.append((int(ids[row, i]), float(logprobs[row, i]), alts))
+                    token = int(ids[row, i])
+                    tokens.append((token, float(logprobs[row, i]), alts, float(ent[row, i])))
                     if tokens[-1][0] in self.stop_set:
                         break
             new.append(tokens)

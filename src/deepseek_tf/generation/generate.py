@@ -50,20 +50,22 @@ class Generator:
 
     def __init__(self, model, jit_compile: bool = True):
         self.model = model
+        self.jit_compile = jit_compile
         self.decoder = Decoder(model, jit_compile=jit_compile)
+        self._detailed = None  # the loop with log-probabilities and entropies, on demand
 
-    def _run_window(self, prompts, max_new, sampling: SamplingParams, seeds, stop_ids):
+    def _run_window(self, prompts, max_new, sampling: SamplingParams, seeds, stop_ids, details):
         """Decodes `max_new` tokens after each prompt, all within the context."""
         rows = [
             Row(p, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed)
             for p, seed in zip(prompts, seeds)
         ]
-        new = self.decoder.start(rows, stop_ids).step()
+        if details and self._detailed is None:
+            self._detailed = Decoder(self.model, jit_compile=self.jit_compile, logprobs=True)
+        decoder = self._detailed if details else self.decoder
+        new = decoder.start(rows, stop_ids).step()
         stop_set = set(stop_ids)
-        return [
-            (tokens, bool(tokens) and tokens[-1] in stop_set)
-            for tokens in ([t for t, _, _ in row] for row in new)
-        ]
+        return [(row, bool(row) and row[-1][0] in stop_set) for row in new]
 
     def generate(
         self,
@@ -75,11 +77,14 @@ class Generator:
         top_p: float = 1.0,
         seed: int = 0,
         stop_ids: Sequence[int] = (),
-    ) -> list[list[int]]:
+        details: bool = False,
+    ) -> list:
         """Returns the new tokens of each prompt (a stop token ends a row, and is kept).
 
         Sampling settings follow `sampler.check_sampling` (the server's rules); row `i`
-        samples with seed `seed + i`.
+        samples with seed `seed + i`. With `details`, each prompt gets a dict instead:
+        `"tokens"`, and arrays `"logprob"` (of each chosen token under the model) and
+        `"entropy"` (nats, of the distribution it was drawn from: its uncertainty).
         """
         model = self.model
         _check_prompts(prompts, model.vocab_size, model.max_seq_len)
@@ -91,7 +96,7 @@ class Generator:
             )
         context = model.max_seq_len
         sequences = [list(map(int, p)) for p in prompts]
-        new = [[] for _ in prompts]
+        new = [[] for _ in prompts]  # (token, logprob, alternatives, entropy) entries
         finished = [False] * len(prompts)
         remaining, round_index = max_new_tokens, 0
         while remaining > 0 and not all(finished):
@@ -99,16 +104,25 @@ class Generator:
                 sequences = [s[-max(context // 2, 1) :] for s in sequences]  # sliding window
             n = min(remaining, context - max(len(s) for s in sequences))
             seeds = row_seeds(sampling.seed, len(sequences), round_index)
-            window = self._run_window(sequences, n, sampling, seeds, list(stop_ids))
-            for row, (tokens, stopped) in enumerate(window):
+            window = self._run_window(sequences, n, sampling, seeds, list(stop_ids), details)
+            for row, (entries, stopped) in enumerate(window):
                 if finished[row]:
                     continue
-                new[row].extend(tokens)
-                sequences[row] = sequences[row] + tokens
+                new[row].extend(entries)
+                sequences[row] = sequences[row] + [e[0] for e in entries]
                 finished[row] = stopped
             remaining -= n
             round_index += 1
-        return new
+        if not details:
+            return [[e[0] for e in row] for row in new]
+        return [
+            {
+                "tokens": [e[0] for e in row],
+                "logprob": np.asarray([e[1] for e in row], np.float32),
+                "entropy": np.asarray([e[3] for e in row], np.float32),
+            }
+            for row in new
+        ]
 
 
 def generate_uncached(

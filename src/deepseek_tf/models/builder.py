@@ -142,6 +142,10 @@ def model_kwargs(config: Config, vocab_size: int | None = None) -> dict:
         "init_std": m.init_std,
         "layer_overrides": layer_overrides(m),
         "fake_quant": m.fake_quant,
+        "output_head": m.head,
+        "head_samples": m.head_samples,
+        "head_kl_weight": m.head_kl_weight,
+        "logit_temperature": m.logit_temperature,
     }
 
 

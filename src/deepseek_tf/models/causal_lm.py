@@ -11,10 +11,13 @@ from keras import ops
 
 from deepseek_tf.errors import InputError
 from deepseek_tf.layers.decoder_block import DecoderBlock
+from deepseek_tf.layers.gaussian_head import GaussianHead
 from deepseek_tf.layers.mtp import MTPModule
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.serialization import init_config
 from deepseek_tf.models.model_structure import ModelStructure
+
+HEADS = ("categorical", "gaussian")
 
 
 def check_token_ids(token_ids, vocab_size: int, max_seq_len: int) -> None:
@@ -71,6 +74,14 @@ class CausalLM(ModelStructure, keras.Model):
             kwargs, e.g. pruned `n_heads`), `"ffn_hidden_dim"`, `"moe"` (e.g.
             pruned `n_routed_experts`), `"projection_ranks"` (low-rank factors).
         fake_quant: projections train against int8 rounding (QAT).
+        output_head: `"categorical"` (a softmax over the output projection) or
+            `"gaussian"` (the brief's probabilistic head, `GaussianHead`: the
+            output projection sees samples of a Gaussian over the final hidden
+            state; deterministic paths use its mean).
+        head_samples: gaussian head: latent samples per training step.
+        head_kl_weight: gaussian head: weight of the KL to the prior, per token.
+        logit_temperature: the next-token logits are divided by it (temperature
+            scaling, fitted by `deepseek-tf calibrate`).
         **kwargs: standard `keras.Model` arguments (`name`, `dtype`).
 
     Call arguments:
@@ -113,6 +124,10 @@ class CausalLM(ModelStructure, keras.Model):
         init_std: float = 0.02,
         layer_overrides: list | None = None,
         fake_quant: bool = False,
+        output_head: str = "categorical",
+        head_samples: int = 1,
+        head_kl_weight: float = 1e-3,
+        logit_temperature: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -143,6 +158,12 @@ class CausalLM(ModelStructure, keras.Model):
         self.init_std = init_std
         self.layer_overrides = [dict(o) for o in layer_overrides] if layer_overrides else None
         self.fake_quant = fake_quant
+        self.output_head = output_head
+        self.head_samples = head_samples
+        self.head_kl_weight = head_kl_weight
+        self.logit_temperature = logit_temperature
+        if output_head not in HEADS:
+            raise ValueError(f"output_head must be one of {HEADS}, got {output_head!r}")
         if self.layer_overrides and len(self.layer_overrides) != n_layers:
             raise ValueError(f"layer_overrides needs one entry per layer ({n_layers})")
 
@@ -176,6 +197,9 @@ class CausalLM(ModelStructure, keras.Model):
         for k, module in enumerate(self.mtp_modules):
             setattr(self, f"mtp_{k}", module)
         self.final_norm = RMSNorm(norm_eps, dtype=policy, name="final_norm")
+        self.gaussian_head = None
+        if output_head == "gaussian":
+            self.gaussian_head = GaussianHead(d_model, dtype=policy, name="gaussian_head")
         self.lm_head = None
         if not tie_embeddings:
             self.lm_head = keras.layers.Dense(
@@ -219,6 +243,8 @@ class CausalLM(ModelStructure, keras.Model):
         hidden_shape = (*input_shape, self.d_model)
         for layer in (*self.blocks, *self.mtp_modules, self.final_norm):
             layer.build(hidden_shape)
+        if self.gaussian_head is not None:
+            self.gaussian_head.build(hidden_shape)
         if self.lm_head is not None:
             self.lm_head.build(hidden_shape)
         self.built = True
@@ -242,7 +268,24 @@ class CausalLM(ModelStructure, keras.Model):
         return ops.cast(logits, "float32")
 
     def head(self, x):
-        return self.project(self.final_norm(x))
+        """Next-token logits of hidden states `(B, T, C)` (a gaussian head: its mean)."""
+        normed = self.final_norm(x)
+        if self.gaussian_head is not None:
+            loc, _ = self.gaussian_head(normed)
+            normed = ops.cast(loc, self.compute_dtype)
+        return self.project(normed) / self.logit_temperature
+
+    def sample_logits(self, x, samples: int, seed=None):
+        """`(S, B, T, V)` next-token logits of `samples` draws of a gaussian head over hidden
+        states `x` (`(1, B, T, V)`, the deterministic logits, for a categorical head),
+        and the head's KL to its prior per position `(B, T)` (zeros when categorical)."""
+        if self.gaussian_head is None:
+            logits = self.head(x)
+            return logits[None], ops.zeros(ops.shape(logits)[:2], "float32")
+        loc, log_var = self.gaussian_head(self.final_norm(x))
+        z = self.gaussian_head.sample(loc, log_var, samples, seed)  # (S, B, T, C)
+        logits = self.project(ops.cast(z, self.compute_dtype)) / self.logit_temperature
+        return logits, self.gaussian_head.kl_to_prior(loc, log_var)
 
     def moe_modules(self) -> list:
         """The DeepSeekMoE layers, in the order `forward_with_stats` reports their load."""
@@ -258,12 +301,16 @@ class CausalLM(ModelStructure, keras.Model):
 
     # -- forward paths --------------------------------------------------------------------
     def call(self, token_ids, training=None):
+        return self.head(self.hidden_states(token_ids, training))
+
+    def hidden_states(self, token_ids, training=None):
+        """The last block's output `(B, T, C)` (before the final norm and the head)."""
         if tf.executing_eagerly():
             check_token_ids(token_ids, self.vocab_size, self.max_seq_len)
         x = self.embed(token_ids, training)
         for block in self.blocks:
             x = block(x, training=training)["x"]
-        return self.head(x)
+        return x
 
     def forward_with_stats(self, token_ids, training=None, sparsity_threshold=1e-2):
         """Logits plus what training needs beyond them.
@@ -276,7 +323,9 @@ class CausalLM(ModelStructure, keras.Model):
             routed-token fractions (MoE models only); `stats["mtp_logits"]` a
             list of `(B, T - k, V)` logits of MTP depth `k` predicting the token
             `k + 1` steps after each input position (its targets are the
-            next-token targets shifted by `k`).
+            next-token targets shifted by `k`). A gaussian head adds
+            `stats["sample_logits"]` `(S, B, T, V)` (its samples' logits) and
+            `stats["head_kl"]` `(B, T)` (the weighted KL to its prior).
         """
         collected = {"sparsity": [], "aux_loss": [], "expert_load": []}
 
@@ -294,6 +343,10 @@ class CausalLM(ModelStructure, keras.Model):
             collect(out)
             x = out["x"]
         logits = self.head(x)
+        head_stats = {}
+        if self.gaussian_head is not None:  # the ELBO: token loss over samples + KL
+            sampled, kl = self.sample_logits(x, self.head_samples)  # (S, B, T, V), (B, T)
+            head_stats = {"sample_logits": sampled, "head_kl": self.head_kl_weight * kl}
         mtp_logits = []
         for k, module in enumerate(self.mtp_modules, start=1):
             out = module(x[:, :-1], embeddings[:, k:], training=training)  # (B, T - k, C)
@@ -306,6 +359,7 @@ class CausalLM(ModelStructure, keras.Model):
             if collected["aux_loss"]
             else ops.zeros((), "float32"),
             "mtp_logits": mtp_logits,
+            **head_stats,
         }
         if collected["expert_load"]:
             stats["expert_load"] = ops.stack(collected["expert_load"])  # (L_moe, E)

@@ -31,8 +31,9 @@ class ModelStructure:
         unshared = sum(block.parameter_counts()[0] for block in self.blocks)
         embedding = v * d
         head = 0 if self.tie_embeddings else v * d
-        total = embedding + sum(b[0] for b in blocks) + d + head
-        activated = sum(b[1] for b in blocks) + d + (head or embedding)
+        gaussian = self.gaussian_head.parameter_counts()[0] if self.gaussian_head else 0
+        total = embedding + sum(b[0] for b in blocks) + d + gaussian + head
+        activated = sum(b[1] for b in blocks) + d + gaussian + (head or embedding)
         mtp = [module.parameter_counts() for module in self.mtp_modules]
         mtp_total = sum(m[0] for m in mtp)
         return {

@@ -9,7 +9,7 @@ job turns them into text, checks its stop strings, and the worker drops finished
 or abandoned jobs (a client that disconnected) from the batch. `max_batch=1` turns batching off.
 
 Events on `Job.events`: `("delta", text, tokens)` where `tokens` is a list of
-`(token_id, token_text, logprob, [(alt_text, alt_logprob), ...])`, then one
+`(token_id, token_text, logprob, [(alt_text, alt_logprob), ...], entropy)`, then one
 `("end", finish_reason)` or `("error", message)`.
 """
 
@@ -51,9 +51,10 @@ class Job:
         return self.tokenizer.decode(list(ids))
 
     def feed(self, new) -> None:
-        """Takes new `(token, logprob, top)` triples from the decoder; emits a delta."""
+        """Takes new `(token, logprob, top, entropy)` entries from the decoder; emits a
+        delta."""
         entries = []
-        for token, logprob, top in new:
+        for token, logprob, top, entropy in new:
             if self.finished:
                 break
             if token == self.eos_id:
@@ -61,7 +62,7 @@ class Job:
                 break
             self.tokens.append(token)
             alts = [(self.decode([t]), lp) for t, lp in top[: self.req.logprobs or 0]]
-            entries.append((token, self.decode([token]), logprob, alts))
+            entries.append((token, self.decode([token]), logprob, alts, entropy))
         text = self.decode(self.tokens)
         if self.req.stop and not self.finished:
             search_from = max(0, self.sent - self._hold)

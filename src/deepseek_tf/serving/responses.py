@@ -4,6 +4,10 @@ Completions report logprobs in the legacy shape (`tokens`, `token_logprobs`,
 `top_logprobs`, `text_offset`); chats in the `{"content": [{token, logprob,
 bytes, top_logprobs}]}` shape. Logprobs are the model's log-softmax of the raw
 logits (before temperature and top-p), of the token that was chosen.
+
+Extension (deepseek-tf): next to the logprobs, each token's uncertainty -- the entropy
+in nats of the model's distribution at that position -- as `token_entropies` (a list
+parallel to `token_logprobs`) in completions and `entropy` on each chat `content` item.
 """
 
 from __future__ import annotations
@@ -14,27 +18,35 @@ from deepseek_tf.serving.batcher import Job
 
 
 def logprobs_completion(entries, offset: int) -> dict:
-    """Legacy completions logprobs of `(id, text, logprob, alts)` entries from `offset`."""
-    tokens, lps, tops, offsets = [], [], [], []
-    for _, text, lp, alts in entries:
+    """Legacy completions logprobs of `(id, text, logprob, alts, entropy)` entries from
+    `offset`."""
+    tokens, lps, tops, offsets, entropies = [], [], [], [], []
+    for _, text, lp, alts, entropy in entries:
         tokens.append(text)
         lps.append(lp)
         tops.append(dict(alts) if alts else None)
         offsets.append(offset)
+        entropies.append(entropy)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": lps,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+        "token_entropies": entropies,  # extension: uncertainty in nats
+    }
 
 
 def logprobs_chat(entries) -> dict:
-    """Chat logprobs (`{"content": [...]}`) of `(id, text, logprob, alts)` entries."""
+    """Chat logprobs (`{"content": [...]}`) of `(id, text, logprob, alts, entropy)` entries."""
 
     def item(text, lp):
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
     return {
         "content": [
-            {**item(t, lp), "top_logprobs": [item(a, b) for a, b in alts]}
-            for _, t, lp, alts in entries
+            {**item(t, lp), "top_logprobs": [item(a, b) for a, b in alts], "entropy": h}
+            for _, t, lp, alts, h in entries
         ]
     }
 

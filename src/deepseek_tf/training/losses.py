@@ -56,10 +56,22 @@ def objective(
 
     Returns:
         `(objective, parts)`: `parts` holds `loss` (next-token), `aux_loss`,
-        `activation_sparsity`, and `mtp_loss` / `expert_load` / `extra_loss` when present.
+        `activation_sparsity`, and `mtp_loss` / `expert_load` / `extra_loss` / `head_kl`
+        when present. With a gaussian head, `loss` is the token loss averaged over its
+        samples and `head_kl` the weighted KL to its prior: together the negative ELBO.
     """
+    if "sample_logits" in stats:  # a gaussian head: the token loss averaged over its samples
+        sampled = stats["sample_logits"]  # (S, B, T, V)
+        samples = ops.shape(sampled)[0]
+        flat = ops.reshape(sampled, (-1, *ops.shape(sampled)[2:]))  # (S*B, T, V)
+        repeat = [samples, 1]  # targets and weights for each sample: (S*B, T)
+        loss = weighted_mean(
+            token_losses(flat, ops.tile(targets, repeat)), ops.tile(weights, repeat)
+        )
+    else:
+        loss = weighted_mean(token_losses(logits, targets), weights)
     parts = {
-        "loss": weighted_mean(token_losses(logits, targets), weights),
+        "loss": loss,
         "aux_loss": stats["aux_loss"],
         "activation_sparsity": stats["activation_sparsity"],
     }
@@ -68,6 +80,9 @@ def objective(
         parts["mtp_loss"] = mtp_loss(stats["mtp_logits"], targets, weights)
         data_loss = data_loss + mtp_loss_weight * parts["mtp_loss"]
     total = hard_loss_weight * data_loss + parts["aux_loss"]
+    if "head_kl" in stats:  # the ELBO's KL term (already weighted), mean over tokens
+        parts["head_kl"] = weighted_mean(stats["head_kl"], weights)
+        total = total + parts["head_kl"]
     if extra is not None:
         parts["extra_loss"] = extra
         total = total + extra

@@ -1,0 +1,28 @@
+"""`deepseek-tf calibrate RUN_DIR --out NEW_RUN`: temperature scaling on the validation split."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="fit a logit temperature on the validation split; write a calibrated run",
+        description="Temperature scaling: fits one logit temperature on the first half of "
+        "the validation split, reports NLL and ECE before/after on the second half, and "
+        "writes a new run (model.logit_temperature) that every command then uses.",
+    )
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", required=True, help="the calibrated run directory")
+    parser.add_argument(
+        "--samples", type=int, default=8, help="gaussian head: latent samples per token"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from deepseek_tf.uncertainty.calibrate import run as calibrate
+
+    print(json.dumps(calibrate(args)))
+    return 0

@@ -1,0 +1,81 @@
+"""Where the samples of a predictive distribution come from.
+
+A `Predictor` turns a batch of token ids into `(S, B, T, V)` sampled next-token
+probabilities, by one of four methods:
+
+- `"model"`: the run's own head -- one softmax for a categorical head, `samples` draws
+  of the latent for a gaussian head (`CausalLM.sample_logits`);
+- `"mc_dropout"`: `samples` forward passes with dropout on (Monte Carlo dropout; only
+  for models trained with dropout);
+- `"ensemble"`: one softmax per member run (deep ensembles; the members share a
+  tokenizer);
+- temperature scaling needs no method of its own: a calibrated run divides its logits by
+  `model.logit_temperature` (`deepseek-tf calibrate`), so every method sees it.
+
+The predictive distribution is the mean of the sampled softmaxes (`metrics.token_stats`).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from deepseek_tf.errors import InputError
+
+METHODS = ("model", "mc_dropout", "ensemble")
+
+
+class Predictor:
+    """Sampled next-token probabilities of a model, or of an ensemble of models.
+
+    Args:
+        models: the model (or, for `"ensemble"`, the member models).
+        method: one of `METHODS`.
+        samples: samples per token (gaussian head, MC dropout; ignored otherwise).
+        seed: seed of the gaussian head's samples (each batch derives its own).
+        jit_compile: compile with XLA.
+
+    Raises:
+        InputError: MC dropout on a model without dropout, an ensemble of one, fewer
+            than one sample.
+    """
+
+    def __init__(
+        self, models, method: str = "model", samples: int = 8, seed: int = 0, jit_compile=True
+    ):
+        models = list(models) if isinstance(models, (list, tuple)) else [models]
+        if method not in METHODS:
+            raise InputError(f"unknown uncertainty method {method!r} ({', '.join(METHODS)})")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise InputError(f"samples: must be an integer >= 1, got {samples!r}")
+        if method == "ensemble" and len(models) < 2:
+            raise InputError("an ensemble needs at least two runs")
+        if method != "ensemble" and len(models) != 1:
+            raise InputError(f"method {method!r} takes one run, got {len(models)}")
+        if method == "mc_dropout" and not models[0].dropout:
+            raise InputError(
+                "--mc-samples: Monte Carlo dropout needs a model trained with dropout "
+                "(model.dropout > 0); this one has none, so its passes would all agree"
+            )
+        self.models, self.method, self.seed = models, method, seed
+        gaussian = models[0].gaussian_head is not None
+        self.samples = {"ensemble": len(models), "mc_dropout": samples}.get(
+            method, samples if gaussian else 1
+        )
+        self._fn = tf.function(self._probs, jit_compile=jit_compile, reduce_retracing=True)
+
+    def _probs(self, token_ids, batch_index):
+        if self.method == "ensemble":
+            logits = [model(token_ids, training=False) for model in self.models]
+            return tf.nn.softmax(tf.stack(logits), axis=-1)  # (S, B, T, V)
+        model = self.models[0]
+        if self.method == "mc_dropout":
+            logits = [model(token_ids, training=True) for _ in range(self.samples)]
+            return tf.nn.softmax(tf.stack(logits), axis=-1)  # (S, B, T, V)
+        hidden = model.hidden_states(token_ids, training=False)  # (B, T, C)
+        seed = tf.stack([tf.constant(self.seed, tf.int32), tf.cast(batch_index, tf.int32)])
+        logits, _ = model.sample_logits(hidden, self.samples, seed)  # (S, B, T, V)
+        return tf.nn.softmax(logits, axis=-1)
+
+    def __call__(self, token_ids, batch_index: int = 0):
+        """`(S, B, T, V)` float32 probabilities of `(B, T)` token ids."""
+        return self._fn(tf.convert_to_tensor(token_ids), tf.constant(batch_index, tf.int32))
