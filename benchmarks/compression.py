@@ -18,8 +18,14 @@ compression step itself. Goals (issue 6): int8 within +0.02 validation loss;
 QAT int8 closer than int4 PTQ; pruned-30% within +0.05 and faster; the
 distilled student beats the same student trained from scratch for the same steps.
 
+With `--preset shakespeare-moe` the rows are the routed experts' weight-only codes
+instead (baseline | int8 experts | int4 experts per channel | int4 experts, groups of
+32 | int8 attention+ffn+experts); goals (issue 13): int8 experts within +0.01
+validation loss, int4 within +0.05.
+
 Usage:
     python benchmarks/compression.py                  # ~10 min on 2 cores
+    python benchmarks/compression.py --preset shakespeare-moe   # ~5 min
     python benchmarks/compression.py --run runs/shakespeare-char --finetune-steps 100
 """
 
@@ -49,8 +55,8 @@ def baseline_run(args) -> Path:
     if args.run:
         return Path(args.run)
     run = Path(tempfile.mkdtemp(prefix="bench-compress-")) / "baseline"
-    config = load_config("shakespeare-char", overrides=[f"train.steps={args.train_steps}"])
-    print(f"[train] shakespeare-char, {args.train_steps} steps -> {run}", flush=True)
+    config = load_config(args.preset, overrides=[f"train.steps={args.train_steps}"])
+    print(f"[train] {args.preset}, {args.train_steps} steps -> {run}", flush=True)
     train(config, run, verbose=0)
     return run
 
@@ -200,6 +206,35 @@ def build_rows(run: Path, args) -> list[dict]:
     return rows, tokenizer
 
 
+def expert_rows(run: Path, args) -> list[dict]:
+    """MoE rows: the routed experts as int8 / int4 codes (`compress quantize`)."""
+    from deepseek_tf.api import load
+    from deepseek_tf.compress.quantize import quantize_model
+    from deepseek_tf.compress.run_io import with_model
+    from deepseek_tf.rundir import RunDir
+
+    config = RunDir(run).read_config()
+    model, tokenizer = load(run)
+    rows = [{"name": "baseline (float32)", "config": config, "model": model, "seconds": 0.0}]
+    variants = [
+        ("int8 experts", "int8", ("experts",), -1),
+        ("int4 experts (per channel)", "int4", ("experts",), -1),
+        ("int4 experts (groups of 32)", "int4", ("experts",), 32),
+        ("int8 attention+ffn+experts", "int8", ("attention", "ffn", "experts"), -1),
+    ]
+    for name, mode, include, group in variants:
+        print(f"[rows] {name}", flush=True)
+        m = load(run)[0]
+        _, seconds = timed(
+            lambda m=m, mode=mode, include=include, group=group: quantize_model(
+                m, config.model, mode, include=include, bits=4, group_size=group
+            )
+        )
+        cfg = with_model(config, quantize=mode, quantize_include=include, quantize_group_size=group)
+        rows.append({"name": name, "config": cfg, "model": m, "seconds": seconds})
+    return rows, tokenizer
+
+
 def measure(rows, tokenizer, run: Path, args) -> None:
     """Fills parameters, bytes on disk and validation loss, then the interleaved speeds."""
     import numpy as np
@@ -244,19 +279,27 @@ def measure(rows, tokenizer, run: Path, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", help="an already trained shakespeare-char run to compress")
+    parser.add_argument("--run", help="an already trained run (of --preset) to compress")
+    parser.add_argument(
+        "--preset",
+        default="shakespeare-char",
+        choices=("shakespeare-char", "shakespeare-moe"),
+        help="shakespeare-moe: the routed-expert quantization rows",
+    )
     parser.add_argument("--train-steps", type=int, default=2000)
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--alpha", type=float, default=0.5, help="distillation weight")
     parser.add_argument("--rank", type=int, default=32, help="low-rank ffn rank")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=bc.default_out(NAME))
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    moe = args.preset == "shakespeare-moe"
+    args.out = args.out or bc.default_out(NAME + ("_moe" if moe else ""))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     info = bc.machine_info(("tensorflow", "keras"))
     run = baseline_run(args)
-    rows, tokenizer = build_rows(run, args)
+    rows, tokenizer = (expert_rows if moe else build_rows)(run, args)
     measure(rows, tokenizer, run, args)
     base = rows[0]
     table = []

@@ -11,12 +11,14 @@ from deepseek_tf.federated.engine import FederatedRun, prepare_clients
 from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.rundir import RunDir
 from deepseek_tf.tokenizers import train_tokenizer
+from deepseek_tf.training.init_from import source_config
 from deepseek_tf.training.runtime import configure_threads, make_strategy
 from deepseek_tf.training.trainer import Trainer
 
 
-def prepare_tokenizer(config: Config, run_dir=None, resume: bool = False):
-    """The run's tokenizer: loaded from `run_dir` when resuming, else trained on the corpus.
+def prepare_tokenizer(config: Config, run_dir=None, resume: bool = False, init_from=None):
+    """The run's tokenizer: loaded from `run_dir` when resuming, from `init_from` when
+    fine-tuning, else trained on the corpus.
 
     Returns `(config with model.vocab_size resolved, tokenizer)`. An explicit
     `model.vocab_size` may exceed the tokenizer's (padded embedding rows), never fall
@@ -24,6 +26,8 @@ def prepare_tokenizer(config: Config, run_dir=None, resume: bool = False):
     """
     if resume:
         tokenizer = RunDir(run_dir).read_tokenizer()
+    elif init_from is not None:
+        tokenizer = source_config(init_from)[1]
     else:
         texts = read_texts(resolve_files(config.data.files))
         tokenizer = train_tokenizer(config.data.tokenizer, texts, config.data.vocab_size)
@@ -37,22 +41,36 @@ def prepare_tokenizer(config: Config, run_dir=None, resume: bool = False):
     return dataclasses.replace(config, model=model), tokenizer
 
 
-def train(config: Config, run_dir, *, resume: bool = False, verbose: int = 1) -> dict:
+def train(
+    config: Config, run_dir, *, resume: bool = False, verbose: int = 1, init_from=None
+) -> dict:
     """Trains `config` into `run_dir` (or continues it); returns the run summary.
 
     `resume=True` needs a run in `run_dir` (its own config and tokenizer) and writes
-    nothing there until its newest readable checkpoint is restored.
+    nothing there until its newest readable checkpoint is restored. `init_from` (a
+    run or a Hugging Face directory) starts a new run from its weights and tokenizer
+    with a fresh optimizer; `config` comes from `training.init_from.init_config`.
     """
     run = RunDir(run_dir)
     if resume:
         run.require()
     else:
         run.check_new()
+    if resume and init_from is not None:
+        raise ConfigError("--init-from starts a new run; --resume continues one (pick one)")
     configure_threads(config.runtime)  # before TensorFlow runs its first op ...
     strategy = make_strategy(config.runtime)  # ... and multi-worker needs its strategy first
-    config, tokenizer = prepare_tokenizer(config, run_dir, resume)
+    config, tokenizer = prepare_tokenizer(config, run_dir, resume, init_from)
     check_fits(config, purpose="train")
-    trainer = Trainer(config, run_dir, tokenizer, resume=resume, verbose=verbose, strategy=strategy)
+    trainer = Trainer(
+        config,
+        run_dir,
+        tokenizer,
+        resume=resume,
+        verbose=verbose,
+        strategy=strategy,
+        init_from=init_from,
+    )
     return trainer.train()
 
 

@@ -93,10 +93,13 @@ def test_cli_prune_writes_a_loadable_smaller_run(trained_run, tmp_path, capsys):
     assert down.shape == (32, 32) and np.mean(down == 0) >= 0.5
 
 
-def test_moe_experts_and_mla_heads_are_pruned(tmp_path):
+@pytest.mark.parametrize(
+    "groups", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["flat", "group-limited"]
+)
+def test_moe_experts_and_mla_heads_are_pruned(tmp_path, groups):
     from deepseek_tf.api import train
 
-    overrides = ["model.n_group=1", "model.topk_group=1", "train.steps=2"]
+    overrides = [f"model.n_group={groups}", "model.topk_group=1", "train.steps=2"]
     overrides += ["train.eval_every=2", "train.checkpoint_every=2"]
     run_dir = tmp_path / "moe"
     train(load_config("tiny-moe", overrides=overrides), run_dir, verbose=0)
@@ -112,6 +115,9 @@ def test_moe_experts_and_mla_heads_are_pruned(tmp_path):
     assert tuple(new_model.blocks[0].attention.kv_b_proj.kernel.shape) == (16, 32)
     assert new_model.mtp_modules[0].block.ffn.n_routed_experts == 8  # MTP left alone
     assert new_model.count_params() < masked.count_params()
+    assert moe.gate.n_group == groups
+    dead = masked.blocks[1].ffn.gate.e_score_correction_bias.numpy() < -1e8  # (8,)
+    assert [int(d.sum()) for d in np.split(dead, groups)] == [4 // groups] * groups
     ids = _batch(config, tokenizer)
     np.testing.assert_allclose(new_model(ids).numpy(), masked(ids).numpy(), atol=1e-5)
 
@@ -138,9 +144,15 @@ def test_plan_refuses_shared_layers_grouped_experts_and_too_few_experts():
     def with_model(config, **changes):
         return dataclasses.replace(config, model=dataclasses.replace(config.model, **changes))
 
-    moe = with_model(load_config("tiny-moe"), vocab_size=11)  # n_group=2
-    with pytest.raises(CompressionError, match="n_group=1"):
-        plan(moe, 0.5, ["experts"])
+    moe = with_model(load_config("tiny-moe"), vocab_size=11)  # n_group=2, topk_group=1, k=2
+    # groups keep equal numbers of experts, at least 2 each (their score sums the top 2)
+    assert plan(moe, 0.5, ["experts"]) == {("experts", 1): 4, ("experts", 2): 4}
+    assert plan(moe, 0.3, ["experts"]) == {("experts", 1): 6, ("experts", 2): 6}
+    with pytest.raises(CompressionError, match="would keep 2 of 8 experts .needs at least 4"):
+        plan(moe, 0.85, ["experts"])
+    v2 = with_model(moe, scoring_func="softmax", topk_method="group_limited_greedy")
+    with pytest.raises(CompressionError, match="noaux_tc"):
+        plan(v2, 0.5, ["experts"])
     flat = with_model(moe, n_group=1, topk_group=1)
     assert plan(flat, 0.5, ["experts"]) == {("experts", 1): 4, ("experts", 2): 4}
     with pytest.raises(CompressionError, match="num_experts_per_tok|needs at least 2"):

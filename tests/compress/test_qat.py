@@ -4,6 +4,7 @@ import json
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from deepseek_tf.api import load
@@ -28,6 +29,7 @@ def test_fake_quant_dense_equals_keras_int8_dense_with_straight_through_gradient
     np.testing.assert_allclose(tape.gradient(loss, w), np.full((4, 3), 2.0))  # identity
 
 
+@pytest.mark.slow  # heavy: runs in .ci/run under -m slow
 def test_qat_finetunes_then_converts_to_int8_exactly(trained_run, tmp_path, capsys):
     out = tmp_path / "qat"
     code = main(["compress", "qat", str(trained_run), "--out", str(out), "--steps", "6", "--quiet"])

@@ -15,16 +15,24 @@ def quantize(run, out, *args):
     return main(["compress", "quantize", str(run), "--out", str(out), "--quiet", *args])
 
 
+class _Runs(dict):
+    """`{mode: run_dir}` of the shared tiny run, each mode quantized when first asked for
+    (the calibrated modes only in the `slow` tests that use them)."""
+
+    def __init__(self, source, root):
+        super().__init__()
+        self.source, self.root = source, root
+
+    def __missing__(self, mode):
+        extra = ["--calibration-samples", "16"] if mode in ("gptq", "awq") else []
+        assert quantize(self.source, self.root / mode, "--mode", mode, *extra) == 0
+        self[mode] = self.root / mode
+        return self[mode]
+
+
 @pytest.fixture(scope="module")
 def quantized(trained_run, tmp_path_factory):
-    """`{mode: run_dir}` of the shared tiny run quantized four ways."""
-    root = tmp_path_factory.mktemp("quantized")
-    runs = {}
-    for mode in ("int8", "int4", "gptq", "awq"):
-        extra = ["--calibration-samples", "16"] if mode in ("gptq", "awq") else []
-        assert quantize(trained_run, root / mode, "--mode", mode, *extra) == 0
-        runs[mode] = root / mode
-    return runs
+    return _Runs(trained_run, tmp_path_factory.mktemp("quantized"))
 
 
 def logits(run_dir, ids):
@@ -105,6 +113,7 @@ def test_gptq_sees_activations_and_beats_keras_unpatched_gptq(trained_run, quant
     assert saved.blocks[1].ffn.down_proj.is_gptq_calibrated
 
 
+@pytest.mark.slow
 def test_awq_run_loads_and_records_history(quantized, probe, capsys):
     ids, reference = probe
     assert np.abs(logits(quantized["awq"], ids) - reference).max() < 0.1 * np.abs(reference).max()

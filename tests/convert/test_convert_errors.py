@@ -123,3 +123,28 @@ def test_cli_converts_both_ways_and_refuses_an_existing_run(source, tmp_path, ca
         convert_from_hf(source, run)
     assert main(["convert", "--from-hf", str(tmp_path / "nowhere"), "--out", str(back)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-shard-size", "lots"], "--max-shard-size: 'lots' is not a size"),
+        (["--max-shard-size=0MB"], "--max-shard-size: '0MB' is not a size"),
+    ],
+)
+def test_cli_bad_shard_sizes_are_one_line_errors(source, tmp_path, capsys, args, message):
+    run = tmp_path / "run"
+    assert main(["convert", "--from-hf", str(source), "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "b"), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_cli_max_shard_size_shards_the_export(source, tmp_path, capsys):
+    run, back = tmp_path / "run", tmp_path / "back"
+    assert main(["convert", "--from-hf", str(source), "--out", str(run), "--dtype", "float32"]) == 0
+    args = ["convert", "--to-hf", str(run), "--out", str(back), "--max-shard-size", "20KB"]
+    assert main(args) == 0
+    shards = sorted(back.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and all(p.stat().st_size <= 20_000 + 4096 for p in shards)

@@ -85,7 +85,7 @@ def test_fp8_weights_are_dequantised_blockwise(fp8_checkpoint):
 
     hf, root, quantized = fp8_checkpoint
     assert quantized["model.layers.0.mlp.gate_proj.weight"][1].shape == (2, 1)
-    convert_from_hf(root / "fp8", root / "run")
+    convert_from_hf(root / "fp8", root / "run", dtype="float32")
     model, _ = deepseek_tf.load(root / "run")
     kernel = model.blocks[0].ffn.gate_proj.kernel.numpy()
     np.testing.assert_array_equal(
@@ -114,3 +114,19 @@ def test_quantize_dequantize_helpers():
     restored = dequantize_fp8(fp8, scale_inv, (BLOCK, BLOCK))
     np.testing.assert_array_equal(restored, manual_dequant(fp8, scale_inv))
     assert np.abs(restored - weight).max() <= np.abs(weight).max() * 2.0**-4
+
+
+def test_fp8_checkpoint_becomes_a_bfloat16_run_by_default(fp8_checkpoint):
+    import ml_dtypes
+
+    from deepseek_tf.rundir import RunDir
+
+    _, root, quantized = fp8_checkpoint
+    convert_from_hf(root / "fp8", root / "run_bf16")
+    assert RunDir(root / "run_bf16").read_config().train.precision == "bfloat16"
+    model, _ = deepseek_tf.load(root / "run_bf16")
+    kernel = model.blocks[0].ffn.gate_proj.kernel
+    assert kernel.dtype == "bfloat16"
+    want = manual_dequant(*quantized["model.layers.0.mlp.gate_proj.weight"])
+    np.testing.assert_array_equal(kernel.numpy().T, want.astype(ml_dtypes.bfloat16))
+    assert model.blocks[1].ffn.gate.kernel.dtype == "float32"  # the router stays float32

@@ -72,3 +72,40 @@ def test_tokenizer_smaller_than_the_vocabulary_loads(tmp_path):
     convert_from_hf(tmp_path / "hf", tmp_path / "run")
     model, _ = deepseek_tf.load(tmp_path / "run")
     assert model.vocab_size == tokenizer.vocab_size + 8
+
+
+def test_deepseek_tokenizer_settings_and_chat_template_travel_both_ways(tmp_path):
+    """tokenizer_config.json (BOS/EOS, add_bos_token, chat template) survives --from-hf
+    and --to-hf, and a chat reply generated greedily equals transformers' own."""
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tokenizers"))
+    from deepseek_style import write_deepseek_tokenizer
+
+    hf_dir = write_deepseek_tokenizer(tmp_path / "hf")
+    reference = AutoTokenizer.from_pretrained(hf_dir)
+    hf = hf_model(hf_config(vocab_size=len(reference)), seed=4)
+    hf.save_pretrained(hf_dir)
+    convert_from_hf(hf_dir, tmp_path / "run")
+    assert (tmp_path / "run" / "tokenizer_config.json").is_file()
+    model, tokenizer = deepseek_tf.load(tmp_path / "run")
+    messages = [{"role": "user", "content": "What is the weather in Zürich?"}]
+    ids = tokenizer.encode_chat(messages)
+    expected_ids = reference.apply_chat_template(messages, add_generation_prompt=True)
+    assert ids == list(expected_ids["input_ids"])
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, eos_token_id=None)
+    assert Generator(model).generate([ids], 8) == [out[0, len(ids) :].tolist()]
+
+    convert_to_hf(tmp_path / "run", tmp_path / "back")
+    again = AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert again.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        tokenizer.apply_chat_template(messages)
+    )
+    assert again.eos_token == reference.eos_token and again.bos_token == reference.bos_token
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "back").config.vocab_size == len(
+        reference
+    )

@@ -52,9 +52,25 @@ def test_bfloat16_checkpoint_converts(hf, tmp_path):
     hf.to(torch.float32)
     reader = CheckpointReader(tmp_path / "hf")
     assert reader.dtype("model.layers.1.mlp.experts.3.up_proj.weight") == "BF16"
-    convert_from_hf(tmp_path / "hf", tmp_path / "run")
+    convert_from_hf(tmp_path / "hf", tmp_path / "run", dtype="float32")
     model, _ = deepseek_tf.load(tmp_path / "run")
     # the same bfloat16 weights, computed in float32 by transformers
     widened = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = random_ids(hf.config.vocab_size, seed=7)
     assert rel_err(np.asarray(model(ids)), hf_logits(widened, ids)) < 1e-4
+
+    # By default the run keeps the checkpoint's bfloat16: bf16 variables, bf16 compute
+    # (float32 router, norms and softmax), as transformers runs the same checkpoint.
+    convert_from_hf(tmp_path / "hf", tmp_path / "run_bf16")
+    bf16, _ = deepseek_tf.load(tmp_path / "run_bf16")
+    assert bf16.embedding.embeddings.dtype == "bfloat16"
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    ours = np.asarray(bf16(ids), np.float32)
+    assert rel_err(ours, hf_logits(native, ids)) < 0.05
+    assert rel_err(ours, hf_logits(widened, ids)) < 0.05
+    np.testing.assert_array_equal(  # no float32 round trip: the stored bits, as they were
+        bf16.blocks[1].ffn.experts_up.numpy()[3].T.view(np.uint16),
+        CheckpointReader(tmp_path / "hf")
+        .get("model.layers.1.mlp.experts.3.up_proj.weight", bf16.embedding.embeddings.numpy().dtype)
+        .view(np.uint16),
+    )

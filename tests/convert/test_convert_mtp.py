@@ -26,6 +26,8 @@ def mtp_checkpoint(tmp_path_factory):
     overrides = dict(n_group=2, topk_group=1, first_k_dense_replace=1)
     hf = hf_model(hf_config(num_nextn_predict_layers=1, **overrides), seed=6)
     deeper = hf_model(hf_config(num_hidden_layers=N_LAYERS + 1, **overrides), seed=7)
+    with torch.no_grad():  # a non-trivial final norm: MTP must read the state after it
+        hf.model.norm.weight.copy_(1.0 + 0.5 * torch.randn(hf.config.hidden_size))
     root = tmp_path_factory.mktemp("mtp")
     hf.save_pretrained(root / "hf")
     deeper.save_pretrained(root / "deeper")
@@ -108,3 +110,46 @@ def test_transformers_checkpoint_without_mtp_weights_gets_no_mtp(tmp_path):
     summary = convert_from_hf(tmp_path / "hf", tmp_path / "run")
     model, _ = deepseek_tf.load(tmp_path / "run")
     assert summary.mtp_depth == 0 and model.mtp_depth == 0
+
+
+def _transformers_mtp_logits(root, ids):
+    """Depth-1 MTP logits from transformers' own `MtpModel`, loaded from the checkpoint:
+    the normed final state of the main model at `i` and the embedding of token `i + 1`
+    at position `i + 1`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import MtpModel
+
+    main = AutoModelForCausalLM.from_pretrained(root / "hf", attn_implementation="eager").eval()
+    # transformers finds MTP tensors by the main model's ignore patterns, which name
+    # DeepSeek-V3's layer 61; this tiny checkpoint keeps its MTP layer at N_LAYERS.
+    main._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{N_LAYERS}\..*"]
+    mtp = MtpModel.from_pretrained(main).eval()
+    ids_t = torch.as_tensor(ids, dtype=torch.long)
+    positions = torch.arange(1, ids.shape[1])[None].expand(ids.shape[0], -1)
+    with torch.no_grad():
+        normed = main.model(ids_t).last_hidden_state  # (B, T, C), after the final norm
+        h = mtp.forward_layer(0, normed[:, :-1], positions, None, input_ids=ids_t[:, 1:])
+        return mtp._project_to_logits(h).float().numpy(), mtp
+
+
+def test_mtp_logits_equal_transformers_mtp_layer(mtp_checkpoint):
+    hf, root, mtp_tensors = mtp_checkpoint
+    convert_from_hf(root / "hf", root / "run3")
+    model, _ = deepseek_tf.load(root / "run3")
+    ids = random_ids(hf.config.vocab_size, shape=(2, 16), seed=10)
+    reference, mtp = _transformers_mtp_logits(root, ids)
+    # transformers really loaded the checkpoint's MTP weights (not a fresh init).
+    np.testing.assert_array_equal(
+        mtp.layers[0].post_norm.weight.detach().numpy(),
+        mtp_tensors[MTP + "shared_head.norm.weight"],
+    )
+    _, stats = model.forward_with_stats(ids)
+    ours = np.asarray(stats["mtp_logits"][0])  # (B, T - 1, V)
+    assert ours.shape == reference.shape
+    assert rel_err(ours, reference) < 1e-4
+    # The pre-norm state (the old convention) is measurably different with these
+    # non-trivial norm weights: the test can tell the two apart.
+    x = model.hidden_states(ids)
+    embeddings = model.embed(ids, False)
+    unnormed = model.project(model.mtp_modules[0](x[:, :-1], embeddings[:, 1:])["x"])
+    assert rel_err(np.asarray(unnormed), reference) > 1e-2

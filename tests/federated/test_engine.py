@@ -51,6 +51,7 @@ def test_one_client_one_step_is_one_centralised_step(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+@pytest.mark.slow  # heavy: runs in .ci/run under -m slow
 def test_a_failing_client_does_not_stop_the_round(tmp_path, monkeypatch, capsys):
     run = LocalTrainer.run
 
@@ -69,6 +70,7 @@ def test_a_failing_client_does_not_stop_the_round(tmp_path, monkeypatch, capsys)
     assert np.isfinite(rounds[-1]["val_loss"])
 
 
+@pytest.mark.slow  # heavy: runs in .ci/run under -m slow
 def test_kill_9_of_the_server_then_resume(tmp_path):
     args = ["--preset", "tiny", *[x for s in SMALL for x in ("--set", s)], "--rounds", "30"]
     reference = tmp_path / "reference"

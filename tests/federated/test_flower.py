@@ -90,10 +90,10 @@ def test_a_deployment_with_three_supernodes_survives_losing_one(tmp_path):
                 "--disable-runtime-dependency-installation",
             ],
             env=env,
-            stdout=open(logs / "link.log", "w"),
+            stdout=open(logs / "link.log", "w"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )
-    ]  # noqa: SIM115
+    ]
     for k in range(3):
         procs.append(subprocess.Popen(
             [str(BIN / "flower-supernode"), "--insecure", "--superlink", "127.0.0.1:9190",

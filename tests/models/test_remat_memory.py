@@ -1,6 +1,7 @@
 """`model.remat: blocks` must actually lower a training step's activation memory."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from deepseek_tf.config.loader import load_config
@@ -36,6 +37,7 @@ def step_peak_bytes(remat: str, jit: bool) -> int:
     return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
 
 
+@pytest.mark.slow  # heavy: runs in .ci/run under -m slow
 def test_remat_blocks_keeps_far_fewer_activations():
     # Fails if the recomputation is scheduled into the forward pass (e.g. when the
     # recomputed function's first output has no gradient): then nothing is saved.

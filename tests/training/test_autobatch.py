@@ -18,6 +18,7 @@ def test_step_memory_grows_with_the_batch(config):
     assert step_bytes(config, VOCAB, 256) > step_bytes(config, VOCAB, 8)
 
 
+@pytest.mark.slow  # heavy: runs in .ci/run under -m slow
 def test_auto_batch_fits_the_budget_and_grows_with_it(config):
     small = find_batch_size(config, VOCAB, 24 * MIB, log=None)
     large = find_batch_size(config, VOCAB, 96 * MIB, log=None)

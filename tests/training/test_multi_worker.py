@@ -96,6 +96,7 @@ COMMON = [
 ]
 
 
+@pytest.mark.slow  # heavy: runs in .ci/run under -m slow
 def test_two_workers_match_a_single_process_fed_the_same_global_batches(tmp_path):
     """Both workers end with bit-identical weights; loss and weights equal a single-process
     run whose global batch k is the union of the two shards' batch k (the sharded pipeline
@@ -177,6 +178,7 @@ print("LOSSES", json.dumps([first, losses(out / "single"), losses(out / "mirrore
 """
 
 
+@pytest.mark.slow  # heavy: runs in .ci/run under -m slow
 def test_mirrored_strategy_on_two_logical_cpus_trains_and_resumes(tmp_path):
     """One pipeline feeds both replicas consecutive half-batches: the same sequences as
     the single-device global batch, so the losses match; a resume continues exactly."""

@@ -55,6 +55,7 @@ def _losses(run_dir):
     return {e["step"]: e["loss"] for e in read_metrics(run_dir) if "loss" in e}
 
 
+@pytest.mark.slow  # heavy: runs in .ci/run under -m slow
 def test_kill_9_then_resume_continues_the_same_curve(tmp_path, tiny_config):
     overrides = [
         "train.steps=300",

@@ -68,12 +68,16 @@ def dropout_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow  # heavy: runs in .ci/run under -m slow
 def test_mc_dropout_and_ensembles_have_epistemic_uncertainty(dropout_runs, capsys):
     first, second = dropout_runs
     base = ["eval", first, "--uncertainty", "--max-batches", "3"]
     assert main([str(a) for a in [*base, "--mc-samples", "4"]]) == 0
     mc = _json(capsys)["uncertainty"]
     assert mc["method"] == "mc_dropout" and mc["samples"] == 4 and mc["mutual_information"] > 0
+    # the masks come from the seed, not from how many passes ran before
+    assert main([str(a) for a in [*base, "--mc-samples", "4"]]) == 0
+    assert _json(capsys)["uncertainty"]["nll"] == mc["nll"]
     assert main([str(a) for a in [*base, "--ensemble", second]]) == 0
     ensemble = _json(capsys)["uncertainty"]
     assert ensemble["samples"] == 2 and ensemble["mutual_information"] > 0

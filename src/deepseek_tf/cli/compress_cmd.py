@@ -58,9 +58,9 @@ def _quantize_args(parser) -> None:
     )
     parser.add_argument(
         "--include",
-        default="attention,ffn",
+        default=None,
         help="comma list of what to quantize: attention, ffn, head, experts (default "
-        "attention,ffn; routed experts have no Keras quantizer and are refused)",
+        "attention,ffn, plus the routed experts of an MoE run under int8/int4)",
     )
 
 

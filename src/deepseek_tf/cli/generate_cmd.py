@@ -24,6 +24,12 @@ def add_parser(subparsers) -> None:
         help="stop when this text (one token) is generated; repeatable",
     )
     parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="each --prompt is a user message: render it with the run's chat template "
+        "(a converted checkpoint's own) and print only the reply, which ends at EOS",
+    )
+    parser.add_argument(
         "--show-uncertainty",
         action="store_true",
         help="after the text, one line per generated token: its text, the entropy (nats) of "
@@ -36,10 +42,21 @@ UNCERTAIN_NATS = 2.0  # --show-uncertainty marks tokens drawn from a wider distr
 
 
 def sample_text(
-    run_dir, prompts, max_new_tokens, *, temperature, top_k, top_p, seed, stop=(), details=False
+    run_dir,
+    prompts,
+    max_new_tokens,
+    *,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    stop=(),
+    details=False,
+    chat=False,
 ) -> list:
     """The prompts' continuations: texts, or with `details` `(text, [(token text, entropy,
-    logprob), ...])` per prompt."""
+    logprob), ...])` per prompt. With `chat` each prompt is one user message rendered by
+    the run's chat template, and the texts are the replies alone."""
     from deepseek_tf.api import load
     from deepseek_tf.errors import InputError
     from deepseek_tf.generation.generate import Generator
@@ -56,8 +73,12 @@ def sample_text(
         stop_ids.append(ids[0])
     if tokenizer.eos_id is not None:
         stop_ids.append(tokenizer.eos_id)
-    encoded = [tokenizer.encode(p) for p in prompts]
-    new = Generator(model).generate(
+    if chat:
+        encoded = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+        prompts = ["" for _ in prompts]  # print the replies alone
+    else:
+        encoded = [tokenizer.encode_prompt(p) for p in prompts]
+    new = Generator(model, vocab_limit=tokenizer.vocab_size).generate(
         encoded,
         max_new_tokens,
         temperature=temperature,
@@ -67,11 +88,17 @@ def sample_text(
         stop_ids=stop_ids,
         details=details,
     )
+
+    def text(ids):  # a chat reply ends at EOS, which is not part of it
+        if chat and ids and ids[-1] == tokenizer.eos_id:
+            ids = ids[:-1]
+        return tokenizer.decode(ids)
+
     if not details:
-        return [p + tokenizer.decode(ids) for p, ids in zip(prompts, new)]
+        return [p + text(ids) for p, ids in zip(prompts, new)]
     return [
         (
-            p + tokenizer.decode(d["tokens"]),
+            p + text(d["tokens"]),
             [(tokenizer.decode([t]), float(h), float(lp))
              for t, h, lp in zip(d["tokens"], d["entropy"], d["logprob"])],
         )
@@ -108,6 +135,7 @@ def run(args) -> int:
         seed=args.seed,
         stop=args.stop,
         details=args.show_uncertainty,
+        chat=args.chat,
     )
     for i, text in enumerate(texts):
         if len(texts) > 1:

@@ -13,6 +13,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", help="run directory (default: runs/<preset>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument(
+        "--init-from",
+        metavar="RUN_OR_HF_DIR",
+        help="fine-tune: start from this run's or Hugging Face checkpoint's weights and "
+        "tokenizer, with a fresh optimizer (its model section; --config gives train/data; "
+        "LoRA with --set train.lora_rank=R)",
+    )
+    parser.add_argument(
         "--batch-size",
         help="sequences per step (overrides train.batch_size), or 'auto': the largest batch "
         "whose step fits --memory-budget",
@@ -40,6 +47,8 @@ def run(args) -> int:
     from deepseek_tf.errors import ConfigError
     from deepseek_tf.rundir import RunDir
 
+    if args.resume and args.init_from:
+        raise ConfigError("--init-from starts a new run; --resume continues one (pick one)")
     if args.resume:
         if not args.out:
             raise ConfigError("--resume needs --out RUN_DIR")
@@ -47,6 +56,18 @@ def run(args) -> int:
             raise ConfigError("--resume continues the run's own config; drop --preset/--config")
         # the run's own config; a directory that holds no run is an error, never a new run
         config = apply_overrides(RunDir(args.out).read_config(), args.overrides)
+    elif args.init_from:
+        if not args.out:
+            raise ConfigError("--init-from needs --out NEW_RUN_DIR")
+        from deepseek_tf.config.loader import load_config
+        from deepseek_tf.training.init_from import init_config
+
+        base = (
+            load_config(preset=args.preset, path=args.config)
+            if (args.preset or args.config)
+            else None
+        )
+        config, _ = init_config(args.init_from, base, args.overrides)
     else:
         config = resolve_config(args)
     if args.sample_tokens < 0:
@@ -54,7 +75,7 @@ def run(args) -> int:
     if args.batch_size:
         config = _batch_size(config, args)
     out = args.out or f"runs/{args.preset or 'shakespeare-char'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = train(config, out, resume=args.resume)
+    summary = train(config, out, resume=args.resume, init_from=args.init_from)
     if summary.get("already_complete"):
         return 0
     print(

@@ -86,10 +86,10 @@ def plan(config, sparsity: float, targets, strict: bool = True) -> dict:
     if missing and strict:
         raise CompressionError(f"--targets {','.join(missing)}: the model has no such units")
     targets = [t for t in targets if t in present]
-    if "experts" in targets and m.n_group > 1 and sparsity > 0:
+    if "experts" in targets and m.n_group > 1 and m.topk_method == "group_limited_greedy":
         raise CompressionError(
-            f"--targets experts: pruning experts needs model.n_group=1 (this model has "
-            f"{m.n_group} expert groups); drop experts from --targets"
+            "--targets experts: group_limited_greedy routing (V2) scores groups by their best "
+            "expert; pruning keeps groups balanced for noaux_tc (V3) routing only"
         )
     keep = {}
     for i, layer in enumerate(units):
@@ -99,7 +99,7 @@ def plan(config, sparsity: float, targets, strict: bool = True) -> dict:
             u = layer[kind]
             what = {"heads": "kv groups" if u.heads_per_unit > 1 else "heads"}.get(kind, kind)
             what = "channels" if kind == "ffn" else what
-            kept = int((1.0 - sparsity) * u.n_units + 0.5)
+            kept = int((1.0 - sparsity) * u.n_units / u.blocks + 0.5) * u.blocks
             if kept < u.min_units:
                 raise CompressionError(
                     f"--sparsity {sparsity}: layer {i} would keep {kept} of {u.n_units} "
@@ -225,15 +225,19 @@ def per_unit_sum(value: np.ndarray, axis: int, n_units: int) -> np.ndarray:
 
 
 def prune_to(groups, scores, counts) -> int:
-    """Kills the lowest-scoring live units until each group has `counts[k]` dead."""
+    """Kills the lowest-scoring live units until each group has `counts[k]` dead; units
+    in `blocks` (expert groups) die evenly: `counts[k] // blocks` in every block."""
     killed = 0
     for g, score, count in zip(groups, scores, counts):
-        need = count - int((~g.alive).sum())
-        if need <= 0:
-            continue
-        order = [u for u in np.argsort(score, kind="stable") if g.alive[u]]
-        g.alive[order[:need]] = False
-        killed += need
+        size = g.n_units // g.units.blocks
+        for lo in range(0, g.n_units, size):
+            alive = g.alive[lo : lo + size]  # a view: marks g.alive
+            need = count // g.units.blocks - int((~alive).sum())
+            if need <= 0:
+                continue
+            order = [u for u in np.argsort(score[lo : lo + size], kind="stable") if alive[u]]
+            alive[order[:need]] = False
+            killed += need
     return killed
 
 

@@ -110,7 +110,7 @@ def find_groups(model, targets, keep_counts) -> list[UnitGroup]:
 def prepare_routers(groups) -> None:
     """Routes every pruned MoE through its selection bias (`noaux_tc`) before any tracing.
 
-    `greedy` routers (with `n_group=1`, the only pruneable case) pick the same experts
+    `greedy` routers (and group-limited ones of one group) pick the same experts
     as `noaux_tc` with a zero bias; the bias then keeps masked experts out.
     """
     for g in groups:

@@ -4,10 +4,14 @@ int8 / int4 / float8 quantize every selected `Dense` from its weights alone; GPT
 and AWQ calibrate on training sequences from the run's data pipeline, block by
 block, with the layer structure Keras asks for (`pre_block_layers`: the embedding;
 `sequential_blocks`: the decoder blocks). What can be quantized: the attention and
-dense-FFN projections (and shared experts), optionally the untied output head.
-Routed experts are stacked weights, not `Dense` layers; no Keras quantizer takes
-them, so they stay float and asking for them is an error. MLA's `kv_b_proj` stays
-float too: absorbed decoding folds its float kernel into the query and output.
+dense-FFN projections (and shared experts), optionally the untied output head, and
+with int8/int4 the routed experts. Those are stacked weights, not `Dense` layers, so
+no Keras quantizer reaches them: `DeepSeekMoE.quantize_experts` stores them as
+weight-only codes with Keras' primitives (`layers/expert_quant.py`), on by default
+for MoE runs. GPTQ/AWQ calibrate `Dense` layers only: asking them for experts is an
+error (quantize experts with int8/int4 instead); QAT (`fake_quant`) covers the
+shared experts, not the routed ones. MLA's `kv_b_proj` stays float: absorbed
+decoding folds its float kernel into the query and output.
 
 A `mixed_float16` run is quantized into a float32 run (Keras' int8 layers refuse float16
 compute). A quantized run records `model.quantize` (+ what it included, bits, group
@@ -50,10 +54,18 @@ def check_request(model_config, mode: str, include, bits: int, group_size: int) 
     if unknown:
         raise CompressionError(f"--include: unknown {sorted(unknown)}; choose from {INCLUDE}")
     if "experts" in include:
-        raise CompressionError(
-            "--include experts: routed experts are stacked weights, not Dense layers; no "
-            "Keras quantizer (int8/int4/float8/gptq/awq) takes them, they stay float"
-        )
+        if not model_config.n_routed_experts:
+            raise CompressionError("--include experts: the model has no routed experts")
+        if mode not in ("int8", "int4"):
+            raise CompressionError(
+                f"--include experts: routed experts are quantized by int8 or int4 (weight-"
+                f"only codes); {mode} reaches Dense layers only"
+            )
+        widths = (model_config.d_model, model_config.moe_ffn_dim)
+        if group_size > 0 and any(w % group_size for w in widths):
+            raise CompressionError(
+                f"--group-size {group_size}: must divide the experts' input widths {widths}"
+            )
     if "head" in include and model_config.tie_embeddings:
         raise CompressionError(
             "--include head: the output head is the tied embedding matrix (an Embedding, "
@@ -110,18 +122,30 @@ def calibration_tokens(config, tokenizer, samples: int) -> np.ndarray:
     return np.asarray(inputs, np.int32)
 
 
+def default_include(model_config, mode: str) -> tuple[str, ...]:
+    """attention and ffn, plus the routed experts of an MoE run under int8/int4."""
+    experts = bool(model_config.n_routed_experts) and mode in ("int8", "int4")
+    return ("attention", "ffn", "experts") if experts else ("attention", "ffn")
+
+
 def quantize_model(model, model_config, mode, *, include, bits, group_size, dataset=None):
     """Quantizes `model` in place with Keras (`dataset`: calibration ids for gptq/awq).
 
     The layers quantized are those the model declares quantizable for `include`
-    (`CausalLM.quantizable_layers`).
+    (`CausalLM.quantizable_layers`), and with `"experts"` every `DeepSeekMoE`'s
+    routed experts (MTP modules' included).
     """
+    if "experts" in include:
+        for moe in model.moe_modules():
+            moe.quantize_experts(mode, group_size)
     length = int(np.shape(dataset)[-1]) if dataset is not None else 0
     cfg = quantization_config(mode, bits, group_size, dataset, sequence_length=length)
     if cfg is not None and mode in ("gptq", "awq"):
         cfg.quantization_layer_structure = layer_structure(model)
     hooked = model.quantizable_layers(include)
     chosen = {id(layer) for layer in hooked}
+    if not chosen:
+        return
 
     def selected(layer) -> bool:
         return id(layer) in chosen
@@ -195,12 +219,13 @@ def float_model_for(config, model, **changes):
 
 
 def run(args) -> dict:
-    include = tuple(x for x in args.include.split(",") if x)
+    source_model = RunDir(args.run_dir).read_config().model
+    include = default_include(source_model, args.mode)
+    if args.include is not None:
+        include = tuple(x for x in args.include.split(",") if x)
     args.group_size = default_group_size(args.mode, args.group_size)
     out = check_out_dir(args.run_dir, args.out)
-    check_request(
-        RunDir(args.run_dir).read_config().model, args.mode, include, args.bits, args.group_size
-    )
+    check_request(source_model, args.mode, include, args.bits, args.group_size)
     config, model, tokenizer = load_source(args.run_dir)
     check_group_size(model, args.mode, include, args.group_size)
     log = (lambda *_: None) if args.quiet else progress

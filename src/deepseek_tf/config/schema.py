@@ -16,13 +16,13 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MOE_DISPATCH = ("sparse", "dense")
 REMAT_MODES = ("none", "blocks")
 QUANTIZE_MODES = ("none", "int8", "int4", "float8", "gptq", "awq")
-QUANTIZE_INCLUDES = ("attention", "ffn", "head")
+QUANTIZE_INCLUDES = ("attention", "ffn", "head", "experts")
 SHARE_MODES = ("none", "ffn", "attention", "both")
 POSITION_TYPES = ("rope", "dynamic", "rope+dynamic")
 HEAD_TYPES = ("categorical", "gaussian")
 ROPE_LAYOUTS = ("half", "interleaved")
 TOKENIZER_TYPES = ("char", "bpe")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("float32", "bfloat16", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 FEDERATED_ENGINES = ("inprocess", "flower")
 
@@ -98,7 +98,7 @@ class ModelConfig:
     lowrank: tuple[str, ...] = ()  # "LAYER/SUBLAYER/PROJ=RANK", e.g. "2/ffn/up_proj=48"
     fake_quant: bool = False  # QAT: projections train against int8-rounded weights and inputs
     quantize: str = "none"  # none | int8 | int4 | float8 | gptq | awq (weights stored quantized)
-    quantize_include: tuple[str, ...] = ("attention", "ffn")  # quantized: attention, ffn, head
+    quantize_include: tuple[str, ...] = ("attention", "ffn")  # attention, ffn, head, experts
     quantize_bits: int = 4  # gptq/awq: weight bits
     quantize_group_size: int = -1  # int4/gptq/awq: inputs per scale; -1: one per channel
     # output head (uncertainty, the brief's section 8.1)
@@ -149,7 +149,14 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     clip_norm: float = 1.0  # global-norm gradient clipping; 0 disables
-    precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
+    # float32 | bfloat16 (bf16 variables: converted checkpoints, inference, LoRA on a frozen
+    # base) | mixed_bfloat16 | mixed_float16 (float32 variables, 16-bit compute)
+    precision: str = "float32"
+    # lora: train low-rank adapters on a frozen base (fine-tuning `train --init-from`)
+    lora_rank: int = 0  # adapter rank r; 0: train every weight
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    # attention | ffn | shared_experts | experts (routed) | a projection's name (q_b_proj, ...)
+    lora_targets: tuple[str, ...] = ("attention",)
     # evaluation, checkpoints, logs
     eval_every: int = 250  # steps; 0 disables periodic validation
     eval_batches: int = 0  # 0: the whole validation split

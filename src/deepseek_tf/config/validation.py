@@ -99,6 +99,12 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(t, "train", ("eval_batches", "checkpoint_every", "min_learning_rate"), True)
     _check_positive(t, "train", ("keep_checkpoints",))
     _check_choice("train.precision", t.precision, PRECISIONS)
+    _check_positive(t, "train", ("lora_rank",), True)
+    _check_positive(t, "train", ("lora_alpha",))
+    if t.lora_rank and not t.lora_targets:
+        raise ConfigError("train.lora_targets: empty; name what the adapters train")
+    if t.lora_rank and m.fake_quant:
+        raise ConfigError("train.lora_rank: adapters do not combine with model.fake_quant (QAT)")
     _check_choice("runtime.strategy", r.strategy, STRATEGIES)
     _validate_federated(config.federated)
     _check_positive(r, "runtime", ("intra_op_threads", "inter_op_threads"), True)
@@ -206,6 +212,11 @@ def _validate_compression(m) -> None:
         raise ConfigError(f"model.quantize_group_size: -1 or positive, got {m.quantize_group_size}")
     for i, part in enumerate(m.quantize_include):
         _check_choice(f"model.quantize_include[{i}]", part, QUANTIZE_INCLUDES)
+    if "experts" in m.quantize_include and m.quantize not in ("int8", "int4"):
+        raise ConfigError(
+            f"model.quantize_include: routed experts are quantized by int8 or int4 only, "
+            f"not {m.quantize}"
+        )
     if "head" in m.quantize_include and m.tie_embeddings:
         raise ConfigError("model.quantize_include: a tied output head is the embedding (float)")
     if m.fake_quant and m.quantize != "none":
@@ -229,8 +240,11 @@ def _validate_compression(m) -> None:
                 f"model.layer_n_experts[{i}]: {e} must be in [num_experts_per_tok="
                 f"{m.num_experts_per_tok}, n_routed_experts={m.n_routed_experts}]"
             )
-        if e and e != m.n_routed_experts and m.n_group > 1:
-            raise ConfigError("model.layer_n_experts: pruned experts need n_group=1")
+        if e and e != m.n_routed_experts and m.n_group > 1 and e % m.n_group:
+            raise ConfigError(
+                f"model.layer_n_experts[{i}]: {e} experts do not split into n_group="
+                f"{m.n_group} equal groups"
+            )
     parse_lowrank(m.lowrank, m.n_layers)
 
 

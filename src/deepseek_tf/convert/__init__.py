@@ -1,7 +1,8 @@
 """Conversion between Hugging Face DeepSeek-V2/V3 checkpoints and deepseek-tf runs.
 
-- `convert_from_hf(hf_dir, run_dir)`: config.json + safetensors (sharded,
-  BF16/F16/F32 or block-FP8) -> `config.yaml` + checkpoint (+ tokenizer).
+- `convert_from_hf(hf_dir, run_dir, dtype)`: config.json + safetensors (sharded,
+  BF16/F16/F32 or block-FP8) -> `config.yaml` + checkpoint (+ tokenizer), tensor
+  by tensor, in the checkpoint's dtype (bfloat16 or float32) by default.
 - `convert_to_hf(run_dir, out_dir, dtype)`: the inverse, loadable by
   `transformers.AutoModelForCausalLM.from_pretrained`.
 - `config_from_hf` / `hf_config_from`: the config mapping alone.
@@ -14,8 +15,8 @@ from deepseek_tf.convert.safetensors_io import (
     ConversionError,
     dequantize_fp8,
     quantize_fp8,
-    write_checkpoint,
 )
+from deepseek_tf.convert.safetensors_writer import stream_checkpoint, write_checkpoint
 
 __all__ = [
     "CheckpointReader",
@@ -28,5 +29,6 @@ __all__ = [
     "hf_config_from",
     "quantize_fp8",
     "read_hf_config",
+    "stream_checkpoint",
     "write_checkpoint",
 ]

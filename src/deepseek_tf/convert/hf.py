@@ -11,7 +11,6 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from deepseek_tf.api import load
 from deepseek_tf.convert.hf_config import (
     HF_CONFIG_FILE,
     config_from_hf,
@@ -19,24 +18,25 @@ from deepseek_tf.convert.hf_config import (
     hf_config_from,
     read_hf_config,
 )
+from deepseek_tf.convert.hf_weights import assign_hf_weights
+from deepseek_tf.convert.peft_adapter import adapter_tensors, save_peft_adapter
 from deepseek_tf.convert.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointReader,
     ConversionError,
-    write_checkpoint,
 )
-from deepseek_tf.convert.weight_map import (
-    IGNORABLE,
-    mtp_prefix,
-    shared_copies,
-    weight_entries,
-)
+from deepseek_tf.convert.safetensors_writer import TensorSpec, stream_checkpoint
+from deepseek_tf.convert.weight_map import mtp_prefix, shared_copies, weight_entries
 from deepseek_tf.errors import ConfigError, RunDirError
 from deepseek_tf.models.builder import build_model
+from deepseek_tf.models.footprint import check_fits
+from deepseek_tf.models.lora import merge_lora
 from deepseek_tf.rundir import HF_SOURCE_CONFIG, RunDir
 from deepseek_tf.tokenizers import BPE_FILE, BPETokenizer
+from deepseek_tf.tokenizers.tokenizer_settings import TOKENIZER_CONFIG_FILE
 
 TOKENIZER_FILE = BPE_FILE  # Hugging Face's tokenizer.json
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 FLOAT32_ONLY = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # as transformers keeps
@@ -48,7 +48,8 @@ class ConversionSummary:
 
     Attributes:
         directory: the run directory or Hugging Face model directory written.
-        kind: `"run"` (from Hugging Face) or `"hf"` (to Hugging Face).
+        kind: `"run"` (from Hugging Face), `"hf"` (to Hugging Face) or `"adapter"`
+            (a PEFT adapter).
         n_tensors: Hugging Face tensors read or written.
         tokenizer: whether a `tokenizer.json` was carried over.
         mtp_depth: MTP modules converted.
@@ -67,30 +68,10 @@ class ConversionSummary:
             tok = "no tokenizer"
             if self.kind == "run":
                 tok += f": the source has no {TOKENIZER_FILE}, so the run takes token ids"
+        if self.kind == "adapter":
+            return f"wrote {self.directory} (a PEFT LoRA adapter: {self.n_tensors} tensors)"
         mtp = f", {self.mtp_depth} MTP module(s)" if self.mtp_depth else ""
         return f"wrote {self.directory} ({self.n_tensors} tensors{mtp}, {tok})"
-
-
-def _check_tensors(reader: CheckpointReader, entries, ignorable: set[str]) -> None:
-    """Every expected tensor present with its shape, and nothing unexplained besides."""
-    expected = set()
-    for entry in entries:
-        for name in entry.names:
-            expected.add(name)
-            if name not in reader:
-                raise ConversionError(f"{name}: missing")
-            if reader.shape(name) != entry.hf_shape:
-                raise ConversionError(
-                    f"{name}: shape {reader.shape(name)}, expected {entry.hf_shape}"
-                )
-    extra = [
-        k
-        for k in reader.names()
-        if k not in expected and k not in ignorable and not IGNORABLE.search(k)
-    ]
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ConversionError(f"{extra[0]}: unexpected tensor for this config{more}")
 
 
 def _has_mtp_tensors(reader: CheckpointReader, n_layers: int) -> bool:
@@ -98,7 +79,9 @@ def _has_mtp_tensors(reader: CheckpointReader, n_layers: int) -> bool:
     return any(k.startswith(prefix) for k in reader.names())
 
 
-def _load_source_tokenizer(hf_dir: Path, vocab_size: int):
+def load_source_tokenizer(hf_dir: Path, vocab_size: int):
+    """The checkpoint's `tokenizer.json` (+ `tokenizer_config.json`), or None; one
+    whose vocabulary exceeds the embedding's `vocab_size` rows is refused."""
     path = hf_dir / TOKENIZER_FILE
     if not path.is_file():
         return None
@@ -111,15 +94,21 @@ def _load_source_tokenizer(hf_dir: Path, vocab_size: int):
     return tokenizer
 
 
-def convert_from_hf(hf_dir: str | Path, run_dir: str | Path) -> ConversionSummary:
+def convert_from_hf(
+    hf_dir: str | Path, run_dir: str | Path, dtype: str | None = None
+) -> ConversionSummary:
     """Converts a Hugging Face DeepSeek-V2/V3 checkpoint into a deepseek-tf run directory.
 
     Reads `config.json` and `model.safetensors` (or a sharded index; BF16, F16,
-    F32 or block-FP8 weights), builds the float32 model, checks that every
-    expected tensor is present with its shape and that no unknown tensor is
-    left, assigns the weights and writes `config.yaml`, a checkpoint (step 0),
+    F32 or block-FP8 weights), builds the model in `dtype` (`"bfloat16"` or
+    `"float32"`; default: the checkpoint's, bfloat16 for BF16 and FP8 weights;
+    it becomes the run's `train.precision`), checks that every expected tensor
+    is present with its shape and that no unknown tensor is left, assigns the
+    weights one variable at a time (FP8 dequantised tensor by tensor; never a
+    second copy of the model) and writes `config.yaml`, a checkpoint (step 0),
     `hf_config.json` (the source config) and, when the source has one,
-    `tokenizer.json`. Without it the run has no tokenizer and takes token ids.
+    `tokenizer.json` with its `tokenizer_config.json` (special tokens,
+    `add_bos_token`, the chat template). Without it the run has no tokenizer and takes token ids.
     MTP modules are converted when `num_nextn_predict_layers > 0` and the
     checkpoint carries them (layer `num_hidden_layers`); checkpoints saved by
     transformers carry none, and then `mtp_depth` becomes 0.
@@ -134,8 +123,10 @@ def convert_from_hf(hf_dir: str | Path, run_dir: str | Path) -> ConversionSummar
     if run.exists() or run.checkpoint_dir.exists():
         raise RunDirError(f"{run.path}: already a run directory; choose a new --out")
     run.check_new()
+    if dtype not in (None, *EXPORT_DTYPES):
+        raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     hf = read_hf_config(hf_dir)
-    config = config_from_hf(hf)
+    config_from_hf(hf)  # a malformed config.json fails before any tensor is read
     quant = hf.get("quantization_config") or {}
     method = quant.get("quant_method", "fp8") if isinstance(quant, dict) else quant
     if method != "fp8":
@@ -143,39 +134,66 @@ def convert_from_hf(hf_dir: str | Path, run_dir: str | Path) -> ConversionSummar
             f"{HF_CONFIG_FILE}: quantization_config.quant_method {method!r} is not supported (fp8)"
         )
     reader = CheckpointReader(hf_dir, fp8_block_size(hf))
+    dtype = dtype or reader.storage_dtype()
+    config = config_from_hf(hf, precision=dtype)
     m = config.model
     if m.mtp_depth and not _has_mtp_tensors(reader, m.n_layers):
         config = dataclasses.replace(config, model=dataclasses.replace(m, mtp_depth=0))
-    tokenizer = _load_source_tokenizer(hf_dir, config.model.vocab_size)
+    tokenizer = load_source_tokenizer(hf_dir, config.model.vocab_size)
 
     model = build_model(config)
-    entries = weight_entries(model)
-    _check_tensors(reader, entries, set(shared_copies(model)))
-    for entry in entries:
-        value = entry.to_keras([reader.get(name) for name in entry.names])
-        entry.variable.assign(value.astype(entry.variable.dtype))
+    n_tensors = assign_hf_weights(model, reader)
 
     run.path.mkdir(parents=True, exist_ok=True)
     run.checkpoint(model).save(0)
     run.copy_in(hf_dir / HF_CONFIG_FILE, HF_SOURCE_CONFIG)
     if tokenizer is not None:
-        run.copy_in(hf_dir / TOKENIZER_FILE, TOKENIZER_FILE)
+        for name in TOKENIZER_FILES:  # tokenizer_config.json: special tokens, chat template
+            if (hf_dir / name).is_file():
+                run.copy_in(hf_dir / name, name)
     run.write_config(config)  # last: a run directory is complete once it has its config
-    n_tensors = sum(len(e.names) for e in entries)
     has_tokenizer = tokenizer is not None
     return ConversionSummary(run.path, "run", n_tensors, has_tokenizer, config.model.mtp_depth)
 
 
-def _export_tensors(model, dtype) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
-    for entry in weight_entries(model):
-        for name, value in entry.to_hf(np.asarray(entry.variable.numpy())).items():
-            keep32 = name.endswith(FLOAT32_ONLY)
-            tensors[name] = value.astype(np.float32 if keep32 else dtype)
-    for name, source in shared_copies(model).items():
-        if ".layers." in name:  # MTP copies; a tied lm_head is not written (as transformers)
-            tensors[name] = tensors[source]
-    return tensors
+def _export_plan(model, dtype) -> tuple[list[TensorSpec], object]:
+    """`(specs, chunks)` of a model's Hugging Face tensors for `stream_checkpoint`: one
+    chunk per variable (its tensors converted only when the writer reaches them),
+    then the copies checkpoints repeat (MTP embeddings and heads)."""
+    entries = weight_entries(model)
+    by_name = {name: entry for entry in entries for name in entry.names}
+
+    def dtype_of(name):
+        return np.dtype(np.float32 if name.endswith(FLOAT32_ONLY) else dtype)
+
+    copies = {n: src for n, src in shared_copies(model).items() if ".layers." in n}
+    # a tied lm_head is not written (as transformers)
+    specs = [
+        TensorSpec(name, dtype_of(name), entry.hf_shape)
+        for entry in entries
+        for name in entry.names
+    ]
+    specs += [TensorSpec(n, dtype_of(src), by_name[src].hf_shape) for n, src in copies.items()]
+
+    def tensors(entry):
+        value = entry.to_hf(np.asarray(entry.variable.numpy()))
+        return {name: v.astype(dtype_of(name)) for name, v in value.items()}
+
+    def chunks():
+        for entry in entries:
+            yield tensors(entry)
+        for name, source in copies.items():
+            yield {name: tensors(by_name[source])[source]}
+
+    return specs, chunks()
+
+
+def _base_model(run_dir: Path) -> str | None:
+    """The directory a fine-tuned run started from (its history's `init_from`), if any."""
+    for entry in RunDir(run_dir).read_history():
+        if isinstance(entry, dict) and entry.get("method") == "init_from":
+            return entry.get("source")
+    return None
 
 
 def _token_ids(run_dir: Path, tokenizer) -> dict:
@@ -197,11 +215,13 @@ def convert_to_hf(
     out_dir: str | Path,
     dtype: str = "float32",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    adapter_only: bool = False,
 ) -> ConversionSummary:
     """Writes a run's latest weights as a Hugging Face DeepSeek-V3 (or V2) model directory.
 
     `config.json`, `model.safetensors` (sharded above `max_shard_bytes`, with
-    `model.safetensors.index.json`) and, for a BPE run, `tokenizer.json`; the
+    `model.safetensors.index.json`) and, for a BPE run, `tokenizer.json` and
+    `tokenizer_config.json`; the
     result loads with `transformers.AutoModelForCausalLM.from_pretrained`.
     Sigmoid-routed (and dense) models become `deepseek_v3`, softmax-routed ones
     `deepseek_v2`. MTP modules are written as decoder layers
@@ -214,6 +234,9 @@ def convert_to_hf(
         dtype: `"float32"` or `"bfloat16"`; the router stays float32, as in
             transformers.
         max_shard_bytes: largest safetensors shard.
+        adapter_only: write the run's LoRA adapters alone, in PEFT's layout
+            (`adapter_config.json` + `adapter_model.safetensors`), instead of the
+            merged model.
 
     Raises:
         ConfigError: the model has no DeepSeek equivalent (the message names
@@ -224,13 +247,21 @@ def convert_to_hf(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = RunDir(run_dir).read_config()
     hf_config_from(config)  # fail on unexportable models before loading any weights
-    model, tokenizer = load(run_dir)
+    check_fits(config, purpose="inference")
+    model, tokenizer = RunDir(run_dir).load(config)
+    if adapter_only:
+        save_peft_adapter(model, config, out_dir, _base_model(run_dir))
+        return ConversionSummary(out_dir, "adapter", len(adapter_tensors(model)), False, 0)
+    if config.train.lora_rank:  # the adapters become part of the plain weights
+        merge_lora(model)
     hf = {**hf_config_from(config, model.vocab_size), **_token_ids(run_dir, tokenizer)}
     hf["dtype"] = dtype
-    tensors = _export_tensors(model, EXPORT_DTYPES[dtype])
-    write_checkpoint(tensors, out_dir, max_shard_bytes)
+    specs, chunks = _export_plan(model, EXPORT_DTYPES[dtype])
+    stream_checkpoint(specs, chunks, out_dir, max_shard_bytes)
     (out_dir / HF_CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
     has_bpe = (run_dir / TOKENIZER_FILE).is_file() and getattr(tokenizer, "kind", "") == "bpe"
     if has_bpe:
-        shutil.copyfile(run_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
-    return ConversionSummary(out_dir, "hf", len(tensors), has_bpe, config.model.mtp_depth)
+        for name in TOKENIZER_FILES:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, out_dir / name)
+    return ConversionSummary(out_dir, "hf", len(specs), has_bpe, config.model.mtp_depth)

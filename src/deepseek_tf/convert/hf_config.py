@@ -136,13 +136,13 @@ def _rope_settings(hf: Mapping[str, Any], max_positions: int) -> dict:
     return out
 
 
-def config_from_hf(hf: Mapping[str, Any]) -> Config:
+def config_from_hf(hf: Mapping[str, Any], precision: str = "float32") -> Config:
     """A deepseek-tf `Config` for a Hugging Face DeepSeek-V2/V3 `config.json` mapping.
 
     Fields a config.json may omit take transformers' defaults for its
     `model_type`; architecture-defining ones are required. The result uses
     MLA, interleaved rope, no embedding scaling and a BPE tokenizer, in
-    float32.
+    `precision` (`train.precision`: `"float32"` or `"bfloat16"`).
     """
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -212,7 +212,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> Config:
     seq_len = min(DataConfig.seq_len, max_positions)
     data = {"tokenizer": "bpe", "vocab_size": vocab, "seq_len": seq_len}
     try:
-        return config_from_dict({"model": model, "data": data, "train": {"precision": "float32"}})
+        train = {"precision": precision}
+        return config_from_dict({"model": model, "data": data, "train": train})
     except ConfigError as e:
         raise ConfigError(f"{HF_CONFIG_FILE}: {e}") from None
 
@@ -245,6 +246,10 @@ def _check_exportable(m) -> None:
         "rope_layout": (
             m.attention == "mla" and m.rope_layout != "interleaved",
             "exported DeepSeek configs use interleaved rope (rope_interleave: true)",
+        ),
+        "quantize": (
+            m.quantize != "none",
+            "a Hugging Face checkpoint carries float weights; convert the float run",
         ),
     }
     if m.n_routed_experts:

@@ -2,12 +2,14 @@
 
 Reading parses the safetensors layout itself (an 8-byte little-endian header
 length, a JSON header of `{name: {dtype, shape, data_offsets}}`, then raw
-little-endian buffers) and memory-maps the file: `safetensors`' numpy backend
-(0.8) returns BF16 through `ml_dtypes` but fails on `F8_E4M3` (it looks for a
-`numpy.float8_e4m3fn` that numpy does not have), and DeepSeek-V3 ships FP8.
-`ml_dtypes` (a TensorFlow dependency) supplies the bfloat16/float8 numpy dtypes,
-and tensors are read lazily, one at a time. Writing uses
-`safetensors.numpy.save_file`, which handles `ml_dtypes` arrays.
+little-endian buffers) and reads each tensor with one positioned read:
+`safetensors`' numpy backend (0.8) returns BF16 through `ml_dtypes` but fails on
+`F8_E4M3` (it looks for a `numpy.float8_e4m3fn` that numpy does not have), and
+DeepSeek-V3 ships FP8. `ml_dtypes` (a TensorFlow dependency) supplies the
+bfloat16/float8 numpy dtypes. Tensors are read lazily, one at a time, into
+ordinary memory that is freed once assigned (a memory map would keep every page
+read resident in the process: the checkpoint's whole size on top of the model's).
+Writing is `safetensors_writer`'s.
 
 FP8 weights (DeepSeek-V3's published format) are `weight` float8_e4m3fn plus a
 float32 `weight_scale_inv` of one value per `weight_block_size` block (128 x 128);
@@ -24,7 +26,6 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
 from deepseek_tf.errors import ConversionError
 
@@ -69,7 +70,7 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         self.header: dict = header
         self._data_start = 8 + length
-        self._map = None
+        self._bytes = None
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -81,18 +82,24 @@ class SafetensorsFile:
         return tuple(self.header[name]["shape"])
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor in its stored dtype (a read-only view of the mapped file)."""
+        """The tensor in its stored dtype (read from the file into a new array)."""
         info = self.header[name]
         dtype = DTYPES.get(info["dtype"])
         if dtype is None:
             raise ConversionError(f"{name}: unsupported safetensors dtype {info['dtype']}")
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = (self._data_start + o for o in info["data_offsets"])
         count = math.prod(info["shape"])
-        if end > self._map.size or end - begin != count * dtype.itemsize:
+        if end - begin != count * dtype.itemsize or end > self._size():
             raise ConversionError(f"{name}: truncated or inconsistent data in {self.path.name}")
-        return self._map[begin:end].view(dtype).reshape(info["shape"])
+        with open(self.path, "rb") as f:
+            f.seek(begin)
+            data = np.fromfile(f, dtype=np.uint8, count=end - begin)
+        return data.view(dtype).reshape(info["shape"])
+
+    def _size(self) -> int:
+        if self._bytes is None:
+            self._bytes = self.path.stat().st_size
+        return self._bytes
 
 
 def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
@@ -211,12 +218,20 @@ class CheckpointReader:
     def dtype(self, name: str) -> str:
         return self._where[name].dtype(name)
 
-    def get(self, name: str) -> np.ndarray:
-        """Tensor `name` as float32 (FP8 weights dequantised with their `_scale_inv`)."""
+    def storage_dtype(self) -> str:
+        """`"float32"` when every floating tensor is F32 (or F64), else `"bfloat16"`
+        (BF16, F16 and FP8 checkpoints: DeepSeek publishes BF16 and FP8)."""
+        floating = {f.dtype(k) for k, f in self._where.items() if not self._is_scale(k)}
+        floating &= {"F64", "F32", "F16", "BF16", *FP8_DTYPES}
+        return "float32" if floating <= {"F32", "F64"} else "bfloat16"
+
+    def get(self, name: str, dtype=np.float32) -> np.ndarray:
+        """Tensor `name` in `dtype` (FP8 weights dequantised with their `_scale_inv`;
+        a tensor already stored in `dtype` is returned without a conversion copy)."""
         file = self._where[name]
         value = file.raw(name)
         if file.dtype(name) not in FP8_DTYPES:
-            return np.asarray(value, dtype=np.float32)
+            return value.astype(dtype, copy=False)
         scale_name = name + SCALE_SUFFIX
         scale = self._where[scale_name].raw(scale_name)
         if value.ndim != 2:
@@ -228,50 +243,4 @@ class CheckpointReader:
                 f"{scale_name}: shape {tuple(scale.shape)}, expected {expected} "
                 f"for {value.shape} in {bm}x{bn} blocks"
             )
-        return dequantize_fp8(value, scale, self.block_size)
-
-
-def write_checkpoint(
-    tensors: Mapping[str, np.ndarray],
-    directory: str | Path,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> list[Path]:
-    """Writes `tensors` as `model.safetensors`, or as shards plus an index json.
-
-    Shards (`model-00001-of-0000N.safetensors`) are filled in order up to
-    `max_shard_bytes` each, as Hugging Face's `save_pretrained` does; a tensor
-    larger than the limit gets a shard of its own. Returns the files written.
-    """
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in (SINGLE_FILE, INDEX_FILE, "model-*-of-*.safetensors"):
-        for path in directory.glob(stale):  # a previous export's files would shadow these
-            path.unlink()
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, value in tensors.items():
-        nbytes = value.nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = np.ascontiguousarray(value)
-        size += nbytes
-    metadata = {"format": "pt"}  # transformers refuses safetensors files without a known format
-    if len(shards) == 1:
-        path = directory / SINGLE_FILE
-        save_file(shards[0], str(path), metadata=metadata)
-        return [path]
-    written, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / file_name), metadata=metadata)
-        written.append(directory / file_name)
-        weight_map.update(dict.fromkeys(shard, file_name))
-    index = {
-        "metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
-        "weight_map": weight_map,
-    }
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    written.append(directory / INDEX_FILE)
-    return written
+        return dequantize_fp8(value, scale, self.block_size).astype(dtype, copy=False)

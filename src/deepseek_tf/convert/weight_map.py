@@ -28,11 +28,14 @@ class Entry:
         variable: the Keras variable.
         names: its Hugging Face tensor names (one per expert for `EXPERTS`).
         layout: `COPY`, `LINEAR` or `EXPERTS`.
+        owner: the `Dense` layer of a `LINEAR` projection, or `(DeepSeekMoE, stack
+            name)` of an `EXPERTS` entry (LoRA adapters are found through it).
     """
 
     variable: object
     names: tuple[str, ...]
     layout: str
+    owner: object = None
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -66,23 +69,28 @@ def _attention(attn, prefix: str) -> list[Entry]:
     entries = []
     if attn.q_lora_rank > 0:
         entries += [
-            Entry(attn.q_a_proj.kernel, (f"{p}q_a_proj.weight",), LINEAR),
+            _linear(attn.q_a_proj, f"{p}q_a_proj.weight"),
             Entry(attn.q_a_layernorm.scale, (f"{p}q_a_layernorm.weight",), COPY),
-            Entry(attn.q_b_proj.kernel, (f"{p}q_b_proj.weight",), LINEAR),
+            _linear(attn.q_b_proj, f"{p}q_b_proj.weight"),
         ]
     else:
-        entries.append(Entry(attn.q_proj.kernel, (f"{p}q_proj.weight",), LINEAR))
+        entries.append(_linear(attn.q_proj, f"{p}q_proj.weight"))
     return entries + [
-        Entry(attn.kv_a_proj_with_mqa.kernel, (f"{p}kv_a_proj_with_mqa.weight",), LINEAR),
+        _linear(attn.kv_a_proj_with_mqa, f"{p}kv_a_proj_with_mqa.weight"),
         Entry(attn.kv_a_layernorm.scale, (f"{p}kv_a_layernorm.weight",), COPY),
-        Entry(attn.kv_b_proj.kernel, (f"{p}kv_b_proj.weight",), LINEAR),
-        Entry(attn.o_proj.kernel, (f"{p}o_proj.weight",), LINEAR),
+        _linear(attn.kv_b_proj, f"{p}kv_b_proj.weight"),
+        _linear(attn.o_proj, f"{p}o_proj.weight"),
     ]
+
+
+def _linear(layer, name: str) -> Entry:
+    """A `Dense` projection (its kernel includes any LoRA adapters)."""
+    return Entry(layer.kernel, (name,), LINEAR, layer)
 
 
 def _swiglu(ffn, prefix: str) -> list[Entry]:
     return [
-        Entry(getattr(ffn, proj).kernel, (f"{prefix}{proj}.weight",), LINEAR)
+        _linear(getattr(ffn, proj), f"{prefix}{proj}.weight")
         for proj in ("gate_proj", "up_proj", "down_proj")
     ]
 
@@ -94,13 +102,13 @@ def _moe(moe, prefix: str) -> list[Entry]:
     if moe.scoring_func == "sigmoid":  # the V3 router; transformers' V3 always has the bias
         bias = moe.gate.e_score_correction_bias
         entries.append(Entry(bias, (f"{p}gate.e_score_correction_bias",), COPY))
-    for proj, variable in (
-        ("gate_proj", moe.experts_gate),
-        ("up_proj", moe.experts_up),
-        ("down_proj", moe.experts_down),
+    for proj, stack in (
+        ("gate_proj", "experts_gate"),
+        ("up_proj", "experts_up"),
+        ("down_proj", "experts_down"),
     ):
         names = tuple(f"{p}experts.{e}.{proj}.weight" for e in experts)
-        entries.append(Entry(variable, names, EXPERTS))
+        entries.append(Entry(getattr(moe, stack), names, EXPERTS, (moe, stack)))
     if moe.shared_experts is not None:
         entries += _swiglu(moe.shared_experts, f"{p}shared_experts.")
     return entries
@@ -135,7 +143,7 @@ def weight_entries(model) -> list[Entry]:
         entries += [
             Entry(module.enorm.scale, (f"{p}enorm.weight",), COPY),
             Entry(module.hnorm.scale, (f"{p}hnorm.weight",), COPY),
-            Entry(module.eh_proj.kernel, (f"{p}eh_proj.weight",), LINEAR),
+            _linear(module.eh_proj, f"{p}eh_proj.weight"),
             *_block(module.block, p),
             Entry(module.norm.scale, (f"{p}shared_head.norm.weight",), COPY),
         ]

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.errors import InputError
-from deepseek_tf.generation.sampler import check_sampling, sample_tokens
+from deepseek_tf.generation.sampler import check_sampling, limit_vocab, sample_tokens
 
 NOTES = (
     "batch 1, fixed shapes, TFLITE_BUILTINS only; MHA/GQA, MLA, MoE and hybrid conv blocks "
@@ -158,11 +158,20 @@ class LiteRTRunner:
         return np.concatenate(rows, axis=0)
 
     def generate(
-        self, ids, max_new_tokens: int, *, temperature=0.0, top_k=0, top_p=1.0, seed=0
+        self,
+        ids,
+        max_new_tokens: int,
+        *,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        vocab_limit: int | None = None,
     ) -> list[int]:
         """Continuation of a 1-D prompt (stops at the context), sampled with the one
         sampler of every decoding path (`sampler.sample_tokens`, keyed by seed and
-        position), so it picks what `deepseek-tf generate` picks from the same logits."""
+        position), so it picks what `deepseek-tf generate` picks from the same logits;
+        `vocab_limit`: the tokenizer's size (see `sampler.limit_vocab`)."""
         sampling = check_sampling(temperature, top_k, top_p, seed)
         settings = (
             tf.constant([sampling.temperature], tf.float32),
@@ -174,7 +183,8 @@ class LiteRTRunner:
         new = []
         while len(new) < max_new_tokens and self._length < self.max_len:
             position = tf.constant(self._length, tf.int32)
-            token = int(sample_tokens(logits[None, :], *settings, position)[0])
+            allowed = limit_vocab(tf.constant(logits[None, :]), vocab_limit)
+            token = int(sample_tokens(allowed, *settings, position)[0])
             new.append(token)
             out = self._decode(
                 token_ids=np.asarray([[token]], np.int32),

@@ -133,7 +133,8 @@ def build_archive(model, tokenizer=None) -> keras.export.ExportArchive:
     def score(token_ids):
         return {"log_probs": score_tokens(model, token_ids)}
 
-    loop = DecodeLoop(model, jit_compile=True)
+    vocab = None if tokenizer is None else tokenizer.vocab_size  # ids the tokenizer decodes
+    loop = DecodeLoop(model, jit_compile=True, vocab_limit=vocab)
 
     def generate(token_ids, max_new_tokens, temperature, top_k, top_p, seed):
         new = generate_tokens(loop, token_ids, max_new_tokens, temperature, top_k, top_p, seed)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.generation.sampler import sample_tokens
+from deepseek_tf.generation.sampler import limit_vocab, sample_tokens
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer shapes)
 TOP_LOGPROBS = 5  # alternatives reported per generated token (with `logprobs`)
@@ -49,18 +49,26 @@ class DecodeLoop:
         logprobs: also return each chosen token's log-probability, the
             `TOP_LOGPROBS` best alternatives (the server's `logprobs`) and the
             entropy of the distribution it was drawn from (per-token uncertainty).
+        vocab_limit: ids the tokenizer can decode (`tokenizer.vocab_size`); a
+            checkpoint's embedding often has more rows than its tokenizer has
+            tokens (DeepSeek-V3: 129,280 rows), and those ids are never produced.
+            None: every id of the model.
     """
 
-    def __init__(self, model, jit_compile: bool = True, logprobs: bool = False):
+    def __init__(self, model, jit_compile: bool = True, logprobs: bool = False, vocab_limit=None):
         self.model = model
         self.logprobs = logprobs
+        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.vocab_size else None
         self.prefill = tf.function(self._prefill, jit_compile=jit_compile, reduce_retracing=True)
         self.decode = tf.function(self._decode, jit_compile=jit_compile, reduce_retracing=True)
 
     def _prefill(self, ids, cache):
         """`(B, P)` ids at positions `0..P-1` -> last logits `(B, V)` and the cache."""
         logits, cache = self.model.call_with_cache(ids, cache, tf.constant(0, tf.int32))
-        return logits[:, -1, :], cache
+        return self._limit(logits[:, -1, :]), cache
+
+    def _limit(self, logits):
+        return limit_vocab(logits, self.vocab_limit)
 
     def _decode(self, ids, is_prompt, cache, logits, start, stop, ends, done, sampling, stop_ids):
         """Decodes positions `start..stop-1` (fewer when every row is done).
@@ -114,7 +122,7 @@ class DecodeLoop:
             done = tf.logical_or(done, tf.logical_or(stopped, i + 1 >= ends))
             step_logits, cache = self.model.call_with_cache(token[:, None], cache, i)
             step = (done, logprobs, top_ids, top_lps, entropy)
-            return i + 1, ids, cache, step_logits[:, -1, :], *step
+            return i + 1, ids, cache, self._limit(step_logits[:, -1, :]), *step
 
         return tf.while_loop(
             cond, body, (start, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy)
@@ -142,11 +150,12 @@ class Decoder:
         model: a `CausalLM`.
         jit_compile: compile the loop with XLA.
         logprobs: report log-probabilities (see `DecodeLoop`).
+        vocab_limit: ids the tokenizer can decode (see `DecodeLoop`).
     """
 
-    def __init__(self, model, jit_compile: bool = True, logprobs: bool = False):
+    def __init__(self, model, jit_compile: bool = True, logprobs: bool = False, vocab_limit=None):
         self.model = model
-        self.loop = DecodeLoop(model, jit_compile=jit_compile, logprobs=logprobs)
+        self.loop = DecodeLoop(model, jit_compile, logprobs, vocab_limit)
 
     def start(self, rows: Sequence[Row], stop_ids: Sequence[int] = ()) -> DecodeState:
         """Prefills `rows` (each `len(prompt) + max_new_tokens <= model.max_seq_len`)."""

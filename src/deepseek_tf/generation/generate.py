@@ -46,12 +46,15 @@ class Generator:
     Args:
         model: a `CausalLM`.
         jit_compile: compile prefill and the decoding loop with XLA.
+        vocab_limit: ids the tokenizer can decode (`tokenizer.vocab_size`; see
+            `DecodeLoop`); None: every id of the model.
     """
 
-    def __init__(self, model, jit_compile: bool = True):
+    def __init__(self, model, jit_compile: bool = True, vocab_limit: int | None = None):
         self.model = model
         self.jit_compile = jit_compile
-        self.decoder = Decoder(model, jit_compile=jit_compile)
+        self.vocab_limit = vocab_limit
+        self.decoder = Decoder(model, jit_compile, vocab_limit=vocab_limit)
         self._detailed = None  # the loop with log-probabilities and entropies, on demand
 
     def _run_window(self, prompts, max_new, sampling: SamplingParams, seeds, stop_ids, details):
@@ -61,7 +64,7 @@ class Generator:
             for p, seed in zip(prompts, seeds)
         ]
         if details and self._detailed is None:
-            self._detailed = Decoder(self.model, jit_compile=self.jit_compile, logprobs=True)
+            self._detailed = Decoder(self.model, self.jit_compile, True, self.vocab_limit)
         decoder = self._detailed if details else self.decoder
         new = decoder.start(rows, stop_ids).step()
         stop_set = set(stop_ids)

@@ -110,6 +110,15 @@ def uniform_noise(seeds, position, vocab):
     return (mantissa + 0.5) / float(1 << 24)  # (B, V)
 
 
+def limit_vocab(logits, vocab_limit: int | None):
+    """`(B, V)` logits with ids `>= vocab_limit` made impossible (None: unchanged): an
+    embedding padded past the tokenizer must never produce an id it cannot decode."""
+    if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+        return logits
+    valid = tf.range(tf.shape(logits)[-1]) < vocab_limit  # (V,)
+    return tf.where(valid[None, :], logits, tf.cast(-1e9, logits.dtype))
+
+
 def sample_tokens(logits, temperature, top_k, top_p, seeds, position):
     """One token per row of `logits` `(B, V)`, with per-row settings.
 

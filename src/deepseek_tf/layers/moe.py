@@ -6,6 +6,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from deepseek_tf.layers import expert_quant
+from deepseek_tf.layers.expert_stacks import ExpertStacks
 from deepseek_tf.layers.moe_capacity import capacity_dispatch
 from deepseek_tf.layers.moe_tiles import auto_tile_size, dim, dispatch_plan
 from deepseek_tf.layers.router import TopKRouter
@@ -18,7 +20,7 @@ CAPACITY_MIN_LOAD = 4  # mean assignments per expert from which capacity dispatc
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
-class DeepSeekMoE(keras.layers.Layer):
+class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
     """DeepSeekMoE feed-forward: `shared(x) + sum_k weight_k * expert_k(x)`.
 
     Every token goes through the shared experts (one SwiGLU of width
@@ -63,7 +65,18 @@ class DeepSeekMoE(keras.layers.Layer):
         tile_size: rows per tile of the sparse dispatch; 0 chooses one from
             the token count at trace time (`auto_tile_size`).
         fake_quant: the shared experts' projections train against int8
-            rounding (QAT; routed experts stay float, as in int8 PTQ).
+            rounding (QAT; routed experts stay float).
+        expert_quantize: `"none"`, or `"int8"` / `"int4"`: the routed experts'
+            stacked weights are stored as weight-only codes plus float32 scales
+            (`expert_quant`; not trainable) and dequantized per tile inside the
+            expert matmuls. `quantize_experts` converts a float layer.
+        expert_group_size: inputs per scale of quantized experts (-1: one scale
+            per output channel of each expert).
+        lora_rank: rank of low-rank adapters on the routed experts (0: none): each
+            stack gets float32 `(E, in, r)` and `(E, r, out)` factors, added as
+            `lora_alpha / lora_rank * a @ b` to the (frozen) stack; `enable_lora`
+            adds them to a built layer (Keras' `Dense.enable_lora` for stacks).
+        lora_alpha: the adapters' scale numerator.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -109,9 +122,20 @@ class DeepSeekMoE(keras.layers.Layer):
         output_init_std: float = 0.02,
         tile_size: int = 0,
         fake_quant: bool = False,
+        expert_quantize: str = "none",
+        expert_group_size: int = -1,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if expert_quantize not in expert_quant.MODES:
+            raise ValueError(
+                f"expert_quantize must be one of {expert_quant.MODES}, got {expert_quantize!r}"
+            )
+        if expert_quantize != "none":
+            expert_quant.check_group_size(d_model, expert_group_size, "expert_group_size")
+            expert_quant.check_group_size(moe_hidden_dim, expert_group_size, "expert_group_size")
         if dispatch not in DISPATCH:
             raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
         if tile_size < 0:
@@ -134,6 +158,10 @@ class DeepSeekMoE(keras.layers.Layer):
         self.output_init_std = output_init_std
         self.tile_size = tile_size
         self.fake_quant = fake_quant
+        self.expert_quantize = expert_quantize
+        self.expert_group_size = expert_group_size
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
 
         policy = self.dtype_policy
         self.gate = TopKRouter(
@@ -178,35 +206,33 @@ class DeepSeekMoE(keras.layers.Layer):
         return fixed + expert * e, fixed + expert * self.num_experts_per_tok
 
     def prunable_units(self) -> list[PrunableUnits]:
-        """Routed experts: the stacked weights' expert axis and the router's column."""
+        """Routed experts: the stacked weights' expert axis and the router's column
+        (none once they are quantized)."""
+        if self.expert_quantize != "none":
+            return []
         slices = (
             WeightSlice(self, "experts_gate", 0, "in"),
             WeightSlice(self, "experts_up", 0, "in"),
             WeightSlice(self, "experts_down", 0, "out"),
             WeightSlice(self.gate, "kernel", 1, None),
         )
+        blocks, fewest = 1, self.num_experts_per_tok
+        if self.gate._grouped(self.topk_method, self.n_group):
+            # group-limited routing: every group keeps as many experts, at least the two
+            # its score sums and enough that the topk_group groups hold k experts
+            blocks = self.n_group
+            per_group = max(2, -(-self.num_experts_per_tok // self.topk_group))
+            fewest = per_group * blocks
         units = PrunableUnits(
-            "experts", self.n_routed_experts, self.num_experts_per_tok, slices, router=self.gate
+            "experts", self.n_routed_experts, fewest, slices, router=self.gate, blocks=blocks
         )
         return [units]
 
     def build(self, input_shape):
-        d = self.d_model
-        self.gate.build((None, d))
+        self.gate.build((None, self.d_model))
         if self.shared_experts is not None:
             self.shared_experts.build(input_shape)
-
-        def weight(name, shape, std):
-            return self.add_weight(
-                name=name,
-                shape=shape,
-                initializer=keras.initializers.RandomNormal(stddev=std),
-                dtype=self.variable_dtype,
-            )
-
-        for name, shape in self.expert_shapes().items():
-            std = self.output_init_std if name == "experts_down" else self.init_std
-            setattr(self, name, weight(name, shape, std))
+        self.build_expert_stacks()
 
     def call(self, x, training=None, return_hidden=False):
         lead_shape = ops.shape(x)[:-1]
@@ -241,10 +267,11 @@ class DeepSeekMoE(keras.layers.Layer):
         combine = ops.einsum(
             "nk,nke->ne", topk_weight, ops.one_hot(topk_idx, self.n_routed_experts)
         )  # (N, E) float32
-        gate = ops.einsum("nd,edh->neh", tokens, self.experts_gate)  # (N, E, h)
-        up = ops.einsum("nd,edh->neh", tokens, self.experts_up)  # (N, E, h)
+        gate = ops.einsum("nd,edh->neh", tokens, self.expert_stack("experts_gate"))  # (N, E, h)
+        up = ops.einsum("nd,edh->neh", tokens, self.expert_stack("experts_up"))  # (N, E, h)
         hidden = ops.silu(gate) * up  # (N, E, h)
-        expert_out = ops.einsum("neh,ehd->ned", hidden, self.experts_down)  # (N, E, d)
+        down = self.expert_stack("experts_down")  # (E, h, d)
+        expert_out = ops.einsum("neh,ehd->ned", hidden, down)  # (N, E, d)
         out = ops.einsum("ned,ne->nd", ops.cast(expert_out, "float32"), combine)  # (N, d)
         chosen_hidden = None
         if return_hidden:
@@ -262,8 +289,8 @@ class DeepSeekMoE(keras.layers.Layer):
                 # tensors, not variables (the dispatch's custom gradient differentiates
                 # w.r.t. its inputs), in the compute dtype (mixed precision)
                 *(
-                    ops.cast(tf.identity(w.value), tokens.dtype)
-                    for w in (self.experts_gate, self.experts_up, self.experts_down)
+                    ops.cast(tf.identity(self.expert_stack(name)), tokens.dtype)
+                    for name in ("experts_gate", "experts_up", "experts_down")
                 ),
                 return_hidden=return_hidden,
             )  # (N, k, d), (N, k, h) or None
@@ -277,9 +304,9 @@ class DeepSeekMoE(keras.layers.Layer):
         rows = tf.gather(padded, plan["row_token"])  # (R, d)
         rows = ops.reshape(rows, (plan["n_tiles"], tile, self.d_model))  # (n_tiles, tile, d)
         tile_expert = plan["tile_expert"]
-        w_gate = tf.gather(self.experts_gate, tile_expert)  # (n_tiles, d, h)
-        w_up = tf.gather(self.experts_up, tile_expert)  # (n_tiles, d, h)
-        w_down = tf.gather(self.experts_down, tile_expert)  # (n_tiles, h, d)
+        w_gate = self.expert_stack("experts_gate", tile_expert)  # (n_tiles, d, h)
+        w_up = self.expert_stack("experts_up", tile_expert)  # (n_tiles, d, h)
+        w_down = self.expert_stack("experts_down", tile_expert)  # (n_tiles, h, d)
         hidden = ops.silu(ops.matmul(rows, w_gate)) * ops.matmul(rows, w_up)  # (n_tiles, tile, h)
         rows_out = ops.matmul(hidden, w_down)  # (n_tiles, tile, d)
         rows_out = ops.reshape(rows_out, (-1, self.d_model))  # (R, d)

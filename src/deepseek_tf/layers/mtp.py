@@ -15,10 +15,12 @@ from deepseek_tf.layers.structure import projection_layer
 class MTPModule(keras.layers.Layer):
     """Predicts the token one step further than the previous depth.
 
-    `h_k = Block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_{k-1})]))`, followed by its
-    own RMSNorm; the model's (shared) embedding and output head are applied by
-    the caller. The embedding comes first in the concatenation, as in the
-    published DeepSeek-V3 checkpoints.
+    `h_k = norm(Block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_{k-1})])))`; the
+    model's (shared) embedding and output head are applied by the caller. The
+    embedding comes first in the concatenation, as in the published DeepSeek-V3
+    checkpoints. `h_0` is the main model's final state *after* its final norm, and
+    `h_k` (normed) feeds depth `k + 1`: the conventions of transformers' `MtpModel`
+    and vLLM, so converted checkpoints predict what they were trained to.
 
     Args:
         d_model: residual width.
@@ -34,8 +36,8 @@ class MTPModule(keras.layers.Layer):
         training: enables dropout.
 
     Returns:
-        The block's output dict (`"x"` is normed, ready for the output head;
-        `"hidden"` is the un-normed state for the next depth).
+        The block's output dict (`"x"` is normed: ready for the output head and
+        the next depth; `"hidden"` is the un-normed block output).
 
     Examples:
     >>> mtp = MTPModule(16, {"block_type": "attention", "ffn_hidden_dim": 32,

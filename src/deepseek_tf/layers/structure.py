@@ -83,6 +83,8 @@ class PrunableUnits:
         slices: every weight the units own (see `WeightSlice`).
         heads_per_unit: query heads per unit (the GQA group size; 1 otherwise).
         router: the `TopKRouter` of an experts layer (None otherwise).
+        blocks: equal contiguous blocks the units must shrink evenly (group-limited
+            routing's expert groups: each keeps the same number of experts).
     """
 
     kind: str
@@ -91,6 +93,7 @@ class PrunableUnits:
     slices: tuple
     heads_per_unit: int = 1
     router: object = None
+    blocks: int = 1
 
 
 def projection_layer(

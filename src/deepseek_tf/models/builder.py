@@ -10,6 +10,7 @@ from deepseek_tf.config.schema import Config, ModelConfig
 from deepseek_tf.config.validation import parse_lowrank
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.models.causal_lm import CausalLM
+from deepseek_tf.models.lora import apply_lora
 from deepseek_tf.models.quantization import apply_quantized_structure
 
 
@@ -78,6 +79,9 @@ def moe_config(m: ModelConfig) -> dict | None:
         "bias_update_speed": m.bias_update_speed,
         "seq_aux_loss_alpha": m.seq_aux_loss_alpha,
         "dispatch": m.moe_dispatch,
+        # routed experts stored as int8/int4 codes (`compress quantize --include experts`)
+        "expert_quantize": m.quantize if "experts" in m.quantize_include else "none",
+        "expert_group_size": m.quantize_group_size,
     }
 
 
@@ -156,16 +160,22 @@ def unbuilt_model(config: Config, vocab_size: int | None = None) -> CausalLM:
     return CausalLM(**model_kwargs(config, vocab_size), dtype=dtype)
 
 
-def build_model(config: Config, vocab_size: int | None = None, seed: int | None = None) -> CausalLM:
+def build_model(
+    config: Config, vocab_size: int | None = None, seed: int | None = None, lora: bool = True
+) -> CausalLM:
     """Builds the `CausalLM` of `config`: weights initialised (seeded), dtype policy from
-    `train.precision`, and for a quantized run (`model.quantize`) the quantized variables
-    its checkpoint holds."""
+    `train.precision`, for a quantized run (`model.quantize`) the quantized variables
+    its checkpoint holds, and with `train.lora_rank` (unless `lora` is False) the
+    adapters, everything else frozen."""
     if seed is not None:
         keras.utils.set_random_seed(seed)
     model = unbuilt_model(config, vocab_size)
     model.build((None, None))
     if config.model.quantize != "none":
         apply_quantized_structure(model, config.model)
+    t = config.train
+    if lora and t.lora_rank:
+        apply_lora(model, t.lora_rank, t.lora_alpha, t.lora_targets)
     return model
 
 

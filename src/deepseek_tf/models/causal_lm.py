@@ -348,10 +348,13 @@ class CausalLM(ModelStructure, keras.Model):
             sampled, kl = self.sample_logits(x, self.head_samples)  # (S, B, T, V), (B, T)
             head_stats = {"sample_logits": sampled, "head_kl": self.head_kl_weight * kl}
         mtp_logits = []
+        # Depth 1 reads the main model's *normed* final state, and each depth hands its
+        # normed output to the next -- as transformers' MtpModel and vLLM do.
+        h = self.final_norm(x) if self.mtp_modules else x
         for k, module in enumerate(self.mtp_modules, start=1):
-            out = module(x[:, :-1], embeddings[:, k:], training=training)  # (B, T - k, C)
+            out = module(h[:, :-1], embeddings[:, k:], training=training)  # (B, T - k, C)
             collect({**out, "hidden": out["ffn_hidden"]})
-            x = out["hidden"]
+            h = out["x"]
             mtp_logits.append(self.project(out["x"]))
         stats = {
             "activation_sparsity": ops.mean(ops.stack(collected["sparsity"])),

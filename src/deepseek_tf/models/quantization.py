@@ -50,8 +50,10 @@ def apply_quantized_structure(model, m: ModelConfig) -> None:
     layers = model.quantizable_layers(m.quantize_include)
     cfg = quantization_config(m.quantize, m.quantize_bits, m.quantize_group_size)
     if m.quantize in ("int8", "int4", "float8"):
+        # (routed experts were built quantized: the builder passes `expert_quantize`)
         chosen = {id(layer) for layer in layers}
-        model.quantize(m.quantize, config=cfg, filters=lambda layer: id(layer) in chosen)
+        if chosen:
+            model.quantize(m.quantize, config=cfg, filters=lambda layer: id(layer) in chosen)
         return
     for layer in layers:
         layer.quantize(m.quantize, config=cfg)

@@ -120,7 +120,8 @@ class Batcher:
     ):
         self.tokenizer = tokenizer
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
-        self.decoder = Decoder(model, jit_compile=jit_compile, logprobs=True)
+        vocab = None if tokenizer is None else tokenizer.vocab_size  # never an undecodable id
+        self.decoder = Decoder(model, jit_compile=jit_compile, logprobs=True, vocab_limit=vocab)
         self.chunk = chunk
         self.max_batch = max(1, max_batch)
         self.window_s = window_s

@@ -4,12 +4,10 @@ Every problem with a request raises `ApiError`, which the server answers as
 `{"error": {"message", "type", "code"}}` with a 4xx status; nothing a client
 sends can reach a 5xx.
 
-Chat template: each message becomes one line `"<role>: <content>\\n"`, then
-`"assistant:"` is appended for the model to continue, e.g.::
-
-    system: Be brief.
-    user: Hello
-    assistant:
+Chats are rendered by the run's tokenizer: its `tokenizer_config.json` chat
+template (a converted DeepSeek checkpoint's own), else the plain template of
+`deepseek_tf.tokenizers.chat_template`. Completion prompts get the tokenizer's
+BOS token where its settings add one (`add_bos_token`).
 """
 
 from __future__ import annotations
@@ -86,6 +84,7 @@ class GenRequest:
     logprobs: int | None = None  # None: off; k: chosen token plus up to k alternatives
     echo: bool = False
     include_usage: bool = False
+    messages: list[dict] | None = None  # a chat's validated messages (rendered later)
 
 
 def _typed(body: dict, key: str, types, default, name: str):
@@ -99,11 +98,12 @@ def _typed(body: dict, key: str, types, default, name: str):
     return value
 
 
-def chat_prompt(messages) -> str:
-    """Renders OpenAI chat `messages` with the template in this module's docstring."""
+def chat_messages(messages) -> list[dict]:
+    """Validated OpenAI chat `messages` as `[{"role", "content": str}, ...]` (text parts
+    joined), ready for the tokenizer's chat template."""
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
-    lines = []
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise bad(f"messages[{i}] must be an object", "messages", "invalid_type")
@@ -117,8 +117,8 @@ def chat_prompt(messages) -> str:
             content = "".join(parts)
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content must be a string", "messages", "invalid_type")
-        lines.append(f"{role}: {content}\n")
-    return "".join(lines) + "assistant:"
+        out.append({"role": role, "content": content})
+    return out
 
 
 def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenRequest:
@@ -141,7 +141,7 @@ def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenR
         raise bad("only best_of=1 is supported", "best_of")
     req = GenRequest(kind=kind, model=model, prompt=None)
     if kind == "chat":
-        req.prompt = chat_prompt(body.get("messages"))
+        req.messages = chat_messages(body.get("messages"))
         if _typed(body, "logprobs", (bool,), False, "a boolean"):
             req.logprobs = _typed(body, "top_logprobs", (int,), 0, "an integer")
             if not 0 <= req.logprobs <= 5:
@@ -208,11 +208,19 @@ def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenR
 
 def finalize_prompt(req: GenRequest, tokenizer, limits: Limits, vocab_size: int) -> None:
     """Tokenizes the prompt and resolves `max_tokens` against the context (in place)."""
-    if req.prompt is not None:
+    if req.messages is not None:
+        if tokenizer is None:
+            raise bad("this model has no tokenizer: use /v1/completions with token ids", "messages")
+        try:
+            req.prompt = tokenizer.apply_chat_template(req.messages)
+            req.prompt_ids = tokenizer.encode(req.prompt)
+        except Exception as e:  # the template refused the conversation, or an unknown char
+            raise bad(f"the conversation cannot be rendered: {e}", "messages") from None
+    elif req.prompt is not None:
         if tokenizer is None:
             raise bad("this model has no tokenizer: send the prompt as token ids", "prompt")
         try:
-            req.prompt_ids = tokenizer.encode(req.prompt)
+            req.prompt_ids = tokenizer.encode_prompt(req.prompt)
         except Exception as e:  # e.g. a character the char tokenizer does not know
             raise bad(f"the prompt cannot be tokenized: {e}", "prompt") from None
     ids = req.prompt_ids

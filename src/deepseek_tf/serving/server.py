@@ -10,7 +10,7 @@ Endpoints:
     GET  /v1/models                   -> the one served model
     GET  /v1/models/NAME              -> OpenAI's model object + TF-Serving's version status
     POST /v1/completions              -> OpenAI text completion (stream, logprobs, stop, ...)
-    POST /v1/chat/completions         -> OpenAI chat completion (template: `protocol`)
+    POST /v1/chat/completions         -> OpenAI chat completion (the run's chat template)
     POST /v1/models/NAME:predict      -> TF-Serving predict: next token of each instance.
         `{"instances": [[ids], ...]}` -> `{"predictions": [id, ...]}` (argmax of the
         last position's logits); `{"inputs": ...}` -> `{"outputs": [...]}` as TF-Serving's

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 import tensorflow as tf
 
 from deepseek_tf.errors import TokenizerError
+from deepseek_tf.tokenizers.chat_template import PLAIN_TEMPLATE, ChatTemplate
 
 CHAR_FILE = "char_tokenizer.json"  # written by CharTokenizer.save
 BPE_FILE = "tokenizer.json"  # standard Hugging Face tokenizer file, written by BPETokenizer.save
@@ -36,6 +37,37 @@ class Tokenizer(abc.ABC):
     def eos_id(self) -> int | None:
         """Id of the end-of-text token, or None when the vocabulary has none."""
         return None
+
+    @property
+    def bos_id(self) -> int | None:
+        """Id of the beginning-of-sequence token, or None."""
+        return None
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The run's chat template (`PLAIN_TEMPLATE` unless the tokenizer ships one)."""
+        return ChatTemplate(PLAIN_TEMPLATE, "the plain chat template")
+
+    def special_tokens(self) -> dict:
+        """Special token strings the chat template may read (`bos_token`, ...)."""
+        return {}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation `[{"role", "content"}, ...]` as prompt text, rendered as
+        `transformers`' `apply_chat_template(..., tokenize=False)` renders it."""
+        return self.chat_template.render(
+            messages, add_generation_prompt=add_generation_prompt, **self.special_tokens()
+        )
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a prompt to continue: `encode`, plus the BOS (and EOS) token where
+        the tokenizer's settings add them (`add_bos_token`, `add_eos_token`)."""
+        return self.encode(text)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Ids of a conversation ending in the assistant's turn; special tokens come
+        from the template's text (no BOS added twice)."""
+        return self.encode(self.apply_chat_template(messages))
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:

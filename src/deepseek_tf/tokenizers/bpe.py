@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -11,6 +13,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from deepseek_tf.errors import TokenizerError
 from deepseek_tf.tokenizers.base import BPE_FILE, EOS_TOKEN, Tokenizer
+from deepseek_tf.tokenizers.chat_template import ChatTemplate
+from deepseek_tf.tokenizers.tokenizer_settings import TOKENIZER_CONFIG_FILE, TokenizerSettings
 
 MIN_BPE_VOCAB = 257  # 256 byte symbols + the end-of-text token
 
@@ -25,8 +29,16 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
     file_name = BPE_FILE
 
-    def __init__(self, hf_tokenizer: HFTokenizer) -> None:
+    def __init__(
+        self, hf_tokenizer: HFTokenizer, settings: TokenizerSettings | None = None
+    ) -> None:
         self._tok = hf_tokenizer
+        self.settings = settings or TokenizerSettings()
+        for key, token in self.settings.special_tokens().items():
+            if key in ("bos_token", "eos_token") and self._tok.token_to_id(token) is None:
+                raise TokenizerError(
+                    f"{TOKENIZER_CONFIG_FILE}: {key} {token!r} is not in the vocabulary"
+                )
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -59,7 +71,33 @@ class BPETokenizer(Tokenizer):
 
     @property
     def eos_id(self) -> int | None:
-        return self._tok.token_to_id(EOS_TOKEN)
+        return self._tok.token_to_id(self.settings.eos_token or EOS_TOKEN)
+
+    @property
+    def bos_id(self) -> int | None:
+        token = self.settings.bos_token
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        if self.settings.chat_template is None:
+            return super().chat_template
+        return ChatTemplate(self.settings.chat_template, f"{TOKENIZER_CONFIG_FILE}: chat_template")
+
+    def special_tokens(self) -> dict:
+        return self.settings.special_tokens()
+
+    def encode_prompt(self, text: str) -> list[int]:
+        # tokenizer.json's post-processor (DeepSeek's prepends the BOS), then the
+        # settings' flags where it has not already done so (as LlamaTokenizerFast
+        # builds its post-processor from add_bos_token / add_eos_token).
+        ids = self._tok.encode(text, add_special_tokens=True).ids
+        bos, eos = self.bos_id, self.eos_id
+        if self.settings.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        if self.settings.add_eos_token and eos is not None and ids[-1:] != [eos]:
+            ids = [*ids, eos]
+        return ids
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -85,10 +123,29 @@ class BPETokenizer(Tokenizer):
     def _write(self, path: str) -> None:
         self._tok.save(path)
 
+    def save(self, directory) -> str:
+        """Writes `tokenizer.json` and, with settings, `tokenizer_config.json` beside it
+        (each atomically); without settings a stale `tokenizer_config.json` is removed."""
+        path = super().save(directory)
+        config_path = os.path.join(os.fspath(directory), TOKENIZER_CONFIG_FILE)
+        if self.settings.raw:
+            text = json.dumps(self.settings.to_dict(), indent=2, ensure_ascii=False) + "\n"
+            tmp = config_path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, config_path)
+        elif os.path.isfile(config_path):
+            os.remove(config_path)
+        return path
+
     @classmethod
     def load(cls, path: str) -> BPETokenizer:
-        """Read a Hugging Face `tokenizer.json`; unreadable files raise TokenizerError."""
+        """Read a Hugging Face `tokenizer.json` and the `tokenizer_config.json` beside it
+        (when there is one); unreadable files raise TokenizerError naming them."""
         try:
-            return cls(HFTokenizer.from_file(path))
+            tok = HFTokenizer.from_file(path)
         except Exception as e:  # the Rust side raises plain Exception subclasses
             raise TokenizerError(f"{path}: cannot read tokenizer ({e})") from None
+        config_path = os.path.join(os.path.dirname(path), TOKENIZER_CONFIG_FILE)
+        settings = TokenizerSettings.read(config_path) if os.path.isfile(config_path) else None
+        return cls(tok, settings)

@@ -42,6 +42,26 @@ def make_objective(
     return fn
 
 
+def global_norm(grads):
+    """The global norm of `grads` in float32, whatever their dtypes."""
+
+    def as_float32(g):
+        if isinstance(g, tf.IndexedSlices):  # an embedding's: only its rows
+            return tf.IndexedSlices(tf.cast(g.values, "float32"), g.indices, g.dense_shape)
+        return tf.cast(g, "float32")
+
+    return tf.linalg.global_norm([as_float32(g) for g in grads])
+
+
+def scale_gradient(g, factor):
+    """`g * factor` in `g`'s dtype (dense or IndexedSlices)."""
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            g.values * tf.cast(factor, g.values.dtype), g.indices, g.dense_shape
+        )
+    return g * tf.cast(factor, g.dtype)
+
+
 def make_train_step(
     model,
     optimizer,
@@ -124,12 +144,24 @@ def make_train_step(
             layer.update_bias(load[i])
 
     def grad_norm(grads):
-        norm = tf.linalg.global_norm(grads) * replicas  # undo the per-replica division
+        norm = global_norm(grads) * replicas  # undo the per-replica division
         return norm / optimizer.dynamic_scale if loss_scaled else norm
+
+    # A bfloat16 model's gradients are bfloat16 and its router's float32; Keras' own
+    # clipping multiplies every gradient by one float32 scale, which fails on mixed
+    # dtypes. Then this step clips (in float32) and the optimizer does not.
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    clip_here = len({v.dtype for v in variables}) > 1 and bool(inner.global_clipnorm)
+    clip_norm = inner.global_clipnorm
+    if clip_here:
+        inner.global_clipnorm = None
 
     def full_step(inputs, targets, weights):
         out, grads = accumulate(inputs, targets, weights)
         out["grad_norm"] = grad_norm(grads)
+        if clip_here:
+            factor = tf.minimum(1.0, clip_norm * replicas / out["grad_norm"])
+            grads = [scale_gradient(g, factor) for g in grads]
         optimizer.apply(grads, variables)  # clips by global norm, AdamW, schedule
         update_biases(out)
         if after_update is not None:
@@ -142,8 +174,6 @@ def make_train_step(
     # Several replicas: the optimizer's cross-replica reduction cannot live inside
     # an XLA cluster, so only forward/backward is compiled.
     compiled_grads = tf.function(accumulate, jit_compile=jit_compile)
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    clip_norm = inner.global_clipnorm
 
     def clip_globally(grads):
         """All-reduces the gradients and clips them by the norm of the global gradient.
@@ -157,7 +187,7 @@ def make_train_step(
         grads = [tf.convert_to_tensor(g) for g in grads]  # IndexedSlices -> dense
         context = tf.distribute.get_replica_context()
         total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        norm = tf.linalg.global_norm(total)  # of the (loss-scaled) global gradient
+        norm = global_norm(total)  # of the (loss-scaled) global gradient
         scale = optimizer.dynamic_scale if loss_scaled else 1.0
         factor = tf.minimum(1.0, clip_norm * scale / norm) / replicas
         # An inf/NaN norm (float16 overflow) gives NaN gradients: the loss-scale

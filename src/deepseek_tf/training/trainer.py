@@ -19,8 +19,10 @@ from deepseek_tf.config.schema import Config
 from deepseek_tf.data.pipeline import make_eval_dataset, make_step_dataset
 from deepseek_tf.errors import ConfigError, TrainingError
 from deepseek_tf.models.builder import build_model
+from deepseek_tf.models.lora import apply_lora, lora_variables
 from deepseek_tf.rundir import NoMetrics, RunDir
 from deepseek_tf.training.evaluate import evaluate, make_eval_step
+from deepseek_tf.training.init_from import load_initial_weights
 from deepseek_tf.training.monitor import TrainingMonitor, balance_stats
 from deepseek_tf.training.optim import (
     current_learning_rate,
@@ -54,6 +56,8 @@ class Trainer:
         strategy: an already created distribution strategy (default: made from
             `config.runtime`). A caller that runs TensorFlow ops before building the
             Trainer must create a MultiWorkerMirroredStrategy first and pass it here.
+        init_from: a run or Hugging Face directory whose weights initialise the model
+            (fine-tuning; see `training.init_from`), with a fresh optimizer.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class Trainer:
         resume: bool = False,
         verbose=1,
         strategy: tf.distribute.Strategy | None = None,
+        init_from=None,
     ):
         self.config = config
         self.run = RunDir(run_dir)
@@ -89,8 +94,16 @@ class Trainer:
         if not resume:
             self.run.check_new()
 
+        self.initialized_from = None
+        self.init_from = init_from
         with self.strategy.scope():
-            self.model = build_model(config, seed=t.seed)
+            if init_from is None:
+                self.model = build_model(config, seed=t.seed)
+            else:  # the source's weights first, then (LoRA) adapters on top of them
+                self.model = build_model(config, seed=t.seed, lora=False)
+                self.initialized_from = load_initial_weights(self.model, init_from)
+                if t.lora_rank:
+                    apply_lora(self.model, t.lora_rank, t.lora_alpha, t.lora_targets)
             self.optimizer = make_optimizer(t, self.model)
         self.checkpoint = self.run.checkpoint(
             self.model, self.optimizer, t.keep_checkpoints, chief=self.chief
@@ -167,6 +180,12 @@ class Trainer:
             if not self.resume:
                 self.run.write_config(self.config)
                 self.run.write_tokenizer(self.tokenizer)
+                if self.init_from is not None:  # where the weights came from (`info`)
+                    t = self.config.train
+                    entry = {"method": "init_from", "source": str(self.init_from)}
+                    if t.lora_rank:
+                        entry.update(lora_rank=t.lora_rank, lora_targets=list(t.lora_targets))
+                    self.run.write_history([entry])
             else:
                 self.checkpoint.set_aside_unreadable()
                 self.metrics.truncate_after(self.start_step)
@@ -217,6 +236,15 @@ class Trainer:
         cfg, t = self.config, self.config.train
         if self.resume:
             self._describe_resume()
+        if self.initialized_from:
+            self._log(f"[init] weights from {self.initialized_from}")
+        if t.lora_rank:
+            adapters = sum(int(np.prod(v.shape)) for v in lora_variables(self.model))
+            total = sum(int(np.prod(v.shape)) for v in self.model.weights)
+            self._log(
+                f"[lora] rank {t.lora_rank} on {', '.join(t.lora_targets)}: {adapters:,} "
+                f"trainable of {total:,} parameters ({adapters / total:.2%})"
+            )
         if self.start_step >= t.steps:
             self._log(
                 f"[train] already complete: {self.run_dir} is at step {self.start_step} of "

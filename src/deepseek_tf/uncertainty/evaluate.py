@@ -28,15 +28,18 @@ KEYS = (
 SEQUENCE_SCORES = ("entropy", "mutual_information", "nll")
 
 
+# one traced function for every call (a new one per call would retrace each time)
+_token_stats = tf.function(token_stats, reduce_retracing=True)
+
+
 def collect(predictor: Predictor, dataset, max_batches: int = 0) -> dict:
     """Per-token arrays (`KEYS`) over `dataset`, plus per-block means (`seq_<key>`)."""
-    stats_fn = tf.function(token_stats, reduce_retracing=True)
     tokens = {key: [] for key in KEYS}
     blocks = {f"seq_{key}": [] for key in SEQUENCE_SCORES}
     for i, (inputs, targets, weights) in enumerate(dataset):
         if max_batches and i >= max_batches:
             break
-        stats = stats_fn(predictor(inputs, i), targets)  # (B, T) each
+        stats = _token_stats(predictor(inputs, i), targets)  # (B, T) each
         keep = np.asarray(weights) > 0  # (B, T)
         for key in KEYS:
             tokens[key].append(np.asarray(stats[key])[keep])

@@ -61,6 +61,8 @@ class Predictor:
         self.samples = {"ensemble": len(models), "mc_dropout": samples}.get(
             method, samples if gaussian else 1
         )
+        if method == "mc_dropout":
+            _seed_dropout(models[0], seed)
         self._fn = tf.function(self._probs, jit_compile=jit_compile, reduce_retracing=True)
 
     def _probs(self, token_ids, batch_index):
@@ -79,3 +81,11 @@ class Predictor:
     def __call__(self, token_ids, batch_index: int = 0):
         """`(S, B, T, V)` float32 probabilities of `(B, T)` token ids."""
         return self._fn(tf.convert_to_tensor(token_ids), tf.constant(batch_index, tf.int32))
+
+
+def _seed_dropout(model, seed: int) -> None:
+    """Restart every random-state variable of `model` (its dropout layers' generators) from
+    `seed`, so that the same seed gives the same Monte Carlo dropout masks in any process."""
+    states = [v for v in model.variables if "seed_generator_state" in v.path]
+    for i, state in enumerate(states):
+        state.assign(tf.constant([seed * 1_000_003 + i, 0], dtype=state.dtype))

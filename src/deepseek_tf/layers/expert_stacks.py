@@ -1,0 +1,139 @@
+"""The routed experts' stacked weights: float, int8/int4 codes, LoRA adapters.
+
+`DeepSeekMoE` keeps each routed projection as one `(E, in, out)` stack
+(`experts_gate`, `experts_up`, `experts_down`). This mixin owns how a stack is
+stored and read back: float variables (trained), weight-only int8/int4 codes and
+scales (`expert_quant`; `quantize_experts`), and optional low-rank adapters per
+expert (`enable_lora`, the stacks' counterpart of Keras' `Dense.enable_lora`).
+The dispatch paths read stacks only through `expert_stack`, which dequantizes and
+adds the adapters after gathering the experts a tile uses.
+
+The host layer provides `expert_shapes()`, `init_std`, `output_init_std`,
+`expert_quantize`, `expert_group_size`, `lora_rank`, `lora_alpha`, `d_model`
+and `moe_hidden_dim`.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from deepseek_tf.layers import expert_quant
+
+
+class ExpertStacks:
+    """Storage of stacked routed-expert weights (a mixin of `DeepSeekMoE`)."""
+
+    def build_expert_stacks(self) -> None:
+        """Creates the stacks in their stored form (float, or codes + scales restored
+        from a checkpoint), and the adapters when `lora_rank` is set."""
+
+        def weight(name, shape, std):
+            return self.add_weight(
+                name=name,
+                shape=shape,
+                initializer=keras.initializers.RandomNormal(stddev=std),
+                dtype=self.variable_dtype,
+            )
+
+        for name, shape in self.expert_shapes().items():
+            if self.expert_quantize != "none":
+                self._add_codes(name, shape, self.expert_quantize, self.expert_group_size)
+                continue
+            std = self.output_init_std if name == "experts_down" else self.init_std
+            setattr(self, name, weight(name, shape, std))
+        if self.lora_rank:
+            self._add_lora(self.lora_rank)
+
+    def enable_lora(self, rank: int, lora_alpha: float = 16.0) -> None:
+        """Adds routed-expert adapters to a built layer and freezes the stacks."""
+        if self.lora_rank:
+            raise ValueError("lora is already enabled on the routed experts")
+        if not self.built:
+            raise ValueError("enable_lora: build the layer first")
+        self._tracker.unlock()
+        self._add_lora(rank)
+        self._tracker.lock()
+        self.lora_rank, self.lora_alpha = rank, lora_alpha
+
+    def _add_lora(self, rank: int) -> None:
+        for name, (e, i, o) in self.expert_shapes().items():
+            a = self.add_weight(
+                name=f"{name}_lora_a",
+                shape=(e, i, rank),
+                initializer=keras.initializers.HeUniform(),  # as Dense.enable_lora (and PEFT)
+                dtype="float32",
+            )
+            b = self.add_weight(
+                name=f"{name}_lora_b", shape=(e, rank, o), initializer="zeros", dtype="float32"
+            )
+            setattr(self, f"{name}_lora_a", a)
+            setattr(self, f"{name}_lora_b", b)
+            if self.expert_quantize == "none":
+                getattr(self, name).trainable = False
+
+    def lora_delta(self, name: str, index=None):
+        """`lora_alpha / lora_rank * a @ b` of stack `name` `(E | n, in, out)` float32."""
+        a, b = getattr(self, f"{name}_lora_a"), getattr(self, f"{name}_lora_b")
+        if index is not None:
+            a, b = tf.gather(a, index), tf.gather(b, index)
+        return (self.lora_alpha / self.lora_rank) * ops.matmul(a, b)  # (E, in, out)
+
+    def merge_lora(self) -> None:
+        """Folds the adapters into the float stacks and zeroes them (export, `--to-hf`)."""
+        if self.expert_quantize != "none":
+            raise ValueError("merge_lora: quantized experts keep their adapters separate")
+        for name in self.expert_shapes():
+            w = getattr(self, name)
+            w.assign(ops.cast(ops.cast(w, "float32") + self.lora_delta(name), w.dtype))
+            b = getattr(self, f"{name}_lora_b")
+            b.assign(ops.zeros_like(b))
+
+    def _add_codes(self, name: str, shape, mode: str, group_size: int) -> None:
+        """Adds the non-trainable `{name}_codes` (int8) and `{name}_scale` (float32)."""
+        for suffix, stored in expert_quant.stored_shapes(shape, mode, group_size).items():
+            variable = self.add_weight(
+                name=f"{name}_{suffix}",
+                shape=stored,
+                initializer="zeros" if suffix == "codes" else "ones",
+                dtype="int8" if suffix == "codes" else "float32",
+                trainable=False,
+            )
+            setattr(self, f"{name}_{suffix}", variable)
+
+    def quantize_experts(self, mode: str, group_size: int = -1) -> None:
+        """Replaces the float routed-expert stacks by `mode` (`"int8"` | `"int4"`) codes
+        and scales (`expert_quant`), computed from the current weights."""
+        if self.expert_quantize != "none":
+            raise ValueError(f"the experts are already quantized ({self.expert_quantize})")
+        if not self.built:
+            raise ValueError("quantize_experts: build the layer first (it reads the weights)")
+        for in_dim in (self.d_model, self.moe_hidden_dim):
+            expert_quant.check_group_size(in_dim, group_size, "expert_group_size")
+        self._tracker.unlock()
+        for name, shape in self.expert_shapes().items():
+            codes, scale = expert_quant.quantize(getattr(self, name).numpy(), mode, group_size)
+            delattr(self, name)  # untracks the float variable
+            self._add_codes(name, shape, mode, group_size)
+            getattr(self, f"{name}_codes").assign(codes)
+            getattr(self, f"{name}_scale").assign(scale)
+        self._tracker.lock()
+        self.expert_quantize, self.expert_group_size = mode, group_size
+
+    def expert_stack(self, name: str, index=None):
+        """Routed-expert stack `name` (`"experts_gate"`, ...) in the compute dtype:
+        `(E, in, out)`, or the experts `index` picks `(n, in, out)`. Quantized
+        stacks are gathered as codes and dequantized after the gather."""
+        if self.expert_quantize == "none":
+            w = getattr(self, name)
+            w = w if index is None else tf.gather(w, index)
+        else:
+            codes, scale = getattr(self, f"{name}_codes"), getattr(self, f"{name}_scale")
+            if index is not None:
+                codes, scale = tf.gather(codes, index), tf.gather(scale, index)
+            in_dim = self.expert_shapes()[name][1]
+            w = expert_quant.dequantize(codes, scale, self.expert_quantize, in_dim, "float32")
+        if self.lora_rank:  # adapters on a frozen (possibly quantized) base
+            w = ops.cast(w, "float32") + self.lora_delta(name, index)
+        return ops.cast(w, self.compute_dtype)
