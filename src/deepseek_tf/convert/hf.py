@@ -8,7 +8,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from deepseek_tf.convert.hf_config import (
@@ -18,7 +17,7 @@ from deepseek_tf.convert.hf_config import (
     hf_config_from,
     read_hf_config,
 )
-from deepseek_tf.convert.hf_weights import assign_hf_weights
+from deepseek_tf.convert.hf_weights import NUMPY_DTYPES, assign_hf_weights
 from deepseek_tf.convert.peft_adapter import adapter_tensors, save_peft_adapter
 from deepseek_tf.convert.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -38,7 +37,7 @@ from deepseek_tf.tokenizers.tokenizer_settings import TOKENIZER_CONFIG_FILE
 TOKENIZER_FILE = BPE_FILE  # Hugging Face's tokenizer.json
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+EXPORT_DTYPES = NUMPY_DTYPES  # the dtypes a run's weights and an export can have
 FLOAT32_ONLY = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # as transformers keeps
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable
@@ -78,8 +79,8 @@ class BPETokenizer(Tokenizer):
         token = self.settings.bos_token
         return None if token is None else self._tok.token_to_id(token)
 
-    @property
-    def chat_template(self) -> ChatTemplate:
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate:  # compiled once, not per request
         if self.settings.chat_template is None:
             return super().chat_template
         return ChatTemplate(self.settings.chat_template, f"{TOKENIZER_CONFIG_FILE}: chat_template")
