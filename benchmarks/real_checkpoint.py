@@ -18,8 +18,10 @@ parent (`getrusage`):
 structure (Python, TensorFlow, Keras and deepseek-tf themselves).
 
 Usage:
-    python benchmarks/real_checkpoint.py             # ~25 min on 2 cores, ~15 GB of RAM
+    python benchmarks/real_checkpoint.py             # ~25 min on 2 cores, ~18 GB of RAM
     python benchmarks/real_checkpoint.py --layers 4  # a smaller model, to try it out
+    python benchmarks/real_checkpoint.py --convert-only  # the two conversions (~4 GB, ~3 min);
+                                                     # results/real_checkpoint_convert.json
 """
 
 from __future__ import annotations
@@ -219,10 +221,13 @@ def run_steps(hf: Path, work: Path, args) -> dict:
     steps = {}
     print("[convert] --from-hf", flush=True)
     steps["from_hf"] = measured([*CLI, "convert", "--from-hf", hf, "--out", run])
+    steps["run_bytes"] = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
     print("[convert] --to-hf", flush=True)
     steps["to_hf"] = measured(
         [*CLI, "convert", "--to-hf", run, "--out", back, "--dtype", "bfloat16"]
     )
+    if args.convert_only:
+        return steps
     print("[generate] cold start and decode", flush=True)
     steps["generate"] = measured([sys.executable, "-c", DECODE, run, args.decode_tokens])
     fine_tune = [
@@ -242,7 +247,6 @@ def run_steps(hf: Path, work: Path, args) -> dict:
     steps["int8"] = measured([sys.executable, "-c", QUANTIZE, run, q])
     print("[serve] one chat request", flush=True)
     steps["chat"] = chat_once(run, args.port)
-    steps["run_bytes"] = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
     return steps
 
 
@@ -257,8 +261,12 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--port", type=int, default=8471)
     parser.add_argument("--keep", help="keep the checkpoints and runs in this directory")
-    parser.add_argument("--out", default=bc.default_out(NAME))
+    parser.add_argument("--convert-only", action="store_true", help="only the two conversions")
+    parser.add_argument(
+        "--out", help=f"default {bc.default_out(NAME)} (_convert with --convert-only)"
+    )
     args = parser.parse_args()
+    args.out = args.out or bc.default_out(NAME + ("_convert" if args.convert_only else ""))
     info = bc.machine_info(("tensorflow", "keras", "transformers", "torch"))
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-real-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -298,6 +306,33 @@ def report(info, args, tiny, made, footprint, steps) -> None:
         verdict = f"<= {bound:,.0f} MiB: {'yes' if peak <= bound else 'NO'}"
         label = f"convert --{key.replace('_', '-')}"
         rows.append([label, f"{steps[key]['seconds']:.1f} s", f"{peak:,.0f} MiB", verdict])
+    if not args.convert_only:
+        rows += usage_rows(args, steps)
+    bc.print_machine(info)
+    print(
+        f"model: {made['parameters']:,} parameters, {weights_mib:,.0f} MiB of bf16 "
+        f"safetensors; converted run {steps['run_bytes'] / MIB:,.0f} MiB"
+    )
+    bc.print_table(["step", "time / speed", "peak RSS", "notes"], rows)
+    for step in steps.values():
+        if isinstance(step, dict) and step.get("code", 0) == 0:
+            step.pop("out", None)
+    quant = steps.pop("quantize", {})
+    result = {
+        "machine": info,
+        "args": vars(args),
+        "model": made,
+        "tiny": tiny,
+        "footprint": footprint,
+        "steps": steps,
+        "quantize": quant,
+    }
+    print(f"results -> {bc.write_json(args.out, result)}")
+
+
+def usage_rows(args, steps) -> list:
+    """The rows after the conversions: decode, fine-tuning, int8, serve."""
+    rows = []
     gen = (
         json.loads(steps["generate"]["out"].splitlines()[-1])
         if steps["generate"]["code"] == 0
@@ -341,26 +376,8 @@ def report(info, args, tiny, made, footprint, steps) -> None:
     note = f"ready after {_fmt(chat.get('server_ready_s'), '.0f')} s, "
     note += f"{chat.get('completion_tokens')} tokens, {chat.get('finish_reason')}"
     rows.append(["serve: one chat request", f"{_fmt(chat.get('request_s'), '.1f')} s", "-", note])
-    bc.print_machine(info)
-    run_mib = steps["run_bytes"] / MIB
-    print(
-        f"model: {made['parameters']:,} parameters, {weights_mib:,.0f} MiB of bf16 "
-        f"safetensors; converted run {run_mib:,.0f} MiB"
-    )
-    bc.print_table(["step", "time / speed", "peak RSS", "notes"], rows)
-    for step in steps.values():
-        if isinstance(step, dict) and step.get("code", 0) == 0:
-            step.pop("out", None)
-    result = {
-        "machine": info,
-        "args": vars(args),
-        "model": made,
-        "tiny": tiny,
-        "footprint": footprint,
-        "steps": steps,
-        "quantize": quant,
-    }
-    print(f"results -> {bc.write_json(args.out, result)}")
+    steps["quantize"] = quant
+    return rows
 
 
 if __name__ == "__main__":

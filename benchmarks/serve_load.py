@@ -1,20 +1,23 @@
-"""HTTP serving under load: `deepseek-tf serve`'s dynamic batching on against off.
+"""HTTP serving under load: continuous against dynamic batching, and the prefix cache.
 
-The server runs in a child process on 127.0.0.1 (a free port) with the
-shakespeare-char model shape (4 layers, width 128, vocabulary 65, context 128)
-and random weights, no tokenizer (token-id prompts). Its decoder is warmed up
-for every batch size first (XLA compilation is not timed). Then `--concurrency`
-client threads send `--requests` streaming `/v1/completions` requests in all,
-each a random 16-31 token prompt and `--max-new-tokens` greedy new tokens (no
-stop token, so every request generates them all). Reported: requests/s,
-generated tokens/s, p50/p99 latency (request to `[DONE]`) and time to first
-token (request to the first chunk carrying text), failed requests. The same
-load runs again against a server started with `--no-batching`; the ratio is
-batched over unbatched.
+Each server runs in a child process on 127.0.0.1 (a free port) with the shakespeare-char
+model shape (vocabulary 65, context 128) and random weights, no tokenizer (token-id
+prompts), and reports its port once it is ready (`/health` 200: shapes compiled). Then:
+
+1. first request: one 16-token completion right after ready (no compilation may be left);
+2. capacity: 16 closed-loop clients, `--requests` requests, on the continuous server;
+3. Poisson arrivals at 0.5x, 0.8x and 1.1x that capacity, at most 16 requests in flight
+   (16 clients), against the continuous server and the dynamic one (`--batching
+   dynamic`, today's scheduler before this one). Each request: a random 16-31 token
+   prompt, `--max-new-tokens` greedy tokens, streamed. Reported: generated tokens/s,
+   time to first token and inter-token latency (p50/p99; ITL is the gap between chunks
+   spread over the tokens they carry), failures;
+4. prefix cache: a server with a 1,024-token context; `--prefix-pairs` pairs of requests
+   sharing a 512-token prefix: TTFT of the first (cold) and the second (warm).
 
 Usage:
-    python benchmarks/serve_load.py                       # 16 clients, 200 requests x 64
-    python benchmarks/serve_load.py --requests 48 --max-new-tokens 32   # quicker
+    python benchmarks/serve_load.py              # ~5 min on 2 cores
+    python benchmarks/serve_load.py --requests 96 --max-new-tokens 32   # quicker
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ NAME = "serve_load"
 PRESET = "shakespeare-char"
 VOCAB = 65
 MAX_SEQ_LEN = 128
+CLIENTS = 16
 
 
 def serve_child(args) -> None:
-    """The server process: build the model, warm the decoder up, serve."""
+    """The server process: build the model, wait until ready, print the port, serve."""
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -46,181 +50,207 @@ def serve_child(args) -> None:
     from deepseek_tf.models.builder import build_model
     from deepseek_tf.serving.server import ServingApp, make_server
 
-    cfg = load_config(PRESET, overrides=[f"model.max_seq_len={MAX_SEQ_LEN}"])
+    cfg = load_config(PRESET, overrides=[f"model.max_seq_len={args.max_seq_len}"])
     model = build_model(cfg, vocab_size=VOCAB, seed=0)
-    app = ServingApp(model, None, "bench", max_batch=args.max_batch, chunk=args.chunk)
-    size = 1
-    while size <= args.max_batch:  # compile every batch bucket the load can produce
-        state = app.batcher.decoder.start([Row(list(range(1, 17)), args.max_new_tokens)] * size)
-        while not state.finished:
-            state.step()
-        size *= 2
+    app = ServingApp(model, None, "bench", max_batch=args.max_batch, batching=args.batching)
     server = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    if args.batching == "dynamic":  # compile every batch bucket the load can produce
+        size = 1
+        while size <= args.max_batch:
+            state = app.batcher.decoder.start([Row(list(range(1, 17)), args.max_new_tokens)] * size)
+            while not state.finished:
+                state.step(app.batcher.chunk)
+            size *= 2
+    app.batcher.ready.wait() if hasattr(app.batcher, "ready") else None
     print(f"PORT {server.server_port}", flush=True)
-    server.serve_forever()
+    threading.Event().wait()
 
 
-def one_request(port: int, prompt: list[int], max_new: int) -> dict:
-    body = json.dumps(
-        {
-            "model": "bench",
-            "prompt": prompt,
-            "max_tokens": max_new,
-            "temperature": 0,
-            "stream": True,
-        }
-    ).encode()
+def one_request(port: int, prompt: list[int], max_new: int, stream: bool = True) -> dict:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_new, "temperature": 0}
     start = time.perf_counter()
-    first = None
+    first, arrivals = None, []  # (time, tokens) of each chunk carrying text
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     try:
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        data = json.dumps({**body, "stream": stream}).encode()
+        conn.request("POST", "/v1/completions", data, {"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
             return {"ok": False, "status": resp.status}
+        if not stream:
+            tokens = len(json.load(resp)["choices"][0]["text"].split())
+            return {"ok": tokens == max_new, "latency": time.perf_counter() - start}
         tokens, done = 0, False
         for raw in resp:
             line = raw.decode().strip()
             if not line.startswith("data: "):
                 continue
-            data = line[6:]
-            if data == "[DONE]":
+            if line[6:] == "[DONE]":
                 done = True
                 break
-            chunk = json.loads(data)
+            chunk = json.loads(line[6:])
             text = chunk["choices"][0]["text"] if chunk["choices"] else ""
-            if text and first is None:
-                first = time.perf_counter() - start
-            tokens += len(text.split())  # no tokenizer: the text is " id id ..."
-        return {
-            "ok": done and tokens == max_new,
-            "latency": time.perf_counter() - start,
-            "ttft": first,
-            "tokens": tokens,
-        }
+            n = len(text.split())  # no tokenizer: the text is " id id ..."
+            if n:
+                arrivals.append((time.perf_counter(), n))
+                first = first or arrivals[0][0] - start
+            tokens += n
+        itl = []
+        for (t0, _), (t1, n) in zip(arrivals, arrivals[1:]):
+            itl += [(t1 - t0) / n] * n
+        return {"ok": done and tokens == max_new, "latency": time.perf_counter() - start,
+                "ttft": first, "tokens": tokens, "itl": itl}  # fmt: skip
     except OSError as e:
         return {"ok": False, "error": repr(e)}
     finally:
         conn.close()
 
 
-def run_load(args, batching: bool) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--serve-child",
-        "--chunk",
-        str(args.chunk),
-        "--max-new-tokens",
-        str(args.max_new_tokens),
-        "--max-batch",
-        str(args.concurrency if batching else 1),
-    ]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        port = None
-        for line in child.stdout:
-            if line.startswith("PORT "):
-                port = int(line.split()[1])
-                break
-        if port is None:
+class Server:
+    """A server child process (context manager)."""
+
+    def __init__(self, args, batching: str, max_seq_len: int = MAX_SEQ_LEN):
+        cmd = [sys.executable, __file__, "--serve-child", "--batching", batching,
+               "--max-new-tokens", str(args.max_new_tokens), "--max-batch", str(CLIENTS),
+               "--max-seq-len", str(max_seq_len)]  # fmt: skip
+        self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        began = time.perf_counter()
+        self.port = next((int(x.split()[1]) for x in self.child.stdout if x.startswith("PORT")), 0)
+        if not self.port:
             raise RuntimeError("the server child exited before serving")
-        rng = random.Random(0)
-        prompts = [
-            [rng.randrange(VOCAB) for _ in range(rng.randrange(16, 32))]
-            for _ in range(args.requests)
-        ]
-        results, lock, cursor = [], threading.Lock(), iter(prompts)
+        self.startup_s = time.perf_counter() - began
 
-        def client():
-            while True:
-                with lock:
-                    prompt = next(cursor, None)
-                if prompt is None:
-                    return
-                r = one_request(port, prompt, args.max_new_tokens)
-                with lock:
-                    results.append(r)
+    def __enter__(self):
+        return self
 
-        threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-    finally:
-        child.terminate()
-        child.wait(timeout=30)
+    def __exit__(self, *exc):
+        self.child.terminate()
+        self.child.wait(timeout=30)
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+def summarise(results, wall: float) -> dict:
     ok = [r for r in results if r["ok"]]
-    lat = sorted(r["latency"] for r in ok)
-    ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
-
-    def pct(values, q):
-        return values[min(len(values) - 1, int(q * len(values)))] if values else None
-
     return {
-        "batching": batching,
         "requests": len(results),
         "failed": len(results) - len(ok),
         "wall_s": wall,
-        "requests_per_s": len(ok) / wall,
         "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
-        "latency_p50_s": pct(lat, 0.5),
-        "latency_p99_s": pct(lat, 0.99),
-        "ttft_p50_s": pct(ttft, 0.5),
-        "ttft_p99_s": pct(ttft, 0.99),
-        "failures": [r for r in results if not r["ok"]][:5],
+        "ttft_p50_s": pct([r["ttft"] for r in ok], 0.5),
+        "ttft_p99_s": pct([r["ttft"] for r in ok], 0.99),
+        "itl_p50_s": pct([g for r in ok for g in r["itl"]], 0.5),
+        "itl_p99_s": pct([g for r in ok for g in r["itl"]], 0.99),
+        "failures": [r for r in results if not r["ok"]][:3],
     }
+
+
+def run_load(port: int, args, rate: float | None, seed: int = 0) -> dict:
+    """`args.requests` requests: back to back from 16 clients (rate None), or arriving as
+    a Poisson process of `rate` per second with at most 16 in flight."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randrange(16, 32))]
+               for _ in range(args.requests)]  # fmt: skip
+    offsets, t = [], 0.0
+    for _ in prompts:
+        offsets.append(t)
+        t += rng.expovariate(rate) if rate else 0.0
+    results, lock, cursor = [], threading.Lock(), iter(zip(offsets, prompts))
+    start = time.perf_counter()
+
+    def client():
+        while True:
+            with lock:
+                item = next(cursor, None)
+            if item is None:
+                return
+            time.sleep(max(0.0, start + item[0] - time.perf_counter()))
+            r = one_request(port, item[1], args.max_new_tokens)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"rate": rate, **summarise(results, time.perf_counter() - start)}
+
+
+def prefix_pairs(args) -> dict:
+    """TTFT of requests sharing a 512-token prefix: the first (cold), then another."""
+    rng = random.Random(1)
+    cold, warm = [], []
+    with Server(args, "continuous", max_seq_len=1024) as server:
+        for _ in range(args.prefix_pairs):
+            prefix = [rng.randrange(VOCAB) for _ in range(512)]
+            for times in (cold, warm):
+                tail = [rng.randrange(VOCAB) for _ in range(8)]
+                times.append(one_request(server.port, prefix + tail, 8)["ttft"])
+    return {"cold_ttft_p50_s": bc.median(cold), "warm_ttft_p50_s": bc.median(warm),
+            "speedup": bc.ratio(bc.median(cold), bc.median(warm)), "pairs": len(cold)}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=8, help="server tokens per decode chunk")
-    parser.add_argument("--max-batch", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--prefix-pairs", type=int, default=5)
+    parser.add_argument("--batching", default="continuous", help=argparse.SUPPRESS)
+    parser.add_argument("--max-batch", type=int, default=CLIENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--max-seq-len", type=int, default=MAX_SEQ_LEN, help=argparse.SUPPRESS)
     parser.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--skip-unbatched", action="store_true")
     parser.add_argument("--out", default=bc.default_out(NAME), help="result JSON path")
     args = parser.parse_args()
     if args.serve_child:
         return serve_child(args)
     if args.max_new_tokens + 31 > MAX_SEQ_LEN:
         parser.error(f"--max-new-tokens must be <= {MAX_SEQ_LEN - 31}")
-    result = {
-        "benchmark": NAME,
-        "machine": bc.machine_info(["tensorflow", "keras"]),
-        "settings": {
-            k: getattr(args, k) for k in ("requests", "concurrency", "max_new_tokens", "chunk")
-        },
-        "runs": [run_load(args, batching=True)],
-    }
-    if not args.skip_unbatched:
-        result["runs"].append(run_load(args, batching=False))
-        on, off = result["runs"]
-        result["throughput_ratio"] = bc.ratio(on["tokens_per_s"], off["tokens_per_s"])
-    rows = [
-        [
-            "batching" if r["batching"] else "no batching",
-            str(r["requests"]),
-            str(r["failed"]),
-            bc.fmt(r["requests_per_s"], ".2f"),
-            bc.fmt(r["tokens_per_s"], ".0f"),
-            bc.fmt(r["latency_p50_s"], ".2f"),
-            bc.fmt(r["latency_p99_s"], ".2f"),
-            bc.fmt(r["ttft_p50_s"], ".3f"),
-            bc.fmt(r["ttft_p99_s"], ".3f"),
-        ]
-        for r in result["runs"]
-    ]
-    bc.print_table(
-        ["", "requests", "failed", "req/s", "tok/s", "p50 s", "p99 s", "ttft p50", "ttft p99"],
-        rows,
+    result = {"benchmark": NAME, "machine": bc.machine_info(["tensorflow", "keras"]),
+              "settings": {"requests": args.requests, "max_new_tokens": args.max_new_tokens,
+                           "clients": CLIENTS}, "runs": []}  # fmt: skip
+    servers = {b: Server(args, b) for b in ("continuous", "dynamic")}
+    try:
+        for batching, server in servers.items():
+            first = one_request(server.port, list(range(1, 17)), 16, stream=False)
+            result[f"{batching}_first_request_s"] = first.get("latency")
+            result[f"{batching}_startup_s"] = server.startup_s
+        capacity = run_load(servers["continuous"].port, args, None)
+        rps = capacity["requests"] / capacity["wall_s"]
+        result["capacity"] = {"requests_per_s": rps, **capacity}
+        for share in (0.5, 0.8, 1.1):
+            for batching, server in servers.items():
+                run = run_load(server.port, args, share * rps, seed=int(share * 10))
+                result["runs"].append({"batching": batching, "load": share, **run})
+    finally:
+        for server in servers.values():
+            server.__exit__()
+    result["prefix_cache"] = prefix_pairs(args)
+    rows = [[r["batching"], f"{r['load']:.1f}x ({r['rate']:.1f}/s)", str(r["failed"]),
+             bc.fmt(r["tokens_per_s"], ".0f"), bc.fmt(r["ttft_p50_s"], ".3f"),
+             bc.fmt(r["ttft_p99_s"], ".3f"), bc.fmt(r["itl_p50_s"] * 1e3, ".1f"),
+             bc.fmt(r["itl_p99_s"] * 1e3, ".1f")] for r in result["runs"]]  # fmt: skip
+    bc.print_table(["server", "arrivals", "failed", "tok/s", "TTFT p50", "TTFT p99",
+                    "ITL p50 ms", "ITL p99 ms"], rows)  # fmt: skip
+    runs = {(r["batching"], r["load"]): r for r in result["runs"]}
+    for share in (0.5, 0.8, 1.1):
+        on, off = runs[("continuous", share)], runs[("dynamic", share)]
+        ratio = bc.ratio(on["tokens_per_s"], off["tokens_per_s"])
+        result[f"throughput_ratio_{share}"] = ratio
+        spread = bc.ratio(on["ttft_p99_s"], on["ttft_p50_s"])
+        print(f"{share}x capacity: continuous / dynamic throughput {bc.fmt(ratio, '.2f')}x, "
+              f"continuous TTFT p99 / p50 {bc.fmt(spread, '.2f')}")  # fmt: skip
+    firsts = [f"{b} {bc.fmt(result[f'{b}_first_request_s'] * 1e3, '.0f')} ms" for b in servers]
+    print("first request after ready: " + ", ".join(firsts))
+    p = result["prefix_cache"]
+    print(
+        f"512-token shared prefix: TTFT cold {bc.fmt(p['cold_ttft_p50_s'] * 1e3, '.0f')} ms, "
+        f"warm {bc.fmt(p['warm_ttft_p50_s'] * 1e3, '.0f')} ms ({bc.fmt(p['speedup'], '.1f')}x)"
     )
-    if "throughput_ratio" in result:
-        print(f"batched / unbatched throughput: {bc.fmt(result['throughput_ratio'], '.2f')}x")
     print(f"wrote {bc.write_json(args.out, result)}")
 
 

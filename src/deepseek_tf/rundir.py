@@ -17,18 +17,26 @@ Every file is written atomically (a temporary file in the same directory, then
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+# The checkpoint's object graph (its file format, which TensorFlow exports no reader for).
+from tensorflow.core.protobuf.trackable_object_graph_pb2 import TrackableObjectGraph
 
 from deepseek_tf.config.loader import config_from_yaml, config_to_yaml, read_text_file
 from deepseek_tf.config.schema import Config
 from deepseek_tf.errors import RunDirError
 from deepseek_tf.models.builder import build_model
 from deepseek_tf.tokenizers import load_tokenizer
-from deepseek_tf.training.checkpoint import RunCheckpoint, checkpoints_on_disk
+from deepseek_tf.training.checkpoint import RunCheckpoint, checkpoints_on_disk, unreadable_reason
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -36,6 +44,7 @@ HISTORY_FILE = "compression.json"
 CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
 HF_SOURCE_CONFIG = "hf_config.json"
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"  # where tf.train.Checkpoint keeps its graph
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -205,8 +214,11 @@ class RunDir:
         """
         config = config or self.read_config()
         tokenizer = self.read_tokenizer(required=False)
-        model = build_model(config)  # the config's vocab_size (may exceed the tokenizer's)
-        self.checkpoint(model).restore(weights_only=True)
+        with initializers_skipped() as skipped:  # the checkpoint overwrites every weight
+            model = build_model(config)  # the config's vocab_size (may exceed the tokenizer's)
+        checkpoint = self.checkpoint(model)
+        restore_weights(checkpoint)
+        skipped.run_except(model, _variables(checkpoint.checkpoint))
         return model, tokenizer
 
     def write_weights_run(self, config: Config, tokenizer, model, history=None) -> None:
@@ -220,3 +232,166 @@ class RunDir:
         if history is not None:
             self.write_history(history)
         self.write_config(config)
+
+
+# -- loading weights without a second copy of the model ---------------------------------------
+# TensorFlow's CPU allocator (oneDNN's, the default) keeps every page it ever used: a process's
+# peak RSS is the most tensor memory it ever held at once. So weights are loaded into variables
+# that never held random values (an initialiser's float32 temporaries of the largest weights
+# would stay resident), one variable at a time (`Checkpoint.restore` reads every tensor with
+# one RestoreV2 before assigning any: the model twice).
+
+_SKIPPING = threading.local()
+_PATCH_LOCK = threading.Lock()
+_PATCH: dict = {"users": 0}
+_INIT = "_initialize_with_initializer"
+
+
+class SkippedInitializers:
+    """The Keras variables created zero-filled under `initializers_skipped`, with the
+    initialisers they did not run."""
+
+    def __init__(self):
+        self.pending: list = []
+
+    def run_except(self, model, loaded) -> int:
+        """Runs the skipped initialiser of each of `model`'s variables not in `loaded` (the
+        ones something overwrote); returns how many ran."""
+        done, live = {id(v) for v in loaded}, {id(v) for v in model.variables}
+        rest = [(v, f) for v, f in self.pending if id(v) in live and id(v) not in done]
+        for variable, initializer in rest:
+            variable.assign(initializer(tuple(variable.shape), dtype=variable.dtype))
+        self.pending = []
+        return len(rest)
+
+
+def _empty(shape, dtype):
+    return tf.raw_ops.Empty(shape=shape, dtype=tf.as_dtype(dtype), init=False)
+
+
+def _zero_filled(self, initializer):
+    skipped = getattr(_SKIPPING, "current", None)
+    if skipped is not None and isinstance(initializer, keras.initializers.Initializer):
+        skipped.pending.append((self, initializer))
+        initializer = _empty
+    _PATCH["original"](self, initializer)
+
+
+@contextlib.contextmanager
+def initializers_skipped():
+    """Keras variables created inside (in this thread) are zero-filled instead of running
+    their initialisers (`keras.initializers.Initializer`s; seed-generator states and the
+    like are initialised as usual), for weights about to be overwritten. Yields a
+    `SkippedInitializers` that runs the skipped ones later where nothing was loaded.
+
+    Keras has no public hook for this: the backend `Variable._initialize_with_initializer`
+    (Keras 3) is wrapped while a block is open; without it variables are initialised
+    as usual.
+    """
+    with _PATCH_LOCK:
+        if _PATCH["users"] == 0 and hasattr(keras.Variable, _INIT):
+            _PATCH.update(
+                saved=vars(keras.Variable).get(_INIT), original=getattr(keras.Variable, _INIT)
+            )
+            setattr(keras.Variable, _INIT, _zero_filled)
+        _PATCH["users"] += 1
+    skipped, outer = SkippedInitializers(), getattr(_SKIPPING, "current", None)
+    _SKIPPING.current = skipped
+    try:
+        yield skipped
+    finally:
+        _SKIPPING.current = outer
+        with _PATCH_LOCK:
+            _PATCH["users"] -= 1
+            if _PATCH["users"] == 0 and _PATCH.pop("original", None) is not None:
+                saved = _PATCH.pop("saved")
+                setattr(keras.Variable, _INIT, saved) if saved else delattr(keras.Variable, _INIT)
+
+
+class _Mismatch(Exception):
+    """The checkpoint reads but does not fit the model."""
+
+
+def _is_variable(obj) -> bool:
+    return isinstance(obj, (tf.Variable, keras.Variable))
+
+
+def _variables(root) -> list:
+    """The variables of `root`'s object graph (what a `tf.train.Checkpoint` saves)."""
+    return [o for o in tf.train.TrackableView(root).descendants() if _is_variable(o)]
+
+
+def _name(variable) -> str:
+    return getattr(variable, "path", None) or variable.name
+
+
+def _restore_plan(root, prefix: str) -> list | None:
+    """`[(variable, checkpoint key, dtype)]` for every variable of `root` (a
+    `tf.train.Checkpoint`), matched through the checkpoint's object graph as
+    `Checkpoint.restore` matches them; None when the graph holds state other than
+    variables (then TensorFlow restores it).
+
+    Raises:
+        _Mismatch: a variable is missing from the checkpoint or differs in shape or dtype.
+    """
+    reader = tf.train.load_checkpoint(prefix)
+    graph = TrackableObjectGraph.FromString(reader.get_tensor(OBJECT_GRAPH_KEY))
+    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    plan, bound = [], set()
+    for node_id, obj in tf.train.CheckpointView(prefix).match(root).items():
+        attributes = graph.nodes[node_id].attributes
+        if not attributes:
+            continue
+        if not _is_variable(obj) or [a.name for a in attributes] != ["VARIABLE_VALUE"]:
+            return None
+        key = attributes[0].checkpoint_key
+        have = (dtypes[key].name, tuple(shapes[key]))
+        want = (tf.as_dtype(obj.dtype).name, tuple(obj.shape))
+        if have != want:
+            raise _Mismatch(f"{_name(obj)}: {have[0]}{list(have[1])} in the checkpoint, "
+                            f"{want[0]}{list(want[1])} in the model")  # fmt: skip
+        plan.append((obj, key, dtypes[key]))
+        bound.add(id(obj))
+    missing = [_name(v) for v in _variables(root) if id(v) not in bound]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise _Mismatch(f"{missing[0]}: not in the checkpoint{more}")
+    return plan
+
+
+def restore_weights(checkpoint: RunCheckpoint) -> int:
+    """`checkpoint.restore(weights_only=True)` one variable at a time: the newest
+    checkpoint that reads back (a corrupt one is named and skipped, as there), each
+    variable read with its own RestoreV2 and assigned before the next is read. Returns
+    the checkpoint's step.
+
+    Raises:
+        RunDirError: no checkpoint, none readable, or one that does not fit the model.
+    """
+    candidates = checkpoint.candidates()
+    if not candidates:
+        raise RunDirError(f"{checkpoint.directory}: no checkpoint to restore")
+    skipped, checkpoint.unreadable = [], []
+    for prefix in candidates:
+        try:
+            plan = _restore_plan(checkpoint.checkpoint, prefix)
+            for variable, key, dtype in plan or ():
+                args = {"tensor_names": [key], "shape_and_slices": [""], "dtypes": [dtype]}
+                variable.assign(tf.raw_ops.RestoreV2(prefix=prefix, **args)[0])
+        except Exception as e:  # noqa: BLE001 - told apart below, as RunCheckpoint.restore does
+            reason = unreadable_reason(prefix)
+            if reason is None:
+                line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise RunDirError(
+                    f"{prefix}: checkpoint does not match the model ({line})"
+                ) from None
+            skipped.append(reason)
+            checkpoint.unreadable.append(prefix)
+            older = candidates[len(skipped)] if len(skipped) < len(candidates) else None
+            after = f"; falling back to {Path(older).name}" if older else ""
+            checkpoint.log(f"[checkpoint] {reason}{after}")
+            continue
+        if plan is None:  # state other than variables: TensorFlow's restore
+            return checkpoint.restore(weights_only=True)
+        return int(checkpoint.step.numpy())
+    raise RunDirError(f"{checkpoint.directory}: no readable checkpoint ({'; '.join(skipped)})")

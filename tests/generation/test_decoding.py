@@ -7,7 +7,7 @@ from deepseek_tf.generation.decoding import (
     Row,
     cache_length,
     pad_batch,
-    prefill_length,
+    prefill_chunks,
 )
 from deepseek_tf.generation.generate import Generator
 
@@ -27,7 +27,8 @@ def run(decoder, rows, chunk=5):
 
 
 def test_layout_rules():
-    assert [prefill_length(n) for n in (1, 2, 3, 7, 8, 9, 300)] == [1, 2, 2, 4, 8, 8, 256]
+    assert [prefill_chunks(n) for n in (1, 2, 3, 8, 13)] == [[1], [2], [2, 1], [8], [8, 4, 1]]
+    assert all(sum(prefill_chunks(n)) == n for n in range(1, 600))
     assert [pad_batch(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     assert (cache_length(1, 48), cache_length(65, 500), cache_length(65, 100)) == (48, 128, 100)
 

@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 
 from deepseek_tf.cli.main import build_parser
@@ -30,8 +32,18 @@ def test_serve_subprocess(serve_run):
         line = proc.stdout.readline()
         assert line.startswith("serving tiny on http://127.0.0.1:"), line
         url = line.split(" on ")[1].strip()
-        with urllib.request.urlopen(url + "/health", timeout=30) as resp:
-            assert json.load(resp)["status"] == "ok"
+        statuses = []  # /health: 503 "loading" while the shapes compile, then 200 "ok"
+        deadline = time.monotonic() + 300
+        while not statuses or statuses[-1] != (200, "ok"):
+            assert time.monotonic() < deadline, statuses[-3:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=30) as resp:
+                    statuses.append((resp.status, json.load(resp)["status"]))
+            except urllib.error.HTTPError as e:
+                statuses.append((e.code, json.load(e)["status"]))
+            time.sleep(0.05)
+        assert statuses[0] == (503, "loading") and set(statuses) == {(503, "loading"), (200, "ok")}
+        assert "ready" in proc.stdout.readline()
         req = urllib.request.Request(
             url + "/v1/completions",
             data=json.dumps({"prompt": "Th", "max_tokens": 3}).encode(),

@@ -35,6 +35,17 @@ def add_parser(subparsers) -> None:
         help="after the text, one line per generated token: its text, the entropy (nats) of "
         "the distribution it was drawn from, its log-probability, and ! above 2 nats",
     )
+    parser.add_argument(
+        "--speculative",
+        choices=["mtp"],
+        help="speculative decoding: the model's MTP modules draft tokens that one pass of "
+        "the model verifies (same greedy output; sampling keeps its distribution)",
+    )
+    parser.add_argument(
+        "--draft-tokens",
+        type=int,
+        help="with --speculative: tokens drafted per round (default: one per MTP module)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -53,10 +64,13 @@ def sample_text(
     stop=(),
     details=False,
     chat=False,
+    speculative=None,
+    draft_tokens=None,
 ) -> list:
     """The prompts' continuations: texts, or with `details` `(text, [(token text, entropy,
     logprob), ...])` per prompt. With `chat` each prompt is one user message rendered by
-    the run's chat template, and the texts are the replies alone."""
+    the run's chat template, and the texts are the replies alone. `speculative="mtp"`
+    decodes speculatively with `draft_tokens` drafts per round (see `Generator`)."""
     from deepseek_tf.api import load
     from deepseek_tf.errors import InputError
     from deepseek_tf.generation.generate import Generator
@@ -64,6 +78,9 @@ def sample_text(
     model, tokenizer = load(run_dir)
     if tokenizer is None:
         raise InputError(f"{run_dir} has no tokenizer; generate from token ids with the Python API")
+    generator = Generator(
+        model, vocab_limit=tokenizer.vocab_size, speculative=speculative, draft_tokens=draft_tokens
+    )
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     stop_ids = []
     for text in stop:
@@ -78,7 +95,7 @@ def sample_text(
         prompts = ["" for _ in prompts]  # print the replies alone
     else:
         encoded = [tokenizer.encode_prompt(p) for p in prompts]
-    new = Generator(model, vocab_limit=tokenizer.vocab_size).generate(
+    new = generator.generate(
         encoded,
         max_new_tokens,
         temperature=temperature,
@@ -121,6 +138,12 @@ def check_options(args) -> None:
             f"--max-new-tokens: must be between 0 and {MAX_NEW_TOKENS:,} (past the context a "
             f"sliding window continues), got {args.max_new_tokens}"
         )
+    if args.draft_tokens is not None and not args.speculative:
+        raise InputError("--draft-tokens needs --speculative mtp")
+    if args.draft_tokens is not None and args.draft_tokens < 1:
+        raise InputError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    if args.speculative and args.show_uncertainty:
+        raise InputError("--show-uncertainty is not available with --speculative")
 
 
 def run(args) -> int:
@@ -136,6 +159,8 @@ def run(args) -> int:
         stop=args.stop,
         details=args.show_uncertainty,
         chat=args.chat,
+        speculative=args.speculative,
+        draft_tokens=args.draft_tokens,
     )
     for i, text in enumerate(texts):
         if len(texts) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 
@@ -10,7 +11,10 @@ def add_parser(subparsers) -> None:
         "serve",
         help="serve a run over HTTP (OpenAI completions/chat, TF-Serving predict)",
         description="Serves RUN_DIR: POST /v1/completions, /v1/chat/completions, "
-        "/v1/models/NAME:predict; GET /v1/models, /health. Binds 127.0.0.1 by default.",
+        "/v1/models/NAME:predict; GET /v1/models, /health, /metrics and a chat page at /. "
+        "Binds 127.0.0.1 by default. Requests join the running batch between decode steps "
+        "(continuous batching); /health answers 503 until the shapes are compiled.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("run_dir")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
@@ -21,10 +25,30 @@ def add_parser(subparsers) -> None:
         help="require 'Authorization: Bearer KEY' (default: $DEEPSEEK_TF_API_KEY, else none)",
     )
     parser.add_argument("--model-name", help="the served model id (default: the run's name)")
-    parser.add_argument("--max-batch", type=int, default=16, help="most requests per batch")
+    parser.add_argument("--max-batch", type=int, default=16, help="most requests decoded at once")
     parser.add_argument("--no-batching", action="store_true", help="decode one request at a time")
-    parser.add_argument("--batch-window-ms", type=float, default=5.0)
-    parser.add_argument("--chunk", type=int, default=8, help="tokens decoded between checks")
+    parser.add_argument(
+        "--batching",
+        choices=("continuous", "dynamic"),
+        default="continuous",
+        help="continuous: requests join and leave between steps; dynamic: a batch runs to "
+        "its end (the older scheduler, kept for comparison)",
+    )
+    parser.add_argument(
+        "--step-ms", type=float, default=20.0, help="continuous: target time of one decode call"
+    )
+    parser.add_argument(
+        "--stream-interval", type=int, default=4, help="continuous: most tokens per call "
+        "while a request streams (1: every token as it is decoded, at some throughput)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prefix-cache-mb", type=float, default=256, help="continuous: prefix cache (0: off)"
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, help="seconds a generation may take (default: no limit)"
+    )
+    parser.add_argument("--batch-window-ms", type=float, default=5.0, help="dynamic batching")
+    parser.add_argument("--chunk", type=int, default=8, help="dynamic: tokens between checks")
     parser.add_argument("--max-tokens", type=int, help="largest max_tokens (default: context)")
     parser.add_argument("--max-prompt-tokens", type=int, help="default: the context")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
@@ -39,6 +63,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     import logging
+    import threading
+    import time
     from pathlib import Path
 
     from deepseek_tf.api import load
@@ -55,6 +81,11 @@ def run(args) -> int:
         args.model_name or Path(args.run_dir).resolve().name,
         api_key=args.api_key,
         max_batch=1 if args.no_batching else args.max_batch,
+        batching=args.batching,
+        step_ms=args.step_ms,
+        stream_interval=args.stream_interval,
+        prefix_cache_mb=args.prefix_cache_mb,
+        request_timeout=args.request_timeout,
         window_s=args.batch_window_ms / 1000,
         chunk=args.chunk,
         max_tokens=args.max_tokens,
@@ -64,7 +95,18 @@ def run(args) -> int:
         max_connections=args.max_connections,
     )
     server = make_server(app, args.host, args.port)
-    print(f"serving {app.model_name} on http://{args.host}:{server.server_port}", flush=True)
+    url = f"http://{args.host}:{server.server_port}"
+    print(f"serving {app.model_name} on {url}", flush=True)
+
+    def announce():
+        began = time.perf_counter()
+        app.batcher.ready.wait()
+        seconds = time.perf_counter() - began
+        print(f"ready after {seconds:.1f} s (shapes compiled): chat page {url}/ ; "
+              f"OpenAI clients: base_url='{url}/v1'", flush=True)  # fmt: skip
+
+    if hasattr(app.batcher, "ready"):
+        threading.Thread(target=announce, daemon=True).start()
     try:
         server.serve_forever()
     finally:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from deepseek_tf.convert.hf_config import (
     HF_CONFIG_FILE,
@@ -30,7 +31,7 @@ from deepseek_tf.errors import ConfigError, RunDirError
 from deepseek_tf.models.builder import build_model
 from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.models.lora import merge_lora
-from deepseek_tf.rundir import HF_SOURCE_CONFIG, RunDir
+from deepseek_tf.rundir import HF_SOURCE_CONFIG, RunDir, initializers_skipped
 from deepseek_tf.tokenizers import BPE_FILE, BPETokenizer
 from deepseek_tf.tokenizers.tokenizer_settings import TOKENIZER_CONFIG_FILE
 
@@ -140,8 +141,10 @@ def convert_from_hf(
         config = dataclasses.replace(config, model=dataclasses.replace(m, mtp_depth=0))
     tokenizer = load_source_tokenizer(hf_dir, config.model.vocab_size)
 
-    model = build_model(config)
+    with initializers_skipped() as skipped:  # no random weights: the checkpoint's replace them
+        model = build_model(config)
     n_tensors = assign_hf_weights(model, reader)
+    skipped.run_except(model, [entry.variable for entry in weight_entries(model)])
 
     run.path.mkdir(parents=True, exist_ok=True)
     run.checkpoint(model).save(0)
@@ -157,8 +160,8 @@ def convert_from_hf(
 
 def _export_plan(model, dtype) -> tuple[list[TensorSpec], object]:
     """`(specs, chunks)` of a model's Hugging Face tensors for `stream_checkpoint`: one
-    chunk per variable (its tensors converted only when the writer reaches them),
-    then the copies checkpoints repeat (MTP embeddings and heads)."""
+    chunk per tensor, converted only when the writer asks for it (one variable read at a
+    time), then the copies checkpoints repeat (MTP embeddings and heads)."""
     entries = weight_entries(model)
     by_name = {name: entry for entry in entries for name in entry.names}
 
@@ -174,15 +177,23 @@ def _export_plan(model, dtype) -> tuple[list[TensorSpec], object]:
     ]
     specs += [TensorSpec(n, dtype_of(src), by_name[src].hf_shape) for n, src in copies.items()]
 
-    def tensors(entry):
-        value = entry.to_hf(np.asarray(entry.variable.numpy()))
-        return {name: v.astype(dtype_of(name)) for name, v in value.items()}
+    def tensors(entry, names=None):
+        """`(name, array)` of the entry's tensors, one array made at a time (C order, the
+        export dtype: one copy at most)."""
+        # the variable's buffer itself (`.numpy()` would copy it): read, never written
+        views = entry.to_hf(np.asarray(tf.convert_to_tensor(entry.variable)))
+        for name in names or entry.names:
+            yield name, np.asarray(views.pop(name), dtype=dtype_of(name), order="C")
 
     def chunks():
         for entry in entries:
-            yield tensors(entry)
+            for name, value in tensors(entry):
+                yield {name: value}
+                del value  # not held while the next one is made
         for name, source in copies.items():
-            yield {name: tensors(by_name[source])[source]}
+            for _, value in tensors(by_name[source], [source]):
+                yield {name: value}
+                del value
 
     return specs, chunks()
 

@@ -3,18 +3,21 @@
 Shared by `convert --from-hf` (which then writes a run) and `train --init-from
 HF_DIR` (which fine-tunes the model in place): every expected tensor must be
 present with its shape and nothing unexplained may be left; each variable is
-assigned from its tensors as they are read, in the variable's dtype (bfloat16
-tensors into a bfloat16 model without a float32 copy; FP8 dequantised one
-tensor at a time), so no second copy of the model is ever held.
+written from its tensors as they are read, block by block into its own buffer, in
+the variable's dtype (bfloat16 tensors into a bfloat16 model without a float32
+copy; FP8 dequantised one tensor at a time), so no second copy of the model, nor
+of a large weight, is ever held.
 """
 
 from __future__ import annotations
 
+import keras
 import ml_dtypes
 import numpy as np
+import tensorflow as tf
 
 from deepseek_tf.convert.safetensors_io import CheckpointReader, ConversionError
-from deepseek_tf.convert.weight_map import IGNORABLE, shared_copies, weight_entries
+from deepseek_tf.convert.weight_map import EXPERTS, IGNORABLE, LINEAR, shared_copies, weight_entries
 
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -52,7 +55,48 @@ def assign_hf_weights(model, reader: CheckpointReader) -> int:
     check_tensors(reader, entries, set(shared_copies(model)))
     for entry in entries:
         target = NUMPY_DTYPES[str(entry.variable.dtype)]  # the router stays float32
-        value = entry.to_keras([reader.get(name, target) for name in entry.names])
-        entry.variable.assign(value)
-        del value
+        if _distributed(entry.variable):  # one assignment updates every replica
+            entry.variable.assign(entry.to_keras([reader.get(n, target) for n in entry.names]))
+            continue
+        for begin, block in value_blocks(entry, reader, target):
+            write_block(entry.variable, begin, block)
+            del block
     return sum(len(e.names) for e in entries)
+
+
+def _distributed(variable) -> bool:
+    """A variable mirrored by a `tf.distribute` strategy (no single buffer to write)."""
+    inner = variable.value if isinstance(variable, keras.Variable) else variable
+    return isinstance(inner, tf.distribute.DistributedValues)
+
+
+def value_blocks(entry, reader: CheckpointReader, dtype):
+    """Yields `(begin, block)`: `entry.to_keras` of its tensors in `dtype`, piece by piece
+    as they are read (blocks of rows, transposed for a Dense kernel; one expert at a
+    time), `begin` the block's first index in the variable."""
+    if entry.layout == EXPERTS:  # E torch (out, in) -> (E, in, out)
+        for e, name in enumerate(entry.names):
+            yield (e, 0, 0), reader.get(name, dtype).T[None]
+        return
+    for start, rows in reader.row_blocks(entry.names[0], dtype):
+        if entry.layout == LINEAR:  # torch (out, in) -> keras (in, out): rows become columns
+            yield (0, start), rows.T
+        else:
+            yield (start,) + (0,) * (rows.ndim - 1), rows
+
+
+def write_block(variable, begin, block: np.ndarray) -> None:
+    """`variable[begin : begin + block.shape] = block`, in the variable's own buffer (a
+    whole-variable block is assigned): a large weight never has a second full copy (and
+    TensorFlow's conversion of an array makes two)."""
+    if tuple(block.shape) == tuple(variable.shape):
+        variable.assign(block)
+        return
+    # `variable[...].assign` reads the variable first, and that read makes the write copy it
+    tf.raw_ops.ResourceStridedSliceAssign(
+        ref=variable.handle,
+        begin=list(begin),
+        end=[b + n for b, n in zip(begin, block.shape)],
+        strides=[1] * block.ndim,
+        value=np.ascontiguousarray(block),
+    )

@@ -34,6 +34,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_BLOCK = (128, 128)
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default max_shard_size ("5GB")
+BLOCK_BYTES = 16 * 1024**2  # what `CheckpointReader.row_blocks` reads at a time
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -81,20 +82,25 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor in its stored dtype (read from the file into a new array)."""
+    def raw(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor in its stored dtype (read from the file into a new array); with
+        `rows=(start, stop)`, only those rows (first-axis indices)."""
         info = self.header[name]
         dtype = DTYPES.get(info["dtype"])
         if dtype is None:
             raise ConversionError(f"{name}: unsupported safetensors dtype {info['dtype']}")
         begin, end = (self._data_start + o for o in info["data_offsets"])
-        count = math.prod(info["shape"])
-        if end - begin != count * dtype.itemsize or end > self._size():
+        shape = list(info["shape"])
+        if end - begin != math.prod(shape) * dtype.itemsize or end > self._size():
             raise ConversionError(f"{name}: truncated or inconsistent data in {self.path.name}")
+        if rows is not None:
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape[0] = rows[1] - rows[0]
         with open(self.path, "rb") as f:
             f.seek(begin)
             data = np.fromfile(f, dtype=np.uint8, count=end - begin)
-        return data.view(dtype).reshape(info["shape"])
+        return data.view(dtype).reshape(shape)
 
     def _size(self) -> int:
         if self._bytes is None:
@@ -224,6 +230,20 @@ class CheckpointReader:
         floating = {f.dtype(k) for k, f in self._where.items() if not self._is_scale(k)}
         floating &= {"F64", "F32", "F16", "BF16", *FP8_DTYPES}
         return "float32" if floating <= {"F32", "F64"} else "bfloat16"
+
+    def row_blocks(self, name: str, dtype=np.float32, block_bytes: int | None = None):
+        """Yields `(first row, rows)` of tensor `name` in `dtype`, about `block_bytes` of
+        the file at a time (an FP8 weight in one block, dequantised)."""
+        file = self._where[name]
+        shape, stored = file.shape(name), DTYPES.get(file.dtype(name))
+        if stored is None or file.dtype(name) in FP8_DTYPES or not shape:
+            yield 0, self.get(name, dtype)
+            return
+        row_bytes = max(1, math.prod(shape[1:]) * stored.itemsize)
+        step = max(1, (block_bytes or BLOCK_BYTES) // row_bytes)
+        for start in range(0, shape[0], step):
+            rows = file.raw(name, (start, min(shape[0], start + step)))
+            yield start, rows.astype(dtype, copy=False)
 
     def get(self, name: str, dtype=np.float32) -> np.ndarray:
         """Tensor `name` in `dtype` (FP8 weights dequantised with their `_scale_inv`;

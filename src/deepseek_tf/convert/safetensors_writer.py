@@ -7,9 +7,9 @@ file is an 8-byte little-endian header length, a JSON header of
 to 8 bytes, then the raw little-endian buffers in header order. Every offset
 follows from the names, dtypes and shapes alone, so `stream_checkpoint` writes
 the headers from a plan first and then each tensor's bytes as it is produced;
-only one producer chunk (one variable's tensors) is in memory at a time. No
-library offers such a streaming writer, hence this one; `CheckpointReader` reads
-the files back and `transformers` loads them.
+only one producer chunk (one tensor, as `convert_to_hf` makes them) is in memory
+at a time. No library offers such a streaming writer, hence this one;
+`CheckpointReader` reads the files back and `transformers` loads them.
 """
 
 from __future__ import annotations
@@ -97,12 +97,13 @@ def stream_checkpoint(
     unsharded file (and then nothing else in `directory` is touched).
 
     `chunks` yields dicts of arrays whose names follow `specs`' order (one
-    variable's tensors, say); each array is written and dropped before the next
-    chunk is asked for. Returns the files written.
+    tensor each keeps one in memory at a time); each array is written and dropped
+    before the next chunk is asked for, and the producer is run to its end. Returns
+    the files written.
 
     Raises:
         ConversionError: a chunk's tensor is not the next one planned, or its dtype
-            or shape differ from the plan.
+            or shape differ from the plan, or one is left over.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -139,6 +140,9 @@ def stream_checkpoint(
                 # raw bytes (little-endian, as every platform TensorFlow runs on)
                 f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
                 del value
+    extra = buffered or list(next(pending, {}).items())  # also lets the producer finish
+    if extra:
+        raise ConversionError(f"{extra[0][0]}: produced but not planned")
     if len(shards) == 1:
         return [directory / single_file]
     weight_map = {spec.name: file_name for shard, file_name in zip(shards, names) for spec in shard}

@@ -51,18 +51,35 @@ def score_tokens(model, token_ids):
     return tf.gather(log_probs, targets, axis=-1, batch_dims=2)  # (B, T - 1)
 
 
-def _graph_prefill_length(prompt_len):
-    """`decoding.prefill_length` in the graph: the largest power of two <= `prompt_len`."""
-    return tf.while_loop(
-        lambda length: length * 2 <= prompt_len, lambda length: (length * 2,), (tf.constant(1),)
-    )[0]
+def _graph_prefill(loop: DecodeLoop, ids, cache, prompt_len):
+    """`DecodeLoop.prefill` in the graph: the prompt in `decoding.prefill_chunks` calls
+    (powers of two, largest first) -> the last prompt position's logits and the cache."""
+    batch = tf.shape(ids)[0]
+    top = tf.while_loop(lambda n: n * 2 <= prompt_len, lambda n: (n * 2,), (tf.constant(1),))[0]
+    logits = tf.zeros((batch, loop.model.vocab_size), loop.model.compute_dtype)  # (B, V)
+
+    def body(chunk, at, logits, cache):
+        take = tf.bitwise.bitwise_and(prompt_len - at, chunk) > 0  # this power is in P
+        new_logits, new_cache = tf.cond(
+            take,
+            lambda: loop.prefill_chunk(ids[:, at : at + chunk], cache, at),
+            lambda: (logits, cache),
+        )
+        new_cache = tf.nest.map_structure(
+            lambda n, o: tf.ensure_shape(n, o.shape), new_cache, cache
+        )
+        new_logits = tf.ensure_shape(new_logits, logits.shape)
+        return chunk // 2, tf.where(take, at + chunk, at), new_logits, new_cache
+
+    state = (top, tf.constant(0), logits, cache)
+    return tf.while_loop(lambda chunk, *_: chunk > 0, body, state)[2:]
 
 
 def generate_tokens(loop: DecodeLoop, token_ids, max_new_tokens, temperature, top_k, top_p, seed):
     """The decode loop in the graph: `(B, P)` prompt ids -> `(B, N)` new ids.
 
     `N = clip(max_new_tokens, 0, max_seq_len - P)`; the layout is `Decoder.start`'s
-    (prefill length, cache length; rows are not padded), row `i` samples with `seed + i`.
+    (prefill chunks, cache length; rows are not padded), row `i` samples with `seed + i`.
     """
     model = loop.model
     batch, prompt_len = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
@@ -72,9 +89,8 @@ def generate_tokens(loop: DecodeLoop, token_ids, max_new_tokens, temperature, to
     cache_len = tf.minimum((total + bucket - 1) // bucket * bucket, model.max_seq_len)
     ids = tf.pad(token_ids, [[0, 0], [0, cache_len - prompt_len]])  # (B, S)
     is_prompt = tf.broadcast_to(tf.range(cache_len)[None, :] < prompt_len, tf.shape(ids))
-    start = _graph_prefill_length(prompt_len)
     cache = model.init_cache(batch, cache_len)  # per layer: (B, S, ...)
-    logits, cache = loop.prefill(ids[:, :start], cache)
+    logits, cache = _graph_prefill(loop, ids, cache, prompt_len)
     rows = tf.range(batch, dtype=tf.int32)
     seeds = tf.math.floormod(tf.cast(seed, tf.int64) + tf.cast(rows, tf.int64), SEED_MODULUS)
     sampling = (
@@ -88,14 +104,14 @@ def generate_tokens(loop: DecodeLoop, token_ids, max_new_tokens, temperature, to
         is_prompt,
         cache,
         logits,
-        start,
-        total,
+        tf.fill((batch,), prompt_len),
+        steps,
         tf.fill((batch,), total),
         tf.zeros((batch,), tf.bool),
         sampling,
         tf.constant([-1], tf.int32),
     )
-    return out[1][:, prompt_len:total]  # (B, N)
+    return out[2][:, prompt_len:total]  # (B, N)
 
 
 class _CharTables(tf.Module):

@@ -1,12 +1,14 @@
 """The decode loop: prefill, then one KV-cached step per token -- the one loop of every
 decoding path (`Generator`, the server, the SavedModel `generate` signature).
 
-The model supplies the cached step (`CausalLM.call_with_cache`). Rows share one position
-counter: a row whose prompt is longer keeps its prompt tokens (forced) until it ends, so
-one compiled loop decodes a batch of prompts of any lengths. The prompt's first
-`prefill_length(shortest prompt)` tokens go through one prefill call (a power of two: few
-compiled shapes); the rest of each prompt is fed through the loop. Cache lengths are
-rounded up to `CACHE_BUCKET`. Every caller uses these same rules, so the same prompt and
+The model supplies the cached step (`CausalLM.call_with_cache`). Every row has its own
+position (a `(B,)` vector): `generate` starts its rows together, the server's continuous
+batch holds rows that joined at different times. A row whose prompt is longer than the
+shortest keeps its prompt tokens (forced) until it ends, so one compiled loop decodes a
+batch of prompts of any lengths. The shortest prompt is prefilled in chunks of powers of
+two (`prefill_chunks`: few compiled shapes); the rest of each prompt is fed through the
+loop. Cache lengths are rounded up to `CACHE_BUCKET`. `DecodeLoop.token_step` is the one
+step both the compiled loop and the server's scheduler run, so the same prompt and
 sampling settings give the same tokens whichever path decodes them.
 """
 
@@ -24,10 +26,15 @@ CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer s
 TOP_LOGPROBS = 5  # alternatives reported per generated token (with `logprobs`)
 
 
-def prefill_length(shortest: int) -> int:
-    """Tokens of every prompt fed through one prefill call: the largest power of two not
-    above the shortest prompt."""
-    return 1 << (max(int(shortest), 1).bit_length() - 1)
+def prefill_chunks(n: int) -> list[int]:
+    """Lengths of the prefill calls that cover `n` prompt tokens: the powers of two of
+    `n`'s binary form, largest first (at most `log2(context)` compiled shapes).
+
+    >>> prefill_chunks(13)
+    [8, 4, 1]
+    """
+    n = max(int(n), 1)
+    return [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1]
 
 
 def cache_length(total: int, max_seq_len: int) -> int:
@@ -41,11 +48,11 @@ def pad_batch(n: int) -> int:
 
 
 class DecodeLoop:
-    """The compiled prefill and decode loop of one model.
+    """The compiled prefill, token step and decode loop of one model.
 
     Args:
         model: a `CausalLM`.
-        jit_compile: compile both with XLA.
+        jit_compile: compile them with XLA.
         logprobs: also return each chosen token's log-probability, the
             `TOP_LOGPROBS` best alternatives (the server's `logprobs`) and the
             entropy of the distribution it was drawn from (per-token uncertainty).
@@ -59,34 +66,86 @@ class DecodeLoop:
         self.model = model
         self.logprobs = logprobs
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.vocab_size else None
-        self.prefill = tf.function(self._prefill, jit_compile=jit_compile, reduce_retracing=True)
-        self.decode = tf.function(self._decode, jit_compile=jit_compile, reduce_retracing=True)
+        compiled = dict(jit_compile=jit_compile, reduce_retracing=True)
+        self.prefill_chunk = tf.function(self._prefill_chunk, **compiled)
+        self.step = tf.function(self.token_step, **compiled)
+        self.decode = tf.function(self._decode, **compiled)
 
-    def _prefill(self, ids, cache):
-        """`(B, P)` ids at positions `0..P-1` -> last logits `(B, V)` and the cache."""
-        logits, cache = self.model.call_with_cache(ids, cache, tf.constant(0, tf.int32))
+    def prefill(self, ids, cache, start: int = 0):
+        """`(B, P)` ids at positions `start..start+P-1`, in `prefill_chunks(P)` calls ->
+        the last position's logits `(B, V)` and the cache."""
+        logits, at = None, int(start)
+        for n in prefill_chunks(ids.shape[1]):
+            chunk = ids[:, at - start : at - start + n]  # (B, n)
+            logits, cache = self.prefill_chunk(chunk, cache, tf.constant(at, tf.int32))
+            at += n
+        return logits, cache
+
+    def _prefill_chunk(self, ids, cache, start):
+        logits, cache = self.model.call_with_cache(ids, cache, start)
         return self._limit(logits[:, -1, :]), cache
 
     def _limit(self, logits):
         return limit_vocab(logits, self.vocab_limit)
 
-    def _decode(self, ids, is_prompt, cache, logits, start, stop, ends, done, sampling, stop_ids):
-        """Decodes positions `start..stop-1` (fewer when every row is done).
+    def token_step(self, cache, logits, positions, forced, forced_ids, done, sampling, stop_ids,
+                   bias=None):  # fmt: skip
+        """One position of every row: choose its token, then run it through the model.
+
+        Args:
+            cache: the model's cache; row `b` holds positions `0..positions[b]-1`.
+            logits: `(B, V)` logits of each row's position `positions[b] - 1`.
+            positions: `(B,)` int32 position of each row's token.
+            forced, forced_ids: `(B,)` rows whose token is given (a prompt's), and it.
+            done: `(B,)` bool rows that are finished (their token is 0).
+            sampling: `(temperature (B,), top_k (B,), top_p (B,), seeds (B,))`.
+            stop_ids: `(K,)` int32 tokens that end a row (after being emitted).
+            bias: optional `(B, V)` float32 added to the logits (a grammar's mask).
+
+        Returns:
+            `(token, stopped, logprob, top_ids, top_logprobs, entropy, logits, cache)`:
+            `(B,)` tokens, whether each sampled a stop id, their statistics (`(B,)`,
+            `(B, TOP_LOGPROBS)`; zeros without `logprobs`), the next logits `(B, V)`.
+        """
+        batch = tf.shape(logits)[0]
+        top = TOP_LOGPROBS if self.logprobs else 0
+        if bias is not None:
+            logits = logits + tf.cast(bias, logits.dtype)
+        sampled = sample_tokens(logits, *sampling, positions)  # (B,)
+        token = tf.where(forced, forced_ids, sampled)
+        token = tf.where(done, tf.zeros_like(token), token)
+        logprob, entropy = tf.zeros((batch,)), tf.zeros((batch,))
+        top_ids, top_lps = tf.zeros((batch, top), tf.int32), tf.zeros((batch, top))
+        if self.logprobs:
+            log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)  # (B, V)
+            logprob = tf.gather(log_probs, token, axis=1, batch_dims=1)  # (B,)
+            top_lps, top_ids = tf.math.top_k(log_probs, top)  # (B, top)
+            entropy = -tf.reduce_sum(tf.exp(log_probs) * log_probs, axis=-1)  # (B,)
+        is_stop = tf.reduce_any(token[:, None] == stop_ids[None, :], -1)
+        stopped = tf.logical_and(tf.logical_not(forced), is_stop)
+        step_logits, cache = self.model.call_with_cache(token[:, None], cache, positions)
+        logits = self._limit(step_logits[:, -1, :])
+        return token, stopped, logprob, top_ids, top_lps, entropy, logits, cache
+
+    def _decode(self, ids, is_prompt, cache, logits, positions, steps, ends, done, sampling,
+                stop_ids):  # fmt: skip
+        """Decodes up to `steps` positions of every row (fewer when every row is done).
 
         Args:
             ids: `(B, S)` int32 tokens: the prompts, then what is decoded.
             is_prompt: `(B, S)` bool: prompt positions (forced, not sampled).
-            cache: the model's cache after positions `0..start-1`.
-            logits: `(B, V)` logits of position `start - 1`.
-            start, stop: int32 scalars.
+            cache: the model's cache; row `b` holds positions `0..positions[b]-1`.
+            logits: `(B, V)` logits of each row's position `positions[b] - 1`.
+            positions: `(B,)` int32 each row's next position.
+            steps: int32 scalar.
             ends: `(B,)` int32: a row is done once it reaches this position.
             done: `(B,)` bool: rows already finished (padding, cancelled).
             sampling: `(temperature (B,), top_k (B,), top_p (B,), seeds (B,))`.
             stop_ids: `(K,)` int32 tokens that end a row (after being emitted).
 
         Returns:
-            `(position, ids, cache, logits, done, logprobs, top_ids, top_logprobs,
-            entropy)`; `logprobs` and `entropy` are `(B, S)`, the tops
+            `(steps_run, positions, ids, cache, logits, done, logprobs, top_ids,
+            top_logprobs, entropy)`; `logprobs` and `entropy` are `(B, S)`, the tops
             `(B, S, TOP_LOGPROBS)`, all zeros without `logprobs`.
         """
         batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
@@ -95,38 +154,30 @@ class DecodeLoop:
         entropy = tf.zeros((batch, length), tf.float32)
         top_ids = tf.zeros((batch, length, top), tf.int32)
         top_lps = tf.zeros((batch, length, top), tf.float32)
-        temperature, top_k, top_p, seeds = sampling
+        rows = tf.range(batch)
 
-        def cond(i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy):
-            return tf.logical_and(i < stop, tf.logical_not(tf.reduce_all(done)))
+        def cond(j, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy):
+            return tf.logical_and(j < steps, tf.logical_not(tf.reduce_all(done)))
 
-        def body(i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy):
-            sampled = sample_tokens(logits, temperature, top_k, top_p, seeds, i)  # (B,)
-            forced = is_prompt[:, i]
-            token = tf.where(forced, ids[:, i], sampled)
-            token = tf.where(done, tf.zeros_like(token), token)
-            index = tf.stack([tf.range(batch), tf.fill((batch,), i)], axis=1)  # (B, 2)
+        def body(j, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy):
+            index = tf.stack([rows, i], axis=1)  # (B, 2)
+            forced = tf.gather_nd(is_prompt, index)  # (B,)
+            out = self.token_step(
+                cache, logits, i, forced, tf.gather_nd(ids, index), done, sampling, stop_ids
+            )
+            token, stopped, logprob, best_ids, best_lps, spread, logits, cache = out
             ids = tf.tensor_scatter_nd_update(ids, index, token)
             if self.logprobs:
-                log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)  # (B, V)
-                chosen = tf.gather(log_probs, token, axis=1, batch_dims=1)  # (B,)
-                best_lps, best_ids = tf.math.top_k(log_probs, top)  # (B, top)
-                logprobs = tf.tensor_scatter_nd_update(logprobs, index, chosen)
+                logprobs = tf.tensor_scatter_nd_update(logprobs, index, logprob)
                 top_ids = tf.tensor_scatter_nd_update(top_ids, index, best_ids)
                 top_lps = tf.tensor_scatter_nd_update(top_lps, index, best_lps)
-                spread = -tf.reduce_sum(tf.exp(log_probs) * log_probs, axis=-1)  # (B,)
                 entropy = tf.tensor_scatter_nd_update(entropy, index, spread)
-            stopped = tf.logical_and(
-                tf.logical_not(forced), tf.reduce_any(token[:, None] == stop_ids[None, :], -1)
-            )
             done = tf.logical_or(done, tf.logical_or(stopped, i + 1 >= ends))
-            step_logits, cache = self.model.call_with_cache(token[:, None], cache, i)
-            step = (done, logprobs, top_ids, top_lps, entropy)
-            return i + 1, ids, cache, self._limit(step_logits[:, -1, :]), *step
+            i = tf.minimum(i + 1, length - 1)  # a finished row stays inside its cache
+            return j + 1, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy
 
-        return tf.while_loop(
-            cond, body, (start, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy)
-        )
+        state = (0, positions, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy)
+        return tf.while_loop(cond, body, state)
 
 
 @dataclass
@@ -168,7 +219,7 @@ class Decoder:
         for i, r in enumerate(rows):
             ids[i, : len(r.prompt)] = r.prompt
             is_prompt[i, : len(r.prompt)] = True
-        start = prefill_length(min(len(r.prompt) for r in rows))
+        start = min(len(r.prompt) for r in rows)  # prefilled; the rest forced in the loop
         cache = self.model.init_cache(batch, cache_len)
         logits, cache = self.loop.prefill(tf.constant(ids[:, :start]), cache)
         pad = batch - n
@@ -216,15 +267,15 @@ class DecodeState:
             self.is_prompt,
             self.cache,
             self.logits,
-            tf.constant(before, tf.int32),
-            tf.constant(stop, tf.int32),
+            tf.fill((len(self.done),), tf.constant(before, tf.int32)),  # rows share positions
+            tf.constant(stop - before, tf.int32),
             tf.constant(self.ends),
             tf.constant(self.done),
             self.sampling,
             self.stop_ids,
         )
-        position, self.ids, self.cache, self.logits, done, logprobs, top_ids, top_lps, ent = out
-        self.position = int(position)
+        steps, _, self.ids, self.cache, self.logits, done, logprobs, top_ids, top_lps, ent = out
+        self.position = before + int(steps)
         self.done = done.numpy().copy()
         ids = self.ids.numpy()
         logprobs, top_ids, top_lps = logprobs.numpy(), top_ids.numpy(), top_lps.numpy()

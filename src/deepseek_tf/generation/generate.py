@@ -9,6 +9,7 @@ import numpy as np
 from deepseek_tf.errors import InputError
 from deepseek_tf.generation.decoding import Decoder, Row
 from deepseek_tf.generation.sampler import SEED_MODULUS, SamplingParams, check_sampling
+from deepseek_tf.generation.speculative import SpeculativeDecoder
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len: int):
@@ -26,6 +27,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_le
             raise InputError(f"prompt {i}: token id {bad[0]} is out of range [0, {vocab_size})")
 
 
+SPECULATIVE = (None, "mtp")
 MAX_NEW_TOKENS = 1_000_000  # per call; past the context a sliding window continues
 
 
@@ -43,19 +45,59 @@ class Generator:
     runs the compiled loop to the end. Sequences longer than the model's context continue
     in a sliding window: the last half-context is re-encoded.
 
+    With `speculative="mtp"` the model's MTP modules draft `draft_tokens` tokens per
+    round and one pass of the model verifies them (`generation.speculative`): greedy
+    output is plain decoding's, sampled output follows the same distribution (drawn
+    from other random numbers); `speculative_stats` counts the drafts.
+
     Args:
         model: a `CausalLM`.
         jit_compile: compile prefill and the decoding loop with XLA.
         vocab_limit: ids the tokenizer can decode (`tokenizer.vocab_size`; see
             `DecodeLoop`); None: every id of the model.
+        speculative: None (plain decoding) or `"mtp"`.
+        draft_tokens: drafts per round with `speculative="mtp"` (None: one per MTP
+            module).
+
+    Raises:
+        InputError: `speculative` is unknown, the model has no MTP modules, or
+            `draft_tokens` is out of range.
+
+    Examples:
+    >>> Generator(model, speculative="mtp").generate([[1, 2, 3]], 20)  # doctest: +SKIP
     """
 
-    def __init__(self, model, jit_compile: bool = True, vocab_limit: int | None = None):
+    def __init__(
+        self,
+        model,
+        jit_compile: bool = True,
+        vocab_limit: int | None = None,
+        speculative: str | None = None,
+        draft_tokens: int | None = None,
+    ):
         self.model = model
         self.jit_compile = jit_compile
         self.vocab_limit = vocab_limit
         self.decoder = Decoder(model, jit_compile, vocab_limit=vocab_limit)
         self._detailed = None  # the loop with log-probabilities and entropies, on demand
+        if speculative not in SPECULATIVE:
+            raise InputError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
+        self.speculative = None
+        if speculative == "mtp":
+            self.speculative = SpeculativeDecoder(model, draft_tokens, jit_compile, vocab_limit)
+
+    @property
+    def speculative_stats(self) -> dict | None:
+        """Drafts offered (`"proposed"`) and accepted per draft position, and verify
+        rounds, over every `generate` call (None without `speculative`)."""
+        spec = self.speculative
+        if spec is None:
+            return None
+        return {
+            "proposed": spec.proposed.tolist(),
+            "accepted": spec.accepted.tolist(),
+            "rounds": spec.rounds,
+        }
 
     def _run_window(self, prompts, max_new, sampling: SamplingParams, seeds, stop_ids, details):
         """Decodes `max_new` tokens after each prompt, all within the context."""
@@ -63,6 +105,12 @@ class Generator:
             Row(p, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed)
             for p, seed in zip(prompts, seeds)
         ]
+        if self.speculative is not None:
+            if details:
+                raise InputError("speculative decoding does not report log-probabilities")
+            new = self.speculative.start(rows, stop_ids).step()
+            new = [[(t, 0.0, [], 0.0) for t in row] for row in new]
+            return [(row, bool(row) and row[-1][0] in set(stop_ids)) for row in new]
         if details and self._detailed is None:
             self._detailed = Decoder(self.model, self.jit_compile, True, self.vocab_limit)
         decoder = self._detailed if details else self.decoder

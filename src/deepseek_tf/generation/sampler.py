@@ -101,6 +101,8 @@ def uniform_noise(seeds, position, vocab):
     seeds = tf.bitcast(tf.cast(seeds, tf.int32), u32)[:, None]  # (B, 1)
     tokens = tf.cast(tf.range(vocab), u32)[None, :]  # (1, V)
     position = tf.bitcast(tf.cast(position, tf.int32), u32)
+    if position.shape.rank == 1:
+        position = position[:, None]  # (B, 1)
     x = seeds * tf.constant(0x9E3779B1, u32) + tokens * tf.constant(0xC2B2AE3D, u32)
     x = x ^ (position * tf.constant(0x85EBCA77, u32) + tf.constant(0x27D4EB2F, u32))
     for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # murmur3's finaliser
@@ -119,6 +121,40 @@ def limit_vocab(logits, vocab_limit: int | None):
     return tf.where(valid[None, :], logits, tf.cast(-1e9, logits.dtype))
 
 
+def filter_logits(logits, temperature, top_k, top_p):
+    """Temperature-scaled logits `(B, V)` with the tokens top-k and top-p drop set to
+    `NEG_INF`: the distribution `softmax(filter_logits(...))` is what `sample_tokens`
+    samples from (and what speculative decoding verifies against).
+
+    Args:
+        logits: `(B, V)`.
+        temperature: `(B,)` float32 (`<= 0` is treated as a tiny positive value).
+        top_k: `(B,)` int32; keep the `k` most likely tokens (`<= 0`: all).
+        top_p: `(B,)` float32; keep the smallest set whose probability reaches `p`
+            (`>= 1`: all; the most likely token is always kept).
+
+    Examples:
+    >>> filter_logits(tf.constant([[2.0, 1.0, 0.0]]), tf.constant([1.0]),
+    ...     tf.constant([2]), tf.constant([1.0])).numpy().tolist()
+    [[2.0, 1.0, -1000000000.0]]
+    """
+    logits = tf.cast(logits, tf.float32)
+    temperature = tf.cast(temperature, tf.float32)
+    vocab = tf.shape(logits)[-1]
+    scaled = logits / tf.maximum(temperature, 1e-6)[:, None]  # (B, V)
+    ordered = tf.sort(scaled, axis=-1, direction="DESCENDING")  # (B, V)
+    k = tf.cast(top_k, tf.int32)
+    k = tf.where(k > 0, tf.minimum(k, vocab), vocab)  # (B,)
+    kth = tf.gather(ordered, k - 1, axis=1, batch_dims=1)[:, None]  # (B, 1)
+    ordered = tf.where(ordered < kth, NEG_INF, ordered)
+    probs = tf.nn.softmax(ordered, axis=-1)
+    before = tf.cumsum(probs, axis=-1, exclusive=True)  # probability of better tokens
+    kept = before < tf.cast(top_p, tf.float32)[:, None]  # the best token is always kept
+    threshold = tf.reduce_min(tf.where(kept, ordered, -NEG_INF), axis=-1, keepdims=True)
+    threshold = tf.maximum(threshold, kth)  # (B, 1)
+    return tf.where(scaled < threshold, NEG_INF, scaled)
+
+
 def sample_tokens(logits, temperature, top_k, top_p, seeds, position):
     """One token per row of `logits` `(B, V)`, with per-row settings.
 
@@ -129,32 +165,21 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, position):
         top_p: `(B,)` float32; keep the smallest set whose probability reaches `p`
             (`>= 1`: all; the most likely token is always kept).
         seeds: `(B,)` int32 per-row seeds.
-        position: int32 scalar, the position of the token being sampled.
+        position: int32 scalar, the position of the token being sampled, or `(B,)`.
 
     Returns:
-        `(B,)` int32: Gumbel-max over the filtered, temperature-scaled logits, so the
-        choice depends only on the row, its seed and the position. A batch of greedy
-        rows skips the sampling work.
+        `(B,)` int32: Gumbel-max over the filtered, temperature-scaled logits
+        (`filter_logits`), so the choice depends only on the row, its seed and the
+        position. A batch of greedy rows skips the sampling work.
     """
     logits = tf.cast(logits, tf.float32)
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
     temperature = tf.cast(temperature, tf.float32)
 
     def sample():
-        vocab = tf.shape(logits)[-1]
-        scaled = logits / tf.maximum(temperature, 1e-6)[:, None]  # (B, V)
-        ordered = tf.sort(scaled, axis=-1, direction="DESCENDING")  # (B, V)
-        k = tf.cast(top_k, tf.int32)
-        k = tf.where(k > 0, tf.minimum(k, vocab), vocab)  # (B,)
-        kth = tf.gather(ordered, k - 1, axis=1, batch_dims=1)[:, None]  # (B, 1)
-        ordered = tf.where(ordered < kth, NEG_INF, ordered)
-        probs = tf.nn.softmax(ordered, axis=-1)
-        before = tf.cumsum(probs, axis=-1, exclusive=True)  # probability of better tokens
-        kept = before < tf.cast(top_p, tf.float32)[:, None]  # the best token is always kept
-        threshold = tf.reduce_min(tf.where(kept, ordered, -NEG_INF), axis=-1, keepdims=True)
-        threshold = tf.maximum(threshold, kth)  # (B, 1)
-        filtered = tf.where(scaled < threshold, NEG_INF, scaled)
-        gumbel = -tf.math.log(-tf.math.log(uniform_noise(seeds, position, vocab)))
+        filtered = filter_logits(logits, temperature, top_k, top_p)  # (B, V)
+        noise = uniform_noise(seeds, position, tf.shape(logits)[-1])
+        gumbel = -tf.math.log(-tf.math.log(noise))
         sampled = tf.argmax(filtered + gumbel, axis=-1, output_type=tf.int32)
         return tf.where(temperature > 0, sampled, greedy)
 

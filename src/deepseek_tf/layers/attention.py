@@ -7,6 +7,7 @@ import math
 import keras
 from keras import ops
 
+from deepseek_tf.layers.cache_positions import query_positions, visible, write_cache
 from deepseek_tf.layers.relative_position_bias import RelativePositionBias
 from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_attention_factor, yarn_get_mscale
 from deepseek_tf.layers.serialization import init_config
@@ -28,11 +29,11 @@ def causal_attention(q, k, v, q_positions, k_positions, scale, bias=None):
     Args:
         q: `(B, T, H, D)` queries.
         k, v: `(B, S, Hkv, D)` keys / `(B, S, Hkv, Dv)` values, `H % Hkv == 0`.
-        q_positions: `(T,)` absolute positions of the queries.
+        q_positions: `(T,)` absolute positions of the queries, or `(B, T)` per row.
         k_positions: `(S,)` absolute positions of the keys. Cache slots not yet
             written hold positions beyond every query and so are masked too.
         scale: softmax temperature (usually `1 / sqrt(D)`).
-        bias: optional `(H, T, S)` float32 additive bias.
+        bias: optional `(H, T, S)` (or per row `(B, H, T, S)`) float32 additive bias.
 
     Returns:
         `(B, T, H, Dv)` in the dtype of `v`.
@@ -44,9 +45,10 @@ def causal_attention(q, k, v, q_positions, k_positions, scale, bias=None):
     scores = ops.einsum("btkgd,bskd->bkgts", q, k)  # (B, Hkv, G, T, S)
     scores = ops.cast(scores, "float32") * scale
     if bias is not None:
-        scores = scores + ops.reshape(bias, (1, hkv, groups, t, -1))  # (1, Hkv, G, T, S)
-    visible = k_positions[None, :] <= q_positions[:, None]  # (T, S)
-    scores = ops.where(visible, scores, NEG_INF)
+        s = ops.shape(bias)[-1]
+        scores = scores + ops.reshape(bias, (-1, hkv, groups, t, s))  # (B|1, Hkv, G, T, S)
+    mask = visible(q_positions, k_positions)[:, None, None]  # (B|1, 1, 1, T, S)
+    scores = ops.where(mask, scores, NEG_INF)
     probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
     out = ops.einsum("bkgts,bskd->btkgd", probs, v)  # (B, T, Hkv, G, Dv)
     return ops.reshape(out, (b, t, h, ops.shape(v)[-1]))  # (B, T, H, Dv)
@@ -77,7 +79,8 @@ class CausalSelfAttention(keras.layers.Layer):
     Call arguments:
         x: `(B, T, d_model)`.
         cache: optional dict `{"k": (B, S, Hkv, D), "v": (B, S, Hkv, D)}`.
-        cache_index: int32 scalar, position of `x[:, 0]` (with a cache).
+        cache_index: int32 scalar, position of `x[:, 0]` (with a cache), or a
+            `(B,)` vector of per-row positions (rows of a continuous batch).
 
     Returns:
         `(B, T, d_model)`, and the updated cache when a cache was given.
@@ -207,8 +210,7 @@ class CausalSelfAttention(keras.layers.Layer):
 
     def call(self, x, cache=None, cache_index=None):
         b, t = ops.shape(x)[0], ops.shape(x)[1]
-        start = 0 if cache_index is None else cache_index
-        q_positions = ops.arange(t, dtype="int32") + start  # (T,)
+        q_positions = query_positions(cache_index, t)  # (T,) or per row (B, T)
         q = ops.reshape(self.q_proj(x), (b, t, self.n_heads, self.head_dim))  # (B, T, H, D)
         k = ops.reshape(self.k_proj(x), (b, t, self.n_kv_heads, self.head_dim))  # (B, T, Hkv, D)
         v = ops.reshape(self.v_proj(x), (b, t, self.n_kv_heads, self.head_dim))  # (B, T, Hkv, D)
@@ -216,14 +218,12 @@ class CausalSelfAttention(keras.layers.Layer):
             q = self.rope(q, q_positions)
             k = self.rope(k, q_positions)
         if cache is not None:
-            zero = ops.zeros((), "int32")
-            index = ops.cast(start, "int32")
-            k = ops.slice_update(cache["k"], (zero, index, zero, zero), k)  # (B, S, Hkv, D)
-            v = ops.slice_update(cache["v"], (zero, index, zero, zero), v)
+            k = write_cache(cache["k"], k, cache_index)  # (B, S, Hkv, D)
+            v = write_cache(cache["v"], v, cache_index)  # (B, S, Hkv, Dv)
             cache = {**cache, "k": k, "v": v}
-        k_positions = ops.arange(ops.shape(k)[1], dtype="int32")  # (S,)
-        if cache is None:
-            k_positions = k_positions + start
+            k_positions = ops.arange(ops.shape(k)[1], dtype="int32")  # (S,)
+        else:
+            k_positions = q_positions  # (T,): without a cache, keys are the new tokens
         bias = None
         if self.relative_bias is not None:
             bias = self.relative_bias(q_positions, k_positions)  # (H, T, S)

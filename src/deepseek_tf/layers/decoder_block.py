@@ -63,7 +63,8 @@ class DecoderBlock(keras.layers.Layer):
     Call arguments:
         x: `(B, T, d_model)`.
         cache: optional per-layer cache `{"k", "v"[, "conv"]}` (see `init_cache`).
-        cache_index: int32 scalar position of `x[:, 0]`, with a cache.
+        cache_index: int32 scalar position of `x[:, 0]`, with a cache (or `(B,)` per
+            row).
         training: enables dropout.
         return_hidden: also return the SwiGLU hidden activations.
 

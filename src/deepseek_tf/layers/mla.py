@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from deepseek_tf.layers.attention import NEG_INF, causal_attention
+from deepseek_tf.layers.cache_positions import query_positions, visible, write_cache
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_attention_factor, yarn_get_mscale
 from deepseek_tf.layers.serialization import init_config
@@ -99,7 +100,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         cache: optional dict from `init_cache`: `{"kv": (B, S, kv_lora_rank),
             "pe": (B, S, qk_rope_head_dim)}` when absorbing, else
             `{"k": (B, S, H, qk_nope + qk_rope), "v": (B, S, H, v_head_dim)}`.
-        cache_index: int32 scalar, position of `x[:, 0]` (with a cache).
+        cache_index: int32 scalar, position of `x[:, 0]` (with a cache), or a
+            `(B,)` vector of per-row positions (rows of a continuous batch).
 
     Returns:
         `(B, T, d_model)`, and the updated cache when a cache was given.
@@ -257,8 +259,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
     def call(self, x, cache=None, cache_index=None):
         b, t = ops.shape(x)[0], ops.shape(x)[1]
         h, nope, rope_dim = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        start = 0 if cache_index is None else cache_index
-        q_positions = ops.arange(t, dtype="int32") + start  # (T,)
+        q_positions = query_positions(cache_index, t)  # (T,) or per row (B, T)
 
         if self.q_lora_rank > 0:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # (B, T, H*Dqk)
@@ -274,13 +275,13 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         k_pe = self.rope(k_pe, q_positions)  # (B, T, 1, Dr)
 
         if cache is not None and self.absorb:
-            out, cache = self._absorbed(q_nope, q_pe, latent, k_pe, q_positions, cache, start)
+            out, cache = self._absorbed(q_nope, q_pe, latent, k_pe, q_positions, cache, cache_index)
         else:
-            out, cache = self._naive(q_nope, q_pe, latent, k_pe, q_positions, cache, start)
+            out, cache = self._naive(q_nope, q_pe, latent, k_pe, q_positions, cache, cache_index)
         out = self.o_proj(ops.reshape(out, (b, t, h * self.v_head_dim)))  # (B, T, C)
         return out if cache is None else (out, cache)
 
-    def _naive(self, q_nope, q_pe, latent, k_pe, q_positions, cache, start):
+    def _naive(self, q_nope, q_pe, latent, k_pe, q_positions, cache, cache_index):
         """Up-project keys/values for every head, then plain attention."""
         b, t = ops.shape(latent)[0], ops.shape(latent)[1]
         h, nope = self.n_heads, self.qk_nope_head_dim
@@ -291,10 +292,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         k = ops.concatenate([k_nope, k_pe], axis=-1)  # (B, T, H, Dqk)
         q = ops.concatenate([q_nope, q_pe], axis=-1)  # (B, T, H, Dqk)
         if cache is not None:
-            zero = ops.zeros((), "int32")
-            index = ops.cast(start, "int32")
-            k = ops.slice_update(cache["k"], (zero, index, zero, zero), k)  # (B, S, H, Dqk)
-            v = ops.slice_update(cache["v"], (zero, index, zero, zero), v)  # (B, S, H, Dv)
+            k = write_cache(cache["k"], k, cache_index)  # (B, S, H, Dqk)
+            v = write_cache(cache["v"], v, cache_index)  # (B, S, H, Dv)
             cache = {**cache, "k": k, "v": v}
             k_positions = ops.arange(ops.shape(k)[1], dtype="int32")  # (S,)
         else:
@@ -302,13 +301,11 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         out = causal_attention(q, k, v, q_positions, k_positions, self.scale)  # (B, T, H, Dv)
         return out, cache
 
-    def _absorbed(self, q_nope, q_pe, latent, k_pe, q_positions, cache, start):
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, q_positions, cache, cache_index):
         """Attend over the cached latent; `kv_b_proj` folded into query and output."""
         h, nope, rank = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
-        zero = ops.zeros((), "int32")
-        index = ops.cast(start, "int32")
-        kv = ops.slice_update(cache["kv"], (zero, index, zero), latent)  # (B, S, R)
-        pe = ops.slice_update(cache["pe"], (zero, index, zero), k_pe[:, :, 0])  # (B, S, Dr)
+        kv = write_cache(cache["kv"], latent, cache_index)  # (B, S, R)
+        pe = write_cache(cache["pe"], k_pe[:, :, 0], cache_index)  # (B, S, Dr)
         cache = {**cache, "kv": kv, "pe": pe}
 
         w_kv_b = ops.cast(self.kv_b_proj.kernel, self.compute_dtype)  # (R, H*(Dn+Dv))
@@ -319,8 +316,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         scores = scores + ops.einsum("bthd,bsd->bths", q_pe, pe)  # (B, T, H, S)
         scores = ops.cast(scores, "float32") * self.scale
         k_positions = ops.arange(ops.shape(kv)[1], dtype="int32")  # (S,)
-        visible = k_positions[None, :] <= q_positions[:, None]  # (T, S)
-        scores = ops.where(visible[:, None, :], scores, NEG_INF)  # (B, T, H, S)
+        mask = visible(q_positions, k_positions)[:, :, None, :]  # (B|1, T, 1, S)
+        scores = ops.where(mask, scores, NEG_INF)  # (B, T, H, S)
         probs = ops.cast(ops.softmax(scores, axis=-1), kv.dtype)  # (B, T, H, S)
         context = ops.einsum("bths,bsr->bthr", probs, kv)  # (B, T, H, R)
         out = ops.einsum("bthr,rhd->bthd", context, w_uv)  # (B, T, H, Dv)

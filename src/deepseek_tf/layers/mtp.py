@@ -33,17 +33,27 @@ class MTPModule(keras.layers.Layer):
     Call arguments:
         hidden: `(B, T, d_model)` hidden states of the previous depth.
         next_embeddings: `(B, T, d_model)` embeddings of the tokens `k` ahead.
+        cache: optional decoding cache of the module's block (see `init_cache`):
+            speculative decoding drafts with it, one cached call per round.
+        cache_index: int32 scalar position of `hidden[:, 0]`, with a cache.
         training: enables dropout.
 
     Returns:
         The block's output dict (`"x"` is normed: ready for the output head and
-        the next depth; `"hidden"` is the un-normed block output).
+        the next depth; `"hidden"` is the un-normed block output). With a cache it
+        adds `"cache"` (the updated cache) and `"block_input"` `(B, T, d_model)`
+        (the block's input, from which a hybrid block's conv state is rewound).
 
     Examples:
     >>> mtp = MTPModule(16, {"block_type": "attention", "ffn_hidden_dim": 32,
     ...     "attention_config": {"n_heads": 2, "n_kv_heads": 2, "head_dim": 8}})
     >>> mtp(keras.ops.ones((1, 3, 16)), keras.ops.ones((1, 3, 16)))["x"].shape
     TensorShape([1, 3, 16])
+    >>> cache = mtp.init_cache(batch_size=1, max_len=8)
+    >>> h = keras.ops.ones((1, 2, 16))
+    >>> out = mtp(h, h, cache=cache, cache_index=0)
+    >>> out["x"].shape, out["cache"]["k"].shape
+    (TensorShape([1, 2, 16]), TensorShape([1, 8, 2, 8]))
     """
 
     def __init__(
@@ -81,12 +91,22 @@ class MTPModule(keras.layers.Layer):
         self.block.build(input_shape)
         self.norm.build(input_shape)
 
-    def call(self, hidden, next_embeddings, training=None):
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """The block's zeroed decoding cache for `max_len` positions."""
+        return self.block.init_cache(batch_size, max_len)
+
+    def call(self, hidden, next_embeddings, cache=None, cache_index=None, training=None):
         joined = ops.concatenate(
             [self.enorm(next_embeddings), self.hnorm(hidden)], axis=-1
         )  # (B, T, 2C)
-        out = self.block(self.eh_proj(joined), training=training, return_hidden=True)
-        return {**out, "hidden": out["x"], "x": self.norm(out["x"]), "ffn_hidden": out["hidden"]}
+        x = self.eh_proj(joined)  # (B, T, C)
+        out = self.block(
+            x, cache=cache, cache_index=cache_index, training=training, return_hidden=True
+        )
+        out = {**out, "hidden": out["x"], "x": self.norm(out["x"]), "ffn_hidden": out["hidden"]}
+        if cache is not None:
+            out["block_input"] = x
+        return out
 
     def get_config(self):
         return {**super().get_config(), **init_config(self)}

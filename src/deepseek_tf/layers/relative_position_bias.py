@@ -43,11 +43,12 @@ class RelativePositionBias(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
-        q_positions: `(T,)` int32 absolute query positions.
+        q_positions: `(T,)` int32 absolute query positions, or `(B, T)` per row.
         k_positions: `(S,)` int32 absolute key positions.
 
     Returns:
-        `(num_heads, T, S)` float32 bias added to the attention logits.
+        `(num_heads, T, S)` (per row `(B, num_heads, T, S)`) float32 bias added to
+        the attention logits.
 
     Examples:
     >>> bias = RelativePositionBias(num_heads=2, num_buckets=8, max_distance=16)
@@ -67,10 +68,10 @@ class RelativePositionBias(keras.layers.Layer):
         )
 
     def call(self, q_positions, k_positions):
-        distance = q_positions[:, None] - k_positions[None, :]  # (T, S)
+        distance = q_positions[..., :, None] - k_positions  # ([B,] T, S)
         buckets = relative_buckets(distance, self.num_buckets, self.max_distance)
-        bias = ops.take(ops.cast(self.table, "float32"), buckets, axis=0)  # (T, S, H)
-        return ops.transpose(bias, (2, 0, 1))  # (H, T, S)
+        bias = ops.take(ops.cast(self.table, "float32"), buckets, axis=0)  # ([B,] T, S, H)
+        return ops.moveaxis(bias, -1, -3)  # ([B,] H, T, S)
 
     def get_config(self):
         return {**super().get_config(), **init_config(self)}

@@ -84,7 +84,8 @@ class RotaryEmbedding(keras.layers.Layer):
 
     Call arguments:
         x: `(B, T, H, head_dim)` queries or keys.
-        positions: `(T,)` int32 absolute positions of the `T` tokens.
+        positions: `(T,)` int32 absolute positions of the `T` tokens, or `(B, T)`
+            per row.
 
     Examples:
     >>> rope = RotaryEmbedding(head_dim=8)
@@ -133,9 +134,9 @@ class RotaryEmbedding(keras.layers.Layer):
 
     def call(self, x, positions):
         inv_freq = ops.convert_to_tensor(self.inv_freq, "float32")
-        angles = ops.cast(positions, "float32")[:, None] * inv_freq[None, :]  # (T, D/2)
-        cos = ops.cos(angles)[None, :, None, :] * self.attention_factor  # (1, T, 1, D/2)
-        sin = ops.sin(angles)[None, :, None, :] * self.attention_factor
+        angles = ops.cast(positions, "float32")[..., None] * inv_freq  # ([B,] T, D/2)
+        cos = ops.cos(angles)[..., None, :] * self.attention_factor  # ([B,] T, 1, D/2)
+        sin = ops.sin(angles)[..., None, :] * self.attention_factor
         x32 = ops.cast(x, "float32")
         if self.layout == "half":
             x1, x2 = ops.split(x32, 2, axis=-1)  # (B, T, H, D/2) each

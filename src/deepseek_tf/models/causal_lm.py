@@ -16,6 +16,7 @@ from deepseek_tf.layers.mtp import MTPModule
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.serialization import init_config
 from deepseek_tf.models.model_structure import ModelStructure
+from deepseek_tf.models.remat import run_block
 
 HEADS = ("categorical", "gaussian")
 
@@ -339,7 +340,7 @@ class CausalLM(ModelStructure, keras.Model):
         embeddings = self.embed(token_ids, training)
         x = embeddings
         for block in self.blocks:
-            out = self._run_block(block, x, training)
+            out = run_block(block, x, training, remat=self.remat)
             collect(out)
             x = out["x"]
         logits = self.head(x)
@@ -368,43 +369,28 @@ class CausalLM(ModelStructure, keras.Model):
             stats["expert_load"] = ops.stack(collected["expert_load"])  # (L_moe, E)
         return logits, stats
 
-    def _run_block(self, block, x, training):
-        def run(h):
-            return block(h, training=training, return_hidden=True)
-
-        if self.remat == "blocks" and training:
-            # Activations recomputed in backward. tf.recompute_grad orders the recompute
-            # after the backward pass reaches it through a data dependency on the gradient
-            # of its *first* output only. That must be "x": the hidden activations get no
-            # gradient (zeros made up front), and with them first (as a dict's sorted keys
-            # put them) the recompute is free to run during the forward pass and every
-            # activation stays alive -- measured: no memory saved at all.
-            keys = []
-
-            def run_flat(h):
-                out = run(h)
-                keys[:] = ["x", *sorted(k for k in out if k != "x")]
-                return tuple(out[k] for k in keys)
-
-            values = tf.recompute_grad(run_flat)(x)
-            return dict(zip(keys, values))
-        return run(x)
-
     def init_cache(self, batch_size: int, max_len: int | None = None) -> list:
         """Zeroed per-layer decoding caches for `max_len` positions (an int or a scalar
         tensor; None: the whole context)."""
         max_len = self.max_seq_len if max_len is None else max_len
         return [block.init_cache(batch_size, max_len) for block in self.blocks]
 
-    def call_with_cache(self, token_ids, cache, cache_index):
-        """Runs `token_ids` at positions `cache_index...`; returns `(logits, new_cache)`."""
+    def call_with_cache(self, token_ids, cache, cache_index, return_hidden=False):
+        """Runs `token_ids` at positions `cache_index...`; returns `(logits, new_cache)`, or
+        with `return_hidden` `(logits, new_cache, extras)`: `extras["hidden"]` the final
+        state after the final norm `(B, T, C)` (what MTP depth 1 reads), `"block_inputs"`
+        each block's input `(B, T, C)` (see `generation.speculative`)."""
         x = self.embed(token_ids, training=False)
-        new_cache = []
+        new_cache, inputs = [], []
         for block, layer_cache in zip(self.blocks, cache):
+            inputs.append(x)
             out = block(x, cache=layer_cache, cache_index=cache_index)
             x = out["x"]
             new_cache.append(out["cache"])
-        return self.head(x), new_cache
+        if not return_hidden:
+            return self.head(x), new_cache
+        extras = {"hidden": self.final_norm(x), "block_inputs": inputs}
+        return self.head(x), new_cache, extras
 
     def get_config(self):
         return {**super().get_config(), **init_config(self)}

@@ -8,94 +8,23 @@ positions at a time. After every chunk it hands each job its new tokens: the
 job turns them into text, checks its stop strings, and the worker drops finished
 or abandoned jobs (a client that disconnected) from the batch. `max_batch=1` turns batching off.
 
-Events on `Job.events`: `("delta", text, tokens)` where `tokens` is a list of
-`(token_id, token_text, logprob, [(alt_text, alt_logprob), ...], entropy)`, then one
-`("end", finish_reason)` or `("error", message)`.
+Jobs and their events: `serving.job`. The continuous scheduler
+(`serving.scheduler`) is the server's default; this one is kept as `--batching dynamic`
+(the comparison in `benchmarks/serve_load.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
 
 from deepseek_tf.generation.decoding import Decoder, Row
+from deepseek_tf.serving.job import Job
 from deepseek_tf.serving.protocol import GenRequest
 
 log = logging.getLogger("deepseek_tf.serving")
-
-
-class Job:
-    """One generation request travelling through the batcher."""
-
-    def __init__(self, req: GenRequest, tokenizer, eos_id: int | None):
-        self.req = req
-        self.tokenizer = tokenizer
-        self.eos_id = eos_id
-        self.seed = req.seed if req.seed is not None else random.getrandbits(31)  # < 2**31
-        self.events: queue.Queue = queue.Queue()
-        self.cancelled = False  # set by the handler when its client goes away
-        self.finished = False
-        self.finish_reason: str | None = None
-        self.tokens: list[int] = []
-        self.text = ""  # the text of `tokens`, cut at a stop string
-        self.sent = 0  # characters of `text` already emitted
-        self.started = time.perf_counter()
-        self._hold = max((len(s) for s in req.stop), default=1) - 1
-
-    def decode(self, ids) -> str:
-        if self.tokenizer is None:
-            return "".join(f" {t}" for t in ids)
-        return self.tokenizer.decode(list(ids))
-
-    def feed(self, new) -> None:
-        """Takes new `(token, logprob, top, entropy)` entries from the decoder; emits a
-        delta."""
-        entries = []
-        for token, logprob, top, entropy in new:
-            if self.finished:
-                break
-            if token == self.eos_id:
-                self.finished, self.finish_reason = True, "stop"
-                break
-            self.tokens.append(token)
-            alts = [(self.decode([t]), lp) for t, lp in top[: self.req.logprobs or 0]]
-            entries.append((token, self.decode([token]), logprob, alts, entropy))
-        text = self.decode(self.tokens)
-        if self.req.stop and not self.finished:
-            search_from = max(0, self.sent - self._hold)
-            hits = [i for i in (text.find(s, search_from) for s in self.req.stop) if i >= 0]
-            if hits:
-                cut = min(hits)
-                keep = len(self.tokens)
-                while keep and len(self.decode(self.tokens[:keep])) > cut:
-                    keep -= 1
-                entries = entries[: max(0, len(entries) - (len(self.tokens) - keep))]
-                self.tokens, text = self.tokens[:keep], text[:cut]
-                self.finished, self.finish_reason = True, "stop"
-        if not self.finished and len(self.tokens) >= self.req.max_tokens:
-            self.finished, self.finish_reason = True, "length"
-        self.text = text
-        ready = len(text)
-        if not self.finished:
-            ready = max(self.sent, ready - self._hold)  # a stop string may still start here
-            while ready > self.sent and text[ready - 1] == "\ufffd":  # an incomplete character
-                ready -= 1
-        delta, self.sent = text[self.sent : ready], max(self.sent, ready)
-        if delta or entries:
-            self.events.put(("delta", delta, entries))
-        if self.finished:
-            self.events.put(("end", self.finish_reason))
-
-    def finish(self, reason: str = "length") -> None:
-        if not self.finished:
-            self.finished, self.finish_reason = True, reason
-            tail = self.text[self.sent :]
-            if tail:
-                self.events.put(("delta", tail, []))
-            self.events.put(("end", reason))
 
 
 class Batcher:

@@ -7,6 +7,12 @@ the connection; unknown methods get 405 with `Allow`; malformed request lines ge
 400s; a client that leaves mid-answer ends its connection quietly. Each answer goes out in
 one write with `TCP_NODELAY` (two small writes under Nagle's algorithm cost a delayed-ACK
 round, ~40 ms, on every keep-alive request).
+
+Every answered request is counted in `app.metrics` by route template (a client that left
+before its answer counts as 499). A generation waits for its events in short slices: a
+client that closed its connection, or a request past `app.request_timeout` (408, or an
+error event that ends the stream), cancels its job. `/health` answers 503 while the server
+is not ready (its `status` is not "ok").
 """
 
 from __future__ import annotations
@@ -14,24 +20,30 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import queue
 import re
+import select
 import socket
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler
 
-from deepseek_tf.serving.batcher import Job
+from deepseek_tf.serving import endpoints
+from deepseek_tf.serving.job import Job
 from deepseek_tf.serving.protocol import ApiError, bad, finalize_prompt, parse_generation
 from deepseek_tf.serving.responses import StreamChunks, completion_body
 
 log = logging.getLogger("deepseek_tf.serving")
 
-ROUTES = {
-    "/health": ("GET",),
-    "/v1/models": ("GET",),
-    "/v1/completions": ("POST",),
-    "/v1/chat/completions": ("POST",),
-}
 DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+POLL_S = 0.05  # a waiting generation checks its client and its deadline this often
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection first
+
+
+class ClientGone(ConnectionAbortedError):
+    """The client closed its connection while its generation ran."""
+
+
 _DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII digits only ("²".isdigit() is True)
 
 
@@ -52,6 +64,18 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def handle_one_request(self):
+        self._status, self._endpoint = None, "other"
+        try:
+            super().handle_one_request()
+        finally:
+            if self._status is not None:
+                self.app.metrics.request(self._endpoint, self._status)
+
+    def send_response(self, code, message=None):
+        self._status = code
+        super().send_response(code, message)
+
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         log.info("%s %s", self.address_string(), printable(format % args))
 
@@ -68,9 +92,11 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ----------------------------------------------------------------------
     def _send_json(self, status: int, body: dict, close: bool = False, headers=()) -> None:
-        data = json.dumps(body).encode()
+        self._send(status, json.dumps(body).encode(), "application/json", close, headers)
+
+    def _send(self, status: int, data: bytes, content_type: str, close=False, headers=()):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for key, value in headers:
             self.send_header(key, value)
@@ -168,14 +194,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str, path: str) -> None:
         """Raises 404/405 unless `method` is allowed on `path`."""
-        is_predict = path.startswith("/v1/models/") and path.endswith(":predict")
-        if is_predict:
-            allowed = ("POST",)
-        elif path.startswith("/v1/models/") and path.count("/") == 3:
-            allowed = ("GET",)  # a model object
-        elif path in ROUTES:
-            allowed = ROUTES[path]
-        else:
+        allowed = endpoints.allowed_methods(path)
+        if allowed is None:
             raise ApiError(404, f"no route {printable(path, 80)}", "invalid_request_error",
                            "not_found")  # fmt: skip
         if method not in allowed:
@@ -190,17 +210,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        self._endpoint = endpoints.endpoint(path)
         try:
             body = self._read_body(required=method == "POST")
             self._route(method, path)
-            if path == "/health":
-                return self._send_json(200, self.app.health())
+            if self._endpoint in endpoints.PUBLIC:
+                return self._public(path)
             self._check_auth()
             if path == "/v1/models":
                 return self._send_json(200, self.app.models())
             if method == "GET":  # /v1/models/NAME
                 return self._send_json(200, self.app.model_status(path[len("/v1/models/") :]))
             request = self._json(body)
+            if path in ("/tokenize", "/detokenize"):
+                answer = getattr(endpoints, path[1:])(self.app, request)
+                return self._send_json(200, answer)
             if path.endswith(":predict"):
                 name = path[len("/v1/models/") : -len(":predict")]
                 return self._send_json(200, self.app.predict(name, request))
@@ -212,12 +236,27 @@ class Handler(BaseHTTPRequestHandler):
             self._error(e, close=self.close_connection)
         except DISCONNECTS:
             self.close_connection = True
+            if self._status is None:
+                self._status = CLIENT_GONE
         except Exception:  # a bug, not the client's fault: 500, and keep serving
             log.exception("request failed")
             self._error(ApiError(500, "internal server error", "server_error", "internal"), True)
 
+    def _public(self, path: str) -> None:
+        """The answers that need no API key: health, metrics, the chat page."""
+        if path == "/health":
+            health = self.app.health()
+            return self._send_json(200 if health.get("status") == "ok" else 503, health)
+        if path == "/metrics":
+            return self._send(200, *self.app.metrics.render())
+        data, content_type = endpoints.static_file(path)
+        self._send(200, data, content_type, headers=endpoints.PAGE_HEADERS)
+
     # -- generation --------------------------------------------------------------------
     def _generate(self, req) -> None:
+        limit = self.app.request_timeout
+        self._deadline = None if limit is None else time.perf_counter() + limit
+        self._checked = time.perf_counter()
         job = self.app.submit(req)  # 429 when the queue is full
         rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         try:
@@ -228,10 +267,40 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             job.cancelled = True  # no-op when finished; frees the slot when the client left
 
+    def _client_gone(self) -> bool:
+        """The client closed its side (a readable socket with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _next_event(self, job: Job):
+        """The job's next event; cancels it when the client leaves or time runs out."""
+        while True:
+            now = time.perf_counter()
+            if self._deadline is not None and now > self._deadline:
+                job.cancelled = True
+                raise ApiError(
+                    408,
+                    f"the request ran past this server's limit of {self.app.request_timeout:g} s",
+                    "invalid_request_error",
+                    "request_timeout",
+                )
+            if now - self._checked >= POLL_S:  # at most every POLL_S while tokens flow
+                self._checked = now
+                if self._client_gone():
+                    job.cancelled = True
+                    raise ClientGone("the client closed the connection")
+            try:
+                return job.events.get(timeout=POLL_S)
+            except queue.Empty:
+                pass
+
     def _complete(self, job: Job, rid: str) -> None:
         text, entries = "", []
         while True:
-            event = job.events.get()
+            event = self._next_event(job)
             if event[0] == "delta":
                 text += event[1]
                 entries += event[2]
@@ -249,7 +318,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _stream(self, job: Job, rid: str) -> None:
-        first = job.events.get()  # wait for the first tokens: errors can still be JSON
+        first = self._next_event(job)  # wait for the first tokens: errors can still be JSON
         if first[0] == "error":
             raise RuntimeError(first[1])
         self.send_response(200)
@@ -262,9 +331,14 @@ class Handler(BaseHTTPRequestHandler):
         if chunks.opening is not None:
             self._sse(chunks.opening)
         event = first
-        while event[0] == "delta":
-            self._sse(chunks.delta(event[1], event[2]))  # raises when the client has gone
-            event = job.events.get()
+        try:
+            while event[0] == "delta":
+                self._sse(chunks.delta(event[1], event[2]))  # raises when the client has gone
+                event = self._next_event(job)
+        except ApiError as e:  # past the time limit: say so, then end the stream
+            self._sse(e.body())
+            self._sse("[DONE]")
+            return
         if event[0] == "error":
             return  # headers are sent: end the stream without [DONE]
         for payload in chunks.closing(event[1]):

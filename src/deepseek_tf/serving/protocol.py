@@ -85,6 +85,7 @@ class GenRequest:
     echo: bool = False
     include_usage: bool = False
     messages: list[dict] | None = None  # a chat's validated messages (rendered later)
+    json_mode: bool = False  # response_format {"type": "json_object"}: output one JSON object
 
 
 def _typed(body: dict, key: str, types, default, name: str):
@@ -203,26 +204,66 @@ def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenR
     req.stream = _typed(body, "stream", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")
     req.include_usage = bool(options.get("include_usage", False))
+    req.json_mode = json_mode(body.get("response_format"))
     return req
+
+
+def json_mode(response_format) -> bool:
+    """`response_format`: absent or `{"type": "text"}` -> False, `{"type": "json_object"}`
+    -> True (the output is constrained to one JSON object); anything else is a 400."""
+    if response_format is None:
+        return False
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind in ("text", "json_object"):
+        return kind == "json_object"
+    raise bad(
+        '\'response_format\' must be {"type": "text"} or {"type": "json_object"}',
+        "response_format",
+    )
+
+
+def prompt_ids(tokenizer, prompt=None, messages=None, special=None, generation_prompt=True):
+    """`(text, ids)` of a completion `prompt` (str) or a chat's validated `messages`, as the
+    completion and chat endpoints tokenize them: a prompt with the tokenizer's BOS/EOS
+    settings (`encode_prompt`), a chat through its template (the template writes its special
+    tokens). `special` overrides whether those settings' special tokens are added."""
+    if messages is not None:
+        if tokenizer is None:
+            raise bad("this model has no tokenizer: use /v1/completions with token ids", "messages")
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+            return text, tokenizer.encode_prompt(text) if special else tokenizer.encode(text)
+        except Exception as e:  # the template refused the conversation, or an unknown char
+            raise bad(f"the conversation cannot be rendered: {e}", "messages") from None
+    if tokenizer is None:
+        raise bad("this model has no tokenizer: send the prompt as token ids", "prompt")
+    try:
+        encode = tokenizer.encode if special is False else tokenizer.encode_prompt
+        return prompt, encode(prompt)
+    except Exception as e:  # e.g. a character the char tokenizer does not know
+        raise bad(f"the prompt cannot be tokenized: {e}", "prompt") from None
+
+
+def _check_json_vocabulary(tokenizer) -> None:
+    """400 unless the vocabulary can open a JSON object (a character vocabulary may lack
+    `{`); the token texts are computed once per tokenizer."""
+    from deepseek_tf.serving.json_constraint import JsonConstraint
+
+    if tokenizer is None:
+        raise bad("JSON mode needs the model's tokenizer (token texts)", "response_format")
+    constraint = JsonConstraint.for_tokenizer(tokenizer)
+    if not (constraint.allowed() & ~constraint.vocab.whitespace).any():
+        raise bad("this model's vocabulary cannot write a JSON object ('{')", "response_format")
 
 
 def finalize_prompt(req: GenRequest, tokenizer, limits: Limits, vocab_size: int) -> None:
     """Tokenizes the prompt and resolves `max_tokens` against the context (in place)."""
     if req.messages is not None:
-        if tokenizer is None:
-            raise bad("this model has no tokenizer: use /v1/completions with token ids", "messages")
-        try:
-            req.prompt = tokenizer.apply_chat_template(req.messages)
-            req.prompt_ids = tokenizer.encode(req.prompt)
-        except Exception as e:  # the template refused the conversation, or an unknown char
-            raise bad(f"the conversation cannot be rendered: {e}", "messages") from None
+        req.prompt, req.prompt_ids = prompt_ids(tokenizer, messages=req.messages)
     elif req.prompt is not None:
-        if tokenizer is None:
-            raise bad("this model has no tokenizer: send the prompt as token ids", "prompt")
-        try:
-            req.prompt_ids = tokenizer.encode_prompt(req.prompt)
-        except Exception as e:  # e.g. a character the char tokenizer does not know
-            raise bad(f"the prompt cannot be tokenized: {e}", "prompt") from None
+        _, req.prompt_ids = prompt_ids(tokenizer, req.prompt)
+    if req.json_mode:
+        _check_json_vocabulary(tokenizer)
     ids = req.prompt_ids
     if not ids:
         raise bad("the prompt is empty (no tokens)", "prompt")

@@ -8,13 +8,19 @@ logits (before temperature and top-p), of the token that was chosen.
 Extension (deepseek-tf): next to the logprobs, each token's uncertainty -- the entropy
 in nats of the model's distribution at that position -- as `token_entropies` (a list
 parallel to `token_logprobs`) in completions and `entropy` on each chat `content` item.
+
+`usage` reports `prompt_tokens_details.cached_tokens` (prompt tokens served from the prefix
+cache) as OpenAI does. Extension (as llama.cpp's server): `timings` beside `usage` in every
+response (and on the last chunk of a stream): `queue_ms` (arrival to admission), `ttft_ms`
+(arrival to the first token), `total_ms`, the token counts and `tokens_per_second` (decode
+speed after the first token); a figure the scheduler did not record is null.
 """
 
 from __future__ import annotations
 
 import time
 
-from deepseek_tf.serving.batcher import Job
+from deepseek_tf.serving.job import Job
 
 
 def logprobs_completion(entries, offset: int) -> dict:
@@ -54,7 +60,35 @@ def logprobs_chat(entries) -> dict:
 def usage(job: Job) -> dict:
     """Token counts of a finished job."""
     p, c = len(job.req.prompt_ids), len(job.tokens)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": int(getattr(job, "cached_tokens", 0) or 0)},
+    }
+
+
+def _ms(start, end) -> float | None:
+    return None if start is None or end is None else round((end - start) * 1000, 3)
+
+
+def timings(job: Job) -> dict:
+    """Where a finished job's time went (milliseconds; None where not recorded)."""
+    started = getattr(job, "started", None)
+    first = getattr(job, "first_token_at", None)
+    finished = getattr(job, "finished_at", None) or time.perf_counter()
+    n = len(job.tokens)
+    decode_s = None if first is None else finished - first
+    speed = (n - 1) / decode_s if decode_s and n > 1 else None
+    return {
+        "queue_ms": _ms(started, getattr(job, "admitted_at", None)),
+        "ttft_ms": _ms(started, first),
+        "total_ms": _ms(started, finished),
+        "prompt_tokens": int(getattr(job, "prompt_tokens", 0) or len(job.req.prompt_ids)),
+        "cached_tokens": int(getattr(job, "cached_tokens", 0) or 0),
+        "completion_tokens": n,
+        "tokens_per_second": None if speed is None else round(speed, 3),
+    }
 
 
 def choice(job: Job, text: str, entries, reason, offset: int = 0) -> dict:
@@ -82,6 +116,7 @@ def completion_body(job: Job, rid: str, model: str, text: str, entries, reason: 
         "model": model,
         "choices": [choice(job, prefix + text, entries, reason, len(prefix))],
         "usage": usage(job),
+        "timings": timings(job),
     }
 
 
@@ -90,7 +125,8 @@ class StreamChunks:
 
     `opening` (chat: the assistant role; completion with `echo`: the prompt; else
     None), one `delta(text, entries)` per batch of new tokens, then `closing(reason)`:
-    the finish reason, the usage (with `stream_options.include_usage`), `[DONE]`.
+    the finish reason with `timings`, the usage and timings (with
+    `stream_options.include_usage`), `[DONE]`.
     """
 
     def __init__(self, job: Job, rid: str, model: str):
@@ -125,7 +161,8 @@ class StreamChunks:
             last = self._chat_chunk({}, None, reason)
         else:
             last = {**self.base, "choices": [choice(self.job, "", [], reason, self.offset)]}
-        out = [last]
+        spent = timings(self.job)
+        out = [{**last, "timings": spent}]
         if self.job.req.include_usage:
-            out.append({**self.base, "choices": [], "usage": usage(self.job)})
+            out.append({**self.base, "choices": [], "usage": usage(self.job), "timings": spent})
         return [*out, "[DONE]"]

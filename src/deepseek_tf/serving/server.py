@@ -2,11 +2,13 @@
 
 Built on the standard library's `ThreadingHTTPServer` (no extra dependency): one thread
 per connection (at most `max_connections`; beyond that a connection is answered 503 and
-closed), generation funnelled through a `Batcher`, at most `max_queue` requests waiting
-(completions and predictions alike; beyond that 429 with `Retry-After`).
+closed), generation funnelled through the continuous-batching `ContinuousScheduler`
+(or, with `batching="dynamic"`, the older `Batcher`), at most `max_queue` requests
+waiting (completions and predictions alike; beyond that 429 with `Retry-After`).
 
 Endpoints:
-    GET  /health                      -> {"status": "ok", ...} (never needs the API key)
+    GET  /health                      -> {"status": "ok", ...} (never needs the API key);
+                                         503 {"status": "loading"} while compiling
     GET  /v1/models                   -> the one served model
     GET  /v1/models/NAME              -> OpenAI's model object + TF-Serving's version status
     POST /v1/completions              -> OpenAI text completion (stream, logprobs, stop, ...)
@@ -39,7 +41,9 @@ import tensorflow as tf
 from deepseek_tf.errors import InputError
 from deepseek_tf.serving.batcher import Batcher, Job
 from deepseek_tf.serving.handler import DISCONNECTS, Handler
+from deepseek_tf.serving.metrics import ServerMetrics
 from deepseek_tf.serving.protocol import ApiError, Limits, bad, parse_predict
+from deepseek_tf.serving.scheduler import ContinuousScheduler
 
 log = logging.getLogger("deepseek_tf.serving")
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -63,9 +67,16 @@ class ServingApp:
         model, tokenizer: the served run (tokenizer None: token ids only).
         model_name: the served model id.
         api_key: require `Authorization: Bearer KEY` (None: no key).
-        max_batch: most rows decoded together.
-        window_s: how long the first waiting request waits for company.
-        chunk: tokens decoded between checks (stop strings, disconnects, streaming).
+        max_batch: most rows decoded together (the continuous batch's slots).
+        batching: "continuous" (requests join and leave between decode steps) or
+            "dynamic" (a batch runs to its end; `window_s` and `chunk` apply).
+        window_s: dynamic batching: how long the first waiting request waits for company.
+        chunk: dynamic batching: tokens decoded between checks (stop strings, streaming).
+        step_ms: continuous batching: target duration of one decode call.
+        stream_interval: continuous batching: most tokens per call while a request streams.
+        prefix_cache_mb: continuous batching: memory for cached prompt prefixes (0: off).
+        request_timeout: seconds a generation may take (None: no limit).
+        warm_up: compile the serving shapes before `/health` reports ready.
         max_tokens, max_prompt_tokens: request limits (None: the context).
         max_body_bytes: largest request body.
         max_queue: requests waiting (or predicting) beyond this get 429.
@@ -81,14 +92,20 @@ class ServingApp:
         *,
         api_key: str | None = None,
         max_batch: int = 16,
+        batching: str = "continuous",
         window_s: float = 0.005,
         chunk: int = 8,
+        step_ms: float = 20.0,
+        stream_interval: int = 4,
+        prefix_cache_mb: float = 256,
+        request_timeout: float | None = None,
         max_tokens: int | None = None,
         max_prompt_tokens: int | None = None,
         max_body_bytes: int = 1 << 20,
         max_queue: int = 256,
         max_connections: int = 256,
         jit_compile: bool = True,
+        warm_up: bool = True,
     ):
         _check_options(
             max_batch=(max_batch, 1),
@@ -99,7 +116,13 @@ class ServingApp:
             max_body_bytes=(max_body_bytes, 1),
             max_queue=(max_queue, 0),
             max_connections=(max_connections, 1),
+            step_ms=(step_ms, 0.1),
+            stream_interval=(stream_interval, 1),
+            prefix_cache_mb=(prefix_cache_mb, 0),
+            request_timeout=(request_timeout, 0.001),
         )
+        if batching not in ("continuous", "dynamic"):
+            raise InputError(f"--batching: continuous or dynamic, got {batching!r}")
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.api_key = api_key
         context = model.max_seq_len
@@ -111,7 +134,16 @@ class ServingApp:
         )
         self.max_queue = max_queue
         self.max_connections = max_connections
-        self.batcher = Batcher(model, tokenizer, max_batch, window_s, chunk, jit_compile)
+        self.request_timeout = request_timeout
+        self.metrics = ServerMetrics(model_name)
+        if batching == "continuous":
+            self.batcher = ContinuousScheduler(
+                model, tokenizer, self.metrics, max_batch=max_batch, step_ms=step_ms,
+                stream_interval=stream_interval,
+                prefix_cache_mb=prefix_cache_mb, jit_compile=jit_compile, warm_up=warm_up,
+            )  # fmt: skip
+        else:
+            self.batcher = Batcher(model, tokenizer, max_batch, window_s, chunk, jit_compile)
         self.created = int(time.time())
         self._predicting = 0
         self._lock = threading.Lock()
@@ -200,14 +232,26 @@ class ServingApp:
         status = {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK"}}
         return {**self.models()["data"][0], "model_version_status": [status]}
 
+    @property
+    def ready(self) -> bool:
+        """True once the scheduler has compiled its shapes."""
+        event = getattr(self.batcher, "ready", None)
+        return event is None or event.is_set()
+
     def health(self) -> dict:
-        return {
-            "status": "ok",
+        """`status` is "loading" until the serving shapes are compiled, then "ok"."""
+        body = {
+            "status": "ok" if self.ready else "loading",
             "model": self.model_name,
             "context": self.limits.context,
-            "batches": self.batcher.batches,
             "rows": self.batcher.rows,
+            "running": self.batcher.running() if hasattr(self.batcher, "running") else 0,
+            "waiting": self.batcher.pending(),
         }
+        prefix = getattr(self.batcher, "prefix", None)
+        if prefix is not None and prefix.enabled:
+            body["prefix_cache"] = {"entries": len(prefix), "hit_rate": round(prefix.hit_rate, 4)}
+        return body
 
 
 class ServingHTTPServer(ThreadingHTTPServer):

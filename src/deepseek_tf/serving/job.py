@@ -1,0 +1,104 @@
+"""One generation request travelling through a scheduler, and its events.
+
+HTTP handler threads submit a `Job` (`ContinuousScheduler.submit` or `Batcher.submit`)
+and read its `events` queue: `("delta", text, tokens)` where `tokens` is a list of
+`(token_id, token_text, logprob, [(alt_text, alt_logprob), ...], entropy)`, then one
+`("end", finish_reason)` or `("error", message)`. The scheduler feeds each job the tokens
+decoded for it; the job turns them into text, checks its stop strings and limits.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import time
+
+from deepseek_tf.serving.protocol import GenRequest
+
+
+class Job:
+    """One generation request travelling through a scheduler.
+
+    Args:
+        req: the validated request.
+        tokenizer: decodes its tokens (None: ids as text).
+        eos_id: the token that ends it (None: none).
+    """
+
+    def __init__(self, req: GenRequest, tokenizer, eos_id: int | None):
+        self.req = req
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.seed = req.seed if req.seed is not None else random.getrandbits(31)  # < 2**31
+        self.events: queue.Queue = queue.Queue()
+        self.cancelled = False  # set by the handler when its client goes away
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.tokens: list[int] = []
+        self.text = ""  # the text of `tokens`, cut at a stop string
+        self.sent = 0  # characters of `text` already emitted
+        # timings (perf_counter seconds) and counts for `usage`, `timings` and /metrics
+        self.started = time.perf_counter()  # arrival
+        self.admitted_at: float | None = None  # given a slot (prefill starts)
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.prompt_tokens = len(req.prompt_ids)
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.constraint = None  # a `JsonConstraint` under `response_format: json_object`
+        self._hold = max((len(s) for s in req.stop), default=1) - 1
+
+    def decode(self, ids) -> str:
+        if self.tokenizer is None:
+            return "".join(f" {t}" for t in ids)
+        return self.tokenizer.decode(list(ids))
+
+    def feed(self, new) -> None:
+        """Takes new `(token, logprob, top, entropy)` entries from the decoder; emits a
+        delta."""
+        entries = []
+        for token, logprob, top, entropy in new:
+            if self.finished:
+                break
+            if token == self.eos_id:
+                self.finished, self.finish_reason = True, "stop"
+                break
+            self.tokens.append(token)
+            alts = [(self.decode([t]), lp) for t, lp in top[: self.req.logprobs or 0]]
+            entries.append((token, self.decode([token]), logprob, alts, entropy))
+        text = self.decode(self.tokens)
+        if self.req.stop and not self.finished:
+            search_from = max(0, self.sent - self._hold)
+            hits = [i for i in (text.find(s, search_from) for s in self.req.stop) if i >= 0]
+            if hits:
+                cut = min(hits)
+                keep = len(self.tokens)
+                while keep and len(self.decode(self.tokens[:keep])) > cut:
+                    keep -= 1
+                entries = entries[: max(0, len(entries) - (len(self.tokens) - keep))]
+                self.tokens, text = self.tokens[:keep], text[:cut]
+                self.finished, self.finish_reason = True, "stop"
+        if not self.finished and len(self.tokens) >= self.req.max_tokens:
+            self.finished, self.finish_reason = True, "length"
+        self.text = text
+        ready = len(text)
+        if not self.finished:
+            ready = max(self.sent, ready - self._hold)  # a stop string may still start here
+            while ready > self.sent and text[ready - 1] == "\ufffd":  # an incomplete character
+                ready -= 1
+        delta, self.sent = text[self.sent : ready], max(self.sent, ready)
+        if entries and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if delta or entries:
+            self.events.put(("delta", delta, entries))
+        if self.finished:
+            self.finished_at = time.perf_counter()
+            self.events.put(("end", self.finish_reason))
+
+    def finish(self, reason: str = "length") -> None:
+        if not self.finished:
+            self.finished, self.finish_reason = True, reason
+            self.finished_at = time.perf_counter()
+            tail = self.text[self.sent :]
+            if tail:
+                self.events.put(("delta", tail, []))
+            self.events.put(("end", reason))

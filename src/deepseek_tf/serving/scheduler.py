@@ -1,0 +1,334 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+The server's default scheduler (vLLM's and llama.cpp's server's model). The batch is a
+fixed set of `max_batch` slots, each a row of one decoding cache held in variables (the
+compiled steps update it in place: no copy of the cache per call). A worker thread loops:
+
+1. admit: each waiting request takes a free slot. Its prompt is prefilled alone
+   (`DecodeLoop.prefill`, power-of-two chunks), starting after the longest prefix found
+   in the prefix cache, and written into the slot's row;
+2. decode: every busy slot advances up to `chunk` positions in one compiled loop of
+   `DecodeLoop.token_step` -- the step `generate` runs -- each row at its own position
+   and sampled with its own seed, so a request gets the tokens `deepseek-tf generate`
+   gives it whatever else is running. `chunk` adapts so that a call lasts about
+   `step_ms` (joining requests wait at most that long), at most `stream_interval`
+   while a request streams (its client sees tokens that often: a compiled call has a
+   fixed cost of about a millisecond, so one call per token would halve throughput),
+   and 1 while a request needs a decision per token (`response_format: json_object`);
+3. hand each job its new tokens (text, stop strings, limits, streaming); finished and
+   abandoned (disconnected, timed out) rows free their slots at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from deepseek_tf.generation.decoding import TOP_LOGPROBS, DecodeLoop, prefill_chunks
+from deepseek_tf.serving.job import Job
+from deepseek_tf.serving.json_constraint import JsonConstraint
+from deepseek_tf.serving.metrics import ServerMetrics
+from deepseek_tf.serving.prefix_cache import PrefixCache
+from deepseek_tf.serving.protocol import GenRequest
+
+log = logging.getLogger("deepseek_tf.serving")
+MAX_CHUNK = 32  # most positions one decode call advances
+
+
+class ContinuousScheduler:
+    """Slots, the decode worker and the prefix cache of one served model.
+
+    Args:
+        model: a `CausalLM`.
+        tokenizer: its tokenizer (or None: token ids in, ids as text out).
+        metrics: the server's `ServerMetrics` (None: a private one).
+        max_batch: slots (rows decoded together).
+        step_ms: target duration of one decode call (sets the adaptive chunk).
+        stream_interval: most tokens decoded per call while a request streams.
+        prefix_cache_mb: memory for the prefix cache (0: off).
+        jit_compile: compile with XLA.
+        warm_up: compile every serving shape before `ready` is set (False: shapes compile
+            on first use).
+    """
+
+    def __init__(self, model, tokenizer, metrics: ServerMetrics | None = None, *,
+                 max_batch: int = 16, step_ms: float = 20.0, stream_interval: int = 4,
+                 prefix_cache_mb: float = 256,
+                 jit_compile: bool = True, warm_up: bool = True):  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.metrics = metrics or ServerMetrics("model")
+        self.eos_id = None if tokenizer is None else tokenizer.eos_id
+        vocab = None if tokenizer is None else tokenizer.vocab_size  # never an undecodable id
+        self.loop = DecodeLoop(model, jit_compile=jit_compile, logprobs=True, vocab_limit=vocab)
+        self.slots, self.length = max(1, int(max_batch)), model.max_seq_len
+        self.step_ms = step_ms
+        self.stream_interval = max(1, int(stream_interval))
+        self.warm = warm_up
+        b, s = self.slots, self.length
+        self.cache = tf.nest.map_structure(tf.Variable, model.init_cache(b, s))  # (B, S, ...)
+        self.logits = tf.Variable(tf.zeros((b, model.vocab_size), tf.float32))  # (B, V)
+        stateful = any(t.shape[1] != s for t in tf.nest.flatten(self.cache))  # conv state
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20), exact_only=stateful)
+        self.jobs: list[Job | None] = [None] * b
+        self.positions = np.zeros(b, np.int32)
+        self.ends = np.ones(b, np.int32)
+        self.sampling = [np.zeros(b, np.float32), np.zeros(b, np.int32),
+                         np.ones(b, np.float32), np.zeros(b, np.int32)]  # fmt: skip
+        stops = [] if self.eos_id is None else [self.eos_id]
+        self.stop_ids = tf.constant(stops or [-1], tf.int32)
+        self._advance = tf.function(self._advance_fn, jit_compile=jit_compile)
+        self._insert = tf.function(self._insert_fn, jit_compile=jit_compile)
+        self._queue: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._per_token_s = 0.002  # running estimate of one position's decode time
+        self.rows = 0  # statistics: rows admitted, rows abandoned by their client
+        self.abandoned = 0
+
+    # -- compiled parts --------------------------------------------------------------------
+    def _insert_fn(self, slot, row_cache, row_logits):
+        """Writes a batch-1 cache and its last logits into row `slot`."""
+        index = tf.reshape(slot, (1, 1))
+        for var, row in zip(tf.nest.flatten(self.cache), tf.nest.flatten(row_cache)):
+            var.scatter_nd_update(index, tf.cast(row, var.dtype))
+        self.logits.scatter_nd_update(index, tf.cast(row_logits, tf.float32))
+
+    def _advance_fn(self, positions, done, ends, sampling, steps, bias=None):
+        """Up to `steps` positions of every row not `done` -> `(steps_run, tokens (B, K),
+        logprobs (B, K), top_ids (B, K, TOP), top_logprobs (B, K, TOP), entropies (B, K))`
+        with `K = MAX_CHUNK`; the cache and logits variables are updated in place."""
+        b = self.slots
+        cache = tf.nest.map_structure(lambda v: v.read_value(), self.cache)
+        logits = self.logits.read_value()
+        none = tf.zeros((b,), tf.bool)
+        out = (tf.zeros((b, MAX_CHUNK), tf.int32), tf.zeros((b, MAX_CHUNK)),
+               tf.zeros((b, MAX_CHUNK, TOP_LOGPROBS), tf.int32),
+               tf.zeros((b, MAX_CHUNK, TOP_LOGPROBS)), tf.zeros((b, MAX_CHUNK)))  # fmt: skip
+
+        def body(j, positions, done, cache, logits, out):
+            step = self.loop.token_step(cache, logits, positions, none, tf.zeros((b,), tf.int32),
+                                        done, sampling, self.stop_ids, bias)  # fmt: skip
+            token, stopped, logprob, top_ids, top_lps, entropy, logits, cache = step
+            column = tf.stack([tf.range(b), tf.fill((b,), j)], axis=1)  # (B, 2)
+            values = (token, logprob, top_ids, top_lps, entropy)
+            out = tuple(tf.tensor_scatter_nd_update(o, column, v) for o, v in zip(out, values))
+            moving = tf.logical_not(done)
+            done = tf.logical_or(done, tf.logical_or(stopped, positions + 1 >= ends))
+            positions = tf.where(moving, tf.minimum(positions + 1, self.length - 1), positions)
+            return j + 1, positions, done, cache, logits, out
+
+        def cond(j, positions, done, *_):
+            return tf.logical_and(j < steps, tf.logical_not(tf.reduce_all(done)))
+
+        j, _, _, cache, logits, out = tf.while_loop(
+            cond, body, (tf.constant(0), positions, done, cache, logits, out)
+        )
+        for var, value in zip(tf.nest.flatten(self.cache), tf.nest.flatten(cache)):
+            var.assign(value)
+        self.logits.assign(logits)
+        return (j, *out)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> ContinuousScheduler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def warm_up(self) -> float:
+        """Compiles every shape the server uses (each prefill chunk, the decode call, the
+        slot write); returns the seconds it took."""
+        began = time.perf_counter()
+        row = self.model.init_cache(1, self.length)
+        logits = None
+        for n in prefill_chunks((1 << self.length.bit_length()) - 1):
+            if n <= self.length:
+                logits, row = self.loop.prefill(tf.zeros((1, n), tf.int32), row)
+        self._insert(tf.constant(0), row, logits)
+        done = np.ones(self.slots, bool)
+        done[0] = False
+        self._call(done, steps=1)
+        self._call(done, steps=1, bias=np.zeros((self.slots, self.model.vocab_size), np.float32))
+        return time.perf_counter() - began
+
+    def pending(self) -> int:
+        """Requests waiting for a slot."""
+        return self._queue.qsize()
+
+    def running(self) -> int:
+        return sum(j is not None for j in self.jobs)
+
+    def submit(self, req: GenRequest) -> Job:
+        job = Job(req, self.tokenizer, self.eos_id)
+        self._queue.put(job)
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return job
+
+    # -- the worker ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            if self.warm:
+                seconds = self.warm_up()
+                log.info("compiled the serving shapes in %.1f s", seconds)
+        except Exception:
+            log.exception("warm-up failed")  # serve anyway: shapes compile on first use
+        self.ready.set()
+        while not self._stopping.is_set():
+            try:
+                self._admit(block=self.running() == 0)
+                if self.running():
+                    self._decode()
+            except Exception as e:  # a server bug: fail the running jobs, keep serving
+                log.exception("decode step failed")
+                for slot, job in enumerate(self.jobs):
+                    if job is not None and not job.finished:
+                        job.finished = True
+                        job.events.put(("error", f"generation failed: {type(e).__name__}"))
+                    self.jobs[slot] = None
+            self.metrics.running_rows.set(self.running())
+            self.metrics.queue_depth.set(self._queue.qsize())
+
+    def _admit(self, block: bool) -> None:
+        while None in self.jobs:
+            try:
+                job = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if job.cancelled:
+                self.abandoned += 1
+                job.finish("cancelled")
+                continue
+            try:
+                self._prefill(self.jobs.index(None), job)
+            except Exception as e:
+                log.exception("prefill failed")
+                job.finished = True
+                job.events.put(("error", f"generation failed: {type(e).__name__}"))
+
+    def _prefill(self, slot: int, job: Job) -> None:
+        req, prompt = job.req, list(job.req.prompt_ids)
+        job.admitted_at = time.perf_counter()
+        shared, row = self.prefix.lookup(prompt)
+        self.metrics.prefix_queried.inc(len(prompt))
+        self.metrics.prefix_hit.inc(shared)
+        self.metrics.prompt_tokens.inc(len(prompt))
+        job.cached_tokens = shared
+        if row is None:
+            row = self.model.init_cache(1, self.length)
+        rest = tf.constant([prompt[shared:]], tf.int32)  # (1, P - shared)
+        logits, row = self.loop.prefill(rest, row, start=shared)
+        self.prefix.store(prompt, row)
+        self._insert(tf.constant(slot), row, logits)
+        self.jobs[slot] = job
+        self.positions[slot] = len(prompt)
+        self.ends[slot] = len(prompt) + req.max_tokens
+        settings = (req.temperature, req.top_k, req.top_p, job.seed)
+        for array, value in zip(self.sampling, settings):
+            array[slot] = value
+        if req.json_mode and self.tokenizer is not None:
+            job.constraint = JsonConstraint.for_tokenizer(self.tokenizer)
+        self.rows += 1
+
+    def _call(self, done, steps: int, bias=None):
+        sampling = tuple(tf.constant(a) for a in self.sampling)
+        args = (tf.constant(self.positions), tf.constant(done), tf.constant(self.ends), sampling,
+                tf.constant(steps, tf.int32))  # fmt: skip
+        if bias is not None:
+            return self._advance(*args, tf.constant(bias))
+        return self._advance(*args)
+
+    def _decode(self) -> None:
+        constrained = [s for s, j in enumerate(self.jobs) if j is not None and j.constraint]
+        bias = None
+        if constrained:
+            bias = np.zeros((self.slots, self.model.vocab_size), np.float32)
+            for s in constrained:
+                allowed = self.jobs[s].constraint.allowed()  # (V_tokenizer,)
+                if not allowed.any():  # the vocabulary cannot continue the object
+                    self.jobs[s].finish("stop")
+                    self._release(s, store=False)
+                    continue
+                bias[s] = -1e9
+                bias[s, : len(allowed)] = np.where(allowed, 0.0, -1e9)
+            steps = 1
+            if self.running() == 0:
+                return
+        else:
+            steps = int(np.clip(self.step_ms / 1e3 / self._per_token_s, 1, MAX_CHUNK))
+            if any(j is not None and j.req.stream for j in self.jobs):
+                steps = min(steps, self.stream_interval)
+        done = np.asarray([j is None for j in self.jobs])
+        began = time.perf_counter()
+        out = self._call(done, steps, bias)
+        ran, tokens, logprobs, top_ids, top_lps, entropy = (np.asarray(t) for t in out)
+        ran = int(ran)
+        if ran:
+            seconds = time.perf_counter() - began
+            self._per_token_s = 0.8 * self._per_token_s + 0.2 * seconds / ran
+        now = time.perf_counter()
+        for slot, job in enumerate(self.jobs):
+            if job is None:
+                continue
+            n = min(ran, int(self.ends[slot] - self.positions[slot]))
+            if job.cancelled:
+                self.abandoned += 1
+                self._release(slot, store=False)
+                continue
+            new = []
+            for k in range(n):
+                alts = list(zip(top_ids[slot, k].tolist(), top_lps[slot, k].tolist()))
+                new.append((int(tokens[slot, k]), float(logprobs[slot, k]), alts,
+                            float(entropy[slot, k])))  # fmt: skip
+                if new[-1][0] == self.eos_id:
+                    break
+            self.positions[slot] += len(new)
+            self._deliver(job, new, now)
+            if job.constraint is not None and new and not job.finished:
+                try:
+                    job.constraint.advance(new[-1][0])
+                except ValueError:  # cannot happen under the mask; end the row, not the batch
+                    log.exception("a constrained row left its grammar")
+                    job.finish("stop")
+                if job.constraint.done and self.eos_id is None:
+                    job.finish("stop")
+            if job.finished or self.positions[slot] >= self.ends[slot]:
+                job.finish("length")
+                self._release(slot, store=True)
+
+    def _deliver(self, job: Job, new, now: float) -> None:
+        first = job.first_token_at is None
+        before = len(job.tokens)
+        job.feed(new)
+        produced = len(job.tokens) - before
+        self.metrics.generated_tokens.inc(len(new))
+        if first and job.first_token_at is not None:
+            self.metrics.ttft.observe(job.first_token_at - job.started)
+        elif produced:
+            gap = (now - getattr(job, "_last_delivery", now)) / produced
+            for _ in range(produced):
+                self.metrics.inter_token.observe(gap)
+        job._last_delivery = now
+
+    def _release(self, slot: int, store: bool) -> None:
+        job = self.jobs[slot]
+        self.jobs[slot] = None
+        if job.finished:
+            self.metrics.finish(job.finish_reason or "length")
+            self.metrics.e2e.observe((job.finished_at or time.perf_counter()) - job.started)
+        else:  # its client left or timed out
+            self.metrics.finish("abort")
+        if store and self.prefix.enabled and not self.prefix.exact_only:
+            # the row now holds the prompt and the reply: a chat's next turn starts with both
+            tokens = list(job.req.prompt_ids) + job.tokens
+            n = min(len(tokens), int(self.positions[slot]))
+            row = tf.nest.map_structure(lambda v: v[slot : slot + 1], self.cache)
+            self.prefix.store(tokens[:n], row)
