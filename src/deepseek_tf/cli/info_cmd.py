@@ -14,18 +14,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("run_dir", nargs="?")
     add_config_args(parser)
     parser.add_argument("--presets", action="store_true", help="list the bundled presets")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, tensorflow=lambda args: not args.presets)
 
 
 def run(args) -> int:
-    from deepseek_tf.cli.common import resolve_config
     from deepseek_tf.config.loader import config_to_dict, preset_names
+
+    if args.presets:  # without TensorFlow: answers at once
+        print("\n".join(preset_names()))
+        return 0
+    from deepseek_tf.cli.common import resolve_config
     from deepseek_tf.models.builder import parameter_count
     from deepseek_tf.rundir import RunDir
 
-    if args.presets:
-        print("\n".join(preset_names()))
-        return 0
     config = RunDir(args.run_dir).read_config() if args.run_dir else resolve_config(args)
     vocab = config.model.vocab_size or _vocab_from_data(config)
     print(yaml.safe_dump(config_to_dict(config), sort_keys=False).rstrip())

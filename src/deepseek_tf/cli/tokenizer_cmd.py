@@ -6,7 +6,6 @@ import argparse
 
 from deepseek_tf.config.schema import TOKENIZER_TYPES
 from deepseek_tf.data.corpus import read_texts, resolve_files
-from deepseek_tf.tokenizers import train_tokenizer
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -46,6 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from deepseek_tf.tokenizers import train_tokenizer  # loads TensorFlow
+
     """Train the tokenizer described by `args`, save it and print one summary line."""
     files = resolve_files(args.files)
     tokenizer = train_tokenizer(args.kind, read_texts(files), vocab_size=args.vocab_size)

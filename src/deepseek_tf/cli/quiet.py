@@ -1,0 +1,48 @@
+"""TensorFlow's start-up noise, silenced for the command line (unless `--verbose`).
+
+Importing TensorFlow 2.21 prints 6-8 lines to the process's stderr from C++ before its
+logging is configured (`TF_CPP_MIN_LOG_LEVEL` does not reach them), among them
+`E0000 ... failed call to cuInit: UNKNOWN ERROR (303)`, which reads like a failure on a
+CPU-only machine. `import_tensorflow_quietly` imports TensorFlow and initialises its
+devices with file descriptor 2 pointed at a temporary file, then writes back every line
+that is not one of those known notices, so a real error is never hidden.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+
+# Notices TensorFlow prints on every start (a CPU-only machine, oneDNN, CPU features).
+NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)"
+    r"|[IW]\d{4} .*\] "  # informational and warning lines from C++
+    r"|E\d{4} .*(cuInit|cuda_platform|cuda_dnn|cuda_fft|cuda_blas|Unable to register)"
+    r"|To enable the following instructions:"
+    r"|.*rebuild TensorFlow with the appropriate compiler flags)"
+)
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow and lists its devices, dropping the start-up notices."""
+    if "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # later C++ info lines (XLA's)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # device discovery prints the cuInit line
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+    kept = [line for line in text.splitlines() if line.strip() and not NOISE.match(line)]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
