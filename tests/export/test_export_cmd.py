@@ -1,5 +1,9 @@
 """`deepseek-tf export`: the command and its one-line errors."""
 
+import importlib.util
+
+import pytest
+
 from deepseek_tf.cli.main import main
 
 
@@ -14,3 +18,22 @@ def test_int8_only_for_litert(export_run, tmp_path, capsys):
     argv = ["export", str(export_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
     assert main([*argv, "--int8"]) == 2
     assert "only for --format litert" in capsys.readouterr().err
+
+
+def test_existing_out_is_refused_unless_overwrite(export_run, tmp_path, capsys):
+    out = tmp_path / "m.tflite"
+    out.write_bytes(b"earlier work")
+    argv = ["export", str(export_run), "--format", "litert", "--out", str(out)]
+    assert main(argv) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"earlier work"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("ai_edge_litert") is not None, reason="the interpreter is installed"
+)
+def test_litert_export_that_cannot_be_checked_fails(export_run, tmp_path, capsys):
+    out = tmp_path / "m.tflite"
+    argv = ["export", str(export_run), "--format", "litert", "--out", str(out)]
+    assert main(argv) == 2
+    assert "cannot verify the LiteRT file" in capsys.readouterr().err and not out.exists()

@@ -24,13 +24,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--no-verify", action="store_true", help="skip reloading and comparing with Keras"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from deepseek_tf.api import load
+    from deepseek_tf.errors import InputError
     from deepseek_tf.export import export
 
+    if Path(args.out).exists() and not args.overwrite:  # before the (slow) model load
+        raise InputError(f"--out {args.out} already exists; pass --overwrite to replace it")
     model, tokenizer = load(args.run_dir)
     report = export(
         model,
@@ -40,6 +46,7 @@ def run(args) -> int:
         prefill_len=args.prefill_len,
         int8=args.int8,
         verify=not args.no_verify,
+        overwrite=args.overwrite,
     )
     signatures = ", ".join(report["signatures"])
     print(f"exported {args.format} to {report['path']}: signatures {signatures}")

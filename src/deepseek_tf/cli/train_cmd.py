@@ -76,21 +76,19 @@ def run(args) -> int:
         config = _batch_size(config, args)
     out = args.out or f"runs/{args.preset or 'shakespeare-char'}-{time.strftime('%Y%m%d-%H%M%S')}"
     summary = train(config, out, resume=args.resume, init_from=args.init_from)
-    if summary.get("already_complete"):
-        return 0
-    print(
-        f"[train] done: {summary['step']} steps, {summary['train_tokens_per_sec']:.0f} "
-        f"tokens/s, checkpoint {summary['checkpoint']}"
-    )
-    if args.sample_tokens > 0 and summary["chief"]:  # other workers write no run directory
+    if summary.get("already_complete") or not summary["chief"]:
+        return 0  # (other workers write no run directory)
+    from deepseek_tf.training.report import summary_lines
+
+    if args.sample_tokens > 0:
         from deepseek_tf.cli.generate_cmd import sample_text
 
         print("--- sample ---")
-        print(
-            sample_text(out, "\n", args.sample_tokens, temperature=0.8, top_k=0, top_p=1.0, seed=0)[
-                0
-            ]
-        )
+        kwargs = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0}
+        print(sample_text(out, "\n", args.sample_tokens, **kwargs)[0])
+        print("---")
+    prompt = "ROMEO:" if not config.data.files else "Once upon a time"  # the bundled corpus
+    print("\n".join(summary_lines(summary, prompt)), flush=True)
     return 0
 
 

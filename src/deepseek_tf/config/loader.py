@@ -32,6 +32,22 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_description(name: str) -> str:
+    """The first sentence of a preset's leading comment (one line for `info --presets`)."""
+    text = (resources.files("deepseek_tf") / "presets" / f"{name}.yaml").read_text("utf-8")
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    words = " ".join(lines)
+    end = words.find(". ")
+    sentence = words if end < 0 else words[: end + 1]
+    if len(sentence) > 100:
+        sentence = sentence[:97].rsplit(" ", 1)[0].rstrip(",:;(") + "..."
+    return sentence
+
+
 class _StrictLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that refuses a key given twice in one mapping (YAML itself keeps
     the last one silently)."""

@@ -25,6 +25,7 @@ TOKENIZER_TYPES = ("char", "bpe")
 PRECISIONS = ("float32", "bfloat16", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 FEDERATED_ENGINES = ("inprocess", "flower")
+LOGGERS = ("tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,9 @@ class TrainConfig:
     monitor_window: int = 50  # steps in the loss-variance window
     sparsity_threshold: float = 1e-2  # |activation| below this counts as inactive
     seed: int = 1337
+    # experiment tracking: tensorboard (RUN/tensorboard/) and/or wandb (the [tracking] extra)
+    loggers: tuple[str, ...] = ()
+    log_weights: bool = False  # wandb: upload the final checkpoint as a model artifact
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from deepseek_tf.config.schema import (
     BLOCK_TYPES,
     FEDERATED_ENGINES,
     HEAD_TYPES,
+    LOGGERS,
     MOE_DISPATCH,
     POSITION_TYPES,
     PRECISIONS,
@@ -105,6 +106,12 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
         raise ConfigError("train.lora_targets: empty; name what the adapters train")
     if t.lora_rank and m.fake_quant:
         raise ConfigError("train.lora_rank: adapters do not combine with model.fake_quant (QAT)")
+    for name in t.loggers:
+        _check_choice("train.loggers", name, LOGGERS)
+    if t.log_weights and "wandb" not in t.loggers:
+        raise ConfigError(
+            "train.log_weights: uploads to Weights & Biases; add wandb to train.loggers"
+        )
     _check_choice("runtime.strategy", r.strategy, STRATEGIES)
     _validate_federated(config.federated)
     _check_positive(r, "runtime", ("intra_op_threads", "inter_op_threads"), True)

@@ -10,6 +10,8 @@ reports the max abs logit difference against the Keras model.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from deepseek_tf.errors import InputError
 from deepseek_tf.export.litert import export_litert
 from deepseek_tf.export.onnx import export_onnx
@@ -27,8 +29,12 @@ def export(
     prefill_len: int | None = None,
     int8: bool = False,
     verify: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Exports `model` to `out` in format `fmt`; returns the exporter's report dict."""
+    """Exports `model` to `out` in format `fmt`; returns the exporter's report dict.
+    An existing `out` is refused unless `overwrite`."""
+    if Path(out).exists() and not overwrite:
+        raise InputError(f"--out {out} already exists; pass --overwrite to replace it")
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if int8 and fmt != "litert":

@@ -212,6 +212,14 @@ def export_litert(
     stored as int8 (dynamic-range quantisation; activations stay float32).
     """
     prefill_len = prefill_len or min(16, model.max_seq_len)
+    if verify:  # never report success on a file nothing has checked
+        try:
+            import ai_edge_litert  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "cannot verify the LiteRT file: ai_edge_litert is not installed "
+                "(pip install 'deepseek-tf[export]'), or pass --no-verify"
+            ) from None
     flatbuffer = convert_litert(model, prefill_len, int8)
     with open(out_path, "wb") as f:
         f.write(flatbuffer)
@@ -225,11 +233,7 @@ def export_litert(
         "notes": NOTES,
     }
     if not verify:
-        return report
-    try:
-        import ai_edge_litert  # noqa: F401
-    except ImportError:
-        report["verified"] = "skipped: ai_edge_litert is not installed"
+        report["verified"] = "no (--no-verify)"
         return report
     report.update(verify_litert(model, out_path, prefill_len, seed=seed))
     return report

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import json
 import math
-import os
 import signal
 import sys
-import threading
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -29,6 +26,7 @@ from deepseek_tf.training.optim import (
     learning_rate_schedule,
     make_optimizer,
 )
+from deepseek_tf.training.report import Progress, best_validation, eval_line, write_loss_curves
 from deepseek_tf.training.runtime import (
     LOST_WORKER_ERRORS,
     describe_runtime,
@@ -36,7 +34,11 @@ from deepseek_tf.training.runtime import (
     is_multi_worker,
     make_strategy,
 )
+from deepseek_tf.training.signals import _raise_interrupt, signals_deferred
 from deepseek_tf.training.step import make_train_step
+from deepseek_tf.training.tracking import Trackers, check_available
+
+__all__ = ["Trainer", "signals_deferred", "_raise_interrupt"]
 
 SCHEDULE_KEYS = ("steps", "warmup_steps", "learning_rate", "min_learning_rate")
 
@@ -78,6 +80,9 @@ class Trainer:
         self.verbose = verbose
         self.resume = resume
         t = config.train
+        check_available(t.loggers)  # a missing tracker package: one line, before any work
+        self.progress = Progress(t.steps, t.log_every, verbose)
+        self.trackers = None
         # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any op.
         self.strategy = strategy or make_strategy(config.runtime)
         self.replicas = self.strategy.num_replicas_in_sync
@@ -169,8 +174,7 @@ class Trainer:
 
     # -- the run directory --------------------------------------------------------------------
     def _log(self, message: str) -> None:
-        if self.verbose:
-            print(message, flush=True)
+        self.progress.message(message)  # on a line of its own, never glued to the bar
 
     def _prepare_run_dir(self) -> None:
         """Writes the config and tokenizer of a new run; on resume, drops the metrics after
@@ -196,11 +200,16 @@ class Trainer:
             if self.chief
             else tf.summary.create_noop_writer()
         )
+        if self.chief and self.config.train.loggers:
+            self.trackers = Trackers(self.run, self.config, log=self._log)
 
     def _describe_resume(self) -> None:
         t = self.config.train
         if self.restored:
-            self._log(f"[resume] restored {self.run.checkpoint_dir / self.restored}")
+            self._log(
+                f"[resume] restored {self.run.checkpoint_dir / self.restored} "
+                f"(step {self.start_step} of {t.steps})"
+            )
         else:
             self._log("[resume] the run has no checkpoint yet: starting at step 0")
         old = self.previous_config.train
@@ -233,6 +242,7 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------
     def train(self) -> dict:
+        wall_started = time.perf_counter()
         cfg, t = self.config, self.config.train
         if self.resume:
             self._describe_resume()
@@ -247,8 +257,8 @@ class Trainer:
             )
         if self.start_step >= t.steps:
             self._log(
-                f"[train] already complete: {self.run_dir} is at step {self.start_step} of "
-                f"train.steps={t.steps}; pass --set train.steps=N to train further"
+                f"[train] already complete (step {self.start_step} of {t.steps}): "
+                f"{self.run_dir}; pass --set train.steps=N to train further"
             )
             return {
                 "step": self.start_step,
@@ -270,9 +280,7 @@ class Trainer:
         )
         monitor = TrainingMonitor(t.monitor_window, self.writer, every=t.log_every)
         monitor.set_model(self.model)
-        progbar = keras.utils.Progbar(
-            t.steps, verbose=1 if self.verbose and sys.stdout.isatty() else 0, interval=0.5
-        )
+        self.recent_losses = collections.deque(maxlen=t.log_every)  # the loss shown
         iterator = self._train_iterator()
         last_saved = self.checkpoint.latest
         train_time, timed_steps = 0.0, 0
@@ -295,6 +303,7 @@ class Trainer:
                         f"loss became {loss} at step {step}; stopped without saving. "
                         f"Last good checkpoint: {last_saved or 'none'}"
                     )
+                self.recent_losses.append(loss)
                 load = out.pop("expert_load", None)
                 logs = {k: float(v) for k, v in out.items()}
                 logs.update(step=step, tokens=tokens_per_step)
@@ -302,26 +311,9 @@ class Trainer:
                     logs.update(balance_stats(load.numpy()))
                 monitor.on_train_batch_end(step, logs)  # adds its signals to logs
                 if step % t.log_every == 0 or step == t.steps:
-                    logs["lr"] = current_learning_rate(self.optimizer)
-                    if load is not None:
-                        logs["expert_load"] = np.round(load.numpy(), 4).tolist()
-                    self.metrics.write(**logs)
-                    with self.writer.as_default(step=step):
-                        tf.summary.scalar("train/loss", loss)
-                        tf.summary.scalar("train/learning_rate", logs["lr"])
-                    progbar.update(step, [("loss", loss), ("grad_norm", logs["grad_norm"])])
+                    self._log_step(step, logs, load)
                 if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                    result = self.validate()
-                    self.metrics.write(
-                        step=step, val_loss=result["loss"], val_perplexity=result["perplexity"]
-                    )
-                    with self.writer.as_default(step=step):
-                        tf.summary.scalar("val/loss", result["loss"])
-                        tf.summary.scalar("val/perplexity", result["perplexity"])
-                    self._log(
-                        f"step {step}: train loss {loss:.4f}, val loss "
-                        f"{result['loss']:.4f}, val ppl {result['perplexity']:.2f}"
-                    )
+                    self._evaluate(step)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
                     last_saved = self._save(step, last_saved)
         except KeyboardInterrupt:
@@ -337,8 +329,11 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             monitor.on_train_end()
+            self.progress.close()
             self.writer.flush()
             self.checkpoint.close()
+            if self.trackers is not None:
+                self.trackers.finish(last_saved if step == t.steps else None)
         summary = {
             "step": step,
             "train_tokens_per_sec": tokens_per_step * timed_steps / train_time if train_time else 0,
@@ -347,7 +342,43 @@ class Trainer:
             "chief": self.chief,
         }
         self.metrics.write(event="summary", **summary)
+        summary.update(steps=t.steps, run_dir=str(self.run_dir), loss_curves=None)
+        summary["wall_seconds"] = time.perf_counter() - wall_started
+        best = best_validation(self.metrics.read())
+        summary.update(best_val_loss=best and best[0], best_val_step=best and best[1])
+        if self.chief:
+            try:
+                path = write_loss_curves(self.run, t.log_every)
+                summary["loss_curves"] = str(path) if path else None
+            except Exception as e:  # noqa: BLE001 - a plot never fails a finished run
+                self._log(f"[train] could not write the loss curves: {e}")
         return summary
+
+    def _log_step(self, step: int, logs: dict, load) -> None:
+        """A log step: `metrics.jsonl`, the trackers, TensorBoard's `logs/`, the progress."""
+        logs["lr"] = current_learning_rate(self.optimizer)
+        logs["loss_avg"] = float(np.mean(self.recent_losses))
+        logs["loss_avg_steps"] = len(self.recent_losses)
+        if load is not None:
+            logs["expert_load"] = np.round(load.numpy(), 4).tolist()
+        self.metrics.write(**logs)
+        if self.trackers is not None:
+            self.trackers.log(step, logs)
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("train/loss", logs["loss"])
+            tf.summary.scalar("train/learning_rate", logs["lr"])
+        self.progress.step(step, logs)
+
+    def _evaluate(self, step: int) -> None:
+        result = self.validate()
+        entry = {"step": step, "val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+        self.metrics.write(**entry)
+        if self.trackers is not None:
+            self.trackers.log(step, entry)
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("val/loss", result["loss"])
+            tf.summary.scalar("val/perplexity", result["perplexity"])
+        self._log(eval_line(step, result, np.mean(self.recent_losses), len(self.recent_losses)))
 
     def _run_step(self, step: int, inputs, targets, weights) -> dict:
         """One training step; a worker lost mid-collective is a one-line `TrainingError`."""
@@ -362,35 +393,3 @@ class Trainer:
                 f"{first[:200]}); restart every worker with --resume to continue from the "
                 "last checkpoint"
             ) from None
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Holds SIGTERM and SIGINT until the block ends, then delivers the last one held.
-
-    Python runs signal handlers in the main thread between bytecodes, so a handler that
-    raises could interrupt a checkpoint write half-way; during the block, handlers only
-    record the signal.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread receives signals (and may set handlers)
-        return
-    held = []
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if held:
-            handler = previous[held[-1]]
-            if callable(handler):
-                handler(held[-1], None)
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), held[-1])
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
