@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 
@@ -14,7 +13,6 @@ def add_parser(subparsers) -> None:
         "/v1/models/NAME:predict; GET /v1/models, /health, /metrics and a chat page at /. "
         "Binds 127.0.0.1 by default. Requests join the running batch between decode steps "
         "(continuous batching); /health answers 503 until the shapes are compiled.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("run_dir")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
