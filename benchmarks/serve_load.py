@@ -6,7 +6,7 @@ prompts), and reports its port once it is ready (`/health` 200: shapes compiled)
 
 1. first request: one 16-token completion right after ready (no compilation may be left);
 2. capacity: 16 closed-loop clients, `--requests` requests, on the continuous server;
-3. Poisson arrivals at 0.5x, 0.8x and 1.1x that capacity, at most 16 requests in flight
+3. Poisson arrivals at 0.5x, 1x and 2x that capacity, at most 16 requests in flight
    (16 clients), against the continuous server and the dynamic one (`--batching
    dynamic`, today's scheduler before this one). Each request: a random 16-31 token
    prompt, `--max-new-tokens` greedy tokens, streamed. Reported: generated tokens/s,
@@ -38,6 +38,7 @@ PRESET = "shakespeare-char"
 VOCAB = 65
 MAX_SEQ_LEN = 128
 CLIENTS = 16
+SHARES = (0.5, 1.0, 2.0)  # Poisson arrival rates, as multiples of the measured capacity
 
 
 def serve_child(args) -> None:
@@ -222,7 +223,7 @@ def main() -> None:
         capacity = run_load(servers["continuous"].port, args, None)
         rps = capacity["requests"] / capacity["wall_s"]
         result["capacity"] = {"requests_per_s": rps, **capacity}
-        for share in (0.5, 0.8, 1.1):
+        for share in SHARES:
             for batching, server in servers.items():
                 run = run_load(server.port, args, share * rps, seed=int(share * 10))
                 result["runs"].append({"batching": batching, "load": share, **run})
@@ -237,7 +238,7 @@ def main() -> None:
     bc.print_table(["server", "arrivals", "failed", "tok/s", "TTFT p50", "TTFT p99",
                     "ITL p50 ms", "ITL p99 ms"], rows)  # fmt: skip
     runs = {(r["batching"], r["load"]): r for r in result["runs"]}
-    for share in (0.5, 0.8, 1.1):
+    for share in SHARES:
         on, off = runs[("continuous", share)], runs[("dynamic", share)]
         ratio = bc.ratio(on["tokens_per_s"], off["tokens_per_s"])
         result[f"throughput_ratio_{share}"] = ratio

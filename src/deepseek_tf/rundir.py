@@ -214,7 +214,8 @@ class RunDir:
         """
         config = config or self.read_config()
         tokenizer = self.read_tokenizer(required=False)
-        with initializers_skipped() as skipped:  # the checkpoint overwrites every weight
+        # the checkpoint overwrites every weight (quantizing the structure reads them)
+        with initializers_skipped(zero_fill=config.model.quantize != "none") as skipped:
             model = build_model(config)  # the config's vocab_size (may exceed the tokenizer's)
         checkpoint = self.checkpoint(model)
         restore_weights(checkpoint)
@@ -235,11 +236,10 @@ class RunDir:
 
 
 # -- loading weights without a second copy of the model ---------------------------------------
-# TensorFlow's CPU allocator (oneDNN's, the default) keeps every page it ever used: a process's
-# peak RSS is the most tensor memory it ever held at once. So weights are loaded into variables
-# that never held random values (an initialiser's float32 temporaries of the largest weights
-# would stay resident), one variable at a time (`Checkpoint.restore` reads every tensor with
-# one RestoreV2 before assigning any: the model twice).
+# TensorFlow's CPU allocator (oneDNN's, the default) keeps every page it ever used, so peak RSS
+# is the most tensor memory ever held at once. Weights are loaded into variables that never
+# held random values (initialisers' float32 temporaries would stay resident), one variable at
+# a time (`Checkpoint.restore` reads every tensor before assigning any: the model twice).
 
 _SKIPPING = threading.local()
 _PATCH_LOCK = threading.Lock()
@@ -248,11 +248,12 @@ _INIT = "_initialize_with_initializer"
 
 
 class SkippedInitializers:
-    """The Keras variables created zero-filled under `initializers_skipped`, with the
-    initialisers they did not run."""
+    """The Keras variables created under `initializers_skipped`, with the initialisers
+    they did not run."""
 
-    def __init__(self):
+    def __init__(self, zero_fill: bool = False):
         self.pending: list = []
+        self.zero_fill = zero_fill
 
     def run_except(self, model, loaded) -> int:
         """Runs the skipped initialiser of each of `model`'s variables not in `loaded` (the
@@ -265,24 +266,26 @@ class SkippedInitializers:
         return len(rest)
 
 
-def _empty(shape, dtype):
-    return tf.raw_ops.Empty(shape=shape, dtype=tf.as_dtype(dtype), init=False)
-
-
-def _zero_filled(self, initializer):
+def _uninitialized(self, initializer):
     skipped = getattr(_SKIPPING, "current", None)
     if skipped is not None and isinstance(initializer, keras.initializers.Initializer):
         skipped.pending.append((self, initializer))
-        initializer = _empty
+        zeros = skipped.zero_fill
+
+        def initializer(shape, dtype):  # unless zero-filled, no page of it is touched
+            return tf.raw_ops.Empty(shape=shape, dtype=tf.as_dtype(dtype), init=zeros)
+
     _PATCH["original"](self, initializer)
 
 
 @contextlib.contextmanager
-def initializers_skipped():
-    """Keras variables created inside (in this thread) are zero-filled instead of running
-    their initialisers (`keras.initializers.Initializer`s; seed-generator states and the
-    like are initialised as usual), for weights about to be overwritten. Yields a
-    `SkippedInitializers` that runs the skipped ones later where nothing was loaded.
+def initializers_skipped(zero_fill: bool = False):
+    """Keras variables created inside (in this thread) do not run their initialisers
+    (`keras.initializers.Initializer`s; seed-generator states and the like are
+    initialised as usual): their memory is left unwritten, for weights about to be
+    overwritten, or zero-filled with `zero_fill` (for a build that computes from them,
+    as quantization does). Yields a `SkippedInitializers` that runs the skipped ones
+    later where nothing was loaded.
 
     Keras has no public hook for this: the backend `Variable._initialize_with_initializer`
     (Keras 3) is wrapped while a block is open; without it variables are initialised
@@ -293,9 +296,9 @@ def initializers_skipped():
             _PATCH.update(
                 saved=vars(keras.Variable).get(_INIT), original=getattr(keras.Variable, _INIT)
             )
-            setattr(keras.Variable, _INIT, _zero_filled)
+            setattr(keras.Variable, _INIT, _uninitialized)
         _PATCH["users"] += 1
-    skipped, outer = SkippedInitializers(), getattr(_SKIPPING, "current", None)
+    skipped, outer = SkippedInitializers(zero_fill), getattr(_SKIPPING, "current", None)
     _SKIPPING.current = skipped
     try:
         yield skipped

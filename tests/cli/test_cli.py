@@ -90,4 +90,5 @@ def test_installed_console_script(tmp_path):
         [exe, "info", "--preset", "tiny"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1])["parameters"]["total"] == 23840
+    counts = next(line for line in done.stdout.splitlines() if line.startswith('{"parameters"'))
+    assert json.loads(counts)["parameters"]["total"] == 23840

@@ -100,6 +100,10 @@ def test_skipped_initializers_run_where_nothing_was_loaded():
     assert skipped.run_except(layer, [layer.kernel]) == 1  # the bias only
     np.testing.assert_array_equal(layer.bias.numpy(), np.ones(8, np.float32))
     np.testing.assert_array_equal(layer.kernel.numpy(), np.full((4, 8), 2.0, np.float32))
+    with initializers_skipped(zero_fill=True):  # for a build that computes from them
+        zeroed = keras.layers.Dense(8, kernel_initializer="ones")
+        zeroed.build((None, 4))
+    np.testing.assert_array_equal(zeroed.kernel.numpy(), np.zeros((4, 8), np.float32))
     fresh = keras.layers.Dense(8)  # outside the block: initialised as usual
     fresh.build((None, 4))
     assert np.abs(fresh.kernel.numpy()).max() > 0

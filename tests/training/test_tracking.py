@@ -13,7 +13,7 @@ from deepseek_tf.config.loader import apply_overrides
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.rundir import RunDir
 from deepseek_tf.training.report import Progress
-from deepseek_tf.training.tracking import check_available, scalar_name
+from deepseek_tf.training.tracking import check_available, scalar_name, scalars
 
 SHORT = ["train.steps=6", "train.log_every=2", "train.eval_every=3", "train.eval_batches=1"]
 SHORT += ["train.checkpoint_every=6"]
@@ -115,6 +115,22 @@ def test_logger_names_are_checked(tiny_config, monkeypatch):
         check_available(("tensorboard", "wandb"))
 
 
+def test_tracked_scalars_are_the_numeric_metrics_entries():
+    entry = {"step": 4, "tokens": 64, "loss": 2.5, "loss_avg": 2.6, "loss_avg_steps": 2}
+    entry.update(lr=1e-3, load_max_mean=1.5, load_min_mean=0.5, expert_load=[[0.5, 0.5]])
+    assert scalars(entry) == {
+        "train/loss": 2.5,
+        "train/loss_avg": 2.6,
+        "train/lr": 1e-3,
+        "train/load_max_mean": 1.5,
+        "train/load_min_mean": 0.5,
+    }
+    assert scalars({"step": 4, "val_loss": 2.0, "val_perplexity": 7.4}) == {
+        "val/loss": 2.0,
+        "val/perplexity": 7.4,
+    }
+
+
 def _wandb_records(path):
     """The records of an offline run's `.wandb` file (LevelDB log format: 32 KiB blocks of
     chunks with a 7-byte header; wandb prefixes a 7-byte file header)."""
@@ -141,6 +157,8 @@ def _wandb_records(path):
             yield record
 
 
+# `slow`: .ci/run's marker pass is the one with the [tracking] extra installed
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics(tmp_path, tiny_config, monkeypatch):
     pytest.importorskip("wandb")  # the [tracking] extra
     from deepseek_tf.api import train
@@ -157,9 +175,9 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, tiny_config, monkeypatch)
     for record in _wandb_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            items = {i.key: json.loads(i.value_json) for i in record.history.item}
-            step = items.pop("_step")
-            for key, value in items.items():
+            step = record.history.step.num
+            for item in record.history.item:  # "train/loss" is a nested key
+                key, value = item.key or "/".join(item.nested_key), json.loads(item.value_json)
                 if not key.startswith("_"):
                     history.setdefault(key, {})[step] = value
         elif kind in ("run", "config"):

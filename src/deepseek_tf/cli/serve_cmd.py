@@ -45,6 +45,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--request-timeout", type=float, help="seconds a generation may take (default: no limit)"
     )
+    parser.add_argument(
+        "--speculative", choices=("mtp",), help="speculative decoding: the model's MTP modules "
+        "draft tokens one model pass verifies (runs with dynamic batching)",
+    )  # fmt: skip
+    parser.add_argument("--draft-tokens", type=int, help="with --speculative: drafts per round")
     parser.add_argument("--batch-window-ms", type=float, default=5.0, help="dynamic batching")
     parser.add_argument("--chunk", type=int, default=8, help="dynamic: tokens between checks")
     parser.add_argument("--max-tokens", type=int, help="largest max_tokens (default: context)")
@@ -84,6 +89,8 @@ def run(args) -> int:
         stream_interval=args.stream_interval,
         prefix_cache_mb=args.prefix_cache_mb,
         request_timeout=args.request_timeout,
+        speculative=args.speculative,
+        draft_tokens=args.draft_tokens,
         window_s=args.batch_window_ms / 1000,
         chunk=args.chunk,
         max_tokens=args.max_tokens,

@@ -21,6 +21,7 @@ import threading
 import time
 
 from deepseek_tf.generation.decoding import Decoder, Row
+from deepseek_tf.generation.speculative import SpeculativeDecoder
 from deepseek_tf.serving.job import Job
 from deepseek_tf.serving.protocol import GenRequest
 
@@ -35,7 +36,12 @@ class Batcher:
         tokenizer: its tokenizer (or None: token ids in, ids as text out).
         max_batch: most rows decoded together (1: no batching).
         window_s: how long the first waiting job waits for company.
-        chunk: tokens decoded between checks (stop strings, disconnects, streaming).
+        chunk: tokens decoded between checks (stop strings, disconnects, streaming);
+            with `speculative`, draft-verify rounds between checks.
+        jit_compile: compile with XLA.
+        speculative: MTP speculative decoding with this many drafts per round
+            (`generation.speculative`; rows of a batch share positions); None: off.
+        metrics: the server's `ServerMetrics` (speculative acceptance), or None.
     """
 
     def __init__(
@@ -46,11 +52,18 @@ class Batcher:
         window_s: float = 0.005,
         chunk: int = 8,
         jit_compile: bool = True,
+        speculative: int | None = None,
+        metrics=None,
     ):
         self.tokenizer = tokenizer
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
         vocab = None if tokenizer is None else tokenizer.vocab_size  # never an undecodable id
-        self.decoder = Decoder(model, jit_compile=jit_compile, logprobs=True, vocab_limit=vocab)
+        if speculative:
+            self.decoder = SpeculativeDecoder(model, speculative, jit_compile, vocab)
+        else:
+            self.decoder = Decoder(model, jit_compile=jit_compile, logprobs=True, vocab_limit=vocab)
+        self.speculative = bool(speculative)
+        self.metrics = metrics
         self.chunk = chunk
         self.max_batch = max(1, max_batch)
         self.window_s = window_s
@@ -125,7 +138,14 @@ class Batcher:
         stop_ids = [] if self.eos_id is None else [self.eos_id]
         state = self.decoder.start(rows, stop_ids)
         while not state.finished:
-            new = state.step(self.chunk)
+            if self.speculative:  # ids only: no log-probabilities on this path
+                drafted, accepted = state.proposed.copy(), state.accepted.copy()
+                new = [[(t, 0.0, [], 0.0) for t in row] for row in state.step(self.chunk)]
+                if self.metrics is not None:
+                    drafted, accepted = state.proposed - drafted, state.accepted - accepted
+                    self.metrics.speculation_counts(drafted, accepted)
+            else:
+                new = state.step(self.chunk)
             for row, job in enumerate(jobs):
                 if job.finished or job.cancelled:
                     if not job.finished and not state.done[row]:

@@ -85,6 +85,14 @@ class ServerMetrics:
             if position <= accepted:
                 self.spec_accepted.labels(self.model_name, str(position)).inc()
 
+    def speculation_counts(self, drafted, accepted) -> None:
+        """Adds per-position totals: `drafted[i]`, `accepted[i]` of the `i+1`-th draft."""
+        for i, (d, a) in enumerate(zip(drafted, accepted), start=1):
+            if d:
+                self.spec_drafted.labels(self.model_name, str(i)).inc(int(d))
+            if a:
+                self.spec_accepted.labels(self.model_name, str(i)).inc(int(a))
+
     def render(self) -> tuple[bytes, str]:
         """`(body, content_type)` of `GET /metrics`."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deepseek_tf.generation.sampler import SamplingError, check_sampling
+from deepseek_tf.serving.json_constraint import JsonConstraint
 
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOP_STRINGS = 4
@@ -247,8 +248,6 @@ def prompt_ids(tokenizer, prompt=None, messages=None, special=None, generation_p
 def _check_json_vocabulary(tokenizer) -> None:
     """400 unless the vocabulary can open a JSON object (a character vocabulary may lack
     `{`); the token texts are computed once per tokenizer."""
-    from deepseek_tf.serving.json_constraint import JsonConstraint
-
     if tokenizer is None:
         raise bad("JSON mode needs the model's tokenizer (token texts)", "response_format")
     constraint = JsonConstraint.for_tokenizer(tokenizer)

@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.errors import InputError
+from deepseek_tf.generation.speculative import check_draft_tokens
 from deepseek_tf.serving.batcher import Batcher, Job
 from deepseek_tf.serving.handler import DISCONNECTS, Handler
 from deepseek_tf.serving.metrics import ServerMetrics
@@ -76,6 +77,9 @@ class ServingApp:
         stream_interval: continuous batching: most tokens per call while a request streams.
         prefix_cache_mb: continuous batching: memory for cached prompt prefixes (0: off).
         request_timeout: seconds a generation may take (None: no limit).
+        speculative: "mtp": speculative decoding with the model's MTP modules
+            (`draft_tokens` drafts per round, None: one per module); it runs in the
+            dynamic batcher (rows of a batch share positions). None: off.
         warm_up: compile the serving shapes before `/health` reports ready.
         max_tokens, max_prompt_tokens: request limits (None: the context).
         max_body_bytes: largest request body.
@@ -99,6 +103,8 @@ class ServingApp:
         stream_interval: int = 4,
         prefix_cache_mb: float = 256,
         request_timeout: float | None = None,
+        speculative: str | None = None,
+        draft_tokens: int | None = None,
         max_tokens: int | None = None,
         max_prompt_tokens: int | None = None,
         max_body_bytes: int = 1 << 20,
@@ -123,6 +129,9 @@ class ServingApp:
         )
         if batching not in ("continuous", "dynamic"):
             raise InputError(f"--batching: continuous or dynamic, got {batching!r}")
+        if speculative not in (None, "mtp"):
+            raise InputError(f"--speculative: mtp (or off), got {speculative!r}")
+        drafts = check_draft_tokens(model, draft_tokens) if speculative else None
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.api_key = api_key
         context = model.max_seq_len
@@ -136,14 +145,15 @@ class ServingApp:
         self.max_connections = max_connections
         self.request_timeout = request_timeout
         self.metrics = ServerMetrics(model_name)
-        if batching == "continuous":
+        if batching == "continuous" and not speculative:
             self.batcher = ContinuousScheduler(
                 model, tokenizer, self.metrics, max_batch=max_batch, step_ms=step_ms,
                 stream_interval=stream_interval,
                 prefix_cache_mb=prefix_cache_mb, jit_compile=jit_compile, warm_up=warm_up,
             )  # fmt: skip
         else:
-            self.batcher = Batcher(model, tokenizer, max_batch, window_s, chunk, jit_compile)
+            self.batcher = Batcher(model, tokenizer, max_batch, window_s, chunk, jit_compile,
+                                   speculative=drafts, metrics=self.metrics)  # fmt: skip
         self.created = int(time.time())
         self._predicting = 0
         self._lock = threading.Lock()

@@ -51,10 +51,12 @@ class Trainer:
 
     Args:
         config: the resolved configuration (saved as `run_dir/config.yaml`).
-        run_dir: output directory (config, tokenizer, checkpoints, logs).
+        run_dir: output directory (config, tokenizer, checkpoints, metrics, logs; at the
+            end `loss_curves.png`; `tensorboard/`, `wandb/` with `train.loggers`).
         tokenizer: the run's tokenizer (saved into `run_dir`).
         resume: continue from the newest readable checkpoint of `run_dir`.
-        verbose: 0 silent, 1 progress bar and log lines.
+        verbose: 0 silent, 1 progress (a bar on a terminal, else a line every
+            `train.log_every` steps) and log lines; see `training.report`.
         strategy: an already created distribution strategy (default: made from
             `config.runtime`). A caller that runs TensorFlow ops before building the
             Trainer must create a MultiWorkerMirroredStrategy first and pass it here.
