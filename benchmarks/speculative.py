@@ -56,7 +56,8 @@ def run_summary(run: Path) -> dict:
     entries = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     last = {}
     for e in entries:
-        last.update({k: e[k] for k in ("val_loss", "mtp_loss", "step") if k in e})
+        keys = ("val_loss", "mtp_loss", "step", "train_seconds", "train_tokens_per_sec")
+        last.update({k: e[k] for k in keys if k in e})
     return last
 
 
@@ -98,8 +99,8 @@ def compare(model, tok, prompts, batch, new_tokens, rounds, sampling) -> dict:
     result["speedup"] = result["speculative"]["tokens_per_sec"] / result["plain"]["tokens_per_sec"]
     result["identical_output"] = outputs["plain"] == outputs["speculative"]
     result["acceptance_per_position"] = (accepted / proposed).tolist()
-    # tokens settled per verify pass, prefill's first token excluded
-    result["tokens_per_round"] = (total - len(prompts)) / verify_rounds
+    # tokens each row settles per verify pass (prefill's first token excluded)
+    result["tokens_per_round"] = (total - len(prompts)) / verify_rounds / batch
     result["sample"] = tok.decode(outputs["speculative"][0])
     return result
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import deepseek_tf.generation.speculative as speculative
+import deepseek_tf.generation.speculative_loop as speculative_loop
 from deepseek_tf.api import load, train
 from deepseek_tf.config.loader import apply_overrides, load_config
 from deepseek_tf.errors import InputError
@@ -157,7 +157,7 @@ def test_sampling_keeps_the_distribution(sharp_model, settings, monkeypatch):
         kept, replacement = accept_drafts(logits, drafts, *args)
         return tf.fill(tf.shape(kept), tf.shape(drafts)[1]), replacement
 
-    monkeypatch.setattr(speculative, "accept_drafts", always)
+    monkeypatch.setattr(speculative_loop, "accept_drafts", always)
     wrong = Generator(sharp_model, jit_compile=False, speculative="mtp")
     samples = np.asarray(wrong.generate([prompt] * n, 3, seed=0, **settings))
     assert max(total_variation(samples, exact)) > 0.3

@@ -11,11 +11,14 @@ of a large weight, is ever held.
 
 from __future__ import annotations
 
+import math
+
 import keras
 import ml_dtypes
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.convert import safetensors_io
 from deepseek_tf.convert.safetensors_io import CheckpointReader, ConversionError
 from deepseek_tf.convert.weight_map import EXPERTS, IGNORABLE, LINEAR, shared_copies, weight_entries
 
@@ -74,9 +77,17 @@ def value_blocks(entry, reader: CheckpointReader, dtype):
     """Yields `(begin, block)`: `entry.to_keras` of its tensors in `dtype`, piece by piece
     as they are read (blocks of rows, transposed for a Dense kernel; one expert at a
     time), `begin` the block's first index in the variable."""
-    if entry.layout == EXPERTS:  # E torch (out, in) -> (E, in, out)
-        for e, name in enumerate(entry.names):
-            yield (e, 0, 0), reader.get(name, dtype).T[None]
+    if entry.layout == EXPERTS:  # E torch (out, in) -> (E, in, out), a few experts a block
+        shape = tuple(int(d) for d in entry.variable.shape)
+        expert_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
+        step = max(1, safetensors_io.BLOCK_BYTES // max(1, expert_bytes))
+        for first in range(0, shape[0], step):
+            names = entry.names[first : first + step]
+            block = np.empty((len(names), *shape[1:]), dtype)
+            for j, name in enumerate(names):
+                block[j] = reader.get(name, dtype).T
+            yield (first, 0, 0), block
+            del block
         return
     for start, rows in reader.row_blocks(entry.names[0], dtype):
         if entry.layout == LINEAR:  # torch (out, in) -> keras (in, out): rows become columns

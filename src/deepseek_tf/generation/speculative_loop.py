@@ -1,0 +1,222 @@
+"""The compiled side of speculative decoding (see `generation.speculative`): prefill of
+the model and its MTP chain, and the draft-verify rounds in one XLA while-loop."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from keras import ops
+
+from deepseek_tf.generation.decoding import prefill_chunks
+from deepseek_tf.generation.sampler import limit_vocab, sample_tokens
+from deepseek_tf.generation.speculative_sampling import (
+    DRAFT_NOISE,
+    accept_drafts,
+    sample_probs,
+    token_probs,
+)
+
+
+def rewind_conv(block, old, new, block_input, offset):
+    """`new` (a block's cache after a call over `T` positions) with a hybrid block's conv
+    state set to what it was after the first `offset` of them (attention caches need no
+    rewinding: later calls overwrite the rejected positions)."""
+    if "conv" not in new:
+        return new
+    h = block.attn_norm(block_input)  # (B, T, C): the conv's input
+    padded = tf.concat([tf.cast(old["conv"], h.dtype), h], axis=1)  # (B, K-1+T, C)
+    width = old["conv"].shape[1]
+    state = window(padded, offset, width)  # (B, K-1, C)
+    return {**new, "conv": tf.cast(state, old["conv"].dtype)}
+
+
+def window(x, start, width: int):
+    """`x[:, start : start + width]` of a `(B, L, ...)` tensor for a traced `start` (a
+    gather: XLA's constant inference aborts on some traced `tf.slice` bounds)."""
+    return tf.gather(x, start + tf.range(width), axis=1)
+
+
+def put(ids, position, values):
+    """`ids` `(B, L)` with column `position` set to `values` `(B,)`."""
+    at = tf.range(tf.shape(ids)[1])[None, :] == position  # (1, L)
+    return tf.ensure_shape(tf.where(at, values[:, None], ids), ids.shape)
+
+
+class SpeculativeLoop:
+    """The compiled prefill and draft-verify rounds of one model (see the module doc).
+
+    Args:
+        model: a `CausalLM` with MTP modules.
+        draft_tokens: drafts per round (`k`, at most the number of MTP modules).
+        jit_compile: compile with XLA.
+        vocab_limit: ids the tokenizer can decode (see `DecodeLoop`).
+    """
+
+    def __init__(self, model, draft_tokens: int, jit_compile: bool = True, vocab_limit=None):
+        self.model = model
+        self.k = draft_tokens
+        self.modules = model.mtp_modules[:draft_tokens]
+        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.vocab_size else None
+        compiled = dict(jit_compile=jit_compile, reduce_retracing=True)
+        self.prefill_chunk = tf.function(self._prefill_chunk, **compiled)
+        self.prefill_mtp = tf.function(self._prefill_mtp, **compiled)
+        self.prefill_last = tf.function(self._prefill_last, **compiled)
+        self.rounds = tf.function(self._rounds, **compiled)
+
+    def init_state(self, batch: int, cache_len: int) -> dict:
+        """Zeroed caches: the main model's, each MTP module's, and the outputs of depths
+        `1 .. k-1` per position (the next depth's inputs)."""
+        c = self.model.d_model
+        dtype = self.model.compute_dtype
+        return {
+            "cache": self.model.init_cache(batch, cache_len),
+            "mtp": [m.init_cache(batch, cache_len) for m in self.modules],
+            "outputs": [tf.zeros((batch, cache_len, c), dtype) for _ in self.modules[1:]],
+        }
+
+    def _draft(self, hidden, start, settled, ids, is_prompt, state, sampling, draft=True):
+        """Runs the MTP chain after the main model ran positions `start ..` (normed
+        states `hidden` `(B, T, C)`) and settled every token up to `settled`; with
+        `draft`, drafts positions `settled+1 .. settled+k` into `ids`. Returns `(ids,
+        state, q)`: `q` `(B, k, V)` the drafts' distributions (zeros when greedy)."""
+        temperature, top_k, top_p, seeds = sampling
+        t = tf.shape(hidden)[1]
+        mtp, outputs, q = list(state["mtp"]), list(state["outputs"]), []
+        for j, module in enumerate(self.modules, start=1):
+            length = t + j - 1  # depth j also redoes the j-1 positions before `start`
+            begin = tf.maximum(start - (j - 1), 0)
+            if j > 1:  # depth j-1's outputs, the ones before this round's from earlier
+                hidden = window(outputs[j - 2], begin, length)
+            ahead = window(ids, begin + j, length)  # (B, length): tokens j on
+            out = module(hidden, self.model.embed(ahead), cache=mtp[j - 1], cache_index=begin)
+            offset = tf.maximum(settled - j + 1, 0) - begin  # where depth j starts next round
+            mtp[j - 1] = rewind_conv(
+                module.block, mtp[j - 1], out["cache"], out["block_input"], offset
+            )
+            if j < self.k:  # (B, L, C) <- (B, length, C) at `begin`
+                outputs[j - 1] = ops.slice_update(outputs[j - 1], (0, begin, 0), out["x"])
+            hidden = out["x"]
+            if not draft:
+                continue
+            last = tf.gather(out["x"], settled - 1 - begin, axis=1)  # (B, C): at settled - 1
+            logits = self.model.project(last[:, None])[:, 0] / self.model.logit_temperature
+            logits = limit_vocab(logits, self.vocab_limit)  # (B, V)
+            position = settled + j
+
+            def sampled(logits=logits, position=position):
+                probs = token_probs(logits, temperature, top_k, top_p)  # (B, V)
+                return sample_probs(probs, seeds, position + DRAFT_NOISE), probs
+
+            def greedy(logits=logits):
+                return tf.argmax(logits, -1, output_type=tf.int32), tf.zeros_like(logits)
+
+            token, probs = tf.cond(tf.reduce_any(temperature > 0), sampled, greedy)
+            column = tf.gather(ids, position, axis=1)
+            token = tf.where(tf.gather(is_prompt, position, axis=1), column, token)
+            ids = put(ids, position, token)
+            q.append(probs)
+        q = tf.stack(q, axis=1) if draft else None
+        return ids, {**state, "mtp": mtp, "outputs": outputs}, q
+
+    def prefill(self, prompts, ids, is_prompt, state, ends, done, sampling, stop_ids):
+        """Runs the prompts' first `P` tokens (`prompts` `(B, P)`, numpy) in the
+        `prefill_chunks(P)` calls plain decoding makes, then the MTP chain over them;
+        samples position `P` as plain decoding does and drafts after it. Returns
+        `(ids, state, q, done)`."""
+        hidden, at, cache = [], 0, state["cache"]
+        for n in prefill_chunks(prompts.shape[1]):
+            chunk, start = tf.constant(prompts[:, at : at + n]), tf.constant(at, tf.int32)
+            logits, cache, h = self.prefill_chunk(chunk, cache, start)
+            hidden.append((start, h))
+            at += n
+        state = {**state, "cache": cache}
+        for start, h in hidden[:-1]:
+            state = self.prefill_mtp(h, start, ids, is_prompt, state, sampling)
+        start, h = hidden[-1]
+        args = (logits, ids, is_prompt, state, ends, done, sampling, stop_ids)
+        return self.prefill_last(h, start, *args)
+
+    def _prefill_chunk(self, chunk, cache, start):
+        logits, cache, extras = self.model.call_with_cache(chunk, cache, start, return_hidden=True)
+        return limit_vocab(logits[:, -1], self.vocab_limit), cache, extras["hidden"]
+
+    def _prefill_mtp(self, hidden, start, ids, is_prompt, state, sampling):
+        settled = start + tf.shape(hidden)[1]  # the prompt goes on: nothing to draft yet
+        return self._draft(hidden, start, settled, ids, is_prompt, state, sampling, False)[1]
+
+    def _prefill_last(self, hidden, start, logits, ids, is_prompt, state, ends, done, sampling,
+                      stop_ids):  # fmt: skip
+        p = start + tf.shape(hidden)[1]
+        first = sample_tokens(logits, *sampling, p)  # (B,)
+        first = tf.where(tf.gather(is_prompt, p, axis=1), tf.gather(ids, p, axis=1), first)
+        ids = put(ids, p, first)
+        done = finish_rows(ids, is_prompt, ends, done, p, 1, 1, stop_ids)
+        ids, state, q = self._draft(hidden, start, p, ids, is_prompt, state, sampling)
+        return ids, state, q, done
+
+    def _rounds(self, position, ids, is_prompt, state, q, ends, done, sampling, stop_ids, limit):
+        """Runs draft-verify rounds from settled position `position` until every row is
+        done or `limit` rounds ran. Returns `(rounds, position, ids, state, q, done,
+        proposed (k,), accepted (k,))`: drafts offered (by unfinished rows, prompt
+        positions excluded) and accepted, per draft position."""
+        k = self.k
+        batch = tf.shape(ids)[0]
+        blocks = self.model.blocks
+
+        def cond(rounds, position, ids, state, q, done, proposed, accepted):
+            return tf.logical_and(rounds < limit, tf.logical_not(tf.reduce_all(done)))
+
+        def body(rounds, position, ids, state, q, done, proposed, accepted):
+            tokens = window(ids, position, k + 1)  # (B, k+1): last, drafts
+            forced = window(is_prompt, position + 1, k + 1)  # (B, k+1)
+            logits, cache, extras = self.model.call_with_cache(
+                tokens, state["cache"], position, return_hidden=True
+            )
+            logits = limit_vocab(logits, self.vocab_limit)  # (B, k+1, V)
+            kept, replacement = accept_drafts(
+                logits, tokens[:, 1:], q, forced, sampling, position + 1
+            )
+            active = tf.logical_not(done)
+            n = tf.reduce_min(tf.where(active, kept, k))  # drafts every row keeps
+            drafts = tf.concat([tokens[:, 1:], tf.zeros((batch, 1), tf.int32)], 1)  # (B, k+1)
+            token = tf.where(
+                kept > n, tf.gather(drafts, n, axis=1), tf.gather(replacement, n, axis=1)
+            )
+            settled = position + n + 1
+            token = tf.where(
+                tf.gather(is_prompt, settled, axis=1), tf.gather(ids, settled, axis=1), token
+            )
+            ids = put(ids, settled, token)
+            offered = tf.logical_and(active[:, None], tf.logical_not(forced[:, :k]))  # (B, k)
+            took = tf.logical_and(offered, kept[:, None] > tf.range(k)[None, :])
+            proposed += tf.reduce_sum(tf.cast(offered, tf.int32), axis=0)
+            accepted += tf.reduce_sum(tf.cast(took, tf.int32), axis=0)
+            done = finish_rows(ids, is_prompt, ends, done, position + 1, n + 1, k + 1, stop_ids)
+            cache = [
+                rewind_conv(block, old, new, inputs, n + 1)
+                for block, old, new, inputs in zip(
+                    blocks, state["cache"], cache, extras["block_inputs"]
+                )
+            ]
+            state = {**state, "cache": cache}
+            ids, state, q = self._draft(
+                extras["hidden"], position, settled, ids, is_prompt, state, sampling
+            )
+            return rounds + 1, settled, ids, state, q, done, proposed, accepted
+
+        zeros = tf.zeros((k,), tf.int32)
+        start = (tf.constant(0, tf.int32), position, ids, state, q, done, zeros, zeros)
+        return tf.while_loop(cond, body, start)
+
+
+def finish_rows(ids, is_prompt, ends, done, first, count, width, stop_ids):
+    """`done` `(B,)` updated for the tokens just settled at positions `first ..
+    first+count-1` (`count <= width`, `width` static): a row ends at a sampled stop
+    token or once it reaches `ends`."""
+    positions = first + tf.range(width)  # (W,)
+    tokens = window(ids, first, width)  # (B, W)
+    prompt = window(is_prompt, first, width)  # (B, W)
+    new = tf.logical_and(tf.range(width)[None, :] < count, tf.logical_not(prompt))
+    new = tf.logical_and(new, positions[None, :] < ends[:, None])  # (B, W)
+    is_stop = tf.reduce_any(tokens[:, :, None] == stop_ids[None, None, :], axis=-1)  # (B, W)
+    stopped = tf.reduce_any(tf.logical_and(new, is_stop), axis=1)
+    return done | stopped | (first + count >= ends)
