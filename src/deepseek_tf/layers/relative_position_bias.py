@@ -68,10 +68,12 @@ class RelativePositionBias(keras.layers.Layer):
         )
 
     def call(self, q_positions, k_positions):
-        distance = q_positions[..., :, None] - k_positions  # ([B,] T, S)
+        distance = ops.expand_dims(q_positions, -1) - k_positions  # ([B,] T, S)
         buckets = relative_buckets(distance, self.num_buckets, self.max_distance)
         bias = ops.take(ops.cast(self.table, "float32"), buckets, axis=0)  # ([B,] T, S, H)
-        return ops.moveaxis(bias, -1, -3)  # ([B,] H, T, S)
+        if len(q_positions.shape) == 2:  # per-row positions
+            return ops.transpose(bias, (0, 3, 1, 2))  # (B, H, T, S)
+        return ops.transpose(bias, (2, 0, 1))  # (H, T, S)
 
     def get_config(self):
         return {**super().get_config(), **init_config(self)}

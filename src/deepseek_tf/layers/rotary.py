@@ -134,9 +134,9 @@ class RotaryEmbedding(keras.layers.Layer):
 
     def call(self, x, positions):
         inv_freq = ops.convert_to_tensor(self.inv_freq, "float32")
-        angles = ops.cast(positions, "float32")[..., None] * inv_freq  # ([B,] T, D/2)
-        cos = ops.cos(angles)[..., None, :] * self.attention_factor  # ([B,] T, 1, D/2)
-        sin = ops.sin(angles)[..., None, :] * self.attention_factor
+        angles = ops.expand_dims(ops.cast(positions, "float32"), -1) * inv_freq  # ([B,] T, D/2)
+        cos = ops.expand_dims(ops.cos(angles), -2) * self.attention_factor  # ([B,] T, 1, D/2)
+        sin = ops.expand_dims(ops.sin(angles), -2) * self.attention_factor
         x32 = ops.cast(x, "float32")
         if self.layout == "half":
             x1, x2 = ops.split(x32, 2, axis=-1)  # (B, T, H, D/2) each
