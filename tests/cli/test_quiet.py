@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from deepseek_tf.cli.quiet import NOISE
 
 CHECK = (
@@ -29,6 +31,7 @@ def test_help_version_and_presets_do_not_load_tensorflow():
     assert version.stdout.startswith("deepseek-tf ")
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_commands_print_no_tensorflow_notices(trained_run):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
     cmd = [sys.executable, "-m", "deepseek_tf.cli.main", "generate", str(trained_run),

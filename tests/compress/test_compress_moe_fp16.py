@@ -67,6 +67,7 @@ def _finetuned(config, tokenizer, steps=6):
     return model, start, losses
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_float16_finetuning_scales_the_loss_and_tracks_float32(fp16_moe_run):
     _, tokenizer = load(fp16_moe_run)
     base = apply_overrides(RunDir(fp16_moe_run).read_config(), ["train.precision=float32"])

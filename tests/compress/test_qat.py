@@ -51,6 +51,7 @@ def test_qat_finetunes_then_converts_to_int8_exactly(trained_run, tmp_path, caps
     assert np.isfinite(np.asarray(int8_model(ids))).all()
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_qat_refuses_an_already_quantized_run(trained_run, tmp_path, capsys):
     first = tmp_path / "int8"
     assert (

@@ -57,6 +57,7 @@ def test_int8_weights_are_int8_and_logits_stay_close(quantized, probe):
     assert 0 < diff < 0.02 * np.abs(reference).max()  # changed, but within 2% of the range
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_int4_packs_weights_and_loses_more_than_int8(quantized, probe):
     ids, reference = probe
     err8 = np.abs(logits(quantized["int8"], ids) - reference).max()

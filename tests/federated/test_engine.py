@@ -92,6 +92,7 @@ def test_kill_9_of_the_server_then_resume(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_a_federated_run_is_a_run(tmp_path, capsys):
     config = _config("federated.rounds=2", "federated.secure_aggregation=true",
                      "federated.dp_clip=1.0", "federated.dp_noise_multiplier=0.5")  # fmt: skip

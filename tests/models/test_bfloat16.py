@@ -47,6 +47,7 @@ def test_cached_decoding_equals_full_forward_in_bfloat16(models):
     assert cached == seq[len(prompt) :]
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_bfloat16_training_clips_and_learns(tmp_path):
     config = apply_overrides(
         load_config("tiny-moe"),

@@ -94,6 +94,7 @@ def test_prefix_cache_reuses_a_shared_prefix_with_the_same_tokens(attention_mode
         warm.stop()
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_hybrid_models_reuse_only_whole_entries(tiny_config):
     model = build_model(tiny_config, vocab_size=VOCAB, seed=2)  # attention + hybrid blocks
     s = ContinuousScheduler(model, None, max_batch=2, warm_up=False).start()
