@@ -63,6 +63,15 @@ def test_greedy_equals_plain_decoding_on_random_models(overrides, draft_tokens, 
     assert len(stats["proposed"]) == draft_tokens and stats["rounds"] > 0
 
 
+def test_greedy_rows_of_a_sampled_batch_equal_plain_decoding():
+    model = random_model("model.mtp_depth=2", "model.n_layers=2")
+    plain = Generator(model, jit_compile=False).generate(PROMPTS[:2], 20)
+    decoder = SpeculativeDecoder(model, jit_compile=False)
+    rows = [Row(PROMPTS[0], 20), Row(PROMPTS[2], 20, temperature=1.0, seed=4), Row(PROMPTS[1], 20)]
+    out = decoder.start(rows).step()
+    assert [out[0], out[2]] == plain and len(out[1]) == 20
+
+
 def test_greedy_equals_plain_decoding_on_a_trained_model_compiled(trained_mtp):
     model, tok = load(trained_mtp)
     prompts = [tok.encode("ROMEO:"), tok.encode("First Citizen:\nWe")]

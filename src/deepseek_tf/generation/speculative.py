@@ -125,6 +125,7 @@ class SpeculativeDecoder:
             tf.constant([False] * n + [True] * (batch - n)),
             state.sampling,
             state.stop_ids,
+            state.sampled,
         )
         state.done = done.numpy().copy()
         state.position = start
@@ -146,6 +147,7 @@ class SpeculativeState:
         self.rows = list(rows)
         self.stop_set = {int(t) for t in stop_ids}
         self.stop_ids = tf.constant(sorted(self.stop_set) or [-1], tf.int32)
+        self.sampled = any(r.temperature > 0 for r in rows)  # else the greedy-only loop
         self.reported = [len(r.prompt) for r in rows]  # next position to report, per row
         self.closed = [False] * len(rows)  # fully reported
         k = decoder.draft_tokens
@@ -176,6 +178,7 @@ class SpeculativeState:
                 self.sampling,
                 self.stop_ids,
                 tf.constant(MAX_ROUNDS if rounds is None else rounds, tf.int32),
+                self.sampled,
             )
             ran, position, self.ids, self.state, self.q, done, proposed, accepted = out
             self.position, self.done = int(position), done.numpy().copy()

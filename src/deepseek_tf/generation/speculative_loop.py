@@ -58,7 +58,6 @@ class SpeculativeLoop:
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.vocab_size else None
         compiled = dict(jit_compile=jit_compile, reduce_retracing=True)
         self.prefill_chunk = tf.function(self._prefill_chunk, **compiled)
-        self.prefill_mtp = tf.function(self._prefill_mtp, **compiled)
         self.prefill_last = tf.function(self._prefill_last, **compiled)
         self.rounds = tf.function(self._rounds, **compiled)
 
@@ -73,10 +72,11 @@ class SpeculativeLoop:
             "outputs": [tf.zeros((batch, cache_len, c), dtype) for _ in self.modules[1:]],
         }
 
-    def _draft(self, hidden, start, settled, ids, is_prompt, state, sampling, draft=True):
+    def _draft(self, hidden, start, settled, ids, is_prompt, state, sampling, sampled, draft=True):
         """Runs the MTP chain after the main model ran positions `start ..` (normed
         states `hidden` `(B, T, C)`) and settled every token up to `settled`; with
-        `draft`, drafts positions `settled+1 .. settled+k` into `ids`. Returns `(ids,
+        `draft`, drafts positions `settled+1 .. settled+k` into `ids` (argmaxes unless
+        `sampled`: a Python bool, so a greedy batch traces no sampling). Returns `(ids,
         state, q)`: `q` `(B, k, V)` the drafts' distributions (zeros when greedy)."""
         temperature, top_k, top_p, seeds = sampling
         t = tf.shape(hidden)[1]
@@ -101,15 +101,12 @@ class SpeculativeLoop:
             logits = self.model.project(last[:, None])[:, 0] / self.model.logit_temperature
             logits = limit_vocab(logits, self.vocab_limit)  # (B, V)
             position = settled + j
-
-            def sampled(logits=logits, position=position):
+            if sampled:
                 probs = token_probs(logits, temperature, top_k, top_p)  # (B, V)
-                return sample_probs(probs, seeds, position + DRAFT_NOISE), probs
-
-            def greedy(logits=logits):
-                return tf.argmax(logits, -1, output_type=tf.int32), tf.zeros_like(logits)
-
-            token, probs = tf.cond(tf.reduce_any(temperature > 0), sampled, greedy)
+                token = sample_probs(probs, seeds, position + DRAFT_NOISE)
+            else:
+                probs = tf.zeros_like(logits)
+                token = tf.argmax(logits, -1, output_type=tf.int32)
             column = tf.gather(ids, position, axis=1)
             token = tf.where(tf.gather(is_prompt, position, axis=1), column, token)
             ids = put(ids, position, token)
@@ -117,47 +114,56 @@ class SpeculativeLoop:
         q = tf.stack(q, axis=1) if draft else None
         return ids, {**state, "mtp": mtp, "outputs": outputs}, q
 
-    def prefill(self, prompts, ids, is_prompt, state, ends, done, sampling, stop_ids):
-        """Runs the prompts' first `P` tokens (`prompts` `(B, P)`, numpy) in the
-        `prefill_chunks(P)` calls plain decoding makes, then the MTP chain over them;
-        samples position `P` as plain decoding does and drafts after it. Returns
-        `(ids, state, q, done)`."""
-        hidden, at, cache = [], 0, state["cache"]
-        for n in prefill_chunks(prompts.shape[1]):
+    def prefill(self, prompts, ids, is_prompt, state, ends, done, sampling, stop_ids, sampled):
+        """Runs the prompts' first `P` tokens (`prompts` `(B, P)`, numpy) through the model
+        in the `prefill_chunks(P)` calls plain decoding makes, each also running the MTP
+        chain over its positions; the last samples position `P` as plain decoding does
+        and drafts after it. Returns `(ids, state, q, done)`."""
+        chunks = prefill_chunks(prompts.shape[1])
+        at = 0
+        for n in chunks[:-1]:
             chunk, start = tf.constant(prompts[:, at : at + n]), tf.constant(at, tf.int32)
-            logits, cache, h = self.prefill_chunk(chunk, cache, start)
-            hidden.append((start, h))
+            state = self.prefill_chunk(chunk, start, ids, is_prompt, state, sampling)
             at += n
-        state = {**state, "cache": cache}
-        for start, h in hidden[:-1]:
-            state = self.prefill_mtp(h, start, ids, is_prompt, state, sampling)
-        start, h = hidden[-1]
-        args = (logits, ids, is_prompt, state, ends, done, sampling, stop_ids)
-        return self.prefill_last(h, start, *args)
+        chunk, start = tf.constant(prompts[:, at:]), tf.constant(at, tf.int32)
+        args = (ids, is_prompt, state, ends, done, sampling, stop_ids, sampled)
+        return self.prefill_last(chunk, start, *args)
 
-    def _prefill_chunk(self, chunk, cache, start):
-        logits, cache, extras = self.model.call_with_cache(chunk, cache, start, return_hidden=True)
-        return limit_vocab(logits[:, -1], self.vocab_limit), cache, extras["hidden"]
+    def _prefill_chunk(self, chunk, start, ids, is_prompt, state, sampling):
+        """A chunk the prompts go on after: the model and the MTP chain, no drafts."""
+        _, cache, extras = self.model.call_with_cache(
+            chunk, state["cache"], start, return_hidden=True
+        )
+        settled = start + tf.shape(chunk)[1]
+        args = (ids, is_prompt, {**state, "cache": cache}, sampling, False)
+        return self._draft(extras["hidden"], start, settled, *args, draft=False)[1]
 
-    def _prefill_mtp(self, hidden, start, ids, is_prompt, state, sampling):
-        settled = start + tf.shape(hidden)[1]  # the prompt goes on: nothing to draft yet
-        return self._draft(hidden, start, settled, ids, is_prompt, state, sampling, False)[1]
-
-    def _prefill_last(self, hidden, start, logits, ids, is_prompt, state, ends, done, sampling,
-                      stop_ids):  # fmt: skip
-        p = start + tf.shape(hidden)[1]
-        first = sample_tokens(logits, *sampling, p)  # (B,)
+    def _prefill_last(self, chunk, start, ids, is_prompt, state, ends, done, sampling, stop_ids,
+                      sampled):  # fmt: skip
+        logits, cache, extras = self.model.call_with_cache(
+            chunk, state["cache"], start, return_hidden=True
+        )
+        logits = limit_vocab(logits[:, -1], self.vocab_limit)  # (B, V)
+        p = start + tf.shape(chunk)[1]
+        if sampled:
+            first = sample_tokens(logits, *sampling, p)  # (B,)
+        else:
+            first = tf.argmax(logits, axis=-1, output_type=tf.int32)
         first = tf.where(tf.gather(is_prompt, p, axis=1), tf.gather(ids, p, axis=1), first)
         ids = put(ids, p, first)
         done = finish_rows(ids, is_prompt, ends, done, p, 1, 1, stop_ids)
-        ids, state, q = self._draft(hidden, start, p, ids, is_prompt, state, sampling)
+        state = {**state, "cache": cache}
+        ids, state, q = self._draft(
+            extras["hidden"], start, p, ids, is_prompt, state, sampling, sampled
+        )
         return ids, state, q, done
 
-    def _rounds(self, position, ids, is_prompt, state, q, ends, done, sampling, stop_ids, limit):
+    def _rounds(self, position, ids, is_prompt, state, q, ends, done, sampling, stop_ids, limit,
+                sampled):  # fmt: skip
         """Runs draft-verify rounds from settled position `position` until every row is
-        done or `limit` rounds ran. Returns `(rounds, position, ids, state, q, done,
-        proposed (k,), accepted (k,))`: drafts offered (by unfinished rows, prompt
-        positions excluded) and accepted, per draft position."""
+        done or `limit` rounds ran (`sampled`: see `_draft`). Returns `(rounds,
+        position, ids, state, q, done, proposed (k,), accepted (k,))`: drafts offered
+        (by unfinished rows, prompt positions excluded) and accepted, per position."""
         k = self.k
         batch = tf.shape(ids)[0]
         blocks = self.model.blocks
@@ -173,7 +179,7 @@ class SpeculativeLoop:
             )
             logits = limit_vocab(logits, self.vocab_limit)  # (B, k+1, V)
             kept, replacement = accept_drafts(
-                logits, tokens[:, 1:], q, forced, sampling, position + 1
+                logits, tokens[:, 1:], q, forced, sampling, position + 1, sampled
             )
             active = tf.logical_not(done)
             n = tf.reduce_min(tf.where(active, kept, k))  # drafts every row keeps
@@ -199,7 +205,7 @@ class SpeculativeLoop:
             ]
             state = {**state, "cache": cache}
             ids, state, q = self._draft(
-                extras["hidden"], position, settled, ids, is_prompt, state, sampling
+                extras["hidden"], position, settled, ids, is_prompt, state, sampling, sampled
             )
             return rounds + 1, settled, ids, state, q, done, proposed, accepted
 

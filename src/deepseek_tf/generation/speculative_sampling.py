@@ -32,7 +32,7 @@ def sample_probs(probs, seeds, positions):
     return tf.argmax(logp - tf.math.log(-tf.math.log(noise)), axis=-1, output_type=tf.int32)
 
 
-def accept_drafts(logits, drafts, q, forced, sampling, first):
+def accept_drafts(logits, drafts, q, forced, sampling, first, sampled=True):
     """Verifies `k` drafts of each row.
 
     Args:
@@ -42,6 +42,7 @@ def accept_drafts(logits, drafts, q, forced, sampling, first):
         forced: `(B, k+1)` bool: prompt positions (always accepted).
         sampling: `(temperature, top_k, top_p, seeds)`, each `(B,)`.
         first: int32 scalar, the position of the first draft.
+        sampled: False when every row is greedy (the argmax rule alone is traced).
 
     Returns:
         `(accepted (B,), replacement (B, k+1))`: how many leading drafts each row keeps,
@@ -55,7 +56,7 @@ def accept_drafts(logits, drafts, q, forced, sampling, first):
     def greedy():
         return tf.cast(drafts == argmax[:, :-1], tf.float32), argmax
 
-    def sampled():
+    def speculative_sampling():
         flat = tf.reshape(logits, (b * t, -1))  # (B*(k+1), V)
         p = token_probs(flat, *(tf.repeat(x, t) for x in (temperature, top_k, top_p)))
         p = tf.reshape(p, tf.shape(logits))  # (B, k+1, V)
@@ -74,7 +75,7 @@ def accept_drafts(logits, drafts, q, forced, sampling, first):
         replacement = sample_probs(flat, flat_seeds, flat_positions + RESIDUAL_NOISE)
         return tf.cast(u * q_d < p_d, tf.float32), tf.reshape(replacement, (b, t))
 
-    ok, replacement = tf.cond(tf.reduce_any(temperature > 0), sampled, greedy)
+    ok, replacement = speculative_sampling() if sampled else greedy()
     ok = tf.maximum(ok, tf.cast(forced[:, :-1], tf.float32))  # (B, k)
     accepted = tf.cast(tf.reduce_sum(tf.math.cumprod(ok, axis=1), axis=1), tf.int32)
     return accepted, replacement
