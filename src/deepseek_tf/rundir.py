@@ -36,7 +36,7 @@ from deepseek_tf.config.schema import Config
 from deepseek_tf.errors import RunDirError
 from deepseek_tf.models.builder import build_model
 from deepseek_tf.tokenizers import load_tokenizer
-from deepseek_tf.training.checkpoint import RunCheckpoint, checkpoints_on_disk, unreadable_reason
+from deepseek_tf.training.checkpoint import RunCheckpoint, checkpoints_on_disk
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -371,30 +371,14 @@ def restore_weights(checkpoint: RunCheckpoint) -> int:
     Raises:
         RunDirError: no checkpoint, none readable, or one that does not fit the model.
     """
-    candidates = checkpoint.candidates()
-    if not candidates:
-        raise RunDirError(f"{checkpoint.directory}: no checkpoint to restore")
-    skipped, checkpoint.unreadable = [], []
-    for prefix in candidates:
-        try:
-            plan = _restore_plan(checkpoint.checkpoint, prefix)
-            for variable, key, dtype in plan or ():
-                args = {"tensor_names": [key], "shape_and_slices": [""], "dtypes": [dtype]}
-                variable.assign(tf.raw_ops.RestoreV2(prefix=prefix, **args)[0])
-        except Exception as e:  # noqa: BLE001 - told apart below, as RunCheckpoint.restore does
-            reason = unreadable_reason(prefix)
-            if reason is None:
-                line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise RunDirError(
-                    f"{prefix}: checkpoint does not match the model ({line})"
-                ) from None
-            skipped.append(reason)
-            checkpoint.unreadable.append(prefix)
-            older = candidates[len(skipped)] if len(skipped) < len(candidates) else None
-            after = f"; falling back to {Path(older).name}" if older else ""
-            checkpoint.log(f"[checkpoint] {reason}{after}")
-            continue
+
+    def restore_one(prefix):
+        plan = _restore_plan(checkpoint.checkpoint, prefix)
         if plan is None:  # state other than variables: TensorFlow's restore
-            return checkpoint.restore(weights_only=True)
+            return checkpoint.restore(prefix, weights_only=True)
+        for variable, key, dtype in plan:
+            args = {"tensor_names": [key], "shape_and_slices": [""], "dtypes": [dtype]}
+            variable.assign(tf.raw_ops.RestoreV2(prefix=prefix, **args)[0])
         return int(checkpoint.step.numpy())
-    raise RunDirError(f"{checkpoint.directory}: no readable checkpoint ({'; '.join(skipped)})")
+
+    return checkpoint.restore_first_readable(checkpoint.candidates(), restore_one)

@@ -174,16 +174,27 @@ class RunCheckpoint:
             RunDirError: no checkpoint at all, none readable (each named with its
                 problem), or one that reads but does not match the model.
         """
-        candidates = [path] if path else self.candidates()
+
+        def restore_one(prefix):
+            status = self.checkpoint.restore(prefix)
+            if weights_only:
+                status.expect_partial()
+            status.assert_existing_objects_matched()
+            return int(self.step.numpy())
+
+        return self.restore_first_readable([path] if path else self.candidates(), restore_one)
+
+    def restore_first_readable(self, candidates, restore_one) -> int:
+        """Runs `restore_one(prefix)` on the newest of `candidates` that reads back and
+        returns its result: an unreadable checkpoint is named, set aside in
+        `self.unreadable` and the one before it tried; one that reads but fails is the
+        wrong checkpoint for the model (`RunDirError`)."""
         if not candidates:
             raise RunDirError(f"{self.directory}: no checkpoint to restore")
         skipped, self.unreadable = [], []
         for prefix in candidates:
             try:
-                status = self.checkpoint.restore(prefix)
-                if weights_only:
-                    status.expect_partial()
-                status.assert_existing_objects_matched()
+                return restore_one(prefix)
             except Exception as e:  # noqa: BLE001 - told apart below
                 reason = unreadable_reason(prefix)
                 if reason is None:  # it reads fine: it is the wrong checkpoint for the model
@@ -195,8 +206,6 @@ class RunCheckpoint:
                 older = candidates[len(skipped)] if len(skipped) < len(candidates) else None
                 after = f"; falling back to {Path(older).name}" if older else ""
                 self.log(f"[checkpoint] {reason}{after}")
-                continue
-            return int(self.step.numpy())
         raise RunDirError(f"{self.directory}: no readable checkpoint ({'; '.join(skipped)})")
 
     def set_aside_unreadable(self) -> None:
