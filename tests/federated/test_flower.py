@@ -73,7 +73,7 @@ def test_a_deployment_with_three_supernodes_survives_losing_one(tmp_path):
     run = tmp_path / "run"
     config = _config("federated.clients=3", "federated.clients_per_round=3",
                      "federated.rounds=4", "federated.min_clients=1",
-                     "federated.round_timeout=25")  # fmt: skip
+                     "federated.round_timeout=90")  # fmt: skip
     train_federated(config, run, verbose=0, prepare_only=True)
     env = _flwr_env(tmp_path / "flwr")
     logs = tmp_path / "logs"
