@@ -9,25 +9,46 @@ F.scaled_dot_product_attention, 4x GELU MLP, tied embeddings, dropout 0; AdamW(0
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass
 
 import bench_common as bc
 
-# nanoGPT baby GPT (config/train_shakespeare_char.py with the README's CPU overrides)
-BATCH_SIZE = 12
-BLOCK_SIZE = 64
-N_LAYER = 4
-N_HEAD = 4
-N_EMBD = 128
-BIAS = False
-LEARNING_RATE = 1e-3
-MIN_LR = 1e-4
-WARMUP_ITERS = 100
-WEIGHT_DECAY = 0.1
-BETAS = (0.9, 0.99)
-GRAD_CLIP = 1.0
+
+@dataclass(frozen=True)
+class Recipe:
+    """One of nanoGPT's Shakespeare-char recipes (config/train_shakespeare_char.py)."""
+
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64  # context
+    dropout: float = 0.0
+    bias: bool = False
+    # training
+    batch_size: int = 12
+    max_iters: int = 2000  # also lr_decay_iters
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+
+
+# the README's CPU overrides ("baby GPT"): 4 x 128, context 64, batch 12, 2000 iterations
+BABY = Recipe()
+# the GPU recipe as the config file ships it: 6 x 384, context 256, batch 64, dropout 0.2
+GPU = Recipe(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
+             max_iters=5000)  # fmt: skip
+
+# the baby recipe's figures, as shakespeare_char.py reports them
+BATCH_SIZE = BABY.batch_size
+BLOCK_SIZE = BABY.block_size
 VAL_FRACTION = 0.1
 SEED = 1337
 EVAL_ITERS = 200  # nanoGPT-style estimate: mean over this many random batches
@@ -50,40 +71,44 @@ def import_torch():
     return torch
 
 
-def build_gpt(torch, vocab_size: int):
-    """nanoGPT's GPT for the baby recipe (written from its description)."""
+def build_gpt(torch, vocab_size: int, r: Recipe = BABY):
+    """nanoGPT's GPT for recipe `r` (written from its description)."""
     nn = torch.nn
     F = torch.nn.functional
 
     class SelfAttention(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c_attn = nn.Linear(N_EMBD, 3 * N_EMBD, bias=BIAS)  # q, k, v in one matmul
-            self.c_proj = nn.Linear(N_EMBD, N_EMBD, bias=BIAS)
+            self.c_attn = nn.Linear(r.n_embd, 3 * r.n_embd, bias=r.bias)  # q, k, v at once
+            self.c_proj = nn.Linear(r.n_embd, r.n_embd, bias=r.bias)
+            self.resid_dropout = nn.Dropout(r.dropout)
 
         def forward(self, x):
             b, t, c = x.shape
             q, k, v = self.c_attn(x).split(c, dim=2)
-            q, k, v = (z.view(b, t, N_HEAD, c // N_HEAD).transpose(1, 2) for z in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=True)
-            return self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+            # (B, T, C) -> (B, H, T, C / H)
+            q, k, v = (z.view(b, t, r.n_head, c // r.n_head).transpose(1, 2) for z in (q, k, v))
+            p = r.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, c)))
 
     class MLP(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c_fc = nn.Linear(N_EMBD, 4 * N_EMBD, bias=BIAS)
+            self.c_fc = nn.Linear(r.n_embd, 4 * r.n_embd, bias=r.bias)
             self.gelu = nn.GELU()
-            self.c_proj = nn.Linear(4 * N_EMBD, N_EMBD, bias=BIAS)
+            self.c_proj = nn.Linear(4 * r.n_embd, r.n_embd, bias=r.bias)
+            self.dropout = nn.Dropout(r.dropout)
 
         def forward(self, x):
-            return self.c_proj(self.gelu(self.c_fc(x)))
+            return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.ln_1 = nn.LayerNorm(N_EMBD, bias=BIAS)
+            self.ln_1 = nn.LayerNorm(r.n_embd, bias=r.bias)
             self.attn = SelfAttention()
-            self.ln_2 = nn.LayerNorm(N_EMBD, bias=BIAS)
+            self.ln_2 = nn.LayerNorm(r.n_embd, bias=r.bias)
             self.mlp = MLP()
 
         def forward(self, x):
@@ -93,11 +118,12 @@ def build_gpt(torch, vocab_size: int):
     class GPT(nn.Module):
         def __init__(self):
             super().__init__()
-            self.wte = nn.Embedding(vocab_size, N_EMBD)
-            self.wpe = nn.Embedding(BLOCK_SIZE, N_EMBD)
-            self.blocks = nn.ModuleList(Block() for _ in range(N_LAYER))
-            self.ln_f = nn.LayerNorm(N_EMBD, bias=BIAS)
-            self.lm_head = nn.Linear(N_EMBD, vocab_size, bias=False)
+            self.wte = nn.Embedding(vocab_size, r.n_embd)
+            self.wpe = nn.Embedding(r.block_size, r.n_embd)
+            self.drop = nn.Dropout(r.dropout)
+            self.blocks = nn.ModuleList(Block() for _ in range(r.n_layer))
+            self.ln_f = nn.LayerNorm(r.n_embd, bias=r.bias)
+            self.lm_head = nn.Linear(r.n_embd, vocab_size, bias=False)
             self.lm_head.weight = self.wte.weight  # weight tying
             for module in self.modules():
                 if isinstance(module, nn.Linear | nn.Embedding):
@@ -107,12 +133,12 @@ def build_gpt(torch, vocab_size: int):
             # residual projections: GPT-2's scaled initialisation
             for name, p in self.named_parameters():
                 if name.endswith("c_proj.weight"):
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * N_LAYER))
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * r.n_layer))
 
         def forward(self, idx):
             t = idx.shape[1]
             pos = torch.arange(t, dtype=torch.long, device=idx.device)
-            x = self.wte(idx) + self.wpe(pos)  # dropout 0: no dropout layer
+            x = self.drop(self.wte(idx) + self.wpe(pos))
             for block in self.blocks:
                 x = block(x)
             return self.lm_head(self.ln_f(x))  # (B, T, V)
@@ -120,26 +146,26 @@ def build_gpt(torch, vocab_size: int):
     return GPT()
 
 
-def make_optimizer(torch, model):
+def make_optimizer(torch, model, r: Recipe = BABY):
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [
-        {"params": decay, "weight_decay": WEIGHT_DECAY},
+        {"params": decay, "weight_decay": r.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=LEARNING_RATE, betas=BETAS)
+    return torch.optim.AdamW(groups, lr=r.learning_rate, betas=r.betas)
 
 
-def nanogpt_lr(it: int, decay_iters: int) -> float:
-    """Linear warm-up, cosine decay to MIN_LR at `decay_iters`, then flat."""
-    if it < WARMUP_ITERS:
-        return LEARNING_RATE * (it + 1) / (WARMUP_ITERS + 1)
+def nanogpt_lr(it: int, decay_iters: int, r: Recipe = BABY) -> float:
+    """Linear warm-up, cosine decay to `min_lr` at `decay_iters`, then flat."""
+    if it < r.warmup_iters:
+        return r.learning_rate * (it + 1) / (r.warmup_iters + 1)
     if it > decay_iters:
-        return MIN_LR
-    ratio = (it - WARMUP_ITERS) / (decay_iters - WARMUP_ITERS)
+        return r.min_lr
+    ratio = (it - r.warmup_iters) / (decay_iters - r.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-    return MIN_LR + coeff * (LEARNING_RATE - MIN_LR)
+    return r.min_lr + coeff * (r.learning_rate - r.min_lr)
 
 
 def load_char_data(torch):
@@ -155,19 +181,19 @@ def load_char_data(torch):
     return data[:split], data[split:], len(chars)
 
 
-def get_batch(torch, data):
-    """nanoGPT's get_batch: BATCH_SIZE windows at uniformly random offsets."""
-    ix = torch.randint(len(data) - BLOCK_SIZE, (BATCH_SIZE,))
-    index = ix[:, None] + torch.arange(BLOCK_SIZE)[None, :]
+def get_batch(torch, data, r: Recipe = BABY):
+    """nanoGPT's get_batch: `batch_size` windows at uniformly random offsets."""
+    ix = torch.randint(len(data) - r.block_size, (r.batch_size,))
+    index = ix[:, None] + torch.arange(r.block_size)[None, :]  # (B, T)
     return data[index], data[index + 1]
 
 
-def full_split_loss(torch, model, data, batch: int = 128) -> float:
-    """Mean token loss over non-overlapping (BLOCK_SIZE + 1)-token blocks from offset 0,
+def full_split_loss(torch, model, data, r: Recipe = BABY, batch: int = 128) -> float:
+    """Mean token loss over non-overlapping (block_size + 1)-token blocks from offset 0,
     the last partial block dropped: exactly what deepseek-tf's eval dataset covers."""
     F = torch.nn.functional
-    n = len(data) // (BLOCK_SIZE + 1) * (BLOCK_SIZE + 1)
-    blocks = data[:n].view(-1, BLOCK_SIZE + 1)
+    n = len(data) // (r.block_size + 1) * (r.block_size + 1)
+    blocks = data[:n].view(-1, r.block_size + 1)  # (N, T + 1)
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
@@ -184,14 +210,14 @@ def full_split_loss(torch, model, data, batch: int = 128) -> float:
     return total / count
 
 
-def estimate_loss(torch, model, data) -> float:
+def estimate_loss(torch, model, data, r: Recipe = BABY) -> float:
     """nanoGPT's estimate_loss for one split: mean over EVAL_ITERS random batches."""
     F = torch.nn.functional
     losses = []
     model.eval()
     with torch.no_grad():
         for _ in range(EVAL_ITERS):
-            x, y = get_batch(torch, data)
+            x, y = get_batch(torch, data, r)
             logits = model(x)
             losses.append(
                 float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)))
@@ -200,20 +226,81 @@ def estimate_loss(torch, model, data) -> float:
     return sum(losses) / len(losses)
 
 
-def run_peer(steps: int) -> dict:
-    torch = import_torch()
-    F = torch.nn.functional
+def _setup(torch) -> int:
     threads = bc.cores()
     torch.set_num_threads(threads)
     torch.manual_seed(SEED)
     print(f"[peer] nanoGPT GPT in PyTorch {torch.__version__}, {threads} threads", flush=True)
+    return threads
+
+
+def _train_iteration(torch, model, optimizer, train_data, it: int, r: Recipe):
+    """One iteration of nanoGPT's train.py loop; returns the loss tensor."""
+    for group in optimizer.param_groups:
+        group["lr"] = nanogpt_lr(it, r.max_iters, r)
+    x, y = get_batch(torch, train_data, r)
+    logits = model(x)  # (B, T, V)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def run_peer_for(seconds: float, r: Recipe = GPU, eval_every_seconds: float = 300.0) -> dict:
+    """nanoGPT's recipe `r` for `seconds` of wall time (data, model, training and its
+    full-split evaluations all count), evaluated every `eval_every_seconds` of wall time
+    and at the end: a validation-loss vs wall-clock curve."""
+    torch = import_torch()
+    threads = _setup(torch)
+    started = time.perf_counter()
+    train_data, val_data, vocab_size = load_char_data(torch)
+    model = build_gpt(torch, vocab_size, r)
+    optimizer = make_optimizer(torch, model, r)
+    model.train()
+    curve, it, next_eval, train_time = [], 0, eval_every_seconds, 0.0
+    meter = bc.CpuMeter().start()
+    while it < r.max_iters and time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        loss = _train_iteration(torch, model, optimizer, train_data, it, r)
+        it += 1
+        train_time += time.perf_counter() - t0
+        if time.perf_counter() - started >= next_eval:
+            val = full_split_loss(torch, model, val_data, r)
+            curve.append({"seconds": time.perf_counter() - started, "iter": it, "val_loss": val})
+            print(f"[peer] {curve[-1]['seconds']:.0f} s, iter {it}: train loss "
+                  f"{loss.item():.4f}, val loss {val:.4f}", flush=True)  # fmt: skip
+            next_eval += eval_every_seconds
+    if not curve or curve[-1]["iter"] != it:
+        val = full_split_loss(torch, model, val_data, r)
+        curve.append({"seconds": time.perf_counter() - started, "iter": it, "val_loss": val})
+    meter.stop()
+    return {
+        "implementation": "nanoGPT model.py GPT re-implemented in PyTorch (nanogpt_peer.py)",
+        "recipe": {k: v for k, v in r.__dict__.items()},
+        "torch": torch.__version__,
+        "threads": threads,
+        "params": sum(p.numel() for p in model.parameters()),
+        "iterations": it,
+        "curve": curve,
+        "train_tokens_per_sec": it * r.batch_size * r.block_size / max(train_time, 1e-9),
+        "wall_seconds": time.perf_counter() - started,
+        "cpu": meter.result,
+    }
+
+
+def run_peer(steps: int, r: Recipe = BABY, estimate: bool = True) -> dict:
+    """nanoGPT's recipe `r` for `steps` iterations (schedule decaying over them)."""
+    torch = import_torch()
+    threads = _setup(torch)
     load_before = bc.load_average()
     wall_started = time.perf_counter()
     train_data, val_data, vocab_size = load_char_data(torch)
-    model = build_gpt(torch, vocab_size)
+    r = dataclasses.replace(r, max_iters=steps)  # nanoGPT: lr_decay_iters = max_iters
+    model = build_gpt(torch, vocab_size, r)
     params = sum(p.numel() for p in model.parameters())  # tied head counted once
-    optimizer = make_optimizer(torch, model)
-    decay_iters = steps  # nanoGPT: lr_decay_iters = max_iters
+    optimizer = make_optimizer(torch, model, r)
     model.train()
 
     train_time, first_iter, loss_value = 0.0, None, None
@@ -222,16 +309,7 @@ def run_peer(steps: int) -> dict:
     meter = bc.CpuMeter().start()
     for it in range(steps):
         started = time.perf_counter()
-        lr = nanogpt_lr(it, decay_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(torch, train_data)
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = _train_iteration(torch, model, optimizer, train_data, it, r)
         if (it + 1) % LOG_INTERVAL == 0 or it + 1 == steps:
             loss_value = loss.item()
         elapsed = time.perf_counter() - started
@@ -241,7 +319,7 @@ def run_peer(steps: int) -> dict:
             first_iter = elapsed
         done = it + 1
         if done % EVAL_EVERY == 0 or done == steps:  # outside the timed region
-            val_curve[str(done)] = full_split_loss(torch, model, val_data)
+            val_curve[str(done)] = full_split_loss(torch, model, val_data, r)
             print(
                 f"[peer] step {done}: train loss {loss_value:.4f}, "
                 f"val loss {val_curve[str(done)]:.4f}",
@@ -249,9 +327,9 @@ def run_peer(steps: int) -> dict:
             )
     wall = time.perf_counter() - wall_started  # data, model, training, full-split evals
     meter.stop()
-    estimate_val = estimate_loss(torch, model, val_data)
-    estimate_train = estimate_loss(torch, model, train_data)
-    tokens = steps * BATCH_SIZE * BLOCK_SIZE
+    estimate_val = estimate_loss(torch, model, val_data, r) if estimate else None
+    estimate_train = estimate_loss(torch, model, train_data, r) if estimate else None
+    tokens = steps * r.batch_size * r.block_size
     result = {
         "implementation": "nanoGPT model.py GPT re-implemented in PyTorch (this file)",
         "torch": torch.__version__,
@@ -266,8 +344,8 @@ def run_peer(steps: int) -> dict:
         "train_tokens_per_sec": tokens / train_time,
         "train_seconds": train_time,
         "ms_per_iter": 1000 * train_time / steps,
-        "median_step_tokens_per_sec": BATCH_SIZE
-        * BLOCK_SIZE
+        "median_step_tokens_per_sec": r.batch_size
+        * r.block_size
         / bc.median(iter_times[1:] or iter_times),
         "cpu": meter.result,
         "first_iter_seconds": first_iter,
@@ -276,7 +354,8 @@ def run_peer(steps: int) -> dict:
         "load_average_after": bc.load_average(),
     }
     print(
-        f"[peer] val loss {result['val_loss']:.4f} (nanoGPT estimate {estimate_val:.4f}), "
+        f"[peer] val loss {result['val_loss']:.4f} "
+        f"(nanoGPT estimate {bc.fmt(estimate_val, '.4f')}), "
         f"{result['train_tokens_per_sec']:.0f} tokens/s, {result['ms_per_iter']:.1f} ms/iter",
         flush=True,
     )

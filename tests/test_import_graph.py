@@ -14,7 +14,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "src" / "deepseek_tf"
 PACKAGE = "deepseek_tf"
 # optional extras, and matplotlib (heavy: loaded only when a plot is written)
-OPTIONAL = ("ai_edge_litert", "onnxruntime", "tf2onnx", "flwr", "wandb", "matplotlib")
+OPTIONAL = ("ai_edge_litert", "onnxruntime", "tf2onnx", "flwr", "wandb", "matplotlib", "pyarrow")
 OPTIONAL_MODULES = ("deepseek_tf.federated.flower_app",)  # needs the [federated] extra
 
 

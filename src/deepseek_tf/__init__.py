@@ -22,6 +22,14 @@ _EXPORTS = {
     "RunDir": "deepseek_tf.rundir",
     "load": "deepseek_tf.api",
     "train": "deepseek_tf.api",
+    "train_federated": "deepseek_tf.api",
+    # the command line's verbs (deepseek_tf.verbs): the same options and defaults
+    "evaluate": "deepseek_tf.verbs",
+    "generate": "deepseek_tf.verbs",
+    "export_run": "deepseek_tf.verbs",
+    "serve": "deepseek_tf.verbs",
+    "compress_run": "deepseek_tf.verbs",
+    "convert_checkpoint": "deepseek_tf.verbs",
 }
 
 __all__ = sorted(_EXPORTS)

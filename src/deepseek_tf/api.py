@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from deepseek_tf.config.schema import Config
+from deepseek_tf.config.schema import TOKENIZER_TYPES, Config
 from deepseek_tf.data.corpus import read_texts, resolve_files
+from deepseek_tf.data.prepared import read_manifest
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.federated.engine import FederatedRun, prepare_clients
 from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.rundir import RunDir
-from deepseek_tf.tokenizers import train_tokenizer
+from deepseek_tf.tokenizers import load_tokenizer_path, train_tokenizer
 from deepseek_tf.training.init_from import source_config
 from deepseek_tf.training.runtime import configure_threads, make_strategy
 from deepseek_tf.training.trainer import Trainer
@@ -28,6 +29,12 @@ def prepare_tokenizer(config: Config, run_dir=None, resume: bool = False, init_f
         tokenizer = RunDir(run_dir).read_tokenizer()
     elif init_from is not None:
         tokenizer = source_config(init_from)[1]
+    elif config.data.prepared:  # `data prepare` wrote its tokenizer beside the shards
+        kind = read_manifest(config.data.prepared)["tokenizer"]
+        tokenizer = load_tokenizer_path(config.data.prepared, key="data.prepared")
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=kind))
+    elif config.data.tokenizer not in TOKENIZER_TYPES:  # a file from `tokenizer train`
+        tokenizer = load_tokenizer_path(config.data.tokenizer)
     else:
         texts = read_texts(resolve_files(config.data.files))
         tokenizer = train_tokenizer(config.data.tokenizer, texts, config.data.vocab_size)

@@ -122,3 +122,17 @@ def test_cli_default_files_is_bundled_corpus(tmp_path, capsys):
     assert (
         load_tokenizer(tmp_path).decode(load_tokenizer(tmp_path).encode(text[:500])) == text[:500]
     )
+
+
+def test_encode_array_equals_encode_and_names_unknown_characters():
+    import numpy as np
+    import pytest
+
+    from deepseek_tf.errors import TokenizerError
+    from deepseek_tf.tokenizers.char import CharTokenizer
+
+    tok = CharTokenizer.train(["héllo wörld ✓\n"])
+    text = "wörld ✓ héllo\n" * 3
+    assert np.array_equal(tok.encode_array(text), tok.encode(text))
+    with pytest.raises(TokenizerError, match="'x' at position 2"):
+        tok.encode_array("hox")

@@ -60,6 +60,12 @@ def parse_size(text: str) -> int:
 
 
 def run(args) -> int:
+    print(convert(args).describe())
+    return 0
+
+
+def convert(args):
+    """Converts as parsed `args` say; returns the conversion's summary."""
     from deepseek_tf.convert import convert_from_hf, convert_to_hf
     from deepseek_tf.errors import ConfigError
 
@@ -67,11 +73,8 @@ def run(args) -> int:
     if args.from_hf:
         if args.max_shard_size != "5GB" or args.adapter_only:
             raise ConfigError("--max-shard-size and --adapter-only apply to --to-hf only")
-        summary = convert_from_hf(args.from_hf, args.out, dtype=args.dtype)
-    else:
-        dtype = args.dtype or "float32"
-        summary = convert_to_hf(
-            args.to_hf, args.out, dtype, max_shard_bytes=max_shard, adapter_only=args.adapter_only
-        )
-    print(summary.describe())
-    return 0
+        return convert_from_hf(args.from_hf, args.out, dtype=args.dtype)
+    dtype = args.dtype or "float32"
+    return convert_to_hf(
+        args.to_hf, args.out, dtype, max_shard_bytes=max_shard, adapter_only=args.adapter_only
+    )

@@ -40,6 +40,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    print(json.dumps(evaluate(args)))
+    return 0
+
+
+def evaluate(args) -> dict:
+    """The JSON `eval` prints, for parsed `args` (`deepseek_tf.evaluate` calls it too)."""
     from deepseek_tf.api import load
     from deepseek_tf.data.corpus import resolve_files
     from deepseek_tf.data.pipeline import make_eval_dataset
@@ -74,5 +80,4 @@ def run(args) -> int:
         from deepseek_tf.cli.uncertainty import uncertainty_result
 
         result["uncertainty"] = uncertainty_result(args, config, model, tokenizer, dataset)
-    print(json.dumps(result))
-    return 0
+    return result

@@ -29,6 +29,17 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    report = export_run(args)
+    signatures = ", ".join(report["signatures"])
+    print(f"exported {args.format} to {report['path']}: signatures {signatures}")
+    for key, value in report.items():
+        if key not in ("format", "path", "signatures"):
+            print(f"  {key}: {value}")
+    return 0
+
+
+def export_run(args) -> dict:
+    """Exports the run of parsed `args`; returns the exporter's report."""
     from pathlib import Path
 
     from deepseek_tf.api import load
@@ -38,7 +49,7 @@ def run(args) -> int:
     if Path(args.out).exists() and not args.overwrite:  # before the (slow) model load
         raise InputError(f"--out {args.out} already exists; pass --overwrite to replace it")
     model, tokenizer = load(args.run_dir)
-    report = export(
+    return export(
         model,
         args.out,
         args.format,
@@ -48,9 +59,3 @@ def run(args) -> int:
         verify=not args.no_verify,
         overwrite=args.overwrite,
     )
-    signatures = ", ".join(report["signatures"])
-    print(f"exported {args.format} to {report['path']}: signatures {signatures}")
-    for key, value in report.items():
-        if key not in ("format", "path", "signatures"):
-            print(f"  {key}: {value}")
-    return 0

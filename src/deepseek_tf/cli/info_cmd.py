@@ -49,8 +49,16 @@ def run(args) -> int:
 
 def _vocab_from_data(config) -> int:
     """Vocabulary a fresh run would get: distinct characters, or the BPE target size."""
+    if config.data.prepared:
+        from deepseek_tf.data.prepared import read_manifest
+
+        return read_manifest(config.data.prepared)["vocab_size"]
     if config.data.tokenizer == "bpe":
         return config.data.vocab_size
+    if config.data.tokenizer != "char":  # a tokenizer file or directory
+        from deepseek_tf.tokenizers import load_tokenizer_path
+
+        return load_tokenizer_path(config.data.tokenizer).vocab_size
     from deepseek_tf.data.corpus import read_texts, resolve_files
 
     return len(set().union(*map(set, read_texts(resolve_files(config.data.files)))))

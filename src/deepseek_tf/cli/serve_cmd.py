@@ -22,6 +22,11 @@ def add_parser(subparsers) -> None:
         default=os.environ.get("DEEPSEEK_TF_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $DEEPSEEK_TF_API_KEY, else none)",
     )
+    parser.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="report ready at once and compile each shape on first use (slow first requests)",
+    )
     parser.add_argument("--model-name", help="the served model id (default: the run's name)")
     parser.add_argument("--max-batch", type=int, default=16, help="most requests decoded at once")
     parser.add_argument("--no-batching", action="store_true", help="decode one request at a time")
@@ -64,17 +69,15 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args) -> int:
-    import logging
-    import threading
-    import time
+def start(args):
+    """Loads the run of parsed `args` and binds its server (not yet serving); returns
+    `(app, server, url)`. `run` and `deepseek_tf.serve` serve it."""
     from pathlib import Path
 
     from deepseek_tf.api import load
     from deepseek_tf.errors import InputError
     from deepseek_tf.serving.server import ServingApp, make_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not 0 <= args.port <= 65535:  # before the (slow) model load
         raise InputError(f"--port: must be in 0-65535 (0: any free port), got {args.port}")
     model, tokenizer = load(args.run_dir)
@@ -98,9 +101,19 @@ def run(args) -> int:
         max_body_bytes=args.max_body_bytes,
         max_queue=args.max_queue,
         max_connections=args.max_connections,
+        warm_up=not args.no_warm_up,
     )
     server = make_server(app, args.host, args.port)
-    url = f"http://{args.host}:{server.server_port}"
+    return app, server, f"http://{args.host}:{server.server_port}"
+
+
+def run(args) -> int:
+    import logging
+    import threading
+    import time
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    app, server, url = start(args)
     print(f"serving {app.model_name} on {url}", flush=True)
 
     def announce():

@@ -82,12 +82,16 @@ def run(args) -> int:
 
     if args.sample_tokens > 0:
         from deepseek_tf.cli.generate_cmd import sample_text
+        from deepseek_tf.errors import TokenizerError
 
-        print("--- sample ---")
         kwargs = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0}
-        print(sample_text(out, "\n", args.sample_tokens, **kwargs)[0])
-        print("---")
-    prompt = "ROMEO:" if not config.data.files else "Once upon a time"  # the bundled corpus
+        try:  # a sample is a courtesy: a vocabulary without "\n" gets none
+            text = sample_text(out, "\n", args.sample_tokens, **kwargs)[0]
+            print(f"--- sample ---\n{text}\n---")
+        except TokenizerError as e:
+            print(f"(no sample: {e})")
+    bundled = not (config.data.files or config.data.prepared)
+    prompt = "ROMEO:" if bundled else "Once upon a time"  # the bundled corpus
     print("\n".join(summary_lines(summary, prompt)), flush=True)
     return 0
 

@@ -26,6 +26,7 @@ PRECISIONS = ("float32", "bfloat16", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 FEDERATED_ENGINES = ("inprocess", "flower")
 LOGGERS = ("tensorboard", "wandb")
+OPTIMIZERS = ("adamw", "lion", "muon")
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     files: tuple[str, ...] = ()  # globs of UTF-8 text files; empty: the bundled corpus
-    tokenizer: str = "char"  # char | bpe
+    prepared: str = ""  # a `deepseek-tf data prepare` directory: stream its shards instead
+    tokenizer: str = "char"  # char | bpe (trained on the files) | PATH (`tokenizer train`'s)
     vocab_size: int = 4096  # bpe only: target vocabulary size
     seq_len: int = 64  # tokens per training example
     val_fraction: float = 0.1  # tail of every file held out for validation
@@ -142,7 +144,8 @@ class TrainConfig:
     steps: int = 2000  # optimizer steps
     batch_size: int = 12  # sequences per micro-batch (global, over all replicas)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    # AdamW + warm-up/cosine schedule
+    # optimizer (Keras' own) + warm-up/cosine schedule
+    optimizer: str = "adamw"  # adamw | lion | muon (Muon on 2-D weights, AdamW on the rest)
     learning_rate: float = 1e-3
     min_learning_rate: float = 1e-4  # end of the cosine decay
     warmup_steps: int = 100
@@ -150,6 +153,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     clip_norm: float = 1.0  # global-norm gradient clipping; 0 disables
+    time_limit_minutes: float = 0.0  # stop (evaluate, checkpoint) after this wall time; 0: none
     # float32 | bfloat16 (bf16 variables: converted checkpoints, inference, LoRA on a frozen
     # base) | mixed_bfloat16 | mixed_float16 (float32 variables, 16-bit compute)
     precision: str = "float32"

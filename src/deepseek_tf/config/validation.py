@@ -14,6 +14,7 @@ from deepseek_tf.config.schema import (
     HEAD_TYPES,
     LOGGERS,
     MOE_DISPATCH,
+    OPTIMIZERS,
     POSITION_TYPES,
     PRECISIONS,
     QUANTIZE_INCLUDES,
@@ -79,7 +80,12 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(m, "model", ("head_samples", "logit_temperature"))
     _check_positive(m, "model", ("head_kl_weight",), True)
     _check_choice("model.share_adjacent", m.share_adjacent, SHARE_MODES)
-    _check_choice("data.tokenizer", d.tokenizer, TOKENIZER_TYPES)
+    if d.prepared and d.files:
+        raise ConfigError(
+            "data.prepared: the prepared directory is the training text; leave data.files empty"
+        )
+    if not d.tokenizer.strip():  # anything but char/bpe names a tokenizer file or directory
+        raise ConfigError(f"data.tokenizer: empty; expected one of {TOKENIZER_TYPES} or a path")
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     if not 0.0 <= d.token_replace_prob <= 1.0:
@@ -99,7 +105,9 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(t, "train", ("warmup_steps", "weight_decay", "clip_norm", "eval_every"), True)
     _check_positive(t, "train", ("eval_batches", "checkpoint_every", "min_learning_rate"), True)
     _check_positive(t, "train", ("keep_checkpoints",))
+    _check_positive(t, "train", ("time_limit_minutes",), True)
     _check_choice("train.precision", t.precision, PRECISIONS)
+    _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _check_positive(t, "train", ("lora_rank",), True)
     _check_positive(t, "train", ("lora_alpha",))
     if t.lora_rank and not t.lora_targets:

@@ -49,6 +49,20 @@ def _read_bytes(path: str) -> bytes:
         raise DataError(f"data file '{path}' cannot be read ({e.strerror})") from None
 
 
+def expand_files(patterns: Sequence[str]) -> list[str]:
+    """`resolve_files` without reading the files: globs expanded (sorted per pattern,
+    duplicates dropped), missing files and directories refused."""
+    files: list[str] = []
+    seen: set[str] = set()
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        for path in _expand(os.fspath(pattern)):
+            key = os.path.realpath(path)
+            if key not in seen:
+                seen.add(key)
+                files.append(path)
+    return files
+
+
 def resolve_files(patterns: Sequence[str]) -> list[str]:
     """Expand globs into a deterministic file list and validate every file.
 
@@ -60,14 +74,7 @@ def resolve_files(patterns: Sequence[str]) -> list[str]:
         patterns = [patterns]
     if not patterns:
         patterns = [default_corpus_path()]
-    files: list[str] = []
-    seen: set[str] = set()
-    for pattern in patterns:
-        for path in _expand(os.fspath(pattern)):
-            key = os.path.realpath(path)
-            if key not in seen:
-                seen.add(key)
-                files.append(path)
+    files = expand_files(patterns)
     for path in files:
         _decode(path, _read_bytes(path))
     return files

@@ -24,6 +24,7 @@ from deepseek_tf.data.augment import (
     packed_length,
 )
 from deepseek_tf.data.corpus import read_texts, resolve_files, split_point
+from deepseek_tf.data.prepared import make_prepared_eval_dataset, make_prepared_train_dataset
 from deepseek_tf.errors import DataError, TokenizerError
 from deepseek_tf.tokenizers.base import Tokenizer
 from deepseek_tf.tokenizers.char import CharTokenizer
@@ -151,13 +152,18 @@ def make_train_dataset(
     started at `start_batch` yields exactly batches start_batch, start_batch + 1, ... of
     the dataset started at 0. `files=None` uses `data_cfg.files`.
     """
-    check_augment_config(data_cfg)
     if batch_size < 1 or start_batch < 0:
         raise ValueError(
             f"need batch_size >= 1 and start_batch >= 0, got {batch_size}, {start_batch}"
         )
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} is not in [0, num_shards={num_shards})")
+    if data_cfg.prepared and files is None:  # a `data prepare` directory: streamed
+        return make_prepared_train_dataset(
+            data_cfg, tokenizer.vocab_size, batch_size, start_batch=start_batch,
+            num_shards=num_shards, shard_index=shard_index,
+        )  # fmt: skip
+    check_augment_config(data_cfg)
     paths = resolve_files(data_cfg.files if files is None else files)
     packed = packed_length(data_cfg)
     block_len = packed + 1
@@ -195,6 +201,19 @@ def make_train_dataset(
     ds = ds.enumerate(start=start_batch)
     ds = ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def next_batch(iterator):
+    """The iterator's next batch; unreadable data (a corrupt or truncated shard of a
+    prepared directory) is a one-line `DataError`, not a TensorFlow traceback."""
+    try:
+        return next(iterator)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        first = (e.message or type(e).__name__).strip().splitlines()[0][:200]
+        raise DataError(
+            f"training data could not be read ({first}); if it is a prepared directory, "
+            "prepare it again"
+        ) from None
 
 
 def make_step_dataset(
@@ -240,6 +259,8 @@ def make_eval_dataset(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if data_cfg.prepared and files is None and split != "all":
+        return make_prepared_eval_dataset(data_cfg, batch_size, split)
     check_augment_config(data_cfg)
     paths = resolve_files(data_cfg.files if files is None else files)
     block_len = data_cfg.seq_len + 1

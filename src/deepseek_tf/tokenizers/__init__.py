@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 from deepseek_tf.data.corpus import read_texts, resolve_files
-from deepseek_tf.errors import RunDirError, TokenizerError
+from deepseek_tf.errors import ConfigError, RunDirError, TokenizerError
 from deepseek_tf.tokenizers.base import BPE_FILE, CHAR_FILE, EOS_TOKEN, Tokenizer
 from deepseek_tf.tokenizers.bpe import BPETokenizer
 from deepseek_tf.tokenizers.char import CharTokenizer
@@ -19,6 +19,7 @@ __all__ = [
     "CharTokenizer",
     "Tokenizer",
     "load_tokenizer",
+    "load_tokenizer_path",
     "train_tokenizer",
 ]
 
@@ -55,3 +56,29 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     if os.path.isfile(bpe_path):
         return BPETokenizer.load(bpe_path)
     raise RunDirError(f"{directory}: no tokenizer found (expected {CHAR_FILE} or {BPE_FILE})")
+
+
+def load_tokenizer_path(path: str | os.PathLike[str], key: str = "data.tokenizer") -> Tokenizer:
+    """A tokenizer named by a path: a `tokenizer.json` (Hugging Face, with the
+    `tokenizer_config.json` beside it when there is one), a `char_tokenizer.json`, or a
+    directory holding one (`deepseek-tf tokenizer train --out DIR`, a run directory).
+
+    Raises:
+        ConfigError: nothing readable at `path` (the message names `key`).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        try:
+            return load_tokenizer(path)
+        except RunDirError:
+            raise ConfigError(
+                f"{key}: {path} holds no {BPE_FILE} or {CHAR_FILE} (write one with "
+                "`deepseek-tf tokenizer train --out DIR`)"
+            ) from None
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{key}: {path!r} is neither char, bpe nor an existing tokenizer file or directory"
+        )
+    if os.path.basename(path) == CHAR_FILE:
+        return CharTokenizer.load(path)
+    return BPETokenizer.load(path)

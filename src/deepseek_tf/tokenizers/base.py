@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.errors import TokenizerError
@@ -72,6 +73,10 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; raises TokenizerError for text it cannot represent."""
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as a 1-D int64 array (bulk tokenizing, e.g. `data prepare`)."""
+        return np.asarray(self.encode(text), dtype=np.int64)
 
     @abc.abstractmethod
     def _decode_checked(self, ids: list[int]) -> str:

@@ -43,7 +43,8 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-        """Train in memory on `texts` up to `vocab_size` ids (fewer if merges run out)."""
+        """Train on `texts` (any iterable: a generator streams) up to `vocab_size` ids
+        (fewer if merges run out)."""
         if vocab_size < MIN_BPE_VOCAB:
             raise TokenizerError(
                 f"bpe vocab_size {vocab_size} is below {MIN_BPE_VOCAB} "
@@ -58,7 +59,7 @@ class BPETokenizer(Tokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(list(texts), trainer=trainer)
+        tok.train_from_iterator(iter(texts), trainer=trainer)
         return cls(tok)
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.errors import TokenizerError
@@ -32,6 +33,7 @@ class CharTokenizer(Tokenizer):
             raise TokenizerError("char tokenizer: the vocabulary has duplicate characters")
         self._stoi = {c: i for i, c in enumerate(self._chars)}
         self._table: tf.lookup.StaticHashTable | None = None
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # encode_array's index
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -68,6 +70,19 @@ class CharTokenizer(Tokenizer):
             raise TokenizerError(
                 f"character {c!r} at position {pos} is not in the char tokenizer's vocabulary"
             ) from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` vectorised: code points (UTF-32) looked up in the sorted vocabulary."""
+        if self._sorted is None:
+            points = np.array([ord(c) for c in self._chars], dtype=np.uint32)
+            order = np.argsort(points)
+            self._sorted = (points[order], order.astype(np.int64))
+        keys, ids = self._sorted
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # (N,)
+        at = np.minimum(np.searchsorted(keys, points), len(keys) - 1)
+        if not np.array_equal(keys[at], points):
+            self.encode(text)  # raises, naming the first unknown character
+        return ids[at]
 
     def _decode_checked(self, ids: list[int]) -> str:
         return "".join(self._chars[i] for i in ids)

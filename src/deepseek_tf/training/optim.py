@@ -1,4 +1,4 @@
-"""AdamW with decay exclusions and a warm-up + cosine learning-rate schedule."""
+"""Keras' AdamW, Lion or Muon with decay exclusions and a warm-up + cosine schedule."""
 
 from __future__ import annotations
 
@@ -23,21 +23,52 @@ def learning_rate_schedule(t: TrainConfig) -> keras.optimizers.schedules.Learnin
     )
 
 
+SCHEDULE_KEYS = ("steps", "warmup_steps", "learning_rate", "min_learning_rate")
+
+
+def schedule_change(old: TrainConfig, new: TrainConfig, step: int) -> str | None:
+    """What a resume at `step` with `new` changes in the learning rate, or None."""
+    changed = [k for k in SCHEDULE_KEYS if getattr(old, k) != getattr(new, k)]
+    if not changed or not step:
+        return None
+    before = float(learning_rate_schedule(old)(step))
+    after = float(learning_rate_schedule(new)(step))
+    what = ", ".join(f"train.{k} {getattr(old, k)} -> {getattr(new, k)}" for k in changed)
+    return (
+        f"the learning-rate schedule changed ({what}): at step {step} the learning rate "
+        f"was {before:.3g} and is now {after:.3g}; warm-up and cosine decay are recomputed "
+        f"for {new.steps} steps"
+    )
+
+
 def make_optimizer(t: TrainConfig, model: keras.Model) -> keras.optimizers.Optimizer:
-    """AdamW (+ loss scaling for float16), built for `model`'s trainable variables.
+    """`train.optimizer` (+ loss scaling for float16), built for `model`'s trainable variables.
 
     Call inside the distribution strategy's scope. Global-norm clipping is done
     by the optimizer (`global_clipnorm`); gradient accumulation by the trainer,
-    so that one optimizer step is one schedule step.
+    so that one optimizer step is one schedule step. Muon orthogonalises the updates
+    of 2-D weights and keeps AdamW (same betas) for the rest: norms, embeddings and
+    the stacked (3-D) expert weights, which Keras' Muon leaves to AdamW.
     """
-    optimizer = keras.optimizers.AdamW(
+    common = dict(
         learning_rate=learning_rate_schedule(t),
         weight_decay=t.weight_decay,
-        beta_1=t.beta1,
-        beta_2=t.beta2,
-        epsilon=1e-8,
         global_clipnorm=t.clip_norm or None,
     )
+    if t.optimizer == "lion":
+        optimizer = keras.optimizers.Lion(beta_1=t.beta1, beta_2=t.beta2, **common)
+    elif t.optimizer == "muon":
+        optimizer = keras.optimizers.Muon(
+            adam_beta_1=t.beta1,
+            adam_beta_2=t.beta2,
+            adam_weight_decay=t.weight_decay,
+            epsilon=1e-8,
+            # an untied output head and the relative-position bias table stay with AdamW
+            exclude_layers=["lm_head", "table"],
+            **common,
+        )
+    else:
+        optimizer = keras.optimizers.AdamW(beta_1=t.beta1, beta_2=t.beta2, epsilon=1e-8, **common)
     optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
     if t.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.config.schema import Config
-from deepseek_tf.data.pipeline import make_eval_dataset, make_step_dataset
+from deepseek_tf.data.pipeline import make_eval_dataset, make_step_dataset, next_batch
 from deepseek_tf.errors import ConfigError, TrainingError
 from deepseek_tf.models.builder import build_model
 from deepseek_tf.models.lora import apply_lora, lora_variables
@@ -23,8 +23,8 @@ from deepseek_tf.training.init_from import load_initial_weights
 from deepseek_tf.training.monitor import TrainingMonitor, balance_stats
 from deepseek_tf.training.optim import (
     current_learning_rate,
-    learning_rate_schedule,
     make_optimizer,
+    schedule_change,
 )
 from deepseek_tf.training.report import Progress, best_validation, eval_line, write_loss_curves
 from deepseek_tf.training.runtime import (
@@ -39,8 +39,6 @@ from deepseek_tf.training.step import make_train_step
 from deepseek_tf.training.tracking import Trackers, check_available
 
 __all__ = ["Trainer", "signals_deferred", "_raise_interrupt"]
-
-SCHEDULE_KEYS = ("steps", "warmup_steps", "learning_rate", "min_learning_rate")
 
 
 class Trainer:
@@ -214,19 +212,9 @@ class Trainer:
             )
         else:
             self._log("[resume] the run has no checkpoint yet: starting at step 0")
-        old = self.previous_config.train
-        changed = [k for k in SCHEDULE_KEYS if getattr(old, k) != getattr(t, k)]
-        if changed and self.start_step:
-            before = float(learning_rate_schedule(old)(self.start_step))
-            after = float(learning_rate_schedule(t)(self.start_step))
-            what = ", ".join(f"train.{k} {getattr(old, k)} -> {getattr(t, k)}" for k in changed)
-            print(
-                f"[resume] warning: the learning-rate schedule changed ({what}): at step "
-                f"{self.start_step} the learning rate was {before:.3g} and is now {after:.3g}; "
-                f"warm-up and cosine decay are recomputed for {t.steps} steps",
-                file=sys.stderr,
-                flush=True,
-            )
+        warning = schedule_change(self.previous_config.train, t, self.start_step)
+        if warning:
+            print(f"[resume] warning: {warning}", file=sys.stderr, flush=True)
 
     def _save(self, step: int, last_saved: str | None) -> str:
         finite = all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.weights)
@@ -287,11 +275,14 @@ class Trainer:
         last_saved = self.checkpoint.latest
         train_time, timed_steps = 0.0, 0
         step = self.start_step
+        # train.time_limit_minutes: a wall-clock budget from here (a speedrun's guard)
+        deadline = wall_started + 60.0 * t.time_limit_minutes if t.time_limit_minutes else None
+        stopped = None
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
         monitor.on_train_begin()
         try:
             while step < t.steps:
-                inputs, targets, weights = next(iterator)
+                inputs, targets, weights = next_batch(iterator)
                 started = time.perf_counter()
                 out = self._run_step(step, inputs, targets, weights)
                 loss = float(out["loss"])
@@ -318,6 +309,14 @@ class Trainer:
                     self._evaluate(step)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
                     last_saved = self._save(step, last_saved)
+                if deadline is not None and step < t.steps and time.perf_counter() >= deadline:
+                    stopped = "time_limit"
+                    self._log(f"[train] time limit ({t.time_limit_minutes:g} min) at step {step}")
+                    if t.eval_every and step % t.eval_every:
+                        self._evaluate(step)
+                    if step != self.checkpoint.step.numpy():
+                        last_saved = self._save(step, last_saved)
+                    break
         except KeyboardInterrupt:
             # A multi-worker save is collective: the other workers may be gone.
             if (
@@ -343,6 +342,8 @@ class Trainer:
             "checkpoint": last_saved,
             "chief": self.chief,
         }
+        if stopped:
+            summary["stopped"] = stopped
         self.metrics.write(event="summary", **summary)
         summary.update(steps=t.steps, run_dir=str(self.run_dir), loss_curves=None)
         summary["wall_seconds"] = time.perf_counter() - wall_started
@@ -374,7 +375,7 @@ class Trainer:
     def _evaluate(self, step: int) -> None:
         result = self.validate()
         entry = {"step": step, "val_loss": result["loss"], "val_perplexity": result["perplexity"]}
-        self.metrics.write(**entry)
+        self.metrics.write(**entry, time=round(time.time(), 3))  # wall clock: time-to-loss
         if self.trackers is not None:
             self.trackers.log(step, entry)
         with self.writer.as_default(step=step):
