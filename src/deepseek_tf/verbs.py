@@ -33,7 +33,7 @@ from deepseek_tf.cli.compress_cmd import METHODS
 from deepseek_tf.cli.convert_cmd import convert
 from deepseek_tf.cli.eval_cmd import evaluate as run_eval
 from deepseek_tf.cli.export_cmd import export_run as run_export
-from deepseek_tf.cli.generate_cmd import check_options, sample_text
+from deepseek_tf.cli.generate_cmd import generate_texts
 from deepseek_tf.cli.main import build_parser
 from deepseek_tf.cli.serve_cmd import start
 from deepseek_tf.errors import ConfigError
@@ -102,22 +102,7 @@ def generate(run_dir, prompts, **options) -> list:
     as a user message with the run's chat template and returns the replies alone;
     `show_uncertainty=True` returns `(text, [(token, entropy, logprob), ...])` pairs."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    args = _args(["generate", str(run_dir)], {"prompt": prompts, **options})
-    check_options(args)
-    return sample_text(
-        args.run_dir,
-        args.prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-        details=args.show_uncertainty,
-        chat=args.chat,
-        speculative=args.speculative,
-        draft_tokens=args.draft_tokens,
-    )
+    return generate_texts(_args(["generate", str(run_dir)], {"prompt": prompts, **options}))
 
 
 def export_run(run_dir, out, format: str = "savedmodel", **options) -> dict:  # noqa: A002

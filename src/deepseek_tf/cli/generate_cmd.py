@@ -146,9 +146,10 @@ def check_options(args) -> None:
         raise InputError("--show-uncertainty is not available with --speculative")
 
 
-def run(args) -> int:
+def generate_texts(args) -> list:
+    """What `generate` prints, for parsed `args` (`deepseek_tf.generate` calls it too)."""
     check_options(args)
-    texts = sample_text(
+    return sample_text(
         args.run_dir,
         args.prompt,
         args.max_new_tokens,
@@ -162,6 +163,10 @@ def run(args) -> int:
         speculative=args.speculative,
         draft_tokens=args.draft_tokens,
     )
+
+
+def run(args) -> int:
+    texts = generate_texts(args)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- {i} ---")
