@@ -13,7 +13,12 @@ from deepseek_tf.config.loader import apply_overrides
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.rundir import RunDir
 from deepseek_tf.training.report import Progress
-from deepseek_tf.training.tracking import check_available, scalar_name, scalars
+from deepseek_tf.training.tracking import (
+    SKIPPED_KEYS,
+    check_available,
+    scalar_name,
+    scalars,
+)
 
 SHORT = ["train.steps=6", "train.log_every=2", "train.eval_every=3", "train.eval_batches=1"]
 SHORT += ["train.checkpoint_every=6"]
@@ -26,7 +31,7 @@ def _expected(run) -> dict:
         if "event" in entry:
             continue
         for key, value in entry.items():
-            if key in ("step", "tokens", "loss_avg_steps") or not isinstance(value, float):
+            if key in SKIPPED_KEYS or not isinstance(value, float):
                 continue
             out.setdefault(scalar_name(key), {})[entry["step"]] = value
     return out

@@ -27,7 +27,8 @@ from deepseek_tf.errors import ConfigError
 
 TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard/ (the `tensorboard` logger)
 # the step itself, a constant, a label, the size of the loss_avg window
-SKIPPED_KEYS = ("step", "tokens", "event", "loss_avg_steps")
+# `time` is the wall-clock stamp of a line (trackers stamp their own)
+SKIPPED_KEYS = ("step", "tokens", "event", "loss_avg_steps", "time")
 
 
 def scalar_name(key: str) -> str:
