@@ -33,6 +33,7 @@ def _rounds(run):
     return [e for e in RunDir(run).metrics.read() if "round" in e and "event" not in e]
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_one_client_one_step_is_one_centralised_step(tmp_path):
     config = _config("federated.clients=1", "federated.clients_per_round=1",
                      "federated.local_steps=1", "federated.rounds=1")  # fmt: skip

@@ -48,7 +48,7 @@ def trained_mtp(tmp_path_factory):
     [
         # a hybrid main block (its conv state is rewound); past the context (48) a sliding
         # window continues, as in plain decoding
-        (["model.mtp_depth=2"], 2, 70),
+        pytest.param(["model.mtp_depth=2"], 2, 70, marks=pytest.mark.slow),  # heavier
         (["model.mtp_depth=1", "model.n_layers=2"], 1, 30),  # a hybrid MTP block
         (["model.mtp_depth=3", "model.n_layers=1", "model.attention=mha"], 3, 30),
     ],
@@ -72,6 +72,7 @@ def test_greedy_rows_of_a_sampled_batch_equal_plain_decoding():
     assert [out[0], out[2]] == plain and len(out[1]) == 20
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_greedy_equals_plain_decoding_on_a_trained_model_compiled(trained_mtp):
     model, tok = load(trained_mtp)
     prompts = [tok.encode("ROMEO:"), tok.encode("First Citizen:\nWe")]

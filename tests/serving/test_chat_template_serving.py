@@ -80,6 +80,7 @@ def test_completion_prompt_gets_the_bos(chat_run):
     assert body["usage"]["prompt_tokens"] == len(tokenizer.encode("Hi")) + 1
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_eos_from_tokenizer_config_ends_the_reply(tmp_path, tiny_config, chat_run, capsys):
     """Make the greedy first reply token the EOS: the reply is then empty, and stops."""
     tokenizer = load_tokenizer(chat_run)

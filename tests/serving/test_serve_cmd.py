@@ -8,6 +8,8 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
 from deepseek_tf.cli.main import build_parser
 
 
@@ -18,6 +20,7 @@ def test_serve_flags():
     assert (args.port, args.api_key) == (0, "k")
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_serve_subprocess(serve_run):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     cmd = [sys.executable, "-m", "deepseek_tf.cli.main", "serve", str(serve_run)]

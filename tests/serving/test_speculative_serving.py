@@ -19,6 +19,7 @@ def mtp_model():
     return build_model(config, vocab_size=VOCAB, seed=4)
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_speculative_server_gives_plain_greedy_tokens(mtp_model):
     srv, app, url = start_server(mtp_model, None, speculative="mtp")
     try:

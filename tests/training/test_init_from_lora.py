@@ -46,6 +46,7 @@ def test_lora_trains_only_the_adapters(source, tmp_path, capsys):
     assert np.abs(np.asarray(after(ids)) - np.asarray(before(ids))).max() > 0
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_full_fine_tuning_moves_the_base_from_the_source(source, tmp_path):
     out = tmp_path / "full"
     assert main(["train", "--init-from", str(source), "--out", str(out), *STEPS]) == 0

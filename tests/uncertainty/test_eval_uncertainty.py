@@ -44,6 +44,7 @@ def test_ood_data(trained_run, tmp_path, capsys):
     assert ood["blocks_ood"] > 0 and 0 <= ood["auroc_nll"] <= 1
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_bad_uncertainty_requests(trained_run, tmp_path, capsys):
     _error(capsys, ["eval", trained_run, "--mc-samples", "4"], "needs --uncertainty")
     _error(capsys, ["eval", trained_run, "--uncertainty", "--mc-samples", "4"],
