@@ -203,8 +203,8 @@ class RunDir:
         atomic_write_text(self.path / HISTORY_FILE, json.dumps(history, indent=2) + "\n")
 
     # -- weights ------------------------------------------------------------------------------
-    def checkpoint(self, model, optimizer=None, keep: int = 3, *, chief: bool = True):
-        return RunCheckpoint(self.checkpoint_dir, model, optimizer, keep, chief=chief)
+    def checkpoint(self, model, optimizer=None, keep: int = 3, *, chief: bool = True, extra=None):
+        return RunCheckpoint(self.checkpoint_dir, model, optimizer, keep, chief=chief, extra=extra)
 
     def load(self, config: Config | None = None):
         """`(model, tokenizer)` with the latest readable weights.

@@ -374,3 +374,33 @@ def test_sparse_with_unknown_batch_and_length():
     got = tf.function(lambda x: layer(x, return_hidden=True), input_signature=[spec])(x)
     for key, value in expected.items():
         np.testing.assert_allclose(np.asarray(got[key]), np.asarray(value), atol=1e-6, err_msg=key)
+
+
+def test_capacity_dispatch_skips_assignments_marked_elsewhere():
+    """Ids below 0 (expert parallelism: another shard's experts) are neither computed nor
+    given a gradient; the others are exactly what a dispatch of them alone gives."""
+    from deepseek_tf.layers.moe_capacity import capacity_dispatch
+
+    rng = np.random.RandomState(5)
+    tokens = tf.constant(rng.randn(32, D).astype("float32"))
+    w = [tf.constant(rng.randn(*s).astype("float32")) for s in ((4, D, 6), (4, D, 6), (4, 6, D))]
+    idx = rng.randint(0, 8, size=(32, 2)).astype("int32")
+    idx[:, 1] = (idx[:, 0] + 1 + rng.randint(0, 7, size=32)) % 8  # distinct per token
+    local = np.where(idx < 4, idx, -1)  # experts 4..7 live elsewhere
+    with tf.GradientTape() as tape:
+        tape.watch([tokens, *w])
+        out, _ = capacity_dispatch(tokens, tf.constant(local), *w)  # (32, 2, D)
+        loss = tf.reduce_sum(out * out)
+    grads = tape.gradient(loss, [tokens, *w])
+    np.testing.assert_array_equal(out.numpy()[local < 0], 0.0)
+    for n in range(32):  # each kept assignment: its expert's SwiGLU on its token
+        for slot in range(2):
+            e = local[n, slot]
+            if e < 0:
+                continue
+            x = tokens[n : n + 1]
+            want = (tf.nn.silu(x @ w[0][e]) * (x @ w[1][e])) @ w[2][e]
+            np.testing.assert_allclose(out[n, slot : slot + 1], want, rtol=1e-5, atol=1e-5)
+    assert all(np.isfinite(g.numpy()).all() for g in grads)
+    only_remote = np.all(local < 0, axis=1)  # tokens with no local expert get no gradient
+    np.testing.assert_array_equal(grads[0].numpy()[only_remote], 0.0)

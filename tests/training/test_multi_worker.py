@@ -39,7 +39,7 @@ def _env(**extra):
     return env
 
 
-def _start_workers(out, tmp_path, args, tag, resume=False):
+def _start_workers(out, tmp_path, args, tag, resume=False, preset="tiny"):
     """Starts two workers of one job; returns the Popen objects (logs in tmp_path)."""
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     procs = []
@@ -49,7 +49,7 @@ def _start_workers(out, tmp_path, args, tag, resume=False):
             TF_CONFIG=json.dumps(tf_config), DEEPSEEK_TF_TEST_WEIGHTS=tmp_path / f"{tag}-w{i}.npz"
         )
         cmd = [sys.executable, WORKER, "train", "--out", str(out)]
-        cmd += ["--resume"] if resume else ["--preset", "tiny"]
+        cmd += ["--resume"] if resume else ["--preset", preset]
         cmd += ["--set", "runtime.strategy=multi_worker", *args]
         with open(tmp_path / f"{tag}-worker{i}.log", "w") as log:  # the child keeps its copy
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -226,13 +226,21 @@ def test_multi_worker_without_a_valid_tf_config_is_a_config_error(monkeypatch, t
 
 
 @pytest.mark.slow
-def test_a_killed_worker_stops_the_other_with_a_clear_error_and_the_job_resumes(tmp_path):
+@pytest.mark.parametrize(
+    "preset,extra,steps",
+    [("tiny", [], 400), ("tiny-moe", ["--set", "runtime.expert_parallel=2"], 160)],
+    ids=["data-parallel", "expert-parallel"],
+)
+def test_a_killed_worker_stops_the_other_with_a_clear_error_and_the_job_resumes(
+    tmp_path, preset, extra, steps
+):
     """kill -9 of the chief mid-run: the surviving worker does not hang at its next
     collective, it exits 2 with one line naming the problem (TensorFlow's coordination
-    service notices the dead peer); both restarted with --resume continue the run."""
+    service notices the dead peer); both restarted with --resume continue the run (with
+    expert parallelism each worker holding half the experts)."""
     out = tmp_path / "run"
-    args = [*COMMON, "--set", "train.steps=400", "--set", "train.checkpoint_every=20"]
-    procs = _start_workers(out, tmp_path, args, "first")
+    args = [*COMMON, "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=20"]
+    procs = _start_workers(out, tmp_path, args + extra, "first", preset=preset)
     index = out / "checkpoints" / "checkpoint"
     deadline = time.monotonic() + TIMEOUT
     while not index.exists() and time.monotonic() < deadline:
@@ -258,8 +266,9 @@ def test_a_killed_worker_stops_the_other_with_a_clear_error_and_the_job_resumes(
     _wait_all(procs, tmp_path, "second")
     log = (tmp_path / "second-worker0.log").read_text()
     start = int(log.split("[train] steps ")[1].split("->")[0])
-    assert 0 < start < 400 and start % 20 == 0, log
-    assert f"steps {start}->400" in (tmp_path / "second-worker1.log").read_text()
-    w0, w1 = _weights(tmp_path / "second-w0.npz"), _weights(tmp_path / "second-w1.npz")
-    assert all(np.array_equal(a, b) for a, b in zip(w0, w1, strict=True))
-    assert sorted(_losses(out)) == list(range(1, 401))
+    assert 0 < start < steps and start % 20 == 0, log
+    assert f"steps {start}->{steps}" in (tmp_path / "second-worker1.log").read_text()
+    if not extra:  # (with expert parallelism each worker holds other experts)
+        w0, w1 = _weights(tmp_path / "second-w0.npz"), _weights(tmp_path / "second-w1.npz")
+        assert all(np.array_equal(a, b) for a, b in zip(w0, w1, strict=True))
+    assert sorted(_losses(out)) == list(range(1, steps + 1))

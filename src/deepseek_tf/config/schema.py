@@ -183,6 +183,7 @@ class RuntimeConfig:
     inter_op_threads: int = 0
     devices: tuple[str, ...] = ()  # e.g. ("/cpu:0",); empty: what TensorFlow sees
     strategy: str = "auto"  # auto | one_device | mirrored | multi_worker (TF_CONFIG) | tpu
+    expert_parallel: int = 1  # shards of the routed experts over the replicas (1: none)
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,32 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_choice("runtime.strategy", r.strategy, STRATEGIES)
     _validate_federated(config.federated)
     _check_positive(r, "runtime", ("intra_op_threads", "inter_op_threads"), True)
+    _validate_expert_parallel(config)
+
+
+def _validate_expert_parallel(config: Config) -> None:
+    """`runtime.expert_parallel`: what the model and training options allow (the replicas
+    are checked by the trainer, which knows them)."""
+    m, t, n = config.model, config.train, config.runtime.expert_parallel
+    _check_positive(config.runtime, "runtime", ("expert_parallel",))
+    if n == 1:
+        return
+    if not m.n_routed_experts:
+        raise ConfigError("runtime.expert_parallel: the model has no routed experts to shard")
+    for experts in {m.n_routed_experts, *(e for e in m.layer_n_experts if e)}:
+        if experts % n:
+            raise ConfigError(
+                f"runtime.expert_parallel: {n} does not divide the {experts} routed experts"
+            )
+    if "experts" in m.quantize_include and m.quantize != "none":
+        raise ConfigError("runtime.expert_parallel: quantized experts are not sharded")
+    if t.lora_rank and "experts" in t.lora_targets:
+        raise ConfigError("runtime.expert_parallel: LoRA on the routed experts is not sharded")
+    if t.precision == "mixed_float16":
+        raise ConfigError(
+            "runtime.expert_parallel: mixed_float16's loss scaling is not wired for sharded "
+            "experts; use mixed_bfloat16 or float32"
+        )
 
 
 def _validate_mla_moe_mtp(m, d) -> None:

@@ -8,9 +8,12 @@ expert (`enable_lora`, the stacks' counterpart of Keras' `Dense.enable_lora`).
 The dispatch paths read stacks only through `expert_stack`, which dequantizes and
 adds the adapters after gathering the experts a tile uses.
 
+Under expert parallelism (`shard_experts`) a float stack is a per-replica shard of
+`E / N` experts (`expert_shards`); outside `strategy.run` it is read whole.
+
 The host layer provides `expert_shapes()`, `init_std`, `output_init_std`,
-`expert_quantize`, `expert_group_size`, `lora_rank`, `lora_alpha`, `d_model`
-and `moe_hidden_dim`.
+`expert_quantize`, `expert_group_size`, `lora_rank`, `lora_alpha`, `d_model`,
+`moe_hidden_dim`, `n_routed_experts` and `expert_parallel`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ import tensorflow as tf
 from keras import ops
 
 from deepseek_tf.layers import expert_quant
+from deepseek_tf.layers.expert_shards import (
+    ExpertShardVariable,
+    gather_full,
+    in_replicas,
+    scatter_full,
+)
 
 
 class ExpertStacks:
@@ -121,12 +130,47 @@ class ExpertStacks:
         self._tracker.lock()
         self.expert_quantize, self.expert_group_size = mode, group_size
 
+    @property
+    def experts_sharded(self) -> bool:
+        """Whether the float stacks are per-replica shards (`shard_experts`)."""
+        return isinstance(getattr(self, "experts_gate", None), ExpertShardVariable)
+
+    def shard_experts(self, shards: int) -> list:
+        """Splits the float stacks of a built layer into `shards` per-replica shards
+        (expert parallelism; call in the scope of the strategy whose replicas hold
+        them): replica `r` keeps experts `[s E/N, (s + 1) E/N)` of shard `s = r % N`,
+        taken from the current weights. Returns the shard variables."""
+        e = self.n_routed_experts
+        if shards < 2 or e % shards:
+            raise ValueError(f"expert_parallel: {shards} does not divide the {e} experts")
+        if self.expert_quantize != "none" or self.lora_rank:
+            raise ValueError("expert_parallel: quantized experts and expert LoRA are not sharded")
+        if self.experts_sharded:
+            raise ValueError("the experts are already sharded")
+        self._tracker.unlock()
+        variables = []
+        for name, (_, i, o) in self.expert_shapes().items():
+            full = getattr(self, name)
+            value = tf.convert_to_tensor(full.value)  # (E, in, out)
+            delattr(self, name)  # untracks the whole stack
+            shard = ExpertShardVariable(
+                "zeros", (e // shards, i, o), dtype=full.dtype, name=name, shards=shards
+            )
+            setattr(self, name, shard)
+            scatter_full(shard.value, value, shards)
+            variables.append(shard)
+        self._tracker.lock()
+        self.expert_parallel = shards
+        return variables
+
     def expert_stack(self, name: str, index=None):
         """Routed-expert stack `name` (`"experts_gate"`, ...) in the compute dtype:
         `(E, in, out)`, or the experts `index` picks `(n, in, out)`. Quantized
         stacks are gathered as codes and dequantized after the gather."""
         if self.expert_quantize == "none":
             w = getattr(self, name)
+            if isinstance(w, ExpertShardVariable) and not in_replicas():  # outside .run
+                w = gather_full(w.value, w.shards)  # (E, in, out)
             w = w if index is None else tf.gather(w, index)
         else:
             codes, scale = getattr(self, f"{name}_codes"), getattr(self, f"{name}_scale")

@@ -7,6 +7,8 @@ import tensorflow as tf
 from keras import ops
 
 from deepseek_tf.layers import expert_quant
+from deepseek_tf.layers.expert_parallel import expert_parallel_dispatch
+from deepseek_tf.layers.expert_shards import in_replicas
 from deepseek_tf.layers.expert_stacks import ExpertStacks
 from deepseek_tf.layers.moe_capacity import capacity_dispatch
 from deepseek_tf.layers.moe_tiles import auto_tile_size, dim, dispatch_plan
@@ -77,6 +79,12 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
             `lora_alpha / lora_rank * a @ b` to the (frozen) stack; `enable_lora`
             adds them to a built layer (Keras' `Dense.enable_lora` for stacks).
         lora_alpha: the adapters' scale numerator.
+        expert_parallel: shards `N` the routed experts are split into across the
+            replicas of a `tf.distribute` strategy (1: none). Set by
+            `shard_experts(N)` on a built layer; inside `strategy.run` each replica
+            then computes its `E / N` experts for every replica's tokens
+            (`expert_parallel.expert_parallel_dispatch`), elsewhere the layer reads
+            the whole stacks.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -126,6 +134,7 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         expert_group_size: int = -1,
         lora_rank: int = 0,
         lora_alpha: float = 16.0,
+        expert_parallel: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -162,6 +171,7 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         self.expert_group_size = expert_group_size
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
+        self.expert_parallel = expert_parallel
 
         policy = self.dtype_policy
         self.gate = TopKRouter(
@@ -239,6 +249,8 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         tokens = ops.reshape(x, (-1, self.d_model))  # (N, d)
         topk_idx, topk_weight, scores = self.gate(tokens)  # (N, k), (N, k), (N, E)
         routed_fn = self._sparse if self.dispatch == "sparse" else self._dense
+        if self.experts_sharded and in_replicas():
+            routed_fn = self._expert_parallel
         routed, routed_hidden = routed_fn(tokens, topk_idx, topk_weight, return_hidden)
         out = ops.reshape(routed, ops.shape(x))  # (B, T, d)
 
@@ -277,6 +289,23 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         if return_hidden:
             chosen_hidden = tf.gather(hidden, topk_idx, batch_dims=1)  # (N, k, h)
         return ops.cast(out, self.compute_dtype), chosen_hidden
+
+    def _expert_parallel(self, tokens, topk_idx, topk_weight, return_hidden):
+        """This replica's experts for every replica's tokens (`expert_parallel_dispatch`)."""
+        stacks = (
+            ops.cast(tf.identity(self.expert_stack(name)), tokens.dtype)  # (E/N, in, out)
+            for name in ("experts_gate", "experts_up", "experts_down")
+        )
+        out, hidden = expert_parallel_dispatch(
+            tokens,
+            topk_idx,
+            topk_weight,
+            tuple(stacks),
+            n_experts=self.n_routed_experts,
+            shards=self.expert_parallel,
+            return_hidden=return_hidden and self.shared_experts is None,
+        )  # (N, d), (N, k, h) or None
+        return ops.cast(out, self.compute_dtype), hidden
 
     def _sparse(self, tokens, topk_idx, topk_weight, return_hidden):
         """Exact top-k dispatch: expert-major capacity rounds for many tokens (training,
@@ -352,7 +381,11 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         if self.topk_method != "noaux_tc" or not self.bias_update_speed:
             return
         load = ops.cast(expert_load, "float32")
-        step = self.bias_update_speed * ops.sign(ops.mean(load) - load)  # (E,)
+        mean = ops.mean(load)
+        # An expert exactly at the mean stays put: a difference within float32 rounding
+        # of the fractions (e.g. averaged over replicas) counts as none.
+        diff = ops.where(ops.abs(mean - load) <= 1e-6 * mean, 0.0, mean - load)
+        step = self.bias_update_speed * ops.sign(diff)  # (E,)
         self.gate.e_score_correction_bias.assign_add(step)
 
     def compute_output_shape(self, input_shape):

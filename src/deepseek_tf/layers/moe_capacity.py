@@ -28,17 +28,19 @@ def capacity_rows(n_assignments: int, n_experts: int, capacity_factor: float) ->
 
 
 def assignment_ranks(topk_idx, n_experts: int):
-    """`(N, k)` row of each assignment within its expert (token order) and `(E,)` counts."""
+    """`(N, k)` row of each assignment within its expert (token order) and `(E,)` counts.
+
+    An id below 0 (an assignment dispatched elsewhere) counts for no expert."""
     routed = tf.reduce_sum(tf.one_hot(topk_idx, n_experts, dtype=tf.int32), axis=1)  # (N, E)
     before = tf.cumsum(routed, axis=0, exclusive=True)  # (N, E) earlier tokens per expert
-    rank = tf.gather(before, topk_idx, batch_dims=1)  # (N, k)
+    rank = tf.gather(before, tf.maximum(topk_idx, 0), batch_dims=1)  # (N, k)
     return rank, tf.reduce_sum(routed, axis=0)
 
 
 def _round_slots(flat_e, flat_rank, capacity: int, n_experts: int, lo):
     """Slot of each assignment whose rank is in `[lo, lo + C)`; `E*C` (a dump row) if not."""
     local = flat_rank - lo  # (A,)
-    inside = (local >= 0) & (local < capacity)
+    inside = (local >= 0) & (local < capacity) & (flat_e >= 0)
     return tf.where(inside, flat_e * capacity + local, n_experts * capacity)  # (A,)
 
 
@@ -113,7 +115,9 @@ def capacity_dispatch(
 
     Args:
         tokens: `(N, d)`.
-        topk_idx: `(N, k)` int32 distinct expert ids per token.
+        topk_idx: `(N, k)` int32 distinct expert ids per token; an id below 0 is an
+            assignment not dispatched here (expert parallelism: another replica's
+            expert): its output is zero.
         w_gate, w_up: `(E, d, h)` stacked expert weights (tensors); w_down: `(E, h, d)`.
         capacity_factor: rows per expert of the first round, over the mean load.
     """

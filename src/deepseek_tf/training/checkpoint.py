@@ -95,10 +95,20 @@ class RunCheckpoint:
             made for that save and deleted right after it; restores read the chief's
             directory. Only the chief repairs the directory.
         log: where notes about skipped or repaired checkpoints go (default stderr).
+        extra: more `{name: trackable}` saved beside them (e.g. the expert shards'
+            optimizer state, `expert_optimizer`), or None.
     """
 
     def __init__(
-        self, directory, model, optimizer=None, keep: int = 3, *, chief: bool = True, log=_stderr
+        self,
+        directory,
+        model,
+        optimizer=None,
+        keep: int = 3,
+        *,
+        chief: bool = True,
+        log=_stderr,
+        extra=None,
     ):
         self.directory = Path(directory)
         self.chief = chief
@@ -107,6 +117,7 @@ class RunCheckpoint:
         objects = {"model": model, "step": self.step}
         if optimizer is not None:
             objects["optimizer"] = optimizer
+        objects.update(extra or {})
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.keep = keep
         self._manager = None

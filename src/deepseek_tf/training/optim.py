@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 
 from deepseek_tf.config.schema import TrainConfig
+from deepseek_tf.layers.expert_shards import ExpertShardVariable
 
 # Variable names (regexes on the last path component) that get no weight decay:
 # norm scales, biases, embeddings and the relative-position bias table.
@@ -72,7 +73,9 @@ def make_optimizer(t: TrainConfig, model: keras.Model) -> keras.optimizers.Optim
     optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
     if t.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
+    # expert shards (runtime.expert_parallel) are updated per replica (ExpertUpdate)
+    dense = [v for v in model.trainable_variables if not isinstance(v, ExpertShardVariable)]
+    optimizer.build(dense)
     return optimizer
 
 

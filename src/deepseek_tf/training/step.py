@@ -43,11 +43,19 @@ def make_objective(
 
 
 def global_norm(grads):
-    """The global norm of `grads` in float32, whatever their dtypes."""
+    """The global norm of `grads` in float32, whatever their dtypes.
+
+    An embedding's gradient (IndexedSlices) holds one row per occurrence of a token:
+    the rows of a repeated token are summed first, as in the dense gradient (the
+    norm of the rows themselves, what `tf.clip_by_global_norm` takes, is another
+    number).
+    """
 
     def as_float32(g):
-        if isinstance(g, tf.IndexedSlices):  # an embedding's: only its rows
-            return tf.IndexedSlices(tf.cast(g.values, "float32"), g.indices, g.dense_shape)
+        if isinstance(g, tf.IndexedSlices):
+            return tf.math.unsorted_segment_sum(
+                tf.cast(g.values, "float32"), g.indices, g.dense_shape[0]
+            )  # (V, d)
         return tf.cast(g, "float32")
 
     return tf.linalg.global_norm([as_float32(g) for g in grads])
@@ -76,6 +84,7 @@ def make_train_step(
     extra_loss=None,
     after_update=None,
     variables=None,
+    expert_update=None,
 ):
     """Returns `step(inputs, targets, weights) -> dict of step statistics`.
 
@@ -101,8 +110,14 @@ def make_train_step(
         extra_loss: `fn(inputs, targets, weights, logits) -> scalar`, or None.
         after_update: `fn()` run in the step after the update, or None.
         variables: the variables trained (default: all trainable variables).
+        expert_update: an `expert_parallel.ExpertUpdate` when the routed experts are
+            sharded over the replicas: their gradients (each shard's covers the whole
+            batch) join the global norm and are applied per replica, not all-reduced.
     """
     variables = list(model.trainable_variables if variables is None else variables)
+    shards = list(expert_update.variables) if expert_update is not None else []
+    sharded = {id(v) for v in shards}
+    variables = [v for v in variables if id(v) not in sharded]
     loss_scaled = hasattr(optimizer, "dynamic_scale")
     moe_layers = model.moe_modules()
     losses = make_objective(
@@ -115,19 +130,24 @@ def make_train_step(
 
     def loss_and_grads(inputs, targets, weights):
         with tf.GradientTape() as tape:
+            tape.watch([v.value for v in shards])  # per-replica: not trainable for TF
             total, out = losses(inputs, targets, weights)
             # Each replica's gradients are summed by the optimizer: divide here.
             scaled = optimizer.scale_loss(total / (replicas * accumulation))
-        grads = tape.gradient(scaled, variables)
-        if accumulation > 1:  # embedding gradients arrive as IndexedSlices: densify to sum
-            grads = [tf.convert_to_tensor(g) for g in grads]
-        return out, grads
+        grads = tape.gradient(scaled, variables + [v.value for v in shards])
+        # An embedding's gradient arrives as IndexedSlices, one row per occurrence of a
+        # token. Densify it (summing a repeated token's rows): Keras' Adam squares
+        # IndexedSlices row by row, so its second moment of a repeated token would be
+        # the sum of squares, not the square of the sum (a (V, d) tensor, as Adam's
+        # moments already are).
+        return out, [tf.convert_to_tensor(g) for g in grads]
 
     def accumulate(inputs, targets, weights):
         if accumulation == 1:
             return loss_and_grads(inputs, targets, weights)
         out, grads = loss_and_grads(inputs[0], targets[0], weights[0])
-        for i in tf.range(1, accumulation):
+        # (unrolled with sharded experts: no collectives inside a while loop)
+        for i in range(1, accumulation) if shards else tf.range(1, accumulation):
             micro_out, micro_grads = loss_and_grads(inputs[i], targets[i], weights[i])
             out = {k: v + micro_out[k] for k, v in out.items()}
             grads = [g + mg for g, mg in zip(grads, micro_grads)]
@@ -147,11 +167,12 @@ def make_train_step(
         norm = global_norm(grads) * replicas  # undo the per-replica division
         return norm / optimizer.dynamic_scale if loss_scaled else norm
 
-    # A bfloat16 model's gradients are bfloat16 and its router's float32; Keras' own
-    # clipping multiplies every gradient by one float32 scale, which fails on mixed
-    # dtypes. Then this step clips (in float32) and the optimizer does not.
+    # This step clips by the global norm (in float32) and the optimizer does not:
+    # Keras' own clipping takes the norm of an embedding gradient's rows, not of the
+    # gradient (`global_norm`), and multiplies every gradient by one float32 scale,
+    # which fails on the mixed dtypes of a bfloat16 model (its router is float32).
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    clip_here = len({v.dtype for v in variables}) > 1 and bool(inner.global_clipnorm)
+    clip_here = bool(inner.global_clipnorm)
     clip_norm = inner.global_clipnorm
     if clip_here:
         inner.global_clipnorm = None
@@ -173,9 +194,11 @@ def make_train_step(
 
     # Several replicas: the optimizer's cross-replica reduction cannot live inside
     # an XLA cluster, so only forward/backward is compiled.
-    compiled_grads = tf.function(accumulate, jit_compile=jit_compile)
+    # The expert-parallel dispatch's collectives can be neither, nor inside a nested
+    # tf.function (their merge_call): then forward/backward is traced with the step.
+    compiled_grads = accumulate if shards else tf.function(accumulate, jit_compile=jit_compile)
 
-    def clip_globally(grads):
+    def clip_globally(grads, extra_square=0.0):
         """All-reduces the gradients and clips them by the norm of the global gradient.
 
         Keras' optimizer clips *before* its own cross-replica sum, i.e. each replica's
@@ -187,20 +210,30 @@ def make_train_step(
         grads = [tf.convert_to_tensor(g) for g in grads]  # IndexedSlices -> dense
         context = tf.distribute.get_replica_context()
         total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        norm = global_norm(total)  # of the (loss-scaled) global gradient
+        norm = tf.sqrt(global_norm(total) ** 2 + extra_square)  # of the global gradient
         scale = optimizer.dynamic_scale if loss_scaled else 1.0
         factor = tf.minimum(1.0, clip_norm * scale / norm) / replicas
         # An inf/NaN norm (float16 overflow) gives NaN gradients: the loss-scale
         # optimizer then skips the step, as it would have.
-        return [g * tf.cast(factor, g.dtype) for g in total], norm / scale
+        return [g * tf.cast(factor, g.dtype) for g in total], norm / scale, factor * replicas
 
     def replica_step(inputs, targets, weights):
         out, grads = compiled_grads(inputs, targets, weights)
+        grads, expert_grads = grads[: len(variables)], grads[len(variables) :]
+        expert_square = 0.0
+        if shards:  # each shard counted once, not once per replica holding it
+            context = tf.distribute.get_replica_context()
+            expert_square = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, global_norm(expert_grads) ** 2
+            ) / (replicas // shards[0].shards)
         if clip_norm:
-            grads, out["grad_norm"] = clip_globally(grads)
+            grads, out["grad_norm"], factor = clip_globally(grads, expert_square)
+            expert_grads = [g * tf.cast(factor, g.dtype) for g in expert_grads]
         else:
             out["grad_norm"] = grad_norm(grads)  # of this replica's share of the batch
         optimizer.apply(grads, variables)
+        if shards:
+            expert_update.apply(expert_grads)
         update_biases(out)
         if after_update is not None:
             after_update()

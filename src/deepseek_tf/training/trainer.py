@@ -18,14 +18,11 @@ from deepseek_tf.errors import ConfigError, TrainingError
 from deepseek_tf.models.builder import build_model
 from deepseek_tf.models.lora import apply_lora, lora_variables
 from deepseek_tf.rundir import NoMetrics, RunDir
+from deepseek_tf.training import expert_parallel as ep
 from deepseek_tf.training.evaluate import evaluate, make_eval_step
 from deepseek_tf.training.init_from import load_initial_weights
 from deepseek_tf.training.monitor import TrainingMonitor, balance_stats
-from deepseek_tf.training.optim import (
-    current_learning_rate,
-    make_optimizer,
-    schedule_change,
-)
+from deepseek_tf.training.optim import current_learning_rate, make_optimizer, schedule_change
 from deepseek_tf.training.report import Progress, best_validation, eval_line, write_loss_curves
 from deepseek_tf.training.runtime import (
     LOST_WORKER_ERRORS,
@@ -96,11 +93,11 @@ class Trainer:
                 "replicas in sync (each replica gets an equal share)"
             )
         self.previous_config = self.run.read_config() if resume else None
+        ep.check_same_shards(self.previous_config, config)
         if not resume:
             self.run.check_new()
 
-        self.initialized_from = None
-        self.init_from = init_from
+        self.initialized_from, self.init_from = None, init_from
         with self.strategy.scope():
             if init_from is None:
                 self.model = build_model(config, seed=t.seed)
@@ -109,10 +106,13 @@ class Trainer:
                 self.initialized_from = load_initial_weights(self.model, init_from)
                 if t.lora_rank:
                     apply_lora(self.model, t.lora_rank, t.lora_alpha, t.lora_targets)
+            experts = ep.shard_model_experts(self.model, config.runtime, self.replicas)
             self.optimizer = make_optimizer(t, self.model)
+            self.expert_update = ep.ExpertUpdate(self.optimizer, experts) if experts else None
         self.checkpoint = self.run.checkpoint(
-            self.model, self.optimizer, t.keep_checkpoints, chief=self.chief
-        )
+            self.model, self.optimizer, t.keep_checkpoints, chief=self.chief,
+            extra=ep.checkpoint_objects(self.expert_update),
+        )  # fmt: skip
         self.checkpoint.log = self._log
         self.start_step = 0
         self.restored = None
@@ -129,8 +129,10 @@ class Trainer:
             jit_compile=config.runtime.jit_compile,
             strategy=self.strategy,
             mtp_loss_weight=config.model.mtp_loss_weight,
+            expert_update=self.expert_update,
         )
-        self.eval_step = make_eval_step(self.model, config.runtime.jit_compile)
+        jit = config.runtime.jit_compile and not experts  # sharded: read whole, without XLA
+        self.eval_step = make_eval_step(self.model, jit)
         self.writer = None
 
     # -- data -------------------------------------------------------------------------------
