@@ -18,6 +18,7 @@ sharding, not scaling. The README models 64-way EP on a cluster from these volum
 Usage:
     python benchmarks/expert_parallel.py              # ~6 min on 2 cores
     python benchmarks/expert_parallel.py --steps 6    # smoke run
+    python benchmarks/expert_parallel.py --memory     # peak RSS, a 5 GB budget (~4 min)
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ overrides = [f"train.steps={steps}", "train.eval_every=0", "train.checkpoint_eve
              "train.log_every=1", "train.batch_size=8", "runtime.jit_compile=false"]
 if shards:
     overrides += ["runtime.strategy=mirrored", f"runtime.expert_parallel={shards}"]
+overrides += sys.argv[5:]  # the --memory rows' larger experts
 config = apply_overrides(load_config(model), overrides)
 summary = train(config, Path(tempfile.mkdtemp()) / "run", verbose=0)
 trainer = kept["trainer"]
@@ -100,13 +102,47 @@ print("ROW", json.dumps({
 """
 
 
-def run_row(devices: int, shards: int, steps: int, model: str) -> dict:
+def run_row(devices: int, shards: int, steps: int, model: str, extra=(), budget=0) -> dict:
+    """One configuration in a fresh process; with `extra` overrides also its peak RSS
+    (GNU time's maximum resident set size); with `budget` (bytes) under that address-
+    space limit (`prlimit --as`), returning `{"trains": False, "error": ...}` if it fails."""
     cmd = [sys.executable, "-c", ROW_SCRIPT, str(devices), str(shards), str(steps), model]
+    if extra:
+        cmd = ["/usr/bin/time", "-f", "PEAK %M", *cmd, *extra]
+    if budget:
+        cmd = ["prlimit", f"--as={budget}", *cmd]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode and budget:
+        oom = [x for x in done.stderr.splitlines() if "OOM" in x or "MemoryError" in x]
+        return {"trains": False, "error": (oom or done.stderr.splitlines()[-1:])[0].strip()}
     if done.returncode:
         sys.exit(f"row EP {shards} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.split("ROW ")[1].splitlines()[0])
+    row = json.loads(done.stdout.split("ROW ")[1].splitlines()[0])
+    if extra:
+        row["peak_rss_mb"] = int(done.stderr.split("PEAK ")[-1].split()[0]) / 1024
+    return row
+
+
+# --memory: tiny-moe with 16 experts of width 256 x 1024 in each of its 3 MoE layers
+# (37.7M expert parameters: 151 MB of float32 weights, 302 MB of Adam moments per copy)
+LARGE_EXPERTS = ["model.d_model=256", "model.moe_ffn_dim=1024", "model.n_routed_experts=16"]
+
+
+def memory_rows(steps: int, budget_gb: float) -> dict:
+    """Peak RSS of one process whose 2 replicas (logical devices) hold every expert
+    (EP 1: two copies) or half each (EP 2: one copy in all), then whether each trains
+    within a `budget_gb` address-space limit."""
+    rows = {}
+    for shards in (1, 2):
+        row = run_row(2, shards, steps, "tiny-moe", LARGE_EXPERTS)
+        row = {k: v for k, v in row.items() if k != "losses"}
+        limited = run_row(2, shards, steps, "tiny-moe", LARGE_EXPERTS, int(budget_gb * 1e9))
+        row["trains_within_budget"] = limited.get("trains", True)
+        row["budget_error"] = limited.get("error")
+        rows[f"EP {shards}"] = row
+        print(f"[ep] memory EP {shards}: {json.dumps(row)}", flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -114,9 +150,16 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--model", default="tiny-moe", help="preset (8 routed experts)")
+    parser.add_argument("--memory", action="store_true", help="peak RSS rows only")
+    parser.add_argument("--budget-gb", type=float, default=5.0, help="--memory's limit")
     parser.add_argument("--out", default=bc.default_out(NAME), help="result JSON path")
     args = parser.parse_args(argv)
     result = {"benchmark": NAME, "machine": bc.machine_info(["tensorflow"]), "rows": {}}
+    if args.memory:
+        result["memory"] = memory_rows(min(args.steps, 3), args.budget_gb)
+        result["budget_gb"] = args.budget_gb
+        bc.write_json(args.out.replace(".json", "_memory.json"), result)
+        return 0
     reference = run_row(args.devices, 0, args.steps, args.model)  # one process
     result["rows"]["one process"] = reference
     for shards in (1, 2, 4):

@@ -201,13 +201,14 @@ def make_train_step(
     def clip_globally(grads, extra_square=0.0):
         """All-reduces the gradients and clips them by the norm of the global gradient.
 
-        Keras' optimizer clips *before* its own cross-replica sum, i.e. each replica's
-        partial gradient, which is not the single-device update. So sum here, clip by
-        the global norm, and hand each replica 1/replicas of the clipped sum: the
-        optimizer's sum restores it, and its own clipping (norm <= clip/replicas) is a
-        no-op. Costs a second gradient all-reduce per step.
+        Keras' optimizer would clip *before* its own cross-replica sum, i.e. each
+        replica's partial gradient, which is not the single-device update. So sum here,
+        clip by the norm of the global gradient (with `extra_square`, the squared norm
+        of sharded experts' gradients) and hand each replica 1/replicas of the clipped
+        sum: the optimizer's sum restores it (its own clipping is off, see `clip_here`).
+        Costs a second gradient all-reduce per step. Also returns the norm and the
+        clipping factor.
         """
-        grads = [tf.convert_to_tensor(g) for g in grads]  # IndexedSlices -> dense
         context = tf.distribute.get_replica_context()
         total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         norm = tf.sqrt(global_norm(total) ** 2 + extra_square)  # of the global gradient
