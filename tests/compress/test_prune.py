@@ -93,9 +93,8 @@ def test_cli_prune_writes_a_loadable_smaller_run(trained_run, tmp_path, capsys):
     assert down.shape == (32, 32) and np.mean(down == 0) >= 0.5
 
 
-@pytest.mark.parametrize(
-    "groups", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["flat", "group-limited"]
-)
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
+@pytest.mark.parametrize("groups", [1, 2], ids=["flat", "group-limited"])
 def test_moe_experts_and_mla_heads_are_pruned(tmp_path, groups):
     from deepseek_tf.api import train
 

@@ -154,6 +154,7 @@ def test_bpe_run_trains_saves_and_reloads(tmp_path, tiny_config):
     assert tokenizer.decode(tokenizer.encode("Wherefore art thou")) == "Wherefore art thou"
 
 
+@pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_bf16_and_fp16_track_fp32_loss(tmp_path, tiny_config):
     """Mixed precision follows the float32 loss curve (same data, same init)."""
     overrides = ["train.steps=30", "train.eval_every=0", "train.log_every=1"]
