@@ -9,7 +9,14 @@ import subprocess
 import sys
 
 import pytest
-from test_multi_worker import TIMEOUT, WORKER, _env, _losses, _start_workers, _wait_all
+from test_multi_worker import (
+    TIMEOUT,
+    _env,
+    _losses,
+    _reference_run,
+    _start_workers,
+    _wait_all,
+)
 
 from deepseek_tf.config.loader import apply_overrides, load_config
 from deepseek_tf.errors import ConfigError
@@ -125,12 +132,7 @@ def test_two_workers_with_two_shards_match_one_process_and_resume(tmp_path):
     ep = [*common, "runtime.expert_parallel=2", "train.checkpoint_every=3"]
     sets = [x for item in ep for x in ("--set", item)]
     _wait_all(_start_workers(out, tmp_path, sets, "ep", preset="tiny-moe"), tmp_path, "ep")
-    ref = tmp_path / "ref"
-    cmd = [sys.executable, WORKER, "train", "--preset", "tiny-moe", "--out", str(ref)]
-    cmd += [x for item in common for x in ("--set", item)]
-    env = _env(DEEPSEEK_TF_TEST_REFERENCE_SHARDS=2)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ref = _reference_run(tmp_path, "tiny-moe", [x for item in common for x in ("--set", item)])
     first, single = _losses(out), _losses(ref)
     assert sorted(first) == sorted(single) == list(range(1, 7))
     for step in first:

@@ -69,6 +69,17 @@ def _wait_all(procs, tmp_path, tag):
     assert codes == [0, 0], f"exit codes {codes}:\n{_logs(tmp_path, tag)}"
 
 
+def _reference_run(tmp_path, preset, args, **env):
+    """The single-process reference of a two-worker job: one process fed the union of
+    the two shards' batches (`mw_worker.py`'s hook); returns its run directory."""
+    ref = tmp_path / "ref"
+    cmd = [sys.executable, WORKER, "train", "--preset", preset, "--out", str(ref), *args]
+    env = _env(DEEPSEEK_TF_TEST_REFERENCE_SHARDS=2, **env)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return ref
+
+
 def _logs(tmp_path, tag):
     return "\n".join(
         f"--- {f.name}\n" + f.read_text()[-3000:]
@@ -119,11 +130,7 @@ def test_two_workers_match_a_single_process_fed_the_same_global_batches(tmp_path
     ]
     assert (out / "config.yaml").exists() and list((out / "logs").iterdir())
 
-    ref = tmp_path / "ref"
-    env = _env(DEEPSEEK_TF_TEST_REFERENCE_SHARDS=2, DEEPSEEK_TF_TEST_WEIGHTS=tmp_path / "ref.npz")
-    cmd = [sys.executable, WORKER, "train", "--preset", "tiny", "--out", str(ref), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ref = _reference_run(tmp_path, "tiny", args, DEEPSEEK_TF_TEST_WEIGHTS=tmp_path / "ref.npz")
 
     mw, single = _losses(out), _losses(ref)
     assert sorted(mw) == sorted(single) == list(range(1, 7))

@@ -43,31 +43,13 @@ def make_objective(
 
 
 def global_norm(grads):
-    """The global norm of `grads` in float32, whatever their dtypes.
-
-    An embedding's gradient (IndexedSlices) holds one row per occurrence of a token:
-    the rows of a repeated token are summed first, as in the dense gradient (the
-    norm of the rows themselves, what `tf.clip_by_global_norm` takes, is another
-    number).
-    """
-
-    def as_float32(g):
-        if isinstance(g, tf.IndexedSlices):
-            return tf.math.unsorted_segment_sum(
-                tf.cast(g.values, "float32"), g.indices, g.dense_shape[0]
-            )  # (V, d)
-        return tf.cast(g, "float32")
-
-    return tf.linalg.global_norm([as_float32(g) for g in grads])
+    """The global norm of (dense) `grads` in float32, whatever their dtypes."""
+    return tf.linalg.global_norm([tf.cast(g, "float32") for g in grads])
 
 
-def scale_gradient(g, factor):
-    """`g * factor` in `g`'s dtype (dense or IndexedSlices)."""
-    if isinstance(g, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            g.values * tf.cast(factor, g.values.dtype), g.indices, g.dense_shape
-        )
-    return g * tf.cast(factor, g.dtype)
+def scale_gradients(grads, factor):
+    """Each of `grads` times `factor`, in its own dtype."""
+    return [g * tf.cast(factor, g.dtype) for g in grads]
 
 
 def make_train_step(
@@ -168,22 +150,19 @@ def make_train_step(
         return norm / optimizer.dynamic_scale if loss_scaled else norm
 
     # This step clips by the global norm (in float32) and the optimizer does not:
-    # Keras' own clipping takes the norm of an embedding gradient's rows, not of the
-    # gradient (`global_norm`), and multiplies every gradient by one float32 scale,
-    # which fails on the mixed dtypes of a bfloat16 model (its router is float32).
+    # Keras' own clipping takes the norm of an embedding gradient's rows (IndexedSlices),
+    # not of the gradient, and multiplies every gradient by one float32 scale, which
+    # fails on the mixed dtypes of a bfloat16 model (its router is float32).
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    clip_here = bool(inner.global_clipnorm)
-    clip_norm = inner.global_clipnorm
-    if clip_here:
-        inner.global_clipnorm = None
+    clip_norm, inner.global_clipnorm = inner.global_clipnorm, None
 
     def full_step(inputs, targets, weights):
         out, grads = accumulate(inputs, targets, weights)
         out["grad_norm"] = grad_norm(grads)
-        if clip_here:
+        if clip_norm:
             factor = tf.minimum(1.0, clip_norm * replicas / out["grad_norm"])
-            grads = [scale_gradient(g, factor) for g in grads]
-        optimizer.apply(grads, variables)  # clips by global norm, AdamW, schedule
+            grads = scale_gradients(grads, factor)
+        optimizer.apply(grads, variables)  # AdamW (or Lion, Muon), schedule
         update_biases(out)
         if after_update is not None:
             after_update()
@@ -205,7 +184,7 @@ def make_train_step(
         replica's partial gradient, which is not the single-device update. So sum here,
         clip by the norm of the global gradient (with `extra_square`, the squared norm
         of sharded experts' gradients) and hand each replica 1/replicas of the clipped
-        sum: the optimizer's sum restores it (its own clipping is off, see `clip_here`).
+        sum: the optimizer's sum restores it (its own clipping is off, see above).
         Costs a second gradient all-reduce per step. Also returns the norm and the
         clipping factor.
         """
@@ -216,7 +195,7 @@ def make_train_step(
         factor = tf.minimum(1.0, clip_norm * scale / norm) / replicas
         # An inf/NaN norm (float16 overflow) gives NaN gradients: the loss-scale
         # optimizer then skips the step, as it would have.
-        return [g * tf.cast(factor, g.dtype) for g in total], norm / scale, factor * replicas
+        return scale_gradients(total, factor), norm / scale, factor * replicas
 
     def replica_step(inputs, targets, weights):
         out, grads = compiled_grads(inputs, targets, weights)
@@ -229,7 +208,7 @@ def make_train_step(
             ) / (replicas // shards[0].shards)
         if clip_norm:
             grads, out["grad_norm"], factor = clip_globally(grads, expert_square)
-            expert_grads = [g * tf.cast(factor, g.dtype) for g in expert_grads]
+            expert_grads = scale_gradients(expert_grads, factor)
         else:
             out["grad_norm"] = grad_norm(grads)  # of this replica's share of the batch
         optimizer.apply(grads, variables)
