@@ -153,6 +153,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     clip_norm: float = 1.0  # global-norm gradient clipping; 0 disables
+    # weight averaging (DeepSeek-V3 keeps an EMA of the weights): > 0 validates, saves
+    # and serves an exponential moving average of them, updated with this decay per step
+    ema_decay: float = 0.0
     time_limit_minutes: float = 0.0  # stop (evaluate, checkpoint) after this wall time; 0: none
     # float32 | bfloat16 (bf16 variables: converted checkpoints, inference, LoRA on a frozen
     # base) | mixed_bfloat16 | mixed_float16 (float32 variables, 16-bit compute)

@@ -106,6 +106,13 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(t, "train", ("eval_batches", "checkpoint_every", "min_learning_rate"), True)
     _check_positive(t, "train", ("keep_checkpoints",))
     _check_positive(t, "train", ("time_limit_minutes",), True)
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0: off), got {t.ema_decay}")
+    if t.ema_decay and t.precision == "bfloat16":
+        raise ConfigError(
+            "train.ema_decay: a moving average of bfloat16 variables loses its updates to "
+            "rounding; use train.precision mixed_bfloat16 (float32 variables)"
+        )
     _check_choice("train.precision", t.precision, PRECISIONS)
     _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _check_positive(t, "train", ("lora_rank",), True)
@@ -149,6 +156,8 @@ def _validate_expert_parallel(config: Config) -> None:
             "runtime.expert_parallel: mixed_float16's loss scaling is not wired for sharded "
             "experts; use mixed_bfloat16 or float32"
         )
+    if t.ema_decay:
+        raise ConfigError("runtime.expert_parallel: train.ema_decay does not average expert shards")
 
 
 def _validate_mla_moe_mtp(m, d) -> None:

@@ -20,6 +20,7 @@ on their own in PEFT's layout (`peft.save_peft_adapter`).
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.layers.moe import DeepSeekMoE
@@ -78,6 +79,16 @@ def apply_lora(model, rank: int, alpha: float, targets) -> int:
 def lora_variables(model) -> list:
     """The adapters' variables (everything `apply_lora` left trainable)."""
     return [v for v in model.weights if "lora_" in v.path.rsplit("/", 1)[-1]]
+
+
+def describe_lora(model, rank: int, targets) -> str:
+    """The trainer's log line: adapters' rank, targets and share of the parameters."""
+    adapters = sum(int(np.prod(v.shape)) for v in lora_variables(model))
+    total = sum(int(np.prod(v.shape)) for v in model.weights)
+    return (
+        f"[lora] rank {rank} on {', '.join(targets)}: {adapters:,} trainable of {total:,} "
+        f"parameters ({adapters / total:.2%})"
+    )
 
 
 def merge_lora(model) -> None:

@@ -64,9 +64,9 @@ def shard_model_experts(model, runtime, replicas: int) -> list:
     return variables
 
 
-def checkpoint_objects(expert_update) -> dict | None:
+def checkpoint_objects(expert_update) -> dict:
     """What a run's checkpoint saves beside model and optimizer (`RunCheckpoint(extra=)`)."""
-    return None if expert_update is None else {"expert_optimizer": expert_update.state()}
+    return {} if expert_update is None else {"expert_optimizer": expert_update.state()}
 
 
 class ExpertUpdate:

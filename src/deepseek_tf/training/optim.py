@@ -55,6 +55,9 @@ def make_optimizer(t: TrainConfig, model: keras.Model) -> keras.optimizers.Optim
         learning_rate=learning_rate_schedule(t),
         weight_decay=t.weight_decay,
         global_clipnorm=t.clip_norm or None,
+        # Keras' own EMA of the weights (training.weight_average swaps it in)
+        use_ema=bool(t.ema_decay),
+        ema_momentum=t.ema_decay or 0.99,
     )
     if t.optimizer == "lion":
         optimizer = keras.optimizers.Lion(beta_1=t.beta1, beta_2=t.beta2, **common)
@@ -73,10 +76,14 @@ def make_optimizer(t: TrainConfig, model: keras.Model) -> keras.optimizers.Optim
     optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
     if t.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    # expert shards (runtime.expert_parallel) are updated per replica (ExpertUpdate)
-    dense = [v for v in model.trainable_variables if not isinstance(v, ExpertShardVariable)]
-    optimizer.build(dense)
+    optimizer.build(optimized_variables(model))
     return optimizer
+
+
+def optimized_variables(model: keras.Model) -> list:
+    """The variables `make_optimizer`'s optimizer updates: the trainable ones but the
+    expert shards (runtime.expert_parallel), which are updated per replica (ExpertUpdate)."""
+    return [v for v in model.trainable_variables if not isinstance(v, ExpertShardVariable)]
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:

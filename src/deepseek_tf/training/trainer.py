@@ -16,7 +16,7 @@ from deepseek_tf.config.schema import Config
 from deepseek_tf.data.pipeline import make_eval_dataset, make_step_dataset, next_batch
 from deepseek_tf.errors import ConfigError, TrainingError
 from deepseek_tf.models.builder import build_model
-from deepseek_tf.models.lora import apply_lora, lora_variables
+from deepseek_tf.models.lora import apply_lora, describe_lora
 from deepseek_tf.rundir import NoMetrics, RunDir
 from deepseek_tf.training import expert_parallel as ep
 from deepseek_tf.training.evaluate import evaluate, make_eval_step
@@ -34,6 +34,7 @@ from deepseek_tf.training.runtime import (
 from deepseek_tf.training.signals import _raise_interrupt, signals_deferred
 from deepseek_tf.training.step import make_train_step
 from deepseek_tf.training.tracking import Trackers, check_available
+from deepseek_tf.training.weight_average import WeightAverage, check_same_averaging
 
 __all__ = ["Trainer", "signals_deferred", "_raise_interrupt"]
 
@@ -94,6 +95,7 @@ class Trainer:
             )
         self.previous_config = self.run.read_config() if resume else None
         ep.check_same_shards(self.previous_config, config)
+        check_same_averaging(self.previous_config, config)
         if not resume:
             self.run.check_new()
 
@@ -109,16 +111,17 @@ class Trainer:
             experts = ep.shard_model_experts(self.model, config.runtime, self.replicas)
             self.optimizer = make_optimizer(t, self.model)
             self.expert_update = ep.ExpertUpdate(self.optimizer, experts) if experts else None
+            self.average = WeightAverage(self.model, self.optimizer, t.ema_decay)
+        extra = {**ep.checkpoint_objects(self.expert_update), **self.average.checkpoint_objects()}
         self.checkpoint = self.run.checkpoint(
-            self.model, self.optimizer, t.keep_checkpoints, chief=self.chief,
-            extra=ep.checkpoint_objects(self.expert_update),
-        )  # fmt: skip
+            self.model, self.optimizer, t.keep_checkpoints, chief=self.chief, extra=extra
+        )
         self.checkpoint.log = self._log
-        self.start_step = 0
-        self.restored = None
+        self.start_step, self.restored = 0, None
         if resume and self.checkpoint.latest:
             self.start_step = self.checkpoint.restore()
             self.restored = f"ckpt-{self.start_step}"  # checkpoints are numbered by step
+            self.average.restore_trained()  # the model restored the average
         self.metrics = self.run.metrics if self.chief else NoMetrics()
         self.step_fn = make_train_step(
             self.model,
@@ -172,7 +175,8 @@ class Trainer:
     def validate(self) -> dict:
         t = self.config.train
         ds = make_eval_dataset(self.config.data, self.tokenizer, t.batch_size, split="val")
-        return evaluate(self.model, ds, max_batches=t.eval_batches, step_fn=self.eval_step)
+        with self.average.averaged():  # train.ema_decay: the averaged weights' loss
+            return evaluate(self.model, ds, max_batches=t.eval_batches, step_fn=self.eval_step)
 
     # -- the run directory --------------------------------------------------------------------
     def _log(self, message: str) -> None:
@@ -226,7 +230,8 @@ class Trainer:
                 f"Last good checkpoint: {last_saved or 'none'}"
             )
         started = time.perf_counter()
-        with signals_deferred():  # SIGTERM/Ctrl-C during the write: after it, not inside it
+        # SIGTERM/Ctrl-C during the write: after it; the average saved as the model's weights
+        with signals_deferred(), self.average.averaged():
             path = self.checkpoint.save(step)
         seconds = round(time.perf_counter() - started, 3)
         self.metrics.write(step=step, event="checkpoint", path=path, seconds=seconds)
@@ -241,12 +246,7 @@ class Trainer:
         if self.initialized_from:
             self._log(f"[init] weights from {self.initialized_from}")
         if t.lora_rank:
-            adapters = sum(int(np.prod(v.shape)) for v in lora_variables(self.model))
-            total = sum(int(np.prod(v.shape)) for v in self.model.weights)
-            self._log(
-                f"[lora] rank {t.lora_rank} on {', '.join(t.lora_targets)}: {adapters:,} "
-                f"trainable of {total:,} parameters ({adapters / total:.2%})"
-            )
+            self._log(describe_lora(self.model, t.lora_rank, t.lora_targets))
         if self.start_step >= t.steps:
             self._log(
                 f"[train] already complete (step {self.start_step} of {t.steps}): "
