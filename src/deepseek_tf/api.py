@@ -90,6 +90,8 @@ def train_federated(
     `prepare_only` writes the run directory (config, tokenizer, the clients' data) and
     stops: a Flower deployment (`flwr run`) then trains into it.
     """
+    if config.train.ema_decay:  # the server's average is the model; no per-client one
+        raise ConfigError("train.ema_decay: federated training does not keep a weight average")
     run = RunDir(run_dir)
     if resume:
         run.require()

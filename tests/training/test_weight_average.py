@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from deepseek_tf.api import load, train
+from deepseek_tf.api import load, train, train_federated
 from deepseek_tf.cli.eval_cmd import evaluate as eval_command
 from deepseek_tf.config.loader import apply_overrides
 from deepseek_tf.errors import ConfigError
@@ -92,12 +92,15 @@ def test_resume_continues_from_the_trained_weights(plain_and_averaged, tmp_path)
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6)
 
 
-def test_bad_settings_are_one_line_errors(plain_and_averaged, tiny_config):
+def test_bad_settings_are_one_line_errors(plain_and_averaged, tiny_config, tmp_path):
     plain, plain_run, _, _ = plain_and_averaged
     with pytest.raises(ConfigError, match=r"train.ema_decay: must be in \[0, 1\)"):
         apply_overrides(tiny_config, ["train.ema_decay=1.0"])
     with pytest.raises(ConfigError, match="train.ema_decay: a moving average of bfloat16"):
         apply_overrides(tiny_config, ["train.ema_decay=0.9", "train.precision=bfloat16"])
+    with pytest.raises(ConfigError, match="federated training does not keep a weight average"):
+        train_federated(apply_overrides(tiny_config, ["train.ema_decay=0.9"]), tmp_path / "fed")
+    assert not (tmp_path / "fed").exists()
     # Averaging cannot start mid-run: there is no average of the steps already taken.
     longer = apply_overrides(plain, [f"train.steps={STEPS + 2}", "train.ema_decay=0.9"])
     with pytest.raises(ConfigError, match="trained with 0 and resumes with 0.9"):

@@ -65,7 +65,8 @@ def train_in_memory(
     """
     if train.steps <= 0:
         return []
-    optimizer = make_optimizer(train, model)
+    # a short recovery fine-tune keeps the weights it trains, not a moving average
+    optimizer = make_optimizer(dataclasses.replace(train, ema_decay=0.0), model)
     step_fn = make_train_step(
         model,
         optimizer,
