@@ -45,9 +45,11 @@ def schedule_change(old: TrainConfig, new: TrainConfig, step: int) -> str | None
 def make_optimizer(t: TrainConfig, model: keras.Model) -> keras.optimizers.Optimizer:
     """`train.optimizer` (+ loss scaling for float16), built for `model`'s trainable variables.
 
-    Call inside the distribution strategy's scope. Global-norm clipping is done
-    by the optimizer (`global_clipnorm`); gradient accumulation by the trainer,
-    so that one optimizer step is one schedule step. Muon orthogonalises the updates
+    Call inside the distribution strategy's scope. `global_clipnorm` carries
+    `train.clip_norm` to the training step, which clips by the true global norm itself
+    (`make_train_step`); gradient accumulation is the step's too, so that one optimizer
+    step is one schedule step. `train.ema_decay` turns on Keras' moving average of the
+    weights (`training.weight_average` uses it). Muon orthogonalises the updates
     of 2-D weights and keeps AdamW (same betas) for the rest: norms, embeddings and
     the stacked (3-D) expert weights, which Keras' Muon leaves to AdamW.
     """
