@@ -59,7 +59,7 @@ def make_optimizer(t: TrainConfig, model: keras.Model) -> keras.optimizers.Optim
         global_clipnorm=t.clip_norm or None,
         # Keras' own EMA of the weights (training.weight_average swaps it in)
         use_ema=bool(t.ema_decay),
-        ema_momentum=t.ema_decay or 0.99,
+        ema_momentum=t.ema_decay or 0.99,  # 0.99: Keras' default, unused when off
     )
     if t.optimizer == "lion":
         optimizer = keras.optimizers.Lion(beta_1=t.beta1, beta_2=t.beta2, **common)

@@ -27,7 +27,6 @@ class TrainedWeights(tf.__internal__.tracking.AutoTrackable):
     """The trained (not averaged) weights a checkpoint keeps for `--resume`."""
 
     def __init__(self, variables):
-        self.saved = tf.Variable(False, trainable=False, name="saved")  # False: none inside
         self.values = [
             tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="trained")
             for v in variables
@@ -90,7 +89,6 @@ class WeightAverage:
             return
         for keep, v in zip(self.trained.values, self.variables):
             keep.assign(v)
-        self.trained.saved.assign(True)
         self.optimizer.finalize_variable_values(self.variables)  # Keras' swap-in
         try:
             yield
@@ -100,9 +98,7 @@ class WeightAverage:
     def restore_trained(self) -> None:
         """After restoring a checkpoint (the model now holds its average): the trained
         weights back into the model, to continue training from them."""
-        if self.trained is None:
-            return
-        if not bool(self.trained.saved.numpy()):  # saved before the first step
+        if not self.active:  # every save after a step swapped the average in
             return
         for v, keep in zip(self.variables, self.trained.values):
             v.assign(keep)
