@@ -35,6 +35,7 @@ from deepseek_tf.config.loader import config_from_yaml, config_to_yaml, read_tex
 from deepseek_tf.config.schema import Config
 from deepseek_tf.errors import RunDirError
 from deepseek_tf.models.builder import build_model
+from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.tokenizers import load_tokenizer
 from deepseek_tf.training.checkpoint import RunCheckpoint, checkpoints_on_disk
 
@@ -233,6 +234,19 @@ class RunDir:
         if history is not None:
             self.write_history(history)
         self.write_config(config)
+
+
+def load_run(run_dir):
+    """Loads a run directory: `(model, tokenizer)` with its latest readable weights, after
+    checking that the model fits this machine's memory (a one-line error otherwise).
+
+    The library's one way to open a run (`deepseek_tf.load` re-exports it). The tokenizer
+    is None for a run that has none; the model then takes token ids.
+    """
+    run = RunDir(run_dir)
+    config = run.read_config()
+    check_fits(config, purpose="inference")
+    return run.load(config)
 
 
 # -- loading weights without a second copy of the model ---------------------------------------

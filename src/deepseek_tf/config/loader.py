@@ -264,6 +264,26 @@ def config_from_yaml(text: str, source: str) -> Config:
     return config_from_dict(_read_yaml(text, source))
 
 
+def update_config(config: Config, **changes: Mapping[str, Any]) -> Config:
+    """The one door through which a `Config` changes: `config` with the changes of each
+    section applied, type-checked and validated again, e.g.
+    ``update_config(config, train={"batch_size": 8}, model={"mtp_depth": 0})``.
+
+    An unknown section or key, a value of the wrong type or a combination the validator
+    refuses is a `ConfigError` naming the key.
+
+    Examples:
+
+    >>> from deepseek_tf.config.loader import load_config, update_config
+    >>> update_config(load_config("tiny"), train={"steps": 7}).train.steps
+    7
+    """
+    merged = config_to_dict(config)
+    for section, values in changes.items():
+        merged = _merge(merged, {section: dict(values)}, f"changes to {section}")
+    return config_from_dict(merged)
+
+
 def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
     """`config` with `--set section.key=value` overrides applied (type-checked)."""
     merged = config_to_dict(config)
