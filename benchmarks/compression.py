@@ -57,18 +57,18 @@ def baseline_run(args) -> Path:
     run = Path(tempfile.mkdtemp(prefix="bench-compress-")) / "baseline"
     config = load_config(args.preset, overrides=[f"train.steps={args.train_steps}"])
     print(f"[train] {args.preset}, {args.train_steps} steps -> {run}", flush=True)
-    train(config, run, verbose=0)
+    train(config, out=run, verbose=0, sample_tokens=0)
     return run
 
 
 def build_rows(run: Path, args) -> list[dict]:
     """Each row: name, config, model, seconds (compression wall time), notes."""
     from deepseek_tf.api import load
-    from deepseek_tf.compress.distill import distill, student_config_for
-    from deepseek_tf.compress.lowrank import factorize
-    from deepseek_tf.compress.prune import prune_model
-    from deepseek_tf.compress.qat import quantization_aware_finetune
-    from deepseek_tf.compress.quantize import calibration_tokens, quantize_model
+    from deepseek_tf.compress.distillation import distill_model, student_config_for
+    from deepseek_tf.compress.low_rank import factorize
+    from deepseek_tf.compress.pruning import prune_model
+    from deepseek_tf.compress.quantization import calibration_tokens, quantize_model
+    from deepseek_tf.compress.quantization_aware import quantization_aware_finetune
     from deepseek_tf.compress.run_io import with_model
     from deepseek_tf.rundir import RunDir
 
@@ -170,7 +170,7 @@ def build_rows(run: Path, args) -> list[dict]:
     for alpha, label in ((0.0, "student from scratch"), (args.alpha, "distilled student")):
         print(f"[rows] {label} (2 layers, alpha={alpha}), {args.train_steps} steps", flush=True)
         m, seconds = timed(
-            lambda a=alpha: distill(
+            lambda a=alpha: distill_model(
                 model,
                 config,
                 tokenizer,
@@ -209,7 +209,7 @@ def build_rows(run: Path, args) -> list[dict]:
 def expert_rows(run: Path, args) -> list[dict]:
     """MoE rows: the routed experts as int8 / int4 codes (`compress quantize`)."""
     from deepseek_tf.api import load
-    from deepseek_tf.compress.quantize import quantize_model
+    from deepseek_tf.compress.quantization import quantize_model
     from deepseek_tf.compress.run_io import with_model
     from deepseek_tf.rundir import RunDir
 

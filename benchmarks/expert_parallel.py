@@ -63,7 +63,7 @@ if shards:
     overrides += ["runtime.strategy=mirrored", f"runtime.expert_parallel={shards}"]
 overrides += sys.argv[5:]  # the --memory rows' larger experts
 config = apply_overrides(load_config(model), overrides)
-summary = train(config, Path(tempfile.mkdtemp()) / "run", verbose=0)
+summary = train(config, out=Path(tempfile.mkdtemp()) / "run", verbose=0, sample_tokens=0)
 trainer = kept["trainer"]
 entries = trainer.run.metrics.read()
 losses = {e["step"]: e["loss"] for e in entries if "loss" in e and "event" not in e}

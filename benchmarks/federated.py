@@ -74,7 +74,8 @@ def main() -> int:
 
     import numpy as np
 
-    from deepseek_tf.api import load, train, train_federated
+    from deepseek_tf.api import federated as train_federated
+    from deepseek_tf.api import load, train
     from deepseek_tf.config.loader import apply_overrides, load_config
     from deepseek_tf.data.pipeline import make_eval_dataset
     from deepseek_tf.rundir import RunDir
@@ -90,7 +91,7 @@ def main() -> int:
             return None, None
         run = scratch / name.replace(" ", "_").replace(":", "").replace("/", "_")
         started = time.perf_counter()
-        train_federated(apply_overrides(base, list(overrides)), run, verbose=0)
+        train_federated(apply_overrides(base, list(overrides)), out=run, verbose=0)
         wall = time.perf_counter() - started
         rounds = [e for e in RunDir(run).metrics.read() if "round" in e and "event" not in e]
         rows[name] = {
@@ -124,7 +125,7 @@ def main() -> int:
         central_cfg, data=dataclasses.replace(base.data, files=clients)
     )
     started = time.perf_counter()
-    train(central_cfg, scratch / "central", verbose=0)
+    train(central_cfg, out=scratch / "central", verbose=0, sample_tokens=0)
     model, tokenizer = load(scratch / "central")
     val = make_eval_dataset(central_cfg.data, tokenizer, 12, split="val")
     rows["centralised (same tokens)"] = {
@@ -136,7 +137,7 @@ def main() -> int:
     # the same number of sequential updates as FedAvg (rounds x local steps) at one
     # client's batch: where FedAvg would be if averaging 8 clients bought nothing
     seq_cfg = apply_overrides(central_cfg, [f"train.steps={args.rounds * 10}"])
-    train(seq_cfg, scratch / "central_seq", verbose=0)
+    train(seq_cfg, out=scratch / "central_seq", verbose=0, sample_tokens=0)
     model, _ = load(scratch / "central_seq")
     rows["centralised (same sequential steps)"] = {"val_loss": evaluate(model, val)["loss"]}
 
@@ -174,8 +175,8 @@ def main() -> int:
         for engine in ("inprocess", "flower"):
             run = scratch / f"engine_{engine}"
             started = time.perf_counter()
-            train_federated(apply_overrides(base, [*short, f"federated.engine={engine}"]), run,
-                            verbose=0)  # fmt: skip
+            train_federated(apply_overrides(base, [*short, f"federated.engine={engine}"]),
+                            out=run, verbose=0)  # fmt: skip
             rounds = [e for e in RunDir(run).metrics.read() if "round" in e and "event" not in e]
             flower[engine] = {"losses": [r["loss"] for r in rounds],
                               "val_loss": rounds[-1]["val_loss"],

@@ -57,7 +57,7 @@ config = load_config("shakespeare-char", overrides=args["overrides"])
 model = build_model(config, vocab_size=256, seed=0)
 optimizer = make_optimizer(config.train, model)
 step = make_train_step(model, optimizer, accumulation=1, replicas=1, sparsity_threshold=0.01,
-                       jit_compile=config.runtime.jit_compile)
+                       jit_compile=config.runtime.jit_compile, clip_norm=config.train.clip_norm)
 rng = np.random.RandomState(0)
 ids = rng.randint(0, 256, (args["batch"], args["seq_len"] + 1)).astype("int32")
 inputs, targets = ids[:, :-1], ids[:, 1:]

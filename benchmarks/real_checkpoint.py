@@ -136,7 +136,7 @@ QUANTIZE = """
 import json, sys, time
 import numpy as np
 from deepseek_tf.api import load
-from deepseek_tf.compress.quantize import quantize_model
+from deepseek_tf.compress.quantization import quantize_model
 from deepseek_tf.compress.run_io import directory_bytes, with_model, write_run
 from deepseek_tf.rundir import RunDir
 run, out = sys.argv[1], sys.argv[2]

@@ -411,7 +411,7 @@ def main() -> int:
         from deepseek_tf.config.loader import load_config
 
         run = tmp / "run"
-        train(load_config("tiny"), run, verbose=0)
+        train(load_config("tiny"), out=run, verbose=0, sample_tokens=0)
         print("[cli] bad inputs", flush=True)
         cli = cli_campaign(tmp, run, args.subprocess_sample)
         print(f"  {cli['one_line_errors']}/{cli['inputs']} one-line errors, "

@@ -63,7 +63,7 @@ def serve_child(args) -> None:
             while not state.finished:
                 state.step(app.batcher.chunk)
             size *= 2
-    app.batcher.ready.wait() if hasattr(app.batcher, "ready") else None
+    app.batcher.ready.wait()
     print(f"PORT {server.server_port}", flush=True)
     threading.Event().wait()
 

@@ -74,7 +74,7 @@ def main() -> int:
     from deepseek_tf.config.loader import load_config
     from deepseek_tf.data.pipeline import make_eval_dataset
     from deepseek_tf.rundir import RunDir
-    from deepseek_tf.uncertainty import calibrate
+    from deepseek_tf.uncertainty.calibrate import calibrate
     from deepseek_tf.uncertainty.evaluate import collect, ood_report, uncertainty_report
     from deepseek_tf.uncertainty.predictive import Predictor
 
@@ -87,7 +87,7 @@ def main() -> int:
         run = scratch / name.replace(" ", "_")
         if not RunDir(run).exists():
             started = time.perf_counter()
-            train(config, run, verbose=0)
+            train(config, out=run, verbose=0, sample_tokens=0)
             print(f"[train] {name}: {time.perf_counter() - started:.0f} s", flush=True)
         runs[name] = run
 
@@ -98,7 +98,7 @@ def main() -> int:
         split = "all" if files else "val"
         return make_eval_dataset(config.data, tokenizer, 32, files=files, split=split)
 
-    texts = ood_texts(scratch, tokenizer.chars)
+    texts = ood_texts(scratch, tokenizer.char_table)
     rows = {}
 
     def measure(name, predictor):
@@ -122,8 +122,7 @@ def main() -> int:
     for name in ("categorical", "gaussian"):
         out = scratch / f"{name}-calibrated"
         shutil.rmtree(out, ignore_errors=True)
-        cal = argparse.Namespace(run_dir=str(runs[name]), out=str(out), samples=8)
-        calibrated[name] = calibrate.run(cal)
+        calibrated[name] = calibrate(runs[name], out=out, samples=8)
         print(f"[calibrate] {name}: T x {calibrated[name]['temperature_factor']:.3f}", flush=True)
 
     cost = {}

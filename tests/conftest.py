@@ -24,7 +24,7 @@ def trained_run(tmp_path_factory, tiny_config):
     from deepseek_tf.api import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    train(tiny_config, run_dir, verbose=0)
+    train(tiny_config, out=run_dir, verbose=0, sample_tokens=0)
     return run_dir
 
 

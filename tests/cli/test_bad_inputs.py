@@ -4,6 +4,7 @@ problem and exit code 2 -- never a traceback, never a silently wrong run."""
 import os
 import shutil
 import socket
+import sys
 
 import pytest
 
@@ -34,6 +35,8 @@ def files(tmp_path):
     dupes.write_text("preset: tiny\ntrain:\n  steps: 3\n  steps: 4\n")
     existing = tmp_path / "existing.txt"
     existing.write_text("not a run")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing but a comment\n")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     return {
@@ -43,6 +46,7 @@ def files(tmp_path):
         "dupes": dupes,
         "existing": existing,
         "fifo": fifo,
+        "empty": empty,
         "out": tmp_path / "out",
         "empty_dir": tmp_path,
     }
@@ -53,6 +57,7 @@ CASES = [
     (["--config", "{latin}"], "is not UTF-8 text"),
     (["--config", "{deep}"], "nested too deeply"),
     (["--config", "{dupes}"], "'steps' is given twice (line 4)"),
+    (["--config", "{empty}"], "is empty"),  # was: silently the schema's defaults
     (["--set", "train.steps=" + "9" * 5000], "unreadable value"),
     (["--set", "runtime.strategy=tpu"], "runtime.strategy=tpu: no TPU"),
     (["--set", "runtime.devices=[banana]"], "runtime.devices[0]: 'banana' is not a device name"),
@@ -81,6 +86,40 @@ def test_train(capsys, files, extra, match):
 def test_train_out_and_resume(capsys, files):
     one_line_error(capsys, [*TRAIN, "--out", files["existing"]], "is an existing file")
     one_line_error(capsys, ["train", "--out", files["empty_dir"], "--resume"], "no config.yaml")
+    missing = files["empty_dir"] / "no-such-run"
+    one_line_error(capsys, ["train", "--out", missing, "--resume"], f"{missing} does not exist")
+    assert not missing.exists()
+    one_line_error(capsys, [*TRAIN, "--out", files["out"], "--batch-size", "0"], "--batch-size")
+    one_line_error(capsys, [*TRAIN, "--out", files["out"], "--memory-budget", "64"], "auto")
+    assert not files["out"].exists()
+
+
+FEDERATED = ["federated", "--preset", "tiny", "--rounds", "1", "--local-steps", "1"]
+
+
+def test_federated_more_clients_per_round_than_clients(capsys, files):
+    """The README's Flower command once failed with a traceback-free but puzzling error:
+    4 clients and (then the default) 8 a round. Asked for explicitly, it names the key and
+    the flag that fixes it."""
+    one_line_error(
+        capsys, [*FEDERATED, "--clients", "4", "--clients-per-round", "8", "--out", files["out"]],
+        "federated.clients_per_round: 8 is more than the 4 clients; pass --clients-per-round",
+    )  # fmt: skip
+    assert not files["out"].exists()
+
+
+def test_flower_engine_without_flower_installed(capsys, files, monkeypatch):
+    """One line with the install hint, and no half-written run directory."""
+    monkeypatch.setitem(sys.modules, "flwr", None)  # `import flwr` fails as if not installed
+    monkeypatch.delitem(sys.modules, "deepseek_tf.federated.flower_app", raising=False)
+    argv = [*FEDERATED, "--clients", "4", "--clients-per-round", "2", "--engine", "flower"]
+    one_line_error(capsys, [*argv, "--out", files["out"]], "pip install 'deepseek-tf[federated]'")
+    assert not files["out"].exists()
+
+
+def test_tokenizer_train_out_is_an_existing_file(capsys, files):
+    argv = ["tokenizer", "train", "--out", files["existing"]]
+    one_line_error(capsys, argv, "is an existing file")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from deepseek_tf.cli.main import main
+from deepseek_tf.rundir import RunDir
+from deepseek_tf.tokenizers import load_tokenizer
 
 
 def run_cli(capsys, *args):
@@ -41,10 +43,35 @@ def test_generate_eval_info_on_a_trained_run(trained_run, capsys):
 
 
 def test_eval_on_a_file(trained_run, tmp_path, capsys):
-    text = tmp_path / "t.txt"
-    text.write_text("To be, or not to be, that is the question.\n" * 20)
-    code, out, _ = run_cli(capsys, "eval", trained_run, "--data", text)
-    assert code == 0 and json.loads(out)["tokens"] > 0
+    """`--data` is what is evaluated: its token count follows the file (whole 16-token
+    blocks of it), never the validation split."""
+    counts = {}
+    for lines in (20, 40):
+        text = tmp_path / f"t{lines}.txt"
+        text.write_text("To be, or not to be, that is the question.\n" * lines)
+        code, out, _ = run_cli(capsys, "eval", trained_run, "--data", text)
+        assert code == 0
+        counts[lines] = json.loads(out)["tokens"]
+    for lines, tokens in counts.items():  # 44 characters a line, one token each
+        assert 0.9 * 44 * lines <= tokens <= 44 * lines and tokens % 16 == 0, counts
+
+
+def test_train_on_files_given_with_data(tmp_path, capsys):
+    """`train --data FILE` trains on that file: its characters (none of them in the
+    bundled corpus) are in the run's vocabulary."""
+    text = tmp_path / "greek.txt"
+    text.write_text("\u03b1\u03b2\u03b3 \u00e9t\u00e9 \u00df\u00f8\n" * 400, encoding="utf-8")
+    out = tmp_path / "run"
+    code, printed, err = run_cli(
+        capsys, "train", "--preset", "tiny", "--data", text, "--out", out, "--sample-tokens", "0",
+        "--set", "train.steps=2", "--set", "train.eval_every=0",
+    )  # fmt: skip
+    assert code == 0, err
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.vocab_size == len(set(text.read_text(encoding="utf-8")))
+    assert len(tokenizer.encode("\u03b1\u03b2\u00df")) == 3  # unknown characters would raise
+    assert RunDir(out).read_config().data.files == (str(text),)
+    assert '"Once upon a time"' in printed  # the next steps suit a corpus of one's own
 
 
 def _one_line_error(capsys, *args, match):

@@ -1,5 +1,6 @@
-"""A quiet, fast command line: no TensorFlow for --help/--version/info --presets, and no
-start-up notices on stderr unless --verbose (real errors still shown)."""
+"""A quiet, fast command line and library: no TensorFlow for --help/--version/info
+--presets, and no start-up notices on stderr unless --verbose (real errors still shown),
+from the command line or from a script using the Python API."""
 
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from deepseek_tf.cli.quiet import NOISE
+from deepseek_tf.quiet import NOISE
 
 CHECK = (
     "import sys\n"
@@ -42,6 +43,38 @@ def test_commands_print_no_tensorflow_notices(trained_run):
     verbose = subprocess.run([*cmd[:3], "--verbose", *cmd[3:]], capture_output=True, text=True,
                              timeout=300, env=env)  # fmt: skip
     assert verbose.returncode == 0 and "absl::InitializeLog" in verbose.stderr
+
+
+def _no_tf_log_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
+
+
+def test_the_python_api_is_as_quiet_as_the_command_line():
+    """A script importing deepseek_tf and calling the API shows no C++ start-up lines."""
+    script = "import deepseek_tf as ds\nprint(ds.info(preset='tiny')['parameters']['total'])\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=_no_tf_log_env())  # fmt: skip
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() == "23840"
+    assert "absl::InitializeLog" not in done.stderr and "I0000" not in done.stderr, done.stderr
+    assert "cuInit" not in done.stderr, done.stderr
+
+
+def test_verbose_shows_the_start_up_lines_the_default_hides():
+    base = [sys.executable, "-m", "deepseek_tf.cli.main"]
+    runs = {
+        flag: subprocess.run(
+            [*base, *flag, "info", "--preset", "tiny"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_no_tf_log_env(),
+        )  # fmt: skip
+        for flag in ((), ("-v",))
+    }
+    assert all(r.returncode == 0 for r in runs.values()), runs
+    assert "absl::InitializeLog" not in runs[()].stderr, runs[()].stderr
+    assert "absl::InitializeLog" in runs[("-v",)].stderr
 
 
 def test_only_known_notices_are_dropped():

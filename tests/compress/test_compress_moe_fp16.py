@@ -5,24 +5,21 @@ import json
 
 import numpy as np
 import pytest
+from compress_helpers import train_run
 
-from deepseek_tf.api import load, train
 from deepseek_tf.cli.main import main
 from deepseek_tf.compress.finetune import finetune
-from deepseek_tf.config.loader import apply_overrides, load_config
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.models.builder import build_model
-from deepseek_tf.rundir import RunDir
+from deepseek_tf.rundir import RunDir, load_run
 
 
 @pytest.fixture(scope="module")
 def fp16_moe_run(tmp_path_factory):
     """tiny-moe (MLA, DeepSeekMoE, one MTP module) trained 8 steps in mixed float16."""
-    config = apply_overrides(
-        load_config("tiny-moe"),
-        ["train.precision=mixed_float16", "train.steps=8", "train.eval_every=0"],
-    )
     run = tmp_path_factory.mktemp("fp16") / "moe"
-    train(config, run, verbose=0)
+    overrides = ["train.precision=mixed_float16", "train.steps=8", "train.eval_every=0"]
+    train_run(run, "tiny-moe", overrides)
     return run
 
 
@@ -51,7 +48,7 @@ def test_every_method_on_a_float16_moe_mtp_run(fp16_moe_run, tmp_path, capsys, m
     quantized = method in ("quantize", "qat")
     assert config.train.precision == ("float32" if quantized else "mixed_float16")
     assert config.model.n_routed_experts == 8
-    model, tokenizer = load(out)
+    model, tokenizer = load_run(out)
     logits = np.asarray(model([tokenizer.encode("ROMEO:")]))
     assert np.isfinite(logits).all()
     if method != "quantize":
@@ -69,9 +66,9 @@ def _finetuned(config, tokenizer, steps=6):
 
 @pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 def test_float16_finetuning_scales_the_loss_and_tracks_float32(fp16_moe_run):
-    _, tokenizer = load(fp16_moe_run)
-    base = apply_overrides(RunDir(fp16_moe_run).read_config(), ["train.precision=float32"])
-    half = apply_overrides(base, ["train.precision=mixed_float16"])
+    _, tokenizer = load_run(fp16_moe_run)
+    base = update_config(RunDir(fp16_moe_run).read_config(), train={"precision": "float32"})
+    half = update_config(base, train={"precision": "mixed_float16"})
     _, _, fp32 = _finetuned(base, tokenizer)
     model, start, fp16 = _finetuned(half, tokenizer)
     # Scaled float16 gradients follow the float32 curve (measured: 1e-5 apart); unscaled
@@ -81,7 +78,7 @@ def test_float16_finetuning_scales_the_loss_and_tracks_float32(fp16_moe_run):
 
 
 def test_finetuning_trains_mtp_and_balances_experts(fp16_moe_run):
-    _, tokenizer = load(fp16_moe_run)
+    _, tokenizer = load_run(fp16_moe_run)
     config = RunDir(fp16_moe_run).read_config()
     model, start, _ = _finetuned(config, tokenizer, steps=3)
     moved = {v.path: not np.array_equal(v.numpy(), s) for v, s in zip(model.weights, start)}

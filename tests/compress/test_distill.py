@@ -31,7 +31,7 @@ def _kl(teacher, student, config, tokenizer, batches=4):
 
 
 def test_student_moves_toward_teacher(trained_run, loaded):
-    from deepseek_tf.compress.distill import distill, student_config_for
+    from deepseek_tf.compress.distillation import distill_model, student_config_for
     from deepseek_tf.models.builder import build_model
 
     config, teacher, tokenizer = _teacher(trained_run, loaded)
@@ -42,7 +42,7 @@ def test_student_moves_toward_teacher(trained_run, loaded):
 
     def train(alpha):
         kw = {"alpha": alpha, "temperature": 1.0, "steps": 20, "log": None}
-        return distill(teacher, config, tokenizer, student_config, **kw)
+        return distill_model(teacher, config, tokenizer, student_config, **kw)
 
     untrained = build_model(student_config, seed=student_config.train.seed)
     initial = _kl(teacher, untrained, config, tokenizer)
@@ -53,9 +53,8 @@ def test_student_moves_toward_teacher(trained_run, loaded):
 
 
 def test_cli_writes_loadable_run(trained_run, tmp_path, capsys):
-    from deepseek_tf.api import load
     from deepseek_tf.cli.main import main
-    from deepseek_tf.rundir import RunDir
+    from deepseek_tf.rundir import RunDir, load_run
 
     out = tmp_path / "student"
     argv = ["compress", "distill", str(trained_run), "--out", str(out), "--quiet"]
@@ -64,13 +63,13 @@ def test_cli_writes_loadable_run(trained_run, tmp_path, capsys):
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["method"] == "distill"
     assert record["options"]["alpha"] == 0.7 and record["options"]["steps"] == 3
-    assert record["parameters_after"] < record["teacher_parameters"]
-    assert np.isfinite(record["val_loss_after"]) and np.isfinite(record["val_loss_teacher"])
+    assert record["parameters_after"] < record["parameters_before"]  # before: the teacher
+    assert np.isfinite(record["val_loss_after"]) and np.isfinite(record["val_loss_before"])
     history = json.loads((out / "compression.json").read_text())
     assert history[-1]["method"] == "distill"
     teacher_config, config = RunDir(trained_run).read_config(), RunDir(out).read_config()
     assert config.model.d_model == 16 and config.data == teacher_config.data
-    model, tokenizer = load(out)
+    model, tokenizer = load_run(out)
     ids = np.asarray([tokenizer.encode("To be")], "int32")  # (1, T)
     assert model(ids).shape == (1, ids.shape[1], teacher_config.model.vocab_size)
 
@@ -88,7 +87,8 @@ def test_tokenizer_mismatch_is_refused(trained_run, tmp_path, capsys):
 
 
 def test_student_config_file_checks(trained_run, tmp_path):
-    from deepseek_tf.compress.distill import check_options, student_config_for
+    from deepseek_tf.compress.distillation import check_options, student_config_for
+    from deepseek_tf.config.loader import load_config
     from deepseek_tf.rundir import RunDir
 
     teacher = RunDir(trained_run).read_config()
@@ -103,5 +103,10 @@ def test_student_config_file_checks(trained_run, tmp_path):
         student_config_for(teacher, preset="tiny", overrides=["model.vocab_size=7"])
     with pytest.raises(CompressionError, match="--alpha"):
         check_options(1.5, 2.0, 0)
+    # a Config object (the Python API): its data section is replaced like a preset's
+    given = load_config("tiny", overrides=["model.d_model=16", "data.seq_len=8"])
+    student = student_config_for(teacher, path=given, overrides=["train.steps=5"])
+    assert student.model.d_model == 16 and student.train.steps == 5
+    assert student.data == teacher.data
     with pytest.raises(CompressionError, match="--temperature"):
         check_options(0.5, 0.0, 0)

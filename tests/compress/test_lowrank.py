@@ -16,16 +16,15 @@ def _ids(tokenizer):
 
 def _fresh(trained_run):
     """A private copy of the shared run's model (the `loaded` fixture stays read-only)."""
-    from deepseek_tf.api import load
-    from deepseek_tf.rundir import RunDir
+    from deepseek_tf.rundir import RunDir, load_run
 
-    model, tokenizer = load(trained_run)
+    model, tokenizer = load_run(trained_run)
     return RunDir(trained_run).read_config(), model, tokenizer
 
 
 def test_exact_low_rank_kernels_are_reproduced(trained_run):
-    from deepseek_tf.compress.distill import count_parameters
-    from deepseek_tf.compress.lowrank import factorize
+    from deepseek_tf.compress.low_rank import factorize
+    from deepseek_tf.compress.run_io import count_parameters
     from deepseek_tf.layers.low_rank_dense import LowRankDense
 
     config, model, tokenizer = _fresh(trained_run)
@@ -50,8 +49,8 @@ def test_exact_low_rank_kernels_are_reproduced(trained_run):
 
 
 def test_energy_threshold_drops_parameters(trained_run, loaded):
-    from deepseek_tf.compress.distill import count_parameters
-    from deepseek_tf.compress.lowrank import factorize
+    from deepseek_tf.compress.low_rank import factorize
+    from deepseek_tf.compress.run_io import count_parameters
     from deepseek_tf.rundir import RunDir
 
     model, tokenizer = loaded
@@ -71,7 +70,7 @@ def test_energy_threshold_drops_parameters(trained_run, loaded):
 
 
 def test_ranks_that_save_nothing_are_skipped(loaded, trained_run):
-    from deepseek_tf.compress.lowrank import factorize
+    from deepseek_tf.compress.low_rank import factorize
     from deepseek_tf.rundir import RunDir
 
     model, _ = loaded
@@ -83,7 +82,7 @@ def test_ranks_that_save_nothing_are_skipped(loaded, trained_run):
 
 
 def test_mla_and_moe_projections():
-    from deepseek_tf.compress.lowrank import factorize
+    from deepseek_tf.compress.low_rank import factorize
     from deepseek_tf.config.loader import load_config
     from deepseek_tf.models.builder import build_model
 
@@ -102,7 +101,7 @@ def test_mla_and_moe_projections():
 
 def test_option_errors(loaded, trained_run, tmp_path, capsys):
     from deepseek_tf.cli.main import main
-    from deepseek_tf.compress.lowrank import factorize
+    from deepseek_tf.compress.low_rank import factorize
     from deepseek_tf.rundir import RunDir
 
     model, _ = loaded
@@ -120,9 +119,8 @@ def test_option_errors(loaded, trained_run, tmp_path, capsys):
 
 
 def test_cli_writes_loadable_run(trained_run, tmp_path, capsys):
-    from deepseek_tf.api import load
     from deepseek_tf.cli.main import main
-    from deepseek_tf.rundir import RunDir
+    from deepseek_tf.rundir import RunDir, load_run
 
     out = tmp_path / "lowrank"
     argv = ["compress", "lowrank", str(trained_run), "--out", str(out), "--quiet"]
@@ -136,5 +134,5 @@ def test_cli_writes_loadable_run(trained_run, tmp_path, capsys):
     assert history[-1]["ranks"] == record["ranks"]
     config = RunDir(out).read_config()
     assert sorted(config.model.lowrank) == sorted(f"{k}={r}" for k, r in record["ranks"].items())
-    model, tokenizer = load(out)
+    model, tokenizer = load_run(out)
     assert model(_ids(tokenizer)).shape[-1] == config.model.vocab_size

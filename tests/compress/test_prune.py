@@ -1,16 +1,16 @@
 """Structured pruning: physically smaller models, exact shrinking, importance, CLI, errors."""
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
+from compress_helpers import train_run
 
 from deepseek_tf.cli.main import main
 from deepseek_tf.compress.finetune import validation_loss
-from deepseek_tf.compress.prune import plan, prune_model, removal_count
+from deepseek_tf.compress.pruning import plan, prune_model, removal_count
 from deepseek_tf.compress.run_io import load_source
-from deepseek_tf.config.loader import load_config
+from deepseek_tf.config.loader import load_config, update_config
 from deepseek_tf.data.pipeline import make_eval_dataset
 from deepseek_tf.errors import CompressionError
 from deepseek_tf.rundir import RunDir
@@ -22,7 +22,8 @@ def _batch(config, tokenizer):
 
 
 def _prune(run_dir, **kwargs):
-    config, model, tokenizer = load_source(run_dir)
+    source = load_source(run_dir)
+    config, model, tokenizer = source.config, source.model, source.tokenizer
     new_config, new_model, info = prune_model(model, config, tokenizer, log=None, **kwargs)
     return config, model, tokenizer, new_config, new_model, info
 
@@ -54,7 +55,8 @@ def test_heads_and_ffn_are_physically_removed_and_match_the_masked_model(trained
 
 
 def test_importance_pruning_beats_random_pruning(trained_run):
-    config, model, tokenizer = load_source(trained_run)
+    source = load_source(trained_run)
+    config, model, tokenizer = source.config, source.model, source.tokenizer
     ids = _batch(config, tokenizer)
     reference = model(ids).numpy()
 
@@ -73,7 +75,7 @@ def test_importance_pruning_beats_random_pruning(trained_run):
 
 
 def test_cli_prune_writes_a_loadable_smaller_run(trained_run, tmp_path, capsys):
-    from deepseek_tf.api import load
+    from deepseek_tf.rundir import load_run
 
     out = tmp_path / "pruned"
     args = ["compress", "prune", str(trained_run), "--out", str(out), "--steps", "4"]
@@ -87,7 +89,7 @@ def test_cli_prune_writes_a_loadable_smaller_run(trained_run, tmp_path, capsys):
     history = json.loads((out / "compression.json").read_text())
     assert history[-1]["method"] == "prune"
     assert RunDir(out).read_config().model.layer_n_heads == (2, 2)
-    model, _ = load(out)
+    model, _ = load_run(out)
     assert model.count_params() == record["parameters_after"]
     down = model.blocks[0].ffn.down_proj.kernel.numpy()
     assert down.shape == (32, 32) and np.mean(down == 0) >= 0.5
@@ -96,12 +98,10 @@ def test_cli_prune_writes_a_loadable_smaller_run(trained_run, tmp_path, capsys):
 @pytest.mark.slow  # heavier: run by .ci/run (-m slow)
 @pytest.mark.parametrize("groups", [1, 2], ids=["flat", "group-limited"])
 def test_moe_experts_and_mla_heads_are_pruned(tmp_path, groups):
-    from deepseek_tf.api import train
-
     overrides = [f"model.n_group={groups}", "model.topk_group=1", "train.steps=2"]
     overrides += ["train.eval_every=2", "train.checkpoint_every=2"]
     run_dir = tmp_path / "moe"
-    train(load_config("tiny-moe", overrides=overrides), run_dir, verbose=0)
+    train_run(run_dir, "tiny-moe", overrides)
     config, masked, tokenizer, new_config, new_model, info = _prune(
         run_dir, sparsity=0.5, targets=("heads", "experts"), importance="magnitude", steps=2
     )
@@ -141,7 +141,7 @@ def test_incompatible_requests_fail_before_any_work(trained_run, tmp_path, capsy
 
 def test_plan_refuses_shared_layers_grouped_experts_and_too_few_experts():
     def with_model(config, **changes):
-        return dataclasses.replace(config, model=dataclasses.replace(config.model, **changes))
+        return update_config(config, model=changes)
 
     moe = with_model(load_config("tiny-moe"), vocab_size=11)  # n_group=2, topk_group=1, k=2
     # groups keep equal numbers of experts, at least 2 each (their score sums the top 2)

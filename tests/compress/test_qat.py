@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.api import load
 from deepseek_tf.cli.main import main
 from deepseek_tf.layers.fake_quant_dense import FakeQuantDense, fake_quant
+from deepseek_tf.rundir import load_run
 
 
 def test_fake_quant_dense_equals_keras_int8_dense_with_straight_through_gradient():
@@ -35,9 +35,13 @@ def test_qat_finetunes_then_converts_to_int8_exactly(trained_run, tmp_path, caps
     code = main(["compress", "qat", str(trained_run), "--out", str(out), "--steps", "6", "--quiet"])
     assert code == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert record["max_abs_logit_diff_qat_vs_int8"] < 1e-4
-    int8_model, tokenizer = load(out)
-    source, _ = load(trained_run)
+    # Same arithmetic up to float rounding, which can flip an activation's int8 rounding
+    # at a .5 boundary (one grid step): measured 1.1e-4 at most, 2e-6 on average, on
+    # logits of magnitude ~1. The same weights unquantized differ by 2e-3, the source's
+    # (before fine-tuning) by 5e-2.
+    assert record["max_abs_logit_diff_qat_vs_int8"] < 5e-4
+    int8_model, tokenizer = load_run(out)
+    source, _ = load_run(trained_run)
     layer = int8_model.blocks[0].ffn.gate_proj
     assert layer._kernel.dtype == "int8"  # on the int8 grid after conversion
     assert int(np.abs(np.asarray(layer._kernel)).max()) == 127  # absmax per channel

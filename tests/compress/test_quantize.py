@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from deepseek_tf.api import load
 from deepseek_tf.cli.main import main
+from deepseek_tf.rundir import load_run
 
 PROMPT = "ROMEO: what light"
 
@@ -36,7 +36,7 @@ def quantized(trained_run, tmp_path_factory):
 
 
 def logits(run_dir, ids):
-    model, _ = load(run_dir)
+    model, _ = load_run(run_dir)
     return np.asarray(model(ids))
 
 
@@ -48,7 +48,7 @@ def probe(loaded):
 
 
 def test_int8_weights_are_int8_and_logits_stay_close(quantized, probe):
-    model, _ = load(quantized["int8"])
+    model, _ = load_run(quantized["int8"])
     q_proj = model.blocks[0].attention.q_proj
     assert q_proj.quantization_mode == "int8"
     assert q_proj._kernel.dtype == "int8"
@@ -62,7 +62,7 @@ def test_int4_packs_weights_and_loses_more_than_int8(quantized, probe):
     ids, reference = probe
     err8 = np.abs(logits(quantized["int8"], ids) - reference).max()
     err4 = np.abs(logits(quantized["int4"], ids) - reference).max()
-    model, _ = load(quantized["int4"])
+    model, _ = load_run(quantized["int4"])
     kernel = model.blocks[0].ffn.up_proj._kernel
     assert kernel.shape[-1] == 64 // 2  # two 4-bit values per byte
     assert err4 > err8
@@ -73,15 +73,15 @@ def test_gptq_sees_activations_and_beats_keras_unpatched_gptq(trained_run, quant
     # Keras 3.15 alone: quantized layers run `quantized_call`, its Hessian hooks on `call`
     # never fire and GPTQ is round-to-nearest. deepseek-tf routes the calls; its GPTQ must
     # fit the calibration data better than the unpatched run.
-    from deepseek_tf.compress import quantize as q
+    from deepseek_tf.compress import quantization as q
     from deepseek_tf.models.quantization import quantization_config
     from deepseek_tf.rundir import RunDir
 
     config = RunDir(trained_run).read_config()
-    reference, tokenizer = load(trained_run)
+    reference, tokenizer = load_run(trained_run)
     calibration = q.calibration_tokens(config, tokenizer, 16)
 
-    ours, _ = load(trained_run)
+    ours, _ = load_run(trained_run)
     q.quantize_model(
         ours,
         config.model,
@@ -91,7 +91,7 @@ def test_gptq_sees_activations_and_beats_keras_unpatched_gptq(trained_run, quant
         group_size=128,
         dataset=calibration,
     )
-    unpatched, _ = load(trained_run)
+    unpatched, _ = load_run(trained_run)
     cfg = quantization_config("gptq", 4, 128, calibration, calibration.shape[-1])
     cfg.quantization_layer_structure = q.layer_structure(unpatched)
     chosen = {id(layer) for layer in unpatched.quantizable_layers(q.INCLUDE[:2])}
@@ -110,7 +110,7 @@ def test_gptq_sees_activations_and_beats_keras_unpatched_gptq(trained_run, quant
     attention = reference.blocks[0].attention
     targets = {n: np.asarray(getattr(attention, n)(hidden)) for n in ("q_proj", "k_proj", "v_proj")}
     assert error(ours) < 0.9 * error(unpatched)
-    saved, _ = load(quantized["gptq"])
+    saved, _ = load_run(quantized["gptq"])
     assert saved.blocks[1].ffn.down_proj.is_gptq_calibrated
 
 

@@ -4,20 +4,18 @@ import json
 
 import numpy as np
 import pytest
+from compress_helpers import train_run
 
-from deepseek_tf.api import load, train
 from deepseek_tf.cli.main import main
-from deepseek_tf.compress.quantize import quantize_model
-from deepseek_tf.config.loader import apply_overrides, load_config
+from deepseek_tf.compress.quantization import quantize_model
 from deepseek_tf.generation.generate import Generator
-from deepseek_tf.rundir import RunDir
+from deepseek_tf.rundir import RunDir, load_run
 
 
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory):
-    config = apply_overrides(load_config("tiny-moe"), ["train.steps=4", "train.eval_every=0"])
     run = tmp_path_factory.mktemp("qexperts") / "moe"
-    train(config, run, verbose=0)
+    train_run(run, "tiny-moe", ["train.steps=4", "train.eval_every=0"])
     return run
 
 
@@ -36,8 +34,8 @@ def test_cli_quantizes_experts_by_default_and_the_run_reloads(moe_run, tmp_path,
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "experts" in record["options"]["include"]
     assert "experts" in RunDir(tmp_path / "q").read_config().model.quantize_include
-    source, _ = load(moe_run)
-    model, _ = load(tmp_path / "q")
+    source, _ = load_run(moe_run)
+    model, _ = load_run(tmp_path / "q")
     moes = model.moe_modules()
     assert moes and all(m.expert_quantize == "int8" for m in moes)  # MTP's included
     assert _routed_bytes(model) < _routed_bytes(source) / 3
@@ -50,7 +48,7 @@ def test_cli_quantizes_experts_by_default_and_the_run_reloads(moe_run, tmp_path,
 
 
 def test_int4_group_wise_experts_stay_close(moe_run):
-    model, _ = load(moe_run)
+    model, _ = load_run(moe_run)
     config = RunDir(moe_run).read_config()
     want = np.asarray(model(_ids(model)))
     before = _routed_bytes(model)

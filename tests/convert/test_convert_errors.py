@@ -13,9 +13,11 @@ pytest.importorskip("transformers")
 from convert_helpers import hf_config, hf_model  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from deepseek_tf.api.conversion import convert_to_hf, parse_size  # noqa: E402
 from deepseek_tf.cli.main import main  # noqa: E402
 from deepseek_tf.convert import ConversionError, convert_from_hf  # noqa: E402
 from deepseek_tf.errors import ConfigError, DeepSeekTFError, RunDirError  # noqa: E402
+from deepseek_tf.rundir import load_run  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
@@ -102,9 +104,29 @@ def test_malformed_checkpoints_name_what_is_wrong(source, tmp_path, case, capsys
     assert err.splitlines() == [f"error: {e.value}"]
 
 
+ROTARY = "model.layers.0.self_attn.rotary_emb.inv_freq"
+
+
 def test_rotary_inv_freq_is_ignored(source, tmp_path):
-    extra = add("model.layers.0.self_attn.rotary_emb.inv_freq", np.ones(4, np.float32))
-    convert_from_hf(edited(source, tmp_path, tensors=extra), tmp_path / "run")
+    """Older checkpoints store the rotary frequencies as `rotary_emb.inv_freq` tensors. The
+    model derives them from the config, so the converter skips them: a table of wrong values
+    converts to the very model the checkpoint without it gives, and only the exact name is
+    skipped."""
+    plain = convert_from_hf(source, tmp_path / "plain")
+    extra = add(ROTARY, np.ones(4, np.float32))  # not 1 / base^(2i/d): it must not be used
+    tabled = convert_from_hf(edited(source, tmp_path, tensors=extra), tmp_path / "run")
+    assert tabled.n_tensors == plain.n_tensors
+    (model, _), (reference, _) = load_run(tmp_path / "run"), load_run(tmp_path / "plain")
+    assert len(model.weights) == len(reference.weights)
+    for ours, theirs in zip(model.weights, reference.weights):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy(), err_msg=ours.path)
+    ids = np.array([[1, 5, 9, 2, 7, 3]], np.int32)
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(reference(ids)))
+
+    shutil.rmtree(tmp_path / "edited")
+    lookalike = add(f"{ROTARY}_scale", np.ones(4, np.float32))
+    with pytest.raises(ConversionError, match=f"{ROTARY}_scale: unexpected tensor"):
+        convert_from_hf(edited(source, tmp_path, tensors=lookalike), tmp_path / "run2")
 
 
 def test_cli_converts_both_ways_and_refuses_an_existing_run(source, tmp_path, capsys):
@@ -132,13 +154,30 @@ def test_cli_converts_both_ways_and_refuses_an_existing_run(source, tmp_path, ca
         (["--max-shard-size=0MB"], "--max-shard-size: '0MB' is not a size"),
     ],
 )
-def test_cli_bad_shard_sizes_are_one_line_errors(source, tmp_path, capsys, args, message):
-    run = tmp_path / "run"
-    assert main(["convert", "--from-hf", str(source), "--out", str(run)]) == 0
-    capsys.readouterr()
+def test_cli_bad_shard_sizes_are_one_line_errors(tmp_path, capsys, args, message):
+    run = tmp_path / "run"  # the size is checked before the run is read
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "b"), *args]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and message in err
+    with pytest.raises(ConfigError, match=message):
+        convert_to_hf(run, out=tmp_path / "b", max_shard_size=args[-1].split("=")[-1])
+    assert not (tmp_path / "b").exists()
+
+
+def test_shard_sizes_parse_as_hugging_face_reads_them():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size(" 500mb ") == 500 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("1.5KB") == 1500
+    assert parse_size(4096) == 4096 and parse_size("123") == 123
+    for bad in ("-1GB", "inf", "GB", True, 0):
+        with pytest.raises(ConfigError, match="is not a size"):
+            parse_size(bad)
+
+
+def test_from_hf_refuses_to_hf_options(source, tmp_path, capsys):
+    argv = ["convert", "--from-hf", str(source), "--out", str(tmp_path / "run")]
+    assert main([*argv, "--adapter-only"]) == 2
+    assert "apply to --to-hf only" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_max_shard_size_shards_the_export(source, tmp_path, capsys):

@@ -15,7 +15,7 @@ from deepseek_tf.convert import CheckpointReader, ConversionError, stream_checkp
 from deepseek_tf.convert.safetensors_writer import TensorSpec, write_checkpoint
 from deepseek_tf.errors import RunDirError
 from deepseek_tf.models.builder import build_model
-from deepseek_tf.rundir import RunDir, initializers_skipped
+from deepseek_tf.rundir import RunDir
 
 RANDOM_INITIALIZERS = (
     keras.initializers.RandomNormal,
@@ -88,25 +88,6 @@ def test_a_mismatch_names_the_variable(tiny_config, tmp_path):
     RunDir(tmp_path).write_config(apply_overrides(config, ["model.vocab_size=41"]))
     with pytest.raises(RunDirError, match=r"does not match the model \(.*37.* in the checkpoint"):
         RunDir(tmp_path).load()
-
-
-def test_skipped_initializers_run_where_nothing_was_loaded():
-    with initializers_skipped() as skipped:
-        layer = keras.layers.Dense(8, bias_initializer="ones")
-        layer.build((None, 4))
-    assert "_initialize_with_initializer" not in vars(keras.Variable)
-    assert len(skipped.pending) == 2  # kernel and bias, not initialised yet
-    layer.kernel.assign(np.full((4, 8), 2.0, np.float32))
-    assert skipped.run_except(layer, [layer.kernel]) == 1  # the bias only
-    np.testing.assert_array_equal(layer.bias.numpy(), np.ones(8, np.float32))
-    np.testing.assert_array_equal(layer.kernel.numpy(), np.full((4, 8), 2.0, np.float32))
-    with initializers_skipped(zero_fill=True):  # for a build that computes from them
-        zeroed = keras.layers.Dense(8, kernel_initializer="ones")
-        zeroed.build((None, 4))
-    np.testing.assert_array_equal(zeroed.kernel.numpy(), np.zeros((4, 8), np.float32))
-    fresh = keras.layers.Dense(8)  # outside the block: initialised as usual
-    fresh.build((None, 4))
-    assert np.abs(fresh.kernel.numpy()).max() > 0
 
 
 TENSORS = {

@@ -134,7 +134,7 @@ def test_train_on_a_prepared_directory_and_evaluate_its_validation_shards(corpus
     assert main([*argv, "--record-tokens", "4096", "--val-fraction", "0.3"]) == 0
     run = tmp_path / "run"
     config = _config(out, "train.steps=4", "train.eval_every=4", "train.log_every=2")
-    summary = train(config, run, verbose=0)
+    summary = train(config, out=run, verbose=0, sample_tokens=0)
     assert summary["step"] == 4
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["val_loss"] for e in lines if "val_loss" in e]

@@ -4,7 +4,9 @@ import importlib.util
 
 import pytest
 
-from deepseek_tf.cli.main import main
+from deepseek_tf.api.deployment import export
+from deepseek_tf.cli.main import build_parser, main
+from deepseek_tf.errors import InputError
 
 
 def test_export_savedmodel_command(export_run, tmp_path, capsys):
@@ -12,6 +14,25 @@ def test_export_savedmodel_command(export_run, tmp_path, capsys):
     assert main(["export", str(export_run), "--format", "savedmodel", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "max_abs_logit_diff" in printed and (out / "saved_model.pb").exists()
+
+
+def test_no_verify_is_verify_false():
+    argv = ["export", "run", "--format", "onnx", "--out", "m.onnx"]
+    assert build_parser().parse_args(argv).verify is True
+    assert build_parser().parse_args([*argv, "--no-verify"]).verify is False
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"format": "onnx", "int8": True}, "only for --format litert"),
+        ({"format": "savedmodel", "prefill_len": 8}, "--prefill-len is only for --format litert"),
+        ({"format": "tflite"}, "unknown export format 'tflite'"),
+    ],
+)
+def test_export_checks_its_options_before_loading(tmp_path, options, match):
+    with pytest.raises(InputError, match=match):  # no run at all: nothing is read first
+        export(tmp_path / "nowhere", out=tmp_path / "out", **options)
 
 
 def test_int8_only_for_litert(export_run, tmp_path, capsys):

@@ -1,7 +1,6 @@
 """Federated runs end to end (in-process engine): the one-step equivalence, a client
 failing, kill -9 of the server and --resume, bad options, and a run other commands take."""
 
-import dataclasses
 import json
 import signal
 import subprocess
@@ -11,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from deepseek_tf.api import load, train_federated
+from deepseek_tf.api import federated, load
 from deepseek_tf.cli.main import main
-from deepseek_tf.config.loader import apply_overrides, load_config
+from deepseek_tf.config.loader import apply_overrides, load_config, update_config
 from deepseek_tf.data.pipeline import make_train_dataset
 from deepseek_tf.federated.client import LocalTrainer
 from deepseek_tf.models.builder import build_model
@@ -37,16 +36,20 @@ def _rounds(run):
 def test_one_client_one_step_is_one_centralised_step(tmp_path):
     config = _config("federated.clients=1", "federated.clients_per_round=1",
                      "federated.local_steps=1", "federated.rounds=1")  # fmt: skip
-    train_federated(config, tmp_path / "fed", verbose=0)
+    federated(config, out=tmp_path / "fed", verbose=0)
     fed, tokenizer = load(tmp_path / "fed")
     # the same step, centrally: same init, a fresh AdamW at the constant client lr, the
     # client's first batch
     resolved = RunDir(tmp_path / "fed").read_config()
     central = build_model(resolved, seed=resolved.train.seed)
-    t = dataclasses.replace(resolved.train, steps=1, warmup_steps=0,
-                            min_learning_rate=resolved.train.learning_rate)  # fmt: skip
-    step = make_train_step(central, make_optimizer(t, central), jit_compile=False)
-    data = dataclasses.replace(resolved.data, files=(str(tmp_path / "fed/clients/client_000.txt"),))
+    t = update_config(
+        resolved,
+        train={"steps": 1, "warmup_steps": 0, "min_learning_rate": resolved.train.learning_rate},
+    ).train
+    step = make_train_step(central, make_optimizer(t, central), clip_norm=t.clip_norm,
+                           jit_compile=False)  # fmt: skip
+    client = str(tmp_path / "fed/clients/client_000.txt")
+    data = update_config(resolved, data={"files": [client]}).data
     step(*next(iter(make_train_dataset(data, tokenizer, t.batch_size))))
     for a, b in zip(fed.weights, central.weights):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -63,7 +66,7 @@ def test_a_failing_client_does_not_stop_the_round(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(LocalTrainer, "run", flaky)
     config = _config("federated.rounds=4", "federated.clients_per_round=4")
-    train_federated(config, tmp_path / "fed", verbose=1)
+    federated(config, out=tmp_path / "fed", verbose=1)
     out = capsys.readouterr().out
     assert "client 1 failed in round 1" in out and "the round goes on" in out
     rounds = _rounds(tmp_path / "fed")
@@ -97,7 +100,7 @@ def test_kill_9_of_the_server_then_resume(tmp_path):
 def test_a_federated_run_is_a_run(tmp_path, capsys):
     config = _config("federated.rounds=2", "federated.secure_aggregation=true",
                      "federated.dp_clip=1.0", "federated.dp_noise_multiplier=0.5")  # fmt: skip
-    train_federated(config, tmp_path / "fed", verbose=0)
+    federated(config, out=tmp_path / "fed", verbose=0)
     rounds = _rounds(tmp_path / "fed")
     assert rounds[-1]["epsilon"] > rounds[0]["epsilon"] > 0 and rounds[-1]["delta"] == 1e-5
     assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in rounds)

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from deepseek_tf.api import train_federated  # noqa: E402
+from deepseek_tf.api import federated  # noqa: E402
 from deepseek_tf.config.loader import apply_overrides, load_config  # noqa: E402
 from deepseek_tf.federated import flower_project_dir  # noqa: E402
 from deepseek_tf.rundir import RunDir  # noqa: E402
@@ -41,8 +41,8 @@ def _rounds(run):
 
 def test_the_simulation_equals_the_in_process_engine(tmp_path):
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    train_federated(_config(), tmp_path / "inprocess", verbose=0)
-    train_federated(_config("federated.engine=flower"), tmp_path / "flower", verbose=0)
+    federated(_config(), out=tmp_path / "inprocess", verbose=0)
+    federated(_config("federated.engine=flower"), out=tmp_path / "flower", verbose=0)
     ours, flower = _rounds(tmp_path / "inprocess"), _rounds(tmp_path / "flower")
     assert [r["round"] for r in flower] == [1, 2] and all(r["answered"] == 2 for r in flower)
     for a, b in zip(ours, flower):
@@ -74,7 +74,7 @@ def test_a_deployment_with_three_supernodes_survives_losing_one(tmp_path):
     config = _config("federated.clients=3", "federated.clients_per_round=3",
                      "federated.rounds=4", "federated.min_clients=1",
                      "federated.round_timeout=90")  # fmt: skip
-    train_federated(config, run, verbose=0, prepare_only=True)
+    federated(config, out=run, verbose=0, prepare_only=True)
     env = _flwr_env(tmp_path / "flwr")
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -1,11 +1,10 @@
 """Partitions of tiny Shakespeare into clients: by speaking role, Dirichlet, IID, by file."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
-from deepseek_tf.config.loader import load_config
+from deepseek_tf.config.loader import load_config, update_config
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.federated.partition import partition, speech_blocks
 
@@ -43,11 +42,11 @@ def test_by_file(data, tmp_path):
         path = tmp_path / f"part{i}.txt"
         path.write_text(("To be, or not to be: that is the question.\n" * 30) + str(i))
         files.append(str(path))
-    clients = partition(dataclasses.replace(data, files=tuple(files)), "by-file", 3,
-                        tmp_path / "clients")  # fmt: skip
+    by_file = update_config(load_config("tiny"), data={"files": files}).data
+    clients = partition(by_file, "by-file", 3, tmp_path / "clients")
     assert [c.name for c in clients] == ["part0.txt", "part1.txt", "part2.txt"]
     with pytest.raises(ConfigError, match="has only 3 files"):
-        partition(dataclasses.replace(data, files=tuple(files)), "by-file", 4, tmp_path / "x")
+        partition(by_file, "by-file", 4, tmp_path / "x")
 
 
 @pytest.mark.parametrize(

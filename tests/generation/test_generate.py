@@ -1,5 +1,6 @@
 import pytest
 
+from deepseek_tf.api.generation import generate, generate_texts
 from deepseek_tf.errors import InputError
 from deepseek_tf.generation.generate import Generator, generate_uncached
 
@@ -79,3 +80,35 @@ def test_bad_prompts(model_and_tokenizer, generator):
         generator.generate([[]], 4)
     with pytest.raises(InputError, match="out of range"):
         generator.generate([[model.vocab_size]], 4)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"top_p": 2.0}, "--top-p"),
+        ({"temperature": -1.0}, "--temperature"),
+        ({"max_new_tokens": -1}, "--max-new-tokens: must be between 0 and"),
+        ({"draft_tokens": 2}, "--draft-tokens needs --speculative mtp"),
+        ({"speculative": "mtp", "draft_tokens": 0}, "--draft-tokens must be >= 1"),
+        ({"speculative": "mtp", "show_uncertainty": True}, "--show-uncertainty is not avail"),
+    ],
+)
+def test_generate_checks_its_options_before_loading(tmp_path, options, match):
+    with pytest.raises(InputError, match=match):  # no run at all: nothing is read first
+        generate(tmp_path / "nowhere", "ab", **options)
+
+
+def test_texts_details_and_stop_texts(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    texts = generate_texts(model, tok, ["Th", "KING"], max_new_tokens=6, temperature=0.0)
+    assert [t[:2] for t in texts] == ["Th", "KI"] and all(len(t) > 4 for t in texts)
+    [(text, tokens)] = generate_texts(model, tok, ["Th"], max_new_tokens=3, temperature=0.0,
+                                      details=True)  # fmt: skip
+    assert texts[0].startswith(text) and len(tokens) == 3
+    assert "".join(t for t, _, _ in tokens) == text[2:]
+    assert all(entropy >= 0 and logprob <= 0 for _, entropy, logprob in tokens)
+    first = tokens[0][0]  # a stop text ends the continuation after it
+    stopped = generate_texts(model, tok, ["Th"], max_new_tokens=6, temperature=0.0, stop=[first])
+    assert stopped == ["Th" + first]
+    with pytest.raises(InputError, match="is 2 tokens; a stop must be one token"):
+        generate_texts(model, tok, ["Th"], max_new_tokens=2, stop=["ab"])

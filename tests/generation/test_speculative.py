@@ -39,7 +39,7 @@ def trained_mtp(tmp_path_factory):
         ["model.mtp_depth=2", "train.steps=30", "train.eval_every=30", "train.checkpoint_every=30"],
     )
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-mtp"
-    train(config, run_dir, verbose=0)
+    train(config, out=run_dir, verbose=0, sample_tokens=0)
     return run_dir
 
 

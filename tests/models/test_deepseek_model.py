@@ -65,7 +65,7 @@ def test_cached_decoding_matches_full_forward(moe_config, absorb):
 
 def test_moe_mtp_training_moves_biases_and_logs_balance(tmp_path, moe_config):
     run = tmp_path / "moe"
-    train(moe_config, run, verbose=0)
+    train(moe_config, out=run, verbose=0, sample_tokens=0)
     entries = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [e for e in entries if "loss" in e]
     assert all(np.isfinite(e["mtp_loss"]) and e["aux_loss"] > 0 for e in steps)

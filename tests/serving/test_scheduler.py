@@ -9,6 +9,8 @@ import pytest
 from deepseek_tf.config.loader import apply_overrides
 from deepseek_tf.generation.generate import Generator
 from deepseek_tf.models.builder import build_model
+from deepseek_tf.serving.batcher import Batcher
+from deepseek_tf.serving.job import Scheduler
 from deepseek_tf.serving.protocol import GenRequest
 from deepseek_tf.serving.scheduler import ContinuousScheduler
 
@@ -41,6 +43,20 @@ def scheduler(attention_model):
     assert s.ready.wait(300)
     yield s
     s.stop()
+
+
+def test_both_schedulers_offer_what_the_server_needs(scheduler, attention_model):
+    dynamic = Batcher(attention_model, None, max_batch=2)
+    for s in (scheduler, dynamic):
+        assert isinstance(s, Scheduler)
+        assert s.ready.is_set() and s.running() == 0 and s.pending() == 0
+    assert dynamic.prefix is None and scheduler.prefix.enabled
+
+    class NoRunning:  # a scheduler missing one member is not one
+        ready, rows, prefix = scheduler.ready, 0, None
+        submit, stop, start, pending = (lambda *a: None,) * 4
+
+    assert not isinstance(NoRunning(), Scheduler)
 
 
 def test_requests_join_a_running_batch_and_get_generates_tokens(scheduler, attention_model):

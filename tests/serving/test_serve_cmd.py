@@ -10,14 +10,23 @@ import urllib.request
 
 import pytest
 
+from deepseek_tf.api.deployment import serve
 from deepseek_tf.cli.main import build_parser
+from deepseek_tf.errors import InputError
 
 
 def test_serve_flags():
     args = build_parser().parse_args(["serve", "run"])
     assert (args.host, args.port, args.no_batching) == ("127.0.0.1", 8000, False)
+    assert args.warm_up is True and args.api == "deepseek_tf.api.deployment:serve"
     args = build_parser().parse_args(["serve", "run", "--port", "0", "--api-key", "k"])
     assert (args.port, args.api_key) == (0, "k")
+    assert build_parser().parse_args(["serve", "run", "--no-warm-up"]).warm_up is False
+
+
+def test_serve_refuses_a_bad_port_before_loading(tmp_path):
+    with pytest.raises(InputError, match="--port: must be in 0-65535"):
+        serve(tmp_path / "nowhere", port=70000)
 
 
 @pytest.mark.slow  # heavier: run by .ci/run (-m slow)

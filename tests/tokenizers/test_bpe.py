@@ -12,8 +12,14 @@ from hypothesis import strategies as st
 
 from deepseek_tf.cli import tokenizer_cmd
 from deepseek_tf.data.corpus import default_corpus_path, read_texts
-from deepseek_tf.errors import TokenizerError
-from deepseek_tf.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer, train_tokenizer
+from deepseek_tf.errors import ConfigError, TokenizerError
+from deepseek_tf.tokenizers import (
+    MAX_BPE_VOCAB,
+    BPETokenizer,
+    CharTokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 VOCAB = 400
 
@@ -21,7 +27,7 @@ VOCAB = 400
 @pytest.fixture(scope="module")
 def tok() -> BPETokenizer:
     (text,) = read_texts([default_corpus_path()])
-    return train_tokenizer("bpe", [text[:20_000]], vocab_size=VOCAB)
+    return train_tokenizer("bpe", texts=[text[:20_000]], vocab_size=VOCAB)
 
 
 def test_trained_vocabulary(tok):
@@ -61,8 +67,46 @@ def test_decode_out_of_range_names_id(tok):
 
 
 def test_vocab_size_below_byte_alphabet_is_rejected():
-    with pytest.raises(TokenizerError, match="bpe vocab_size 100"):
-        train_tokenizer("bpe", ["hello"], vocab_size=100)
+    with pytest.raises(ConfigError, match="bpe vocab_size 100 is below 257"):
+        train_tokenizer("bpe", texts=["hello"], vocab_size=100)
+
+
+def test_an_absurd_vocab_size_is_a_config_error_before_the_rust_library(monkeypatch):
+    """2,000,000,000 made `tokenizers` abort the process (a Rust panic, exit 134)."""
+
+    def trainer(**kwargs):
+        raise AssertionError(f"BpeTrainer reached with vocab_size {kwargs['vocab_size']}")
+
+    monkeypatch.setattr(tokenizers.trainers, "BpeTrainer", trainer)
+    with pytest.raises(ConfigError, match="above the limit of 1,048,576") as error:
+        train_tokenizer("bpe", texts=["hello"], vocab_size=2_000_000_000)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="2,000,000,000"):  # checked before reading files
+        train_tokenizer("bpe", files=["no/such/file.txt"], vocab_size=2_000_000_000)
+    assert MAX_BPE_VOCAB == 1_048_576
+
+
+def test_a_vocabulary_that_stops_short_says_so_in_one_line(tok, tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("hello world, hello tensorflow\n" * 50, encoding="utf-8")
+    short = train_tokenizer("bpe", files=[small], vocab_size=4096)
+    err = capsys.readouterr().err.strip()
+    assert short.vocab_size < 4096
+    assert err == (
+        f"[tokenizer] warning: the bpe vocabulary reached only {short.vocab_size} of the "
+        "4,096 tokens asked for (the text has no more pairs to merge; train on more text "
+        "or ask for fewer)"
+    )
+    train_tokenizer("bpe", files=[small], vocab_size=4096, log=None)  # silenced
+    assert tok.vocab_size == VOCAB  # reached: no warning (the fixture's)
+    assert capsys.readouterr().err == ""
+
+
+def test_what_differs_between_kinds_is_asked_of_the_tokenizer(tok):
+    assert tok.hugging_face_format and tok.char_table is None
+    assert tok.unknown_char("any \u00e9 text \U0001f600") is None  # bytes: anything encodes
+    assert tok.drop_unknown("caf\u00e9") == "caf\u00e9"
+    assert tok.count_tokens(["the king", ""]) == [len(tok.encode("the king")), 0]
 
 
 def test_tf_encode_matches_encode(tok):

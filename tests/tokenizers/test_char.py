@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from deepseek_tf.cli import tokenizer_cmd
 from deepseek_tf.data.corpus import default_corpus_path, read_texts
-from deepseek_tf.errors import RunDirError, TokenizerError
+from deepseek_tf.errors import DataError, RunDirError, TokenizerError
 from deepseek_tf.tokenizers import CharTokenizer, load_tokenizer, train_tokenizer
 
 TEXT = "To be, or not to be: that is the question.\nCaf\u00e9 \u00fcber \U0001f600!\n"
@@ -19,11 +19,11 @@ TEXT = "To be, or not to be: that is the question.\nCaf\u00e9 \u00fcber \U0001f6
 
 @pytest.fixture(scope="module")
 def tok() -> CharTokenizer:
-    return train_tokenizer("char", [TEXT])
+    return train_tokenizer("char", texts=[TEXT])
 
 
 def test_bundled_corpus_has_65_characters():
-    tok = train_tokenizer("char", [pathlib.Path(default_corpus_path())])
+    tok = train_tokenizer("char", files=[default_corpus_path()])
     assert tok.kind == "char"
     assert tok.vocab_size == 65
     assert tok.eos_id is None
@@ -92,7 +92,7 @@ def test_malformed_char_file_names_file(tmp_path):
 
 def test_train_tokenizer_rejects_unknown_kind():
     with pytest.raises(TokenizerError, match="unknown tokenizer kind 'word'"):
-        train_tokenizer("word", ["abc"])
+        train_tokenizer("word", texts=["abc"])
 
 
 def _cli(argv: list[str]) -> int:
@@ -136,3 +136,50 @@ def test_encode_array_equals_encode_and_names_unknown_characters():
     assert np.array_equal(tok.encode_array(text), tok.encode(text))
     with pytest.raises(TokenizerError, match="'x' at position 2"):
         tok.encode_array("hox")
+
+
+def test_texts_and_files_are_separate_keywords(tmp_path):
+    """A str is a text, never a file name; files go in `files=` (one path or several)."""
+    (tmp_path / "x.txt").write_text("xyz", encoding="utf-8")
+    name = str(tmp_path / "x.txt")
+    assert set(train_tokenizer("char", texts=[name]).chars) == set(name)  # the name's chars
+    assert train_tokenizer("char", files=[name]).chars == ("x", "y", "z")
+    assert train_tokenizer("char", files=tmp_path / "x.txt").chars == ("x", "y", "z")
+    both = train_tokenizer("char", texts=(t for t in ["ab"]), files=[name])  # a generator too
+    assert both.chars == ("a", "b", "x", "y", "z")
+    with pytest.raises(TypeError, match="texts=.* and files=.* as keywords"):
+        train_tokenizer("char", [pathlib.Path(name)])  # the old mixed positional form
+
+
+def test_train_tokenizer_needs_some_text(tmp_path):
+    with pytest.raises(DataError, match="no training text"):
+        train_tokenizer("char")
+    with pytest.raises(DataError, match="files= is empty"):
+        train_tokenizer("char", files=[])  # not the bundled corpus in disguise
+    with pytest.raises(DataError, match="does not exist"):
+        train_tokenizer("char", files=[tmp_path / "missing.txt"])
+
+
+def test_what_differs_between_kinds_is_asked_of_the_tokenizer(tok):
+    assert tok.char_table == tok.chars and not tok.hugging_face_format
+    assert tok.unknown_char("To#be") == (2, "#")
+    assert tok.drop_unknown("To#be~") == "Tobe"
+    assert tok.count_tokens(["To be", ""]) == [5, 0]
+
+
+def test_save_into_an_existing_file_is_a_one_line_error(tok, tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("keep me", encoding="utf-8")
+    with pytest.raises(RunDirError, match="taken is an existing file") as error:
+        tok.save(target)
+    assert "\n" not in str(error.value)
+    assert target.read_text(encoding="utf-8") == "keep me"
+
+
+def test_cli_out_naming_an_existing_file_is_one_line(tmp_path, capsys):
+    from deepseek_tf.cli.main import main
+
+    (tmp_path / "taken").write_text("keep me", encoding="utf-8")
+    assert main(["tokenizer", "train", "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "existing file" in err and "\n" not in err

@@ -22,7 +22,7 @@ def test_a_trained_tokenizer_file_or_directory_is_what_train_uses(tmp_path, kind
         main(["tokenizer", "train", "--kind", kind, "--vocab-size", "300", "--out", str(out)]) == 0
     )
     run = tmp_path / "run"
-    train(_config(str(out / name) if name else str(out)), run, verbose=0)
+    train(_config(str(out / name) if name else str(out)), out=run, verbose=0, sample_tokens=0)
     _, tokenizer = load(run)
     assert RunDir(run).read_config().model.vocab_size == tokenizer.vocab_size
     assert tokenizer.vocab_size == (300 if kind == "bpe" else 65)
@@ -31,8 +31,10 @@ def test_a_trained_tokenizer_file_or_directory_is_what_train_uses(tmp_path, kind
 
 def test_a_missing_tokenizer_path_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="data.tokenizer: .*nope.* neither char, bpe"):
-        train(_config(str(tmp_path / "nope.json")), tmp_path / "run", verbose=0)
+        train(
+            _config(str(tmp_path / "nope.json")), out=tmp_path / "run", verbose=0, sample_tokens=0
+        )
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="data.tokenizer: .*holds no tokenizer.json"):
-        train(_config(str(tmp_path / "empty")), tmp_path / "run2", verbose=0)
+        train(_config(str(tmp_path / "empty")), out=tmp_path / "run2", verbose=0, sample_tokens=0)
     assert not (tmp_path / "run").exists()

@@ -56,5 +56,5 @@ def _sharded_reference_iterator(self):
 if __name__ == "__main__":
     trainer.Trainer.train = _dumping_train(trainer.Trainer.train)
     if os.environ.get("DEEPSEEK_TF_TEST_REFERENCE_SHARDS"):
-        trainer.Trainer._train_iterator = _sharded_reference_iterator
+        trainer.Trainer.train_batches = _sharded_reference_iterator
     sys.exit(main(sys.argv[1:]))

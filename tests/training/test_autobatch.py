@@ -1,36 +1,76 @@
 """`--batch-size auto`: measured step memory picks the largest batch under a budget."""
 
-import pytest
+import json
+import os
+import subprocess
+import sys
 
-from deepseek_tf.config.loader import load_config
+import pytest
+import tensorflow as tf
+
 from deepseek_tf.errors import ConfigError
-from deepseek_tf.training.autobatch import MIB, find_batch_size, step_bytes
+from deepseek_tf.training.autobatch import BFC_VARIABLE, check_memory_stats
 
 VOCAB = 65
+OVERRIDES = ["data.seq_len=48", "model.d_model=64"]
 
 
-@pytest.fixture(scope="module")
-def config():
-    return load_config("tiny", overrides=["data.seq_len=48", "model.d_model=64"])
+def _measured(code: str):
+    """Runs `code` (which prints JSON) in a fresh interpreter with TensorFlow's BFC CPU
+    allocator, whose statistics the measurement reads on any CPU (see `check_memory_stats`)."""
+    env = {**os.environ, BFC_VARIABLE: "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    prelude = (
+        "import json\n"
+        "from deepseek_tf.config.loader import load_config\n"
+        "from deepseek_tf.training.autobatch import MIB, find_batch_size, step_bytes\n"
+        f"config = load_config('tiny', overrides={OVERRIDES!r})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_step_memory_grows_with_the_batch(config):
-    assert step_bytes(config, VOCAB, 256) > step_bytes(config, VOCAB, 8)
+def test_step_memory_grows_with_the_batch():
+    small, large = _measured(
+        f"print(json.dumps([step_bytes(config, {VOCAB}, 8), step_bytes(config, {VOCAB}, 256)]))"
+    )
+    assert large > small > 0
 
 
 @pytest.mark.slow  # heavy: runs in .ci/run under -m slow
-def test_auto_batch_fits_the_budget_and_grows_with_it(config):
-    small = find_batch_size(config, VOCAB, 24 * MIB, log=None)
-    large = find_batch_size(config, VOCAB, 96 * MIB, log=None)
+def test_auto_batch_fits_the_budget_and_grows_with_it():
+    small, large = _measured(
+        f"print(json.dumps([find_batch_size(config, {VOCAB}, b * MIB, log=None) "
+        "for b in (24, 96)]))"
+    )
     assert small["seq_len"] == 48
     assert small["confirmed_step_mib"] <= 24
     assert large["confirmed_step_mib"] <= 96
     assert large["batch_size"] > small["batch_size"] >= 2
 
 
-def test_a_budget_below_one_sequence_is_a_clear_error(config):
-    with pytest.raises(ConfigError, match="batch-size auto"):
-        find_batch_size(config, VOCAB, 1024, log=None)
+def test_a_budget_below_one_sequence_is_a_clear_error():
+    code = (
+        f"try:\n    find_batch_size(config, {VOCAB}, 1024, log=None)\n"
+        "except Exception as e:\n    print(json.dumps([type(e).__name__, str(e)]))"
+    )
+    kind, message = _measured(code)
+    assert kind == "ConfigError" and "batch-size auto" in message
+
+
+def test_without_allocator_statistics_the_error_is_one_line():
+    """This process started without the BFC allocator: where TensorFlow keeps no CPU
+    statistics (AMD CPUs), measuring is a one-line error naming the variable to set."""
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:
+        with pytest.raises(ConfigError, match=BFC_VARIABLE):
+            check_memory_stats()
+    else:
+        check_memory_stats()  # statistics kept (an Intel CPU with oneDNN): no error
 
 
 def test_cli_rejects_a_malformed_batch_size(tmp_path, capsys):

@@ -57,8 +57,8 @@ def weights(run):
     return {v.path.split("/", 1)[1]: v.numpy() for v in model.weights}
 
 
-train(config(ep), out / "ep", verbose=0)
-train(config(base), out / "single", verbose=0)
+train(config(ep), out=out / "ep", verbose=0, sample_tokens=0)
+train(config(base), out=out / "single", verbose=0, sample_tokens=0)
 first = losses(out / "ep")
 a, b = weights(out / "ep"), weights(out / "single")  # each loaded in one process
 worst = max(float(np.abs(a[k] - b[k]).max()) for k in b)
@@ -68,12 +68,12 @@ for bad, run, resume in (
     (["runtime.expert_parallel=1"], out / "ep", True),  # resuming with another N
 ):
     try:
-        train(config(ep[:-1] + bad), run, resume=resume, verbose=0)
+        train(config(ep[:-1] + bad), out=run, resume=resume, verbose=0, sample_tokens=0)
     except ConfigError as e:
         errors.append(str(e))
 for path in (out / "ep" / "checkpoints").glob(f"ckpt-{steps}.*"):
     path.unlink()  # resume from the half-way checkpoint: the same steps again
-train(config(ep), out / "ep", resume=True, verbose=0)
+train(config(ep), out=out / "ep", resume=True, verbose=0, sample_tokens=0)
 print("RESULT", json.dumps({"ep": first, "single": losses(out / "single"),
       "resumed": losses(out / "ep"), "worst_weight": worst, "errors": errors,
       "experts": {k: a[k].shape[0] for k in a if k.endswith("experts_gate")}}))
@@ -168,4 +168,4 @@ def test_one_process_has_no_replicas_to_shard_over(tmp_path):
 
     config = apply_overrides(load_config("tiny-moe"), ["runtime.expert_parallel=2"])
     with pytest.raises(ConfigError, match="does not divide the 1 replica"):
-        train(config, tmp_path / "run", verbose=0)
+        train(config, out=tmp_path / "run", verbose=0, sample_tokens=0)

@@ -15,7 +15,7 @@ STEPS = ["--set", "train.steps=4", "--set", "train.eval_every=0", "--sample-toke
 def source(tmp_path_factory):
     config = apply_overrides(load_config("tiny-moe"), ["train.steps=6", "train.eval_every=0"])
     run = tmp_path_factory.mktemp("init") / "source"
-    train(config, run, verbose=0)
+    train(config, out=run, verbose=0, sample_tokens=0)
     return run
 
 
@@ -68,7 +68,7 @@ def test_merging_adapters_keeps_the_function(source, tmp_path):
         ["train.steps=3", "train.eval_every=0", "train.lora_rank=2",
          "train.lora_targets=[q_b_proj,shared_experts,experts]", "train.learning_rate=0.05"],
     )  # fmt: skip
-    train(config, tmp_path / "run", verbose=0, init_from=source)
+    train(config, out=tmp_path / "run", verbose=0, init_from=source, sample_tokens=0)
     model, _ = load(tmp_path / "run")
     ids = np.arange(24, dtype=np.int32)[None] % model.vocab_size
     want = np.asarray(model(ids))

@@ -168,19 +168,20 @@ def losses(run):
 
 
 try:
-    train(config(mirrored + ["train.batch_size=3"]), out / "odd", verbose=0)
+    train(config(mirrored + ["train.batch_size=3"]), out=out / "odd", verbose=0, sample_tokens=0)
     raise SystemExit("expected a ConfigError for batch_size 3 over 2 replicas")
 except ConfigError as e:
     assert "train.batch_size" in str(e), e
-summary = train(config(mirrored + ["train.batch_size=4"]), out / "mirrored")
+summary = train(config(mirrored + ["train.batch_size=4"]), out=out / "mirrored", sample_tokens=0)
 print("SUMMARY", summary["step"])
-train(config(base + ["train.batch_size=4"]), out / "single", verbose=0)
+train(config(base + ["train.batch_size=4"]), out=out / "single", verbose=0, sample_tokens=0)
 # Resume the mirrored run from its step-3 checkpoint: the same steps 4..6 again.
 ckpt = out / "mirrored" / "checkpoints"
 first = losses(out / "mirrored")
 for path in ckpt.glob("ckpt-6.*"):  # the newest checkpoint on disk is the one resumed
     path.unlink()
-resumed = train(config(mirrored + ["train.batch_size=4"]), out / "mirrored", resume=True)
+resumed = train(config(mirrored + ["train.batch_size=4"]), out=out / "mirrored", resume=True,
+                sample_tokens=0)
 print("LOSSES", json.dumps([first, losses(out / "single"), losses(out / "mirrored")]))
 """
 

@@ -23,7 +23,7 @@ def short_run(tmp_path, tiny_config):
     """A finished 6-step run with checkpoints at steps 2, 4, 6."""
     config = apply_overrides(tiny_config, [*FAST, "train.steps=6", "train.keep_checkpoints=5"])
     run = tmp_path / "run"
-    train(config, run, verbose=0)
+    train(config, out=run, verbose=0, sample_tokens=0)
     return config, run
 
 
@@ -44,24 +44,24 @@ def test_failed_resume_writes_nothing(short_run, tmp_path):
     (run / "config.yaml").unlink()
     before = _snapshot(run)
     with pytest.raises(RunDirError, match="no config.yaml"):
-        train(config, run, resume=True, verbose=0)
+        train(config, out=run, resume=True, verbose=0, sample_tokens=0)
     assert _snapshot(run) == before  # not overwritten by a fresh default run
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(RunDirError, match="no config.yaml"):
-        train(config, empty, resume=True, verbose=0)
+        train(config, out=empty, resume=True, verbose=0, sample_tokens=0)
     assert not any(empty.iterdir())
     not_a_dir = tmp_path / "file.txt"
     not_a_dir.write_text("x")
     with pytest.raises(RunDirError, match="is an existing file"):
-        train(config, not_a_dir, verbose=0)
+        train(config, out=not_a_dir, verbose=0, sample_tokens=0)
 
 
 def test_garbled_index_resumes_from_the_newest_checkpoint(short_run, capsys):
     config, run = short_run
     (run / "checkpoints" / "checkpoint").write_text("garbage {{{")
     longer = apply_overrides(config, ["train.steps=8"])
-    summary = train(longer, run, resume=True, verbose=1)
+    summary = train(longer, out=run, resume=True, verbose=1, sample_tokens=0)
     out = capsys.readouterr()
     assert "restored" in out.out and "ckpt-6" in out.out
     assert summary["step"] == 8
@@ -73,7 +73,7 @@ def test_truncated_data_file_falls_back_to_the_previous_checkpoint(short_run, ca
     data = run / "checkpoints" / "ckpt-6.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[:100])
     longer = apply_overrides(config, ["train.steps=8"])
-    summary = train(longer, run, resume=True, verbose=1)
+    summary = train(longer, out=run, resume=True, verbose=1, sample_tokens=0)
     out = capsys.readouterr()
     assert "ckpt-6.data-00000-of-00001 is truncated or corrupt" in out.out
     assert "falling back to ckpt-4" in out.out and "restored" in out.out
@@ -103,7 +103,9 @@ def test_interrupted_save_and_its_temp_directory(short_run, capsys):
     metrics.write_text(metrics.read_text() + '{"step": 7, "loss": 1.')  # a torn last line
     tokenizer = run / "char_tokenizer.json"
     inode = tokenizer.stat().st_ino
-    summary = train(apply_overrides(config, ["train.steps=8"]), run, resume=True, verbose=1)
+    summary = train(
+        apply_overrides(config, ["train.steps=8"]), out=run, resume=True, verbose=1, sample_tokens=0
+    )
     assert summary["step"] == 8 and not stale.exists()
     assert "removed ckpt-8_temp" in capsys.readouterr().out
     assert _steps(run) == list(range(1, 9))
@@ -114,12 +116,12 @@ def test_sigterm_during_a_checkpoint_write_keeps_that_checkpoint(short_run):
     """The signal arrives while the write is under way: the write completes, then the
     interrupt is raised (before: it was raised mid-save and the checkpoint was lost)."""
     from deepseek_tf.models.builder import build_model
-    from deepseek_tf.training.trainer import _raise_interrupt, signals_deferred
+    from deepseek_tf.training.signals import raise_interrupt, signals_deferred
 
     config, run = short_run
     model = build_model(RunDir(run).read_config())
     checkpoint = RunDir(run).checkpoint(model)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         with pytest.raises(KeyboardInterrupt), signals_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
@@ -133,11 +135,17 @@ def test_sigterm_during_a_checkpoint_write_keeps_that_checkpoint(short_run):
 def test_extending_a_run_says_what_happens_to_the_schedule(short_run, capsys):
     config, run = short_run
     before = _snapshot(run)
-    summary = train(config, run, resume=True, verbose=1)
+    summary = train(config, out=run, resume=True, verbose=1, sample_tokens=0)
     out = capsys.readouterr()
     assert summary.get("already_complete") and "already complete" in out.out
     assert _snapshot(run) == before  # nothing to do, nothing written
-    train(apply_overrides(config, ["train.steps=10"]), run, resume=True, verbose=1)
+    train(
+        apply_overrides(config, ["train.steps=10"]),
+        out=run,
+        resume=True,
+        verbose=1,
+        sample_tokens=0,
+    )
     err = capsys.readouterr().err
     assert "learning-rate schedule changed (train.steps 6 -> 10)" in err
     assert RunDir(run).read_config().train.steps == 10
@@ -146,10 +154,10 @@ def test_extending_a_run_says_what_happens_to_the_schedule(short_run, capsys):
 def test_explicit_vocab_size_is_honoured_or_refused(tmp_path, tiny_config):
     small = apply_overrides(tiny_config, ["model.vocab_size=1", "train.steps=1"])
     with pytest.raises(ConfigError, match="model.vocab_size: 1 is smaller than the tokenizer's 65"):
-        train(small, tmp_path / "small", verbose=0)
+        train(small, out=tmp_path / "small", verbose=0, sample_tokens=0)
     assert not (tmp_path / "small").exists()
     padded = apply_overrides(tiny_config, ["model.vocab_size=80", *FAST, "train.steps=1"])
-    train(padded, tmp_path / "padded", verbose=0)
+    train(padded, out=tmp_path / "padded", verbose=0, sample_tokens=0)
     assert RunDir(tmp_path / "padded").read_config().model.vocab_size == 80
     entries = (tmp_path / "padded" / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in entries)

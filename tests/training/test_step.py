@@ -1,3 +1,6 @@
+"""The training step: accumulation, explicit clipping, the monitor's signals."""
+
+import keras
 import numpy as np
 import pytest
 
@@ -40,6 +43,36 @@ def test_accumulating_4_micro_batches_equals_one_4x_batch(tiny_config):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     init = build_model(tiny_config, vocab_size=17, seed=7).trainable_variables[0].numpy()
     assert not np.allclose(init, big_vars[0])  # the step did update
+
+
+def _batch(batch=4, seq=16, vocab=17):
+    ids = np.random.RandomState(1).randint(0, vocab, (batch, seq + 1)).astype("int32")
+    return ids[:, :-1], ids[:, 1:], np.ones((batch, seq), "float32")  # (B, T) each
+
+
+def test_two_steps_built_on_one_optimizer_both_clip(tiny_config):
+    """`clip_norm` is the step's own argument: building a second step on the same optimizer
+    clips as the first does (the norm used to travel through the optimizer's
+    `global_clipnorm`, which the first step then set to None)."""
+    model = build_model(tiny_config, vocab_size=17, seed=7)
+    optimizer = keras.optimizers.SGD(learning_rate=1.0)  # the update is minus the gradient
+    optimizer.build(model.trainable_variables)
+    for _ in range(2):
+        step = make_train_step(model, optimizer, clip_norm=1e-3, jit_compile=False)
+        before = [v.numpy() for v in model.trainable_variables]
+        out = step(*_batch())
+        moved = [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
+        assert float(out["grad_norm"]) > 0.1  # the gradient's own norm, before clipping
+        assert np.sqrt(sum(np.sum(np.square(m, dtype="float64")) for m in moved)) == (
+            pytest.approx(1e-3, rel=1e-3)
+        )
+
+
+def test_an_optimizer_that_clips_itself_is_refused(tiny_config):
+    model = build_model(tiny_config, vocab_size=17, seed=7)
+    optimizer = keras.optimizers.SGD(learning_rate=1.0, global_clipnorm=1.0)
+    with pytest.raises(ValueError, match="global_clipnorm=1.0; build it without clipping"):
+        make_train_step(model, optimizer, clip_norm=1.0)
 
 
 def test_monitor_signals():

@@ -174,7 +174,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, tiny_config, monkeypatch)
         tiny_config, [*SHORT, "train.loggers=[wandb]", "train.log_weights=true"]
     )
     run = tmp_path / "run"
-    train(config, run, verbose=0)
+    train(config, out=run, verbose=0, sample_tokens=0)
     (log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     history, config_items, artifacts = {}, {}, []
     for record in _wandb_records(log):

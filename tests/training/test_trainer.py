@@ -1,3 +1,6 @@
+"""The trainer end to end: signals, resume after kill -9, NaN, mixed precision, BPE, its data
+checked before step 1 and its weights saved before anything after training can fail."""
+
 import json
 import signal
 import subprocess
@@ -7,9 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from deepseek_tf.api import load, train
-from deepseek_tf.config.loader import apply_overrides
-from deepseek_tf.errors import RunDirError, TrainingError
+from deepseek_tf.api import load, prepare_data, train
+from deepseek_tf.config.loader import apply_overrides, update_config
+from deepseek_tf.errors import DataError, RunDirError, TrainingError
+from deepseek_tf.training.trainer import Trainer
 
 
 def read_metrics(run_dir):
@@ -48,7 +52,7 @@ def test_training_learns_and_logs_the_five_signals(trained_run):
 
 def test_existing_run_is_not_overwritten(trained_run, tiny_config):
     with pytest.raises(RunDirError, match="--resume"):
-        train(tiny_config, trained_run, verbose=0)
+        train(tiny_config, out=trained_run, verbose=0, sample_tokens=0)
 
 
 def _losses(run_dir):
@@ -65,7 +69,7 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path, tiny_config):
     ]
     config = apply_overrides(tiny_config, overrides)
     reference = tmp_path / "reference"
-    train(config, reference, verbose=0)
+    train(config, out=reference, verbose=0, sample_tokens=0)
 
     run = tmp_path / "killed"
     cmd = [
@@ -94,7 +98,7 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path, tiny_config):
     on_disk = [int(p.name[5:-6]) for p in (run / "checkpoints").glob("ckpt-*.index")]
     assert 40 <= max(on_disk) <= killed_at
 
-    summary = train(config, run, resume=True, verbose=0)
+    summary = train(config, out=run, resume=True, verbose=0, sample_tokens=0)
     assert summary["step"] == 300
     losses, expected = _losses(run), _losses(reference)
     assert sorted(losses) == list(range(1, 301))  # no gap, no duplicate
@@ -116,7 +120,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_config):
     with pytest.raises(
         TrainingError, match=r"became (nan|non-finite) .* Last good checkpoint: .*ckpt-"
     ):
-        train(config, run, verbose=0)
+        train(config, out=run, verbose=0, sample_tokens=0)
     model, _ = load(run)
     weights = np.concatenate([w.numpy().ravel() for w in model.weights])
     assert np.all(np.isfinite(weights))
@@ -133,7 +137,7 @@ def test_mixed_precision_trains_with_float32_logits(tmp_path, tiny_config, preci
             "train.eval_batches=1",
         ],
     )
-    train(config, tmp_path / precision, verbose=0)
+    train(config, out=tmp_path / precision, verbose=0, sample_tokens=0)
     model, tokenizer = load(tmp_path / precision)
     assert model.compute_dtype == precision.split("_")[1]
     logits = model([tokenizer.encode("ROMEO:")])
@@ -147,7 +151,7 @@ def test_bpe_run_trains_saves_and_reloads(tmp_path, tiny_config):
         tiny_config,
         ["data.tokenizer=bpe", "data.vocab_size=300", "train.steps=4", "train.eval_every=2"],
     )
-    train(config, tmp_path / "bpe", verbose=0)
+    train(config, out=tmp_path / "bpe", verbose=0, sample_tokens=0)
     assert (tmp_path / "bpe" / "tokenizer.json").exists()
     model, tokenizer = load(tmp_path / "bpe")
     assert tokenizer.vocab_size == model.vocab_size <= 300
@@ -161,7 +165,7 @@ def test_bf16_and_fp16_track_fp32_loss(tmp_path, tiny_config):
     curves = {}
     for precision in ("float32", "mixed_bfloat16", "mixed_float16"):
         config = apply_overrides(tiny_config, overrides + [f"train.precision={precision}"])
-        train(config, tmp_path / precision, verbose=0)
+        train(config, out=tmp_path / precision, verbose=0, sample_tokens=0)
         curves[precision] = np.array(list(_losses(tmp_path / precision).values()))
     fp32 = curves["float32"]
     assert fp32[-5:].mean() < fp32[:5].mean() - 0.3  # it learned something
@@ -170,3 +174,38 @@ def test_bf16_and_fp16_track_fp32_loss(tmp_path, tiny_config):
     np.testing.assert_allclose(curves["mixed_float16"], fp32, rtol=0.005)
     for precision in ("mixed_bfloat16", "mixed_float16"):  # the policies really took effect
         assert np.abs(curves[precision] - fp32).max() > 1e-6, precision
+
+
+def test_data_without_a_validation_split_fails_before_step_1(tmp_path, tiny_config, capsys):
+    """With evaluation on, a prepared directory without validation tokens is a one-line error
+    before anything is trained or written (it failed at the first evaluation, after the
+    training steps, with no checkpoint saved); a warm-up as long as the run is named first."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(500)))
+    prepare_data([str(corpus)], out=tmp_path / "prepared", val_fraction=0.0, verbose=0)
+    config = update_config(tiny_config, data={"prepared": str(tmp_path / "prepared")},
+                           train={"steps": 100, "warmup_steps": 100, "eval_every": 50})  # fmt: skip
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match="no validation tokens.*train.eval_every=0") as error:
+        train(config, out=run, verbose=0, sample_tokens=0)
+    assert "\n" not in str(error.value)
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    err = capsys.readouterr().err
+    assert "warning: train.warmup_steps 100 is more than half of train.steps 100" in err
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_weights(tmp_path, tiny_config, monkeypatch):
+    """The last step saves before it evaluates: an evaluation that fails (here: its data
+    went away) costs no trained weights."""
+
+    def broken(self):
+        raise DataError("the validation data went away")
+
+    monkeypatch.setattr(Trainer, "validate", broken)
+    config = update_config(tiny_config, train={"steps": 3, "eval_every": 3, "checkpoint_every": 0})
+    with pytest.raises(DataError, match="went away"):
+        train(config, out=tmp_path / "run", verbose=0, sample_tokens=0)
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-3.index").exists()
+    model, _ = load(tmp_path / "run")
+    trained = np.concatenate([w.numpy().ravel() for w in model.weights])
+    assert np.all(np.isfinite(trained))

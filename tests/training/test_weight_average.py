@@ -8,13 +8,11 @@ every step (one checkpoint per step) folded into avg_1 = w_1, avg_k = d avg_(k-1
 import json
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 
-from deepseek_tf.api import load, train, train_federated
-from deepseek_tf.cli.eval_cmd import evaluate as eval_command
+from deepseek_tf.api import evaluate, federated, load, train
 from deepseek_tf.config.loader import apply_overrides
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.rundir import RunDir
@@ -47,10 +45,10 @@ def plain_and_averaged(tmp_path_factory, tiny_config):
     root = tmp_path_factory.mktemp("ema")
     plain = apply_overrides(tiny_config, [*EVERY_STEP, "train.eval_every=0"])
     plain = apply_overrides(plain, [f"train.keep_checkpoints={STEPS}"])
-    train(plain, root / "plain", verbose=0)
+    train(plain, out=root / "plain", verbose=0, sample_tokens=0)
     averaged = apply_overrides(tiny_config, [*EVERY_STEP, "train.eval_every=2"])
     averaged = apply_overrides(averaged, [f"train.ema_decay={DECAY}", "train.eval_batches=0"])
-    train(averaged, root / "averaged", verbose=0)
+    train(averaged, out=root / "averaged", verbose=0, sample_tokens=0)
     return plain, root / "plain", averaged, root / "averaged"
 
 
@@ -75,19 +73,15 @@ def test_validation_is_the_average_as_eval_measures_it(plain_and_averaged):
     _, _, _, averaged_run = plain_and_averaged
     logged = _val_losses(averaged_run)
     assert sorted(logged) == [2, 4]
-    args = types.SimpleNamespace(
-        run_dir=str(averaged_run), data=None, batch_size=4, max_batches=0, uncertainty=False,
-        mc_samples=None, ensemble=None, plot=None, ood_data=None,
-    )  # fmt: skip
-    measured = eval_command(args)
+    measured = evaluate(averaged_run, batch_size=4)
     assert abs(measured["loss"] - logged[STEPS]) < 1e-5, json.dumps(measured)
 
 
 def test_resume_continues_from_the_trained_weights(plain_and_averaged, tmp_path):
     _, _, averaged, averaged_run = plain_and_averaged
     run = tmp_path / "resumed"  # stopped after step 2 (an average of 2 steps), resumed
-    train(apply_overrides(averaged, ["train.steps=2"]), run, verbose=0)
-    train(averaged, run, resume=True, verbose=0)
+    train(apply_overrides(averaged, ["train.steps=2"]), out=run, verbose=0, sample_tokens=0)
+    train(averaged, out=run, resume=True, verbose=0, sample_tokens=0)
     assert _losses(run) == pytest.approx(_losses(averaged_run), abs=1e-6)
     (model, _), (reference, _) = load(run), load(averaged_run)
     for a, b in zip(model.trainable_weights, reference.trainable_weights):
@@ -101,12 +95,12 @@ def test_bad_settings_are_one_line_errors(plain_and_averaged, tiny_config, tmp_p
     with pytest.raises(ConfigError, match="train.ema_decay: a moving average of bfloat16"):
         apply_overrides(tiny_config, ["train.ema_decay=0.9", "train.precision=bfloat16"])
     with pytest.raises(ConfigError, match="federated training does not keep a weight average"):
-        train_federated(apply_overrides(tiny_config, ["train.ema_decay=0.9"]), tmp_path / "fed")
+        federated(apply_overrides(tiny_config, ["train.ema_decay=0.9"]), out=tmp_path / "fed")
     assert not (tmp_path / "fed").exists()
     # Averaging cannot start mid-run: there is no average of the steps already taken.
     longer = apply_overrides(plain, [f"train.steps={STEPS + 2}", "train.ema_decay=0.9"])
     with pytest.raises(ConfigError, match="trained with 0 and resumes with 0.9"):
-        train(longer, plain_run, resume=True, verbose=0)
+        train(longer, out=plain_run, resume=True, verbose=0, sample_tokens=0)
 
 
 MIRRORED_SCRIPT = r"""
@@ -125,7 +119,8 @@ runs = {"one": ['runtime.devices=["/cpu:0"]', "runtime.strategy=one_device"],
         "two": ['runtime.devices=["/cpu:0","/cpu:1"]', "runtime.strategy=mirrored"]}
 result = {}
 for name, extra in runs.items():
-    train(apply_overrides(load_config("tiny"), base + extra), sys.argv[1] + "/" + name, verbose=0)
+    train(apply_overrides(load_config("tiny"), base + extra), out=sys.argv[1] + "/" + name,
+          verbose=0, sample_tokens=0)
     entries = RunDir(sys.argv[1] + "/" + name).metrics.read()
     model, _ = load(sys.argv[1] + "/" + name)
     result[name] = {"losses": [e["loss"] for e in entries if "loss" in e],

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from deepseek_tf.api import train
+from deepseek_tf.api.evaluation import calibrate, evaluate
 from deepseek_tf.cli.main import main
 from deepseek_tf.config.loader import apply_overrides, load_config
+from deepseek_tf.errors import InputError, RunDirError
 
 
 def _json(capsys):
@@ -39,9 +41,40 @@ def test_ood_data(trained_run, tmp_path, capsys):
     code.write_text("def f(x):\n    return {k: [v for v in x] for k in range(3)}  # _\n" * 40)
     args = ["eval", trained_run, "--uncertainty", "--max-batches", "3", "--ood-data", code]
     _error(capsys, args, "is not in the char tokenizer's vocabulary")
-    assert main([str(a) for a in [*args, "--drop-unknown"]]) == 0
-    ood = _json(capsys)["uncertainty"]["ood"]
+    # the library: one file as a string, the same result as the command
+    result = evaluate(trained_run, uncertainty=True, max_batches=3, ood_data=str(code),
+                      drop_unknown=True)  # fmt: skip
+    ood = result["uncertainty"]["ood"]
     assert ood["blocks_ood"] > 0 and 0 <= ood["auroc_nll"] <= 1
+    assert main([str(a) for a in [*args, "--drop-unknown"]]) == 0
+    assert _json(capsys)["uncertainty"]["ood"] == pytest.approx(ood)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"mc_samples": 4}, "--mc-samples needs --uncertainty"),
+        ({"ensemble": ["runs/other"]}, "--ensemble needs --uncertainty"),
+        ({"plot": "plots"}, "--plot needs --uncertainty"),
+        ({"ood_data": "other.txt"}, "--ood-data needs --uncertainty"),
+        ({"batch_size": 0}, "--batch-size: must be >= 1, got 0"),
+        ({"max_batches": -1}, r"--max-batches: must be >= 0 \(0: all\), got -1"),
+        ({"uncertainty": True, "samples": 0}, "--samples: must be >= 1, got 0"),
+        ({"uncertainty": True, "mc_samples": 0}, "--mc-samples: must be >= 1, got 0"),
+    ],
+)
+def test_evaluate_checks_its_options_before_loading(tmp_path, options, match):
+    # no run at all: each option is refused before anything is read
+    with pytest.raises(InputError, match=match):
+        evaluate(tmp_path / "nowhere", **options)
+
+
+def test_calibrate_refuses_its_source_and_bad_samples(trained_run, tmp_path):
+    with pytest.raises(RunDirError, match="is the source run"):
+        calibrate(trained_run, out=trained_run)
+    with pytest.raises(InputError, match="--samples: must be >= 1"):
+        calibrate(trained_run, out=tmp_path / "new", samples=0)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow  # heavier: run by .ci/run (-m slow)
@@ -52,7 +85,8 @@ def test_bad_uncertainty_requests(trained_run, tmp_path, capsys):
     _error(capsys, ["eval", trained_run, "--uncertainty", "--samples", "0"], "samples")
     bpe = apply_overrides(load_config("tiny"), ["data.tokenizer=bpe", "data.vocab_size=300",
                                                 "train.steps=2", "train.eval_every=0"])  # fmt: skip
-    train(bpe, tmp_path / "bpe", verbose=0)
+    train(bpe, out=tmp_path / "bpe", sample_tokens=0, verbose=0)
+    capsys.readouterr()  # (what training said)
     _error(capsys, ["eval", trained_run, "--uncertainty", "--ensemble", tmp_path / "bpe"],
            "its tokenizer differs")  # fmt: skip
 
@@ -64,7 +98,7 @@ def dropout_runs(tmp_path_factory):
     for seed in (1, 2):
         config = apply_overrides(load_config("tiny"), [*base, f"train.seed={seed}"])
         run = tmp_path_factory.mktemp("drop") / f"run{seed}"
-        train(config, run, verbose=0)
+        train(config, out=run, sample_tokens=0, verbose=0)
         runs.append(run)
     return runs
 

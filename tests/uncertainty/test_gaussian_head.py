@@ -56,7 +56,7 @@ def test_bad_head_settings(override, key):
 def gaussian_run(tmp_path_factory):
     config = apply_overrides(load_config("tiny"), [*GAUSSIAN, "train.steps=30"])
     run = tmp_path_factory.mktemp("gauss") / "run"
-    train(config, run, verbose=0)
+    train(config, out=run, sample_tokens=0, verbose=0)
     return config, run
 
 
@@ -69,7 +69,8 @@ def test_elbo_training_learns_and_resumes(gaussian_run):
     steps = [e for e in _metrics(run) if "loss" in e]
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3
     assert all(e["head_kl"] > 0 for e in steps)  # the KL term is part of the objective
-    train(apply_overrides(config, ["train.steps=34"]), run, resume=True, verbose=0)
+    train(apply_overrides(config, ["train.steps=34"]), out=run, resume=True, sample_tokens=0,
+          verbose=0)  # fmt: skip
     assert [e["step"] for e in _metrics(run) if "loss" in e] == list(range(1, 35))
     model, tokenizer = load(run)
     assert model.gaussian_head is not None and model.head_samples == 2

@@ -18,11 +18,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--samples", type=int, default=8, help="gaussian head: latent samples per token"
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, api="deepseek_tf.api.evaluation:calibrate")
 
 
 def run(args) -> int:
-    from deepseek_tf.uncertainty.calibrate import run as calibrate
+    from deepseek_tf.api.evaluation import calibrate
 
-    print(json.dumps(calibrate(args)))
+    print(json.dumps(calibrate(args.run_dir, out=args.out, samples=args.samples)))
     return 0

@@ -1,14 +1,14 @@
 """`deepseek-tf compress {quantize,qat,prune,distill,lowrank} RUN_DIR --out OUT_DIR [options]`.
 
-The options of every method are declared here (argparse only, so `deepseek-tf --help`
-stays fast); each method is `deepseek_tf.compress.<method>.run(args) -> dict`, imported
-when chosen. The dict (what was done, sizes, losses, seconds) is printed as JSON and
-appended to `OUT_DIR/compression.json`.
+Parse, call, print: each method's options are declared here (argparse only, so
+`deepseek-tf --help` stays fast) and map one to one onto the keywords of its library
+function, `deepseek_tf.compress.<method>(run_dir, *, out, ..., quiet)` (each subparser
+names it in `api`). The record it returns (what was done, sizes, losses, seconds) is
+printed as JSON; the library also appended it to `OUT_DIR/compression.json`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 
 from deepseek_tf.cli.common import add_override_arg
@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
         sub.add_argument("--out", required=True, help="new run directory")
         sub.add_argument("--quiet", action="store_true", help="no progress lines")
         OPTIONS[name](sub)
-        sub.set_defaults(func=run)
+        sub.set_defaults(func=run, api=f"deepseek_tf.compress:{name}")
 
 
 def _finetune_args(parser, steps: int, learning_rate: float) -> None:
@@ -107,8 +107,9 @@ def _lowrank_args(parser) -> None:
     rank.add_argument(
         "--energy",
         type=float,
-        default=0.9,
-        help="smallest rank keeping this fraction of the squared singular values (default)",
+        default=None,
+        help="smallest rank keeping this fraction of the squared singular values (default "
+        "0.9 without --rank)",
     )
     parser.add_argument("--targets", default="ffn", help="comma list: attention, ffn")
     _finetune_args(parser, steps=0, learning_rate=1e-4)
@@ -123,8 +124,84 @@ OPTIONS = {
 }
 
 
+def _quantize(compress, args) -> dict:
+    return compress.quantize(
+        args.run_dir,
+        out=args.out,
+        mode=args.mode,
+        bits=args.bits,
+        group_size=args.group_size,
+        calibration_samples=args.calibration_samples,
+        include=args.include,
+        quiet=args.quiet,
+    )
+
+
+def _qat(compress, args) -> dict:
+    return compress.qat(
+        args.run_dir,
+        out=args.out,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        quiet=args.quiet,
+    )
+
+
+def _prune(compress, args) -> dict:
+    return compress.prune(
+        args.run_dir,
+        out=args.out,
+        sparsity=args.sparsity,
+        targets=args.targets,
+        importance=args.importance,
+        schedule_power=args.schedule_power,
+        unstructured=args.unstructured,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        quiet=args.quiet,
+    )
+
+
+def _distill(compress, args) -> dict:
+    return compress.distill(
+        args.run_dir,
+        out=args.out,
+        student_config=args.student_config,
+        student_preset=args.student_preset,
+        overrides=args.overrides,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        steps=args.steps,
+        quiet=args.quiet,
+    )
+
+
+def _lowrank(compress, args) -> dict:
+    return compress.lowrank(
+        args.run_dir,
+        out=args.out,
+        rank=args.rank,
+        energy=args.energy,
+        targets=args.targets,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        quiet=args.quiet,
+    )
+
+
+CALLS = {
+    "quantize": _quantize,
+    "qat": _qat,
+    "prune": _prune,
+    "distill": _distill,
+    "lowrank": _lowrank,
+}
+
+
 def run(args) -> int:
-    module = importlib.import_module(f"deepseek_tf.compress.{args.method}")
-    record = module.run(args)
+    """Calls the method's library function and prints its record as one JSON line."""
+    from deepseek_tf import compress  # TensorFlow: only once a method runs
+
+    record = CALLS[args.method](compress, args)
     print(json.dumps(record))
     return 0

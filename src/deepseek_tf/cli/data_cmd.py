@@ -2,9 +2,14 @@
 
 Tokenizes corpora larger than memory into sharded TFRecord files and a manifest;
 `train --set data.prepared=DIR` then streams them (see `deepseek_tf.data.prepared`).
+Parses, calls `deepseek_tf.api.data.prepare_data` and prints what to run next.
 """
 
 from __future__ import annotations
+
+from deepseek_tf.cli.common import api_function, keywords
+
+API = "deepseek_tf.api.data:prepare_data"
 
 
 def add_parser(subparsers) -> None:
@@ -54,25 +59,13 @@ def add_parser(subparsers) -> None:
     prep.add_argument(
         "--shard-tokens", type=int, default=1 << 26, help="token ids per shard file (about)"
     )
-    prep.set_defaults(func=run)
+    prep.set_defaults(func=run, api=API)
 
 
 def run(args) -> int:
-    from deepseek_tf.data.prepare import prepare
-
-    prepare(
-        args.files,
-        args.tokenizer,
-        args.out,
-        vocab_size=args.vocab_size,
-        text_field=args.text_field,
-        on_bad_record=args.on_bad_record,
-        val_fraction=args.val_fraction,
-        record_tokens=args.record_tokens,
-        shard_tokens=args.shard_tokens,
-    )
+    result = api_function(args.api)(**keywords(args))
     print(
-        f"next: deepseek-tf train --preset shakespeare-char --set data.prepared={args.out} "
+        f"next: deepseek-tf train --preset shakespeare-char --set data.prepared={result['out']} "
         "--out runs/NAME"
     )
     return 0

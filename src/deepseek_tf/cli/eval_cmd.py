@@ -36,48 +36,24 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="--ood-data: drop characters outside a char tokenizer's vocabulary (default: error)",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, api="deepseek_tf.api.evaluation:evaluate")
 
 
 def run(args) -> int:
-    print(json.dumps(evaluate(args)))
-    return 0
-
-
-def evaluate(args) -> dict:
-    """The JSON `eval` prints, for parsed `args` (`deepseek_tf.evaluate` calls it too)."""
-    from deepseek_tf.api import load
-    from deepseek_tf.data.corpus import resolve_files
-    from deepseek_tf.data.pipeline import make_eval_dataset
-    from deepseek_tf.errors import InputError, RunDirError
-    from deepseek_tf.rundir import RunDir
-    from deepseek_tf.training.evaluate import evaluate
-
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    if args.max_batches < 0:
-        raise InputError(f"--max-batches: must be >= 0 (0: all), got {args.max_batches}")
-    extras = [f for f in ("mc_samples", "ensemble", "plot", "ood_data") if getattr(args, f)]
-    if extras and not args.uncertainty:
-        raise InputError(f"--{extras[0].replace('_', '-')} needs --uncertainty")
-    config = RunDir(args.run_dir).read_config()
-    files = resolve_files(args.data) if args.data else None
-    model, tokenizer = load(args.run_dir)
-    if tokenizer is None:
-        raise RunDirError(
-            f"{args.run_dir} has no tokenizer, so its text cannot be evaluated; score token "
-            "ids with the Python API"
-        )
-    split = "all" if files else "val"
-
-    def dataset(paths=files, part=split):
-        return make_eval_dataset(config.data, tokenizer, args.batch_size, files=paths, split=part)
+    from deepseek_tf.api.evaluation import evaluate
 
     result = evaluate(
-        model, dataset(), max_batches=args.max_batches, jit_compile=config.runtime.jit_compile
+        args.run_dir,
+        data=args.data,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        uncertainty=args.uncertainty,
+        samples=args.samples,
+        mc_samples=args.mc_samples,
+        ensemble=args.ensemble,
+        plot=args.plot,
+        ood_data=args.ood_data,
+        drop_unknown=args.drop_unknown,
     )
-    if args.uncertainty:
-        from deepseek_tf.cli.uncertainty import uncertainty_result
-
-        result["uncertainty"] = uncertainty_result(args, config, model, tokenizer, dataset)
-    return result
+    print(json.dumps(result))
+    return 0

@@ -22,40 +22,30 @@ def add_parser(subparsers) -> None:
         "--int8", action="store_true", help="litert: dynamic-range int8 weight quantisation"
     )
     parser.add_argument(
-        "--no-verify", action="store_true", help="skip reloading and comparing with Keras"
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip reloading and comparing with Keras",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, api="deepseek_tf.api.deployment:export")
 
 
 def run(args) -> int:
-    report = export_run(args)
+    from deepseek_tf.api.deployment import export
+
+    report = export(
+        args.run_dir,
+        format=args.format,
+        out=args.out,
+        prefill_len=args.prefill_len,
+        int8=args.int8,
+        verify=args.verify,
+        overwrite=args.overwrite,
+    )
     signatures = ", ".join(report["signatures"])
     print(f"exported {args.format} to {report['path']}: signatures {signatures}")
     for key, value in report.items():
         if key not in ("format", "path", "signatures"):
             print(f"  {key}: {value}")
     return 0
-
-
-def export_run(args) -> dict:
-    """Exports the run of parsed `args`; returns the exporter's report."""
-    from pathlib import Path
-
-    from deepseek_tf.api import load
-    from deepseek_tf.errors import InputError
-    from deepseek_tf.export import export
-
-    if Path(args.out).exists() and not args.overwrite:  # before the (slow) model load
-        raise InputError(f"--out {args.out} already exists; pass --overwrite to replace it")
-    model, tokenizer = load(args.run_dir)
-    return export(
-        model,
-        args.out,
-        args.format,
-        tokenizer=tokenizer,
-        prefill_len=args.prefill_len,
-        int8=args.int8,
-        verify=not args.no_verify,
-        overwrite=args.overwrite,
-    )

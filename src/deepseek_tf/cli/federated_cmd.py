@@ -2,33 +2,34 @@
 
 Options map onto the config's `federated` section (`--set federated.KEY=VALUE` works
 too); clients train with the `train` section (batch size, learning rate, precision).
+Parses, calls `deepseek_tf.api.training.federated` and prints its summary.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from deepseek_tf.cli.common import add_config_args, resolve_config
+from deepseek_tf.cli.common import add_config_args, api_function, keywords
 
-FLAGS = {  # flag -> (federated key, type, help)
-    "--clients": ("clients", int, "clients made from the corpus"),
-    "--partition": ("partition", str, "iid | by-speaker | dirichlet:ALPHA | by-file"),
-    "--rounds": ("rounds", int, "federated rounds"),
-    "--clients-per-round": ("clients_per_round", int, "clients sampled per round"),
-    "--local-steps": ("local_steps", int, "each client's optimizer steps per round"),
-    "--algorithm": ("algorithm", str, "fedavg | fedprox:MU | fedadam | fedyogi"),
-    "--server-learning-rate": ("server_learning_rate", float, "server step (fedavg: 1)"),
-    "--server-beta1": ("server_beta1", float, "fedadam/fedyogi first moment"),
-    "--server-beta2": ("server_beta2", float, "fedadam/fedyogi second moment"),
-    "--server-tau": ("server_tau", float, "fedadam/fedyogi adaptivity"),
-    "--dp-clip": ("dp_clip", float, "client-level DP: clip each update to this L2 norm"),
-    "--dp-noise-multiplier": ("dp_noise_multiplier", float, "DP noise std / clip"),
-    "--dp-delta": ("dp_delta", float, "DP delta (default min(1e-5, 1/clients))"),
-    "--min-clients": ("min_clients", int, "fewest usable updates for a round to count"),
-    "--round-timeout": ("round_timeout", float, "seconds to wait for a round's clients"),
-    "--eval-every": ("eval_every", int, "rounds between global validation losses"),
-    "--engine": ("engine", str, "inprocess | flower"),
+API = "deepseek_tf.api.training:federated"
+FLAGS = {  # flag -> (type, help); the dest is the federated key of the same name
+    "--clients": (int, "clients made from the corpus"),
+    "--partition": (str, "iid | by-speaker | dirichlet:ALPHA | by-file"),
+    "--rounds": (int, "federated rounds"),
+    "--clients-per-round": (int, "clients sampled per round (at most --clients)"),
+    "--local-steps": (int, "each client's optimizer steps per round"),
+    "--algorithm": (str, "fedavg | fedprox:MU | fedadam | fedyogi"),
+    "--server-learning-rate": (float, "server step (fedavg: 1)"),
+    "--server-beta1": (float, "fedadam/fedyogi first moment"),
+    "--server-beta2": (float, "fedadam/fedyogi second moment"),
+    "--server-tau": (float, "fedadam/fedyogi adaptivity"),
+    "--dp-clip": (float, "client-level DP: clip each update to this L2 norm"),
+    "--dp-noise-multiplier": (float, "DP noise std / clip"),
+    "--dp-delta": (float, "DP delta (default min(1e-5, 1/clients))"),
+    "--min-clients": (int, "fewest usable updates for a round to count"),
+    "--round-timeout": (float, "seconds to wait for a round's clients"),
+    "--eval-every": (int, "rounds between global validation losses"),
+    "--engine": (str, "inprocess | flower (the [federated] extra)"),
 }
 
 
@@ -41,8 +42,8 @@ def add_parser(subparsers) -> None:
     add_config_args(parser)
     parser.add_argument("--out", help="run directory (default: runs/federated-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    for flag, (key, kind, text) in FLAGS.items():
-        parser.add_argument(flag, type=kind, dest=f"fed_{key}", help=text)
+    for flag, (kind, text) in FLAGS.items():
+        parser.add_argument(flag, type=kind, help=f"{text} (default: the config's)")
     parser.add_argument(
         "--prepare-only",
         action="store_true",
@@ -54,7 +55,7 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="pairwise-masked sums: the server never sees one client's update",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, api=API)
 
 
 def deployment_help(run_dir: Path, clients: int) -> str:
@@ -74,31 +75,9 @@ flwr run {flower_project_dir()} -c 'run-dir="{run_dir}"'  # $FLWR_HOME/config.to
 
 
 def run(args) -> int:
-    from deepseek_tf.api import train_federated
-    from deepseek_tf.config.loader import apply_overrides
-    from deepseek_tf.errors import ConfigError
-    from deepseek_tf.rundir import RunDir
-
-    overrides = list(args.overrides)
-    for key, _, _ in FLAGS.values():
-        value = getattr(args, f"fed_{key}")
-        if value is not None:
-            overrides.append(f"federated.{key}={value}")
-    if args.secure_aggregation:
-        overrides.append("federated.secure_aggregation=true")
-    if args.resume:
-        if not args.out:
-            raise ConfigError("--resume needs --out RUN_DIR")
-        if args.preset or args.config:
-            raise ConfigError("--resume continues the run's own config; drop --preset/--config")
-        config = apply_overrides(RunDir(args.out).read_config(), overrides)
-    else:
-        args.overrides = overrides
-        config = resolve_config(args)
-    out = args.out or f"runs/federated-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = train_federated(config, out, resume=args.resume, prepare_only=args.prepare_only)
+    summary = api_function(args.api)(**keywords(args))
     if args.prepare_only:
-        print(deployment_help(Path(out).resolve(), summary["clients"]))
+        print(deployment_help(Path(summary["run_dir"]), summary["clients"]))
         return 0
     print(f"[federated] done: {summary['rounds']} rounds in {summary['seconds']} s, "
           f"checkpoint {summary['checkpoint']}")  # fmt: skip

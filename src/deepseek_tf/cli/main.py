@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from deepseek_tf import __version__
@@ -20,8 +21,8 @@ from deepseek_tf.cli import (
     tokenizer_cmd,
     train_cmd,
 )
-from deepseek_tf.cli.quiet import import_tensorflow_quietly
 from deepseek_tf.errors import DeepSeekTFError
+from deepseek_tf.quiet import import_tensorflow_quietly
 
 COMMANDS = (
     train_cmd,
@@ -61,6 +62,8 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `deepseek-tf` parser: each subcommand's parser names its library function in
+    its `api` default (see `deepseek_tf.cli.common`)."""
     parser = argparse.ArgumentParser(
         prog="deepseek-tf",
         description="Build, train, evaluate and sample DeepSeek-class models (TensorFlow/Keras 3).",
@@ -76,10 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs `deepseek-tf ARGV`; returns the exit code (2: a one-line `error: ...`)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", None) == "auto":  # allocator statistics, on any CPU
+        os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # see training.autobatch
     needs = getattr(args, "tensorflow", None)  # a command may not need TensorFlow
-    if not args.verbose and (needs is None or needs(args)):
-        import_tensorflow_quietly()
+    if needs is None or needs(args):
+        if args.verbose:  # imported plainly first: its start-up lines show
+            import tensorflow  # noqa: F401
+        else:
+            import_tensorflow_quietly()
     try:
         return int(args.func(args) or 0)
     except DeepSeekTFError as e:

@@ -1,4 +1,5 @@
-"""`deepseek-tf serve RUN_DIR`: an OpenAI-compatible HTTP server over a trained run."""
+"""`deepseek-tf serve RUN_DIR`: an OpenAI-compatible HTTP server over a trained run
+(`deepseek_tf.api.deployment.serve`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--no-warm-up",
-        action="store_true",
+        dest="warm_up",
+        action="store_false",
         help="report ready at once and compile each shape on first use (slow first requests)",
     )
     parser.add_argument("--model-name", help="the served model id (default: the run's name)")
@@ -66,45 +68,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--max-connections", type=int, default=256, help="open connections beyond this get 503"
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, api="deepseek_tf.api.deployment:serve")
 
 
-def start(args):
-    """Loads the run of parsed `args` and binds its server (not yet serving); returns
-    `(app, server, url)`. `run` and `deepseek_tf.serve` serve it."""
-    from pathlib import Path
-
-    from deepseek_tf.api import load
-    from deepseek_tf.errors import InputError
-    from deepseek_tf.serving.server import ServingApp, make_server
-
-    if not 0 <= args.port <= 65535:  # before the (slow) model load
-        raise InputError(f"--port: must be in 0-65535 (0: any free port), got {args.port}")
-    model, tokenizer = load(args.run_dir)
-    app = ServingApp(
-        model,
-        tokenizer,
-        args.model_name or Path(args.run_dir).resolve().name,
-        api_key=args.api_key,
-        max_batch=1 if args.no_batching else args.max_batch,
-        batching=args.batching,
-        step_ms=args.step_ms,
-        stream_interval=args.stream_interval,
-        prefix_cache_mb=args.prefix_cache_mb,
-        request_timeout=args.request_timeout,
-        speculative=args.speculative,
-        draft_tokens=args.draft_tokens,
-        window_s=args.batch_window_ms / 1000,
-        chunk=args.chunk,
-        max_tokens=args.max_tokens,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_body_bytes=args.max_body_bytes,
-        max_queue=args.max_queue,
-        max_connections=args.max_connections,
-        warm_up=not args.no_warm_up,
-    )
-    server = make_server(app, args.host, args.port)
-    return app, server, f"http://{args.host}:{server.server_port}"
+OPTIONS = (  # the flags' dests, each a keyword of `deepseek_tf.api.deployment.serve`
+    "host", "port", "api_key", "warm_up", "model_name", "max_batch", "no_batching",
+    "batching", "step_ms", "stream_interval", "prefix_cache_mb", "request_timeout",
+    "speculative", "draft_tokens", "batch_window_ms", "chunk", "max_tokens",
+    "max_prompt_tokens", "max_body_bytes", "max_queue", "max_connections",
+)  # fmt: skip
 
 
 def run(args) -> int:
@@ -112,22 +84,19 @@ def run(args) -> int:
     import threading
     import time
 
+    from deepseek_tf.api.deployment import serve
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    app, server, url = start(args)
-    print(f"serving {app.model_name} on {url}", flush=True)
+    served = serve(args.run_dir, **{name: getattr(args, name) for name in OPTIONS})
+    print(f"serving {served.app.model_name} on {served.url}", flush=True)
+    began = time.perf_counter()
 
     def announce():
-        began = time.perf_counter()
-        app.batcher.ready.wait()
+        served.wait_ready(timeout=None)
         seconds = time.perf_counter() - began
-        print(f"ready after {seconds:.1f} s (shapes compiled): chat page {url}/ ; "
-              f"OpenAI clients: base_url='{url}/v1'", flush=True)  # fmt: skip
+        print(f"ready after {seconds:.1f} s (shapes compiled): chat page {served.url}/ ; "
+              f"OpenAI clients: base_url='{served.url}/v1'", flush=True)  # fmt: skip
 
-    if hasattr(app.batcher, "ready"):
-        threading.Thread(target=announce, daemon=True).start()
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-        app.batcher.stop()
+    threading.Thread(target=announce, daemon=True).start()
+    served.join()
     return 0

@@ -1,15 +1,18 @@
-"""`deepseek-tf tokenizer train`: train a char or byte-level BPE tokenizer on text files."""
+"""`deepseek-tf tokenizer train`: train a char or byte-level BPE tokenizer on text files.
+
+Parses, calls `deepseek_tf.api.data.train_tokenizer` and prints one summary line.
+"""
 
 from __future__ import annotations
 
-import argparse
-
+from deepseek_tf.cli.common import api_function, keywords
 from deepseek_tf.config.schema import TOKENIZER_TYPES
-from deepseek_tf.data.corpus import read_texts, resolve_files
+
+API = "deepseek_tf.api.data:train_tokenizer"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register the `tokenizer` command (with its `train` subcommand) on `subparsers`."""
+def add_parser(subparsers):
+    """Registers the `tokenizer` command (with its `train` subcommand) on `subparsers`."""
     parser = subparsers.add_parser(
         "tokenizer", help="train tokenizers", description="Tokenizer utilities."
     )
@@ -40,19 +43,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="DIR",
         help="directory to write tokenizer.json (bpe) or char_tokenizer.json (char) into",
     )
-    train.set_defaults(func=run)
+    train.set_defaults(func=run, api=API)
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    from deepseek_tf.tokenizers import train_tokenizer  # loads TensorFlow
-
-    """Train the tokenizer described by `args`, save it and print one summary line."""
-    files = resolve_files(args.files)
-    tokenizer = train_tokenizer(args.kind, read_texts(files), vocab_size=args.vocab_size)
-    path = tokenizer.save(args.out)
+def run(args) -> int:
+    result = api_function(args.api)(**keywords(args))
     print(
-        f"trained {tokenizer.kind} tokenizer on {len(files)} file(s): "
-        f"vocab_size={tokenizer.vocab_size}, wrote {path}"
+        f"trained {result['kind']} tokenizer on {len(result['files'])} file(s): "
+        f"vocab_size={result['vocab_size']}, wrote {result['path']}"
     )
+    if result["note"]:
+        print(f"note: {result['note']}")
     return 0

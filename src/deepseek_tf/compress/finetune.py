@@ -1,22 +1,22 @@
 """Training a model held in memory with the one training step: compression fine-tuning
 (prune, QAT, low-rank) and distillation.
 
-The step is `training.step.make_train_step`, the trainer's own: next-token, MTP and MoE
-balance losses, loss scaling under float16, the auxiliary-loss-free bias update, plus the
-caller's extra loss (distillation) and after-update hook (pruning masks). What this loop
-adds is only what `Trainer` does not fit: the weights start in memory and the caller
-writes one run at the end (no checkpoints, no resumption).
+The step is `training.step.make_train_step` and the loop `training.loop.run_steps`, the
+trainer's own: next-token, MTP and MoE balance losses, loss scaling under float16, the
+auxiliary-loss-free bias update, clipping, plus the caller's extra loss (distillation) and
+after-update hook (pruning masks). What this adds is only what `Trainer` does not fit: the
+weights start in memory and the caller writes one run at the end (no checkpoints, no
+resumption).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.config.schema import TrainConfig
 from deepseek_tf.data.pipeline import make_eval_dataset, make_step_dataset
 from deepseek_tf.errors import TrainingError
 from deepseek_tf.training.evaluate import evaluate
+from deepseek_tf.training.loop import NonFiniteLoss, run_steps
 from deepseek_tf.training.optim import make_optimizer
 from deepseek_tf.training.step import make_train_step
 
@@ -24,13 +24,13 @@ from deepseek_tf.training.step import make_train_step
 def finetune_schedule(config, steps: int, learning_rate: float) -> TrainConfig:
     """The run's train section for a short fine-tune: `steps` optimizer steps, warm-up over
     10% of them, cosine decay from `learning_rate` to a tenth of it."""
-    return dataclasses.replace(
-        config.train,
-        steps=steps,
-        learning_rate=learning_rate,
-        min_learning_rate=learning_rate * 0.1,
-        warmup_steps=max(1, steps // 10),
-    )
+    changes = {
+        "steps": steps,
+        "learning_rate": learning_rate,
+        "min_learning_rate": learning_rate * 0.1,
+        "warmup_steps": max(1, steps // 10),
+    }
+    return update_config(config, train=changes).train
 
 
 def train_in_memory(
@@ -66,10 +66,11 @@ def train_in_memory(
     if train.steps <= 0:
         return []
     # a short recovery fine-tune keeps the weights it trains, not a moving average
-    optimizer = make_optimizer(dataclasses.replace(train, ema_decay=0.0), model)
+    optimizer = make_optimizer(train, model, moving_average=False)
     step_fn = make_train_step(
         model,
         optimizer,
+        clip_norm=train.clip_norm,
         accumulation=train.gradient_accumulation_steps,
         sparsity_threshold=train.sparsity_threshold,
         jit_compile=config.runtime.jit_compile,
@@ -78,28 +79,26 @@ def train_in_memory(
         extra_loss=extra_loss,
         after_update=after_update,
     )
-    ds = make_step_dataset(
+    batches = make_step_dataset(
         config.data,
         tokenizer,
         train.batch_size,
         accumulation=train.gradient_accumulation_steps,
         start_step=start_step,
     )
-    losses = []
     every = max(1, train.steps // 10)
-    for step, (inputs, targets, weights) in enumerate(ds.take(train.steps), start=1):
-        out = step_fn(inputs, targets, weights)
-        loss = float(out["loss"])
-        losses.append(loss)
-        extra = float(out.get("extra_loss", 0.0))
-        if not (math.isfinite(loss) and math.isfinite(extra)):
-            raise TrainingError(f"{label} loss became {loss + extra} at step {step}")
+
+    def after_step(step: int, out: dict) -> None:
         if on_step is not None:
             on_step(step)
         if log and (step % every == 0 or step == train.steps):
-            more = f" extra {extra:.4f}" if "extra_loss" in out else ""
-            log(f"[{label}] step {step}/{train.steps} loss {loss:.4f}{more}")
-    return losses
+            more = f" extra {float(out['extra_loss']):.4f}" if "extra_loss" in out else ""
+            log(f"[{label}] step {step}/{train.steps} loss {float(out['loss']):.4f}{more}")
+
+    try:
+        return run_steps(step_fn, batches, steps=train.steps, on_step=after_step).losses
+    except NonFiniteLoss as e:
+        raise TrainingError(f"{label} {e}") from None
 
 
 def finetune(
@@ -114,7 +113,24 @@ def finetune(
     start_step: int = 0,
     log=print,
 ) -> list[float]:
-    """A short fine-tune of `model` (see `finetune_schedule`); returns the losses."""
+    """A short fine-tune of `model` in place (see `finetune_schedule`).
+
+    Args:
+        model: a built `CausalLM`.
+        config: its config (data, precision, the train section the schedule starts from).
+        tokenizer: the run's tokenizer.
+        steps: optimizer steps (0: none).
+        learning_rate: the peak learning rate.
+        after_update, on_step, start_step, log: see `train_in_memory`.
+
+    Returns:
+        The next-token loss of every step.
+
+    Examples:
+        losses = finetune(model, config, tokenizer, steps=50, learning_rate=1e-4, log=None)
+    """
+    if steps <= 0:
+        return []
     return train_in_memory(
         model,
         config,
@@ -128,7 +144,7 @@ def finetune(
 
 
 def validation_loss(model, config, tokenizer, max_batches: int = 0) -> float:
-    """Mean next-token loss on the run's validation split."""
+    """Mean next-token loss on the run's validation split (`max_batches`: 0 for all)."""
     ds = make_eval_dataset(config.data, tokenizer, config.train.batch_size, split="val")
     return evaluate(model, ds, max_batches=max_batches, jit_compile=config.runtime.jit_compile)[
         "loss"

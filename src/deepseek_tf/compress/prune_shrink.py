@@ -28,7 +28,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.config.validation import validate
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.layers.structure import PrunableUnits
 from deepseek_tf.models.builder import build_model
 
@@ -154,7 +154,8 @@ def _relative(path: str) -> str:
 
 
 def shrunk_config(config, groups):
-    """`config` with the groups' kept widths in `layer_n_heads/ffn_dims/n_experts`."""
+    """`config` with the groups' kept widths in `layer_n_heads/ffn_dims/n_experts`
+    (validated again)."""
     m = config.model
     n = m.n_layers
     widths = {
@@ -164,15 +165,14 @@ def shrunk_config(config, groups):
     }
     for g in groups:
         widths[g.kind][g.layer] = int(g.alive.sum()) * g.heads_per_unit
-    new_m = dataclasses.replace(
-        m,
-        layer_n_heads=tuple(widths["heads"]) if any(widths["heads"]) else (),
-        layer_ffn_dims=tuple(widths["ffn"]) if any(widths["ffn"]) else (),
-        layer_n_experts=tuple(widths["experts"]) if any(widths["experts"]) else (),
+    return update_config(
+        config,
+        model={
+            "layer_n_heads": widths["heads"] if any(widths["heads"]) else [],
+            "layer_ffn_dims": widths["ffn"] if any(widths["ffn"]) else [],
+            "layer_n_experts": widths["experts"] if any(widths["experts"]) else [],
+        },
     )
-    new_config = dataclasses.replace(config, model=new_m)
-    validate(new_config)
-    return new_config
 
 
 def shrink(model, config, groups):

@@ -1,4 +1,9 @@
-"""Reading a source run and writing a compressed one (through `RunDir`), and size figures."""
+"""Reading a source run and writing a compressed one (through `RunDir`), and size figures.
+
+Every compression method (and `calibrate`) opens its source with `load_source`, refuses a
+bad `out` with `check_out_dir`, changes the model section of the config with `with_model`
+and writes the new run with `write_run`; progress lines go through `progress_logger`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,33 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from deepseek_tf.api import load
+from deepseek_tf.config.loader import update_config
+from deepseek_tf.config.schema import Config
 from deepseek_tf.errors import RunDirError
-from deepseek_tf.rundir import RunDir
+from deepseek_tf.rundir import RunDir, load_run
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A trained run opened for compression (latest weights).
+
+    Attributes:
+        run_dir: its directory.
+        config: its config.
+        model: its `CausalLM`.
+        tokenizer: its tokenizer (compression needs the run's data pipeline).
+    """
+
+    run_dir: Path
+    config: Config
+    model: Any
+    tokenizer: Any
 
 
 def progress(*parts) -> None:
@@ -18,13 +45,26 @@ def progress(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def load_source(run_dir):
-    """`(config, model, tokenizer)` of a run to compress (latest weights)."""
+def progress_logger(quiet: bool) -> Log:
+    """The one progress printer of a compression job: `progress`, or silence."""
+    return _silent if quiet else progress
+
+
+def _silent(*_parts) -> None:
+    return None
+
+
+def load_source(run_dir) -> Source:
+    """The run to compress, with its latest weights (`rundir.load_run`).
+
+    Raises:
+        RunDirError: no run there, or a run without a tokenizer.
+    """
     config = RunDir(run_dir).read_config()
-    model, tokenizer = load(run_dir)
+    model, tokenizer = load_run(run_dir)
     if tokenizer is None:
         raise RunDirError(f"{run_dir}: has no tokenizer; compression needs its data pipeline")
-    return config, model, tokenizer
+    return Source(Path(run_dir), config, model, tokenizer)
 
 
 def check_out_dir(source, out_dir) -> Path:
@@ -45,9 +85,10 @@ def write_run(out_dir, config, tokenizer, model, source, record: dict) -> Path:
     return Path(out_dir)
 
 
-def with_model(config, **changes):
-    """`config` with `model` fields replaced (the compressed shape of a run)."""
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, **changes))
+def with_model(config: Config, **changes) -> Config:
+    """`config` with `model` fields changed (the compressed shape of a run), validated
+    again (`config.loader.update_config`)."""
+    return update_config(config, model=changes)
 
 
 def count_parameters(model) -> int:

@@ -211,6 +211,11 @@ def load_config(
     raw: dict = {}
     if path is not None:
         raw = _read_yaml(read_text_file(path, "config file"), str(path))
+        if not raw:  # never silently the defaults
+            raise ConfigError(
+                f"config file {path} is empty: name a base preset (`preset: NAME`) and/or "
+                "give sections (model:, data:, train:, ...)"
+            )
         preset = raw.pop("preset", None) or preset
     merged: dict = {}
     if preset is not None or path is None:

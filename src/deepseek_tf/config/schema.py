@@ -198,14 +198,14 @@ class FederatedConfig:
     partition: str = "by-speaker"  # iid | by-speaker | dirichlet:ALPHA | by-file
     # rounds
     rounds: int = 50
-    clients_per_round: int = 8  # K sampled per round (with DP: Poisson, K / clients)
+    clients_per_round: int = 0  # K sampled per round, 0: min(8, clients) (DP: Poisson, K/clients)
     local_steps: int = 10  # each sampled client's optimizer steps per round
     min_clients: int = 1  # fewest client updates for a round to count
     round_timeout: float = 600.0  # seconds to wait for the clients of a round (flower)
     eval_every: int = 5  # rounds between global validation losses (0: the last only)
     # server update
     algorithm: str = "fedavg"  # fedavg | fedprox:MU | fedadam | fedyogi
-    server_learning_rate: float = 1.0  # fedavg/fedprox: 1 is plain averaging
+    server_learning_rate: float = 0.0  # 0: the algorithm's (fedavg/fedprox 1, fedadam/fedyogi 0.01)
     server_beta1: float = 0.9  # fedadam/fedyogi moments
     server_beta2: float = 0.99
     server_tau: float = 1e-3

@@ -298,24 +298,41 @@ def _validate_compression(m) -> None:
     parse_lowrank(m.lowrank, m.n_layers)
 
 
+DEFAULT_CLIENTS_PER_ROUND = 8  # federated.clients_per_round 0: this many, or every client
+
+
+def clients_per_round(f) -> int:
+    """The clients sampled per round, `K`: `federated.clients_per_round`, or (0, the
+    default) `min(8, federated.clients)`, so a run with few clients asks all of them.
+    With DP, clients are Poisson-sampled with probability `K / clients` (at most 1).
+
+    Examples:
+
+    >>> from deepseek_tf.config.schema import FederatedConfig
+    >>> clients_per_round(FederatedConfig(clients=4)), clients_per_round(FederatedConfig())
+    (4, 8)
+    """
+    return f.clients_per_round or min(DEFAULT_CLIENTS_PER_ROUND, f.clients)
+
+
 def _validate_federated(f) -> None:
     """Ranges of the federated section (the partition and algorithm specs are parsed by
     `deepseek_tf.federated`, which names them as CLI options)."""
-    _check_positive(f, "federated", ("clients", "rounds", "clients_per_round", "local_steps"))
+    _check_positive(f, "federated", ("clients", "rounds", "local_steps"))
     _check_positive(f, "federated", ("min_clients", "round_timeout", "secagg_frac_bits"))
-    _check_positive(f, "federated", ("server_learning_rate",))
+    _check_positive(f, "federated", ("clients_per_round", "server_learning_rate"), True)
     _check_positive(f, "federated", ("eval_every", "secagg_threshold", "server_tau"), True)
     _check_positive(f, "federated", ("dp_clip", "dp_noise_multiplier", "dp_delta"), True)
     _check_choice("federated.engine", f.engine, FEDERATED_ENGINES)
     if f.clients_per_round > f.clients:
         raise ConfigError(
             f"federated.clients_per_round: {f.clients_per_round} is more than the "
-            f"{f.clients} clients"
+            f"{f.clients} clients (federated.clients; 0 samples min(8, clients))"
         )
-    if f.min_clients > f.clients_per_round:
+    if f.min_clients > clients_per_round(f):
         raise ConfigError(
-            f"federated.min_clients: {f.min_clients} exceeds clients_per_round="
-            f"{f.clients_per_round}"
+            f"federated.min_clients: {f.min_clients} exceeds the {clients_per_round(f)} "
+            "clients sampled per round (federated.clients_per_round)"
         )
     for name in ("server_beta1", "server_beta2"):
         if not 0.0 <= getattr(f, name) < 1.0:

@@ -6,6 +6,9 @@
 - `convert_to_hf(run_dir, out_dir, dtype)`: the inverse, loadable by
   `transformers.AutoModelForCausalLM.from_pretrained`.
 - `config_from_hf` / `hf_config_from`: the config mapping alone.
+
+`deepseek_tf.api.conversion` offers the two conversions with the command's keywords
+(`convert_from_hf(hf_dir, out=...)`, `convert_to_hf(run_dir, out=..., max_shard_size="5GB")`).
 """
 
 from deepseek_tf.convert.hf import ConversionSummary, convert_from_hf, convert_to_hf

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.convert.hf_config import (
     HF_CONFIG_FILE,
     config_from_hf,
@@ -28,10 +28,11 @@ from deepseek_tf.convert.safetensors_io import (
 from deepseek_tf.convert.safetensors_writer import TensorSpec, stream_checkpoint
 from deepseek_tf.convert.weight_map import mtp_prefix, shared_copies, weight_entries
 from deepseek_tf.errors import ConfigError, RunDirError
+from deepseek_tf.layers.deferred_init import initializers_skipped
 from deepseek_tf.models.builder import build_model
 from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.models.lora import merge_lora
-from deepseek_tf.rundir import HF_SOURCE_CONFIG, RunDir, initializers_skipped
+from deepseek_tf.rundir import HF_SOURCE_CONFIG, RunDir
 from deepseek_tf.tokenizers import BPE_FILE, BPETokenizer
 from deepseek_tf.tokenizers.tokenizer_settings import TOKENIZER_CONFIG_FILE
 
@@ -138,7 +139,7 @@ def convert_from_hf(
     config = config_from_hf(hf, precision=dtype)
     m = config.model
     if m.mtp_depth and not _has_mtp_tensors(reader, m.n_layers):
-        config = dataclasses.replace(config, model=dataclasses.replace(m, mtp_depth=0))
+        config = update_config(config, model={"mtp_depth": 0})
     tokenizer = load_source_tokenizer(hf_dir, config.model.vocab_size)
 
     with initializers_skipped() as skipped:  # no random weights: the checkpoint's replace them
@@ -269,7 +270,11 @@ def convert_to_hf(
     specs, chunks = _export_plan(model, EXPORT_DTYPES[dtype])
     stream_checkpoint(specs, chunks, out_dir, max_shard_bytes)
     (out_dir / HF_CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-    has_bpe = (run_dir / TOKENIZER_FILE).is_file() and getattr(tokenizer, "kind", "") == "bpe"
+    has_bpe = (  # a char tokenizer has no file transformers can read
+        tokenizer is not None
+        and tokenizer.hugging_face_format
+        and (run_dir / TOKENIZER_FILE).is_file()
+    )
     if has_bpe:
         for name in TOKENIZER_FILES:
             if (run_dir / name).is_file():

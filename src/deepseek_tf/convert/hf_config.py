@@ -11,7 +11,7 @@ from deepseek_tf.config.loader import config_from_dict
 from deepseek_tf.config.schema import Config, DataConfig
 from deepseek_tf.convert.safetensors_io import DEFAULT_BLOCK
 from deepseek_tf.errors import ConfigError
-from deepseek_tf.layers.mla import yarn_attention_factor
+from deepseek_tf.layers.rotary import yarn_attention_factor
 from deepseek_tf.models.builder import ffn_hidden_dim
 
 HF_CONFIG_FILE = "config.json"

@@ -1,12 +1,26 @@
-"""Locating, validating and reading the UTF-8 text corpus."""
+"""The training corpus: the bundled default, validated file lists and the train/val split.
+
+Finding and reading the files is `deepseek_tf.text_files` (below the tokenizers, which
+train on files too); `expand_files` and `read_texts` are re-exported here.
+"""
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Sequence
 
-from deepseek_tf.errors import ConfigError, DataError
+from deepseek_tf.errors import ConfigError
+from deepseek_tf.text_files import decode_text, expand_files, read_bytes, read_texts
+
+__all__ = [
+    "CORPUS_FILE",
+    "default_corpus_path",
+    "expand_files",
+    "read_texts",
+    "resolve_files",
+    "split_point",
+    "split_text",
+]
 
 CORPUS_FILE = "tinyshakespeare.txt"
 
@@ -16,59 +30,15 @@ def default_corpus_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), CORPUS_FILE)
 
 
-def _expand(pattern: str) -> list[str]:
-    if os.path.isfile(pattern):  # an existing file is taken literally, even "a[1].txt"
-        return [pattern]
-    if not glob.has_magic(pattern):
-        if os.path.isdir(pattern):
-            raise DataError(f"data file '{pattern}' is a directory, not a text file")
-        if not os.path.exists(pattern):
-            raise DataError(f"data file '{pattern}' does not exist")
-        # a device (/dev/zero), a FIFO or a socket: reading may never end
-        raise DataError(f"data file '{pattern}' is not a regular file")
-    matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if not matches:
-        raise DataError(f"data.files: no file matches '{pattern}'")
-    return matches
-
-
-def _decode(path: str, raw: bytes) -> str:
-    if not raw:
-        raise DataError(f"data file '{path}' is empty")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file '{path}' is not valid UTF-8 (byte offset {e.start})") from None
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise DataError(f"data file '{path}' cannot be read ({e.strerror})") from None
-
-
-def expand_files(patterns: Sequence[str]) -> list[str]:
-    """`resolve_files` without reading the files: globs expanded (sorted per pattern,
-    duplicates dropped), missing files and directories refused."""
-    files: list[str] = []
-    seen: set[str] = set()
-    for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        for path in _expand(os.fspath(pattern)):
-            key = os.path.realpath(path)
-            if key not in seen:
-                seen.add(key)
-                files.append(path)
-    return files
-
-
 def resolve_files(patterns: Sequence[str]) -> list[str]:
     """Expand globs into a deterministic file list and validate every file.
 
     Each pattern's matches are sorted; patterns keep their order; duplicates are dropped.
-    An empty `patterns` means the bundled corpus. Raises DataError for a pattern with no
-    match or a file that is missing, a directory, empty or not valid UTF-8.
+    An empty `patterns` means the bundled corpus.
+
+    Raises:
+        DataError: a pattern with no match, or a file that is missing, a directory,
+            empty or not valid UTF-8.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -76,13 +46,8 @@ def resolve_files(patterns: Sequence[str]) -> list[str]:
         patterns = [default_corpus_path()]
     files = expand_files(patterns)
     for path in files:
-        _decode(path, _read_bytes(path))
+        decode_text(path, read_bytes(path))
     return files
-
-
-def read_texts(files: Sequence[str]) -> list[str]:
-    """The decoded text of every file, exactly as stored (no newline translation)."""
-    return [_decode(path, _read_bytes(path)) for path in files]
 
 
 def split_point(num_chars: int, val_fraction: float) -> int:

@@ -24,7 +24,11 @@ from deepseek_tf.data.augment import (
     packed_length,
 )
 from deepseek_tf.data.corpus import read_texts, resolve_files, split_point
-from deepseek_tf.data.prepared import make_prepared_eval_dataset, make_prepared_train_dataset
+from deepseek_tf.data.prepared import (
+    check_prepared,
+    make_prepared_eval_dataset,
+    make_prepared_train_dataset,
+)
 from deepseek_tf.errors import DataError, TokenizerError
 from deepseek_tf.tokenizers.base import Tokenizer
 from deepseek_tf.tokenizers.char import CharTokenizer
@@ -67,9 +71,10 @@ def _check_blocks(
     listed = ", ".join(f"'{f}' has {n} tokens" for f, n in zip(files[:5], counts[:5], strict=False))
     more = f" (+{len(files) - 5} more files)" if len(files) > 5 else ""
     if need <= 1:
+        hint = "; raise data.val_fraction, or set train.eval_every=0" if split == "val" else ""
         raise DataError(
             f"data: the {split} split is too short for one block of {block_len} tokens "
-            f"(seq_len + 1): {listed}{more}"
+            f"(seq_len + 1): {listed}{more}{hint}"
         )
     raise DataError(
         f"data: the {split} split gives only {min_blocks} blocks of {block_len} tokens per "
@@ -240,6 +245,26 @@ def make_step_dataset(
     if accumulation > 1:
         ds = ds.batch(accumulation, drop_remainder=True)  # (A, B, P)
     return ds
+
+
+def check_validation_data(data_cfg: DataConfig, tokenizer: Tokenizer) -> None:
+    """Raises a one-line `DataError` unless the validation split gives at least one
+    sequence of `seq_len + 1` tokens: a run that evaluates checks it before step 1.
+
+    A prepared directory is checked from its manifest (`check_prepared`); files are read
+    and their validation parts tokenized (what `make_eval_dataset` does first anyway).
+
+    Args:
+        data_cfg: the data section (`prepared`, or `files` with `val_fraction`).
+        tokenizer: the run's tokenizer.
+    """
+    if data_cfg.prepared:
+        check_prepared(data_cfg.prepared, need_val=True, seq_len=data_cfg.seq_len)
+        return
+    paths = resolve_files(data_cfg.files)
+    block_len = data_cfg.seq_len + 1
+    counts = _token_counts(paths, tokenizer, "val", data_cfg.val_fraction)
+    _check_blocks(paths, counts, "val", block_len, sum(n // block_len for n in counts), 1)
 
 
 def make_eval_dataset(

@@ -6,6 +6,16 @@ picks the split). A stream is cut into TFRecord records of `record_tokens` ids (
 little-endian uint16, or int32 for vocabularies over 65,536) and into shard files of
 about `shard_tokens` ids. Memory holds one record per split, whatever the corpus size.
 
+With `val_fraction > 0` the validation split is never empty. The hash picks ~that
+fraction of the records, but a small corpus has few records (a text file is cut into
+records of ~16 KiB: 213 KB of text is 13 records, and one file name in four gets none
+of them at 0.1), so until the first validation record arrives the longest training
+record so far is held back (one more record in memory). If none arrives, that record
+becomes the validation split; a corpus of a single record gives the last `val_fraction`
+of its tokens; fewer than two tokens cannot be split (a one-line `DataError` naming
+`--val-fraction`). Whether the split is long enough for the model's sequences is
+`prepared.check_prepared`'s question, asked before training starts.
+
 The output directory is self-describing: `manifest.json` (format, tokenizer, dtype,
 shards and their token counts, skipped records) and the tokenizer's file(s), so
 `data.prepared: DIR` is all a training config needs (see `prepared.py`).
@@ -61,6 +71,11 @@ class ShardWriter:
         self._buffered = 0
         self._writer = None
 
+    @property
+    def tokens(self) -> int:
+        """Ids added so far (written or buffered)."""
+        return sum(s["tokens"] for s in self.shards) + self._buffered
+
     def add(self, ids: Iterable[int]) -> None:
         ids = np.asarray(ids, dtype=self.dtype)
         self._buffer.append(ids)
@@ -106,6 +121,60 @@ def _tokenizer(spec: str, paths, text_field: str, vocab_size: int) -> Tokenizer:
     return BPETokenizer.train(texts, vocab_size)
 
 
+class _Splits:
+    """The two splits' writers. With a validation split asked for, neither split is left
+    empty: until the other split holds tokens, each split keeps its longest record back
+    (one record each in memory); `finish` gives a held record to the empty split."""
+
+    def __init__(self, writers: dict[str, ShardWriter], val_fraction: float, records: dict):
+        self.writers, self.val_fraction, self.records = writers, val_fraction, records
+        self.held: dict[str, np.ndarray | None] = dict.fromkeys(SPLITS)
+
+    def add(self, split: str, ids: np.ndarray) -> None:
+        other, held = _OTHER[split], self.held[split]
+        may_hold = self.val_fraction and not self.writers[other].tokens
+        if may_hold and ids.size > (0 if held is None else held.size):
+            self.held[split], ids = ids, held  # the longest record so far waits
+        if ids is not None:
+            self.writers[split].add(ids)
+        for s in ("train", "val", "train"):  # a split that now has tokens frees the other's
+            if self.held[s] is not None and self.writers[_OTHER[s]].tokens:
+                self.writers[s].add(self.held[s])
+                self.held[s] = None
+
+    def finish(self, paths, log) -> None:
+        """Places the held records: each in its own split when both hold one, else the held
+        record goes to the empty split, or is cut in two when it is the whole corpus."""
+        held = {s: ids for s, ids in self.held.items() if ids is not None}
+        if len(held) != 1:
+            for split, ids in held.items():
+                self.writers[split].add(ids)
+            return
+        ((split, ids),) = held.items()
+        other = _OTHER[split]
+        if self.writers[split].tokens:  # the split keeps other records: move this one
+            self.writers[other].add(ids)
+            self.records[split] -= 1
+            where = f"a record of {ids.size:,} tokens"
+        else:  # the corpus is one record: its tail is the validation split
+            cut = ids.size - max(1, round(ids.size * self.val_fraction))
+            if cut < 1:
+                raise DataError(
+                    f"{', '.join(paths)}: {ids.size} token(s) are too few to split for "
+                    "validation (add text, or pass --val-fraction 0)"
+                )
+            self.writers["train"].add(ids[:cut])
+            self.writers["val"].add(ids[cut:])
+            part = (ids.size - cut, "last") if other == "val" else (cut, "first")
+            where = f"the {part[1]} {part[0]:,} tokens of the only record"
+        self.records[other] += 1
+        if log:
+            log(f"[prepare] the hash gave the {other} split no record; it holds {where}")
+
+
+_OTHER = {"train": "val", "val": "train"}
+
+
 def _write_shards(out: Path, tok: Tokenizer, paths, text_field, on_bad_record, val_fraction,
                   record_tokens, shard_tokens, log):  # fmt: skip
     """Tokenizes the records of `paths` into `out`'s shards; (splits, skipped)."""
@@ -114,6 +183,7 @@ def _write_shards(out: Path, tok: Tokenizer, paths, text_field, on_bad_record, v
     writers = {s: ShardWriter(out, s, dtype, record_tokens, shard_tokens) for s in SPLITS}
     skipped: dict[str, int] = {}
     records = dict.fromkeys(SPLITS, 0)
+    streams = _Splits(writers, val_fraction, records)
     eos = tok.eos_id
     for record in iter_records(paths, text_field=text_field, on_bad_record=on_bad_record,
                                skipped=skipped):  # fmt: skip
@@ -121,10 +191,11 @@ def _write_shards(out: Path, tok: Tokenizer, paths, text_field, on_bad_record, v
         ids = tok.encode_array(record.text)  # (N,)
         if eos is not None and record.source.lower().endswith(DOCUMENT_SUFFIXES):
             ids = np.append(ids, eos)  # documents are separated by EOS
-        writers[split].add(ids)
+        streams.add(split, ids)
         records[split] += 1
         if log and sum(records.values()) % 10_000 == 0:
             log(f"[prepare] {sum(records.values()):,} records")
+    streams.finish(paths, log)
     splits = {s: {**w.close(), "records": records[s]} for s, w in writers.items()}
     if not splits["train"]["tokens"]:
         raise DataError(f"{', '.join(paths)}: no training text (every record empty or skipped)")
@@ -144,9 +215,28 @@ def prepare(
     shard_tokens: int = 1 << 26,
     log: Callable[[str], None] | None = print,
 ) -> dict:
-    """Tokenizes `files` (globs) into shards in the new directory `out`; returns the
-    manifest. Raises `InputError` for an existing `out`, `DataError` for unreadable or
-    (with `on_bad_record="fail"`) malformed input, naming the file and line."""
+    """Tokenizes `files` (globs) into shards in the new directory `out`.
+
+    Args:
+        files: input files or globs (.txt, .jsonl, .parquet).
+        tokenizer: `char` or `bpe` (trained on the inputs), or a run / tokenizer path.
+        out: the new directory (written beside it and renamed at the end).
+        vocab_size: `bpe`'s target vocabulary.
+        text_field: the text field of .jsonl / .parquet records.
+        on_bad_record: `fail` (naming the file and line) or `skip` (counted).
+        val_fraction: the share of records held out for validation; when above 0 the
+            validation split is never empty (see the module docstring).
+        record_tokens, shard_tokens: ids per TFRecord record, and per shard file (about).
+        log: progress printer (`None`: quiet).
+
+    Returns:
+        The manifest (`manifest.json`): `splits[train|val]` with `tokens`, `records` and
+        `shards`, `vocab_size`, `dtype`, `skipped`, ...
+
+    Raises `InputError` for an existing `out` or a bad option, `DataError` for unreadable
+    or (with `on_bad_record="fail"`) malformed input, naming the file and line, or for a
+    corpus too small to split.
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"--out {out} already exists and is not empty")

@@ -53,6 +53,66 @@ def read_manifest(directory) -> dict:
     return manifest
 
 
+def eval_blocks(manifest: dict, split: str, seq_len: int) -> int:
+    """Sequences of `seq_len + 1` tokens that `split` gives for evaluation (blocks are cut
+    from each record's start; every record holds `record_tokens` ids but the last)."""
+    tokens = int((manifest["splits"].get(split) or {}).get("tokens", 0))
+    record, block = int(manifest["record_tokens"]), seq_len + 1
+    return tokens // record * (record // block) + tokens % record // block
+
+
+def check_prepared(directory, *, need_val: bool, seq_len: int = 0) -> dict:
+    """Checks, from the manifest alone (no shard is read), that a prepared directory can
+    train: before step 1 rather than at the first evaluation.
+
+    Args:
+        directory: the `data prepare` directory (`data.prepared`).
+        need_val: the run evaluates (`train.eval_every > 0`): the validation split must
+            hold tokens.
+        seq_len: when > 0, the validation split must also give one sequence of
+            `seq_len + 1` tokens.
+
+    Returns:
+        The manifest (`read_manifest`).
+
+    Raises a one-line `DataError` naming the directory and the remedy.
+
+    Examples:
+
+    >>> import pathlib, tempfile
+    >>> from deepseek_tf.data.prepare import prepare
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "a.txt").write_text("to be or not to be\\n" * 50)
+    >>> _ = prepare([str(d / "a.txt")], "char", d / "p", val_fraction=0.0, log=None)
+    >>> check_prepared(d / "p", need_val=True)
+    Traceback (most recent call last):
+    ...
+    deepseek_tf.errors.DataError: data.prepared: ... has no validation tokens (prepared with ...
+    """
+    manifest = read_manifest(directory)
+    if not need_val:
+        return manifest
+    tokens = int((manifest["splits"].get("val") or {}).get("tokens", 0))
+    fraction = manifest.get("val_fraction", 0)
+    if not tokens:
+        why = (
+            "prepared with --val-fraction 0"
+            if not fraction
+            else f"an older `data prepare` gave --val-fraction {fraction:g} none"
+        )
+        raise DataError(
+            f"data.prepared: {directory} has no validation tokens ({why}); prepare it again "
+            "with --val-fraction 0.1 (or more), or train with train.eval_every=0"
+        )
+    if seq_len > 0 and not eval_blocks(manifest, "val", seq_len):
+        raise DataError(
+            f"data.prepared: the validation split of {directory} has {tokens} tokens, fewer "
+            f"than one sequence of {seq_len + 1} (data.seq_len + 1); prepare it again with a "
+            "larger --val-fraction, or train with train.eval_every=0"
+        )
+    return manifest
+
+
 def _files(directory, manifest: dict, split: str) -> list[str]:
     shards = manifest["splits"].get(split, {}).get("shards", [])
     return [str(Path(directory) / s["file"]) for s in shards]
@@ -126,13 +186,8 @@ def make_prepared_train_dataset(
 def make_prepared_eval_dataset(data_cfg: DataConfig, batch_size: int, split: str = "val"):
     """Finite (inputs, targets, weights) batches of the prepared `split`, in order, blocks
     from each record's start (as the in-memory validation split is cut)."""
-    manifest = read_manifest(data_cfg.prepared)
+    manifest = check_prepared(data_cfg.prepared, need_val=split == "val", seq_len=data_cfg.seq_len)
     files = _files(data_cfg.prepared, manifest, split)
-    if not files:
-        raise DataError(
-            f"data.prepared: {data_cfg.prepared} has no {split} shards (prepared with "
-            "--val-fraction 0?)"
-        )
     block_len, decode = data_cfg.seq_len + 1, _decoder(manifest)
 
     def to_blocks(record):

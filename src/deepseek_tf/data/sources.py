@@ -5,7 +5,8 @@ line end (an incremental UTF-8 decoder names the byte offset of the first bad by
 JSON lines one by one, Parquet files one record batch of one column at a time (the
 `pyarrow` package, the `[parquet]` extra). A record goes to the validation split by a
 hash of its file name and index (`is_validation`), so the split needs no second pass
-and does not depend on how many files or workers there are.
+and does not depend on how many files or workers there are (a corpus of few records may
+get none: `prepare` then holds one out, so neither split is empty).
 
 Examples:
 

@@ -3,9 +3,11 @@
 Each exporter writes its artefact, reloads it with the target runtime, and
 reports the max abs logit difference against the Keras model.
 
->>> from deepseek_tf.api import load                          # doctest: +SKIP
->>> model, tokenizer = load("runs/tiny")                      # doctest: +SKIP
+>>> from deepseek_tf.rundir import load_run                    # doctest: +SKIP
+>>> model, tokenizer = load_run("runs/tiny")                  # doctest: +SKIP
 >>> export(model, "out/sm", "savedmodel", tokenizer=tokenizer)  # doctest: +SKIP
+
+(`deepseek_tf.api.deployment.export` does the same from a run directory.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,22 @@ from deepseek_tf.export.savedmodel import export_savedmodel
 FORMATS = ("savedmodel", "litert", "onnx")
 
 
+def check_export_options(
+    out, fmt: str, *, prefill_len: int | None = None, int8: bool = False, overwrite: bool = False
+) -> None:
+    """One-line `InputError`s for options `export` refuses (named as the command's flags):
+    an existing `out` without `overwrite`, an unknown format, LiteRT-only options with
+    another format."""
+    if Path(out).exists() and not overwrite:
+        raise InputError(f"--out {out} already exists; pass --overwrite to replace it")
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if int8 and fmt != "litert":
+        raise InputError("--int8 (dynamic-range weight quantisation) is only for --format litert")
+    if prefill_len is not None and fmt != "litert":
+        raise InputError("--prefill-len is only for --format litert")
+
+
 def export(
     model,
     out,
@@ -32,15 +50,8 @@ def export(
     overwrite: bool = False,
 ) -> dict:
     """Exports `model` to `out` in format `fmt`; returns the exporter's report dict.
-    An existing `out` is refused unless `overwrite`."""
-    if Path(out).exists() and not overwrite:
-        raise InputError(f"--out {out} already exists; pass --overwrite to replace it")
-    if fmt not in FORMATS:
-        raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if int8 and fmt != "litert":
-        raise InputError("--int8 (dynamic-range weight quantisation) is only for --format litert")
-    if prefill_len is not None and fmt != "litert":
-        raise InputError("--prefill-len is only for --format litert")
+    An existing `out` is refused unless `overwrite` (see `check_export_options`)."""
+    check_export_options(out, fmt, prefill_len=prefill_len, int8=int8, overwrite=overwrite)
     if fmt == "savedmodel":
         return export_savedmodel(model, out, tokenizer, verify=verify)
     if fmt == "litert":

@@ -160,8 +160,9 @@ def build_archive(model, tokenizer=None) -> keras.export.ExportArchive:
     archive.add_endpoint("score", score, input_signature=[IDS_SPEC])
     archive.add_endpoint("generate", generate, input_signature=[IDS_SPEC, *SAMPLING_SPECS])
 
-    if tokenizer is not None and getattr(tokenizer, "kind", None) == "char":
-        tables = _CharTables(tokenizer.chars)
+    chars = tokenizer.char_table if tokenizer is not None else None
+    if chars is not None:  # one character per token: the tokenizer fits in two tables
+        tables = _CharTables(chars)
         archive.track(tables)
 
         def generate_text(text, max_new_tokens, temperature, top_k, top_p, seed):
@@ -192,7 +193,7 @@ def export_savedmodel(model, out_dir, tokenizer=None, *, verify: bool = True, se
         "signatures": ["serving_default", "score", "generate"],
         "notes": NOTES,
     }
-    if tokenizer is not None and getattr(tokenizer, "kind", None) == "char":
+    if tokenizer is not None and tokenizer.char_table is not None:
         report["signatures"].append("generate_text")
     if verify:
         report.update(verify_savedmodel(model, out_dir, seed=seed))

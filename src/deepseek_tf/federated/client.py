@@ -1,5 +1,5 @@
 """A client's round: start from the global weights, take `local_steps` optimizer steps on
-its own data with the one training step, return the update.
+its own data with the one training step and loop, return the update.
 
 Clients are stateless between rounds (cross-device federated learning): the optimizer's
 moments start from zero every round and the learning rate is constant
@@ -10,15 +10,16 @@ round, so a resumed run sees exactly what an uninterrupted one saw. FedProx adds
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.data.pipeline import make_step_dataset
 from deepseek_tf.models.builder import build_model
+from deepseek_tf.training.loop import run_steps
 from deepseek_tf.training.optim import make_optimizer
 from deepseek_tf.training.step import make_train_step
 
@@ -42,9 +43,8 @@ class LocalTrainer:
     def __init__(self, config, tokenizer, proximal_mu: float = 0.0):
         f, t = config.federated, config.train
         self.config, self.tokenizer = config, tokenizer
-        self.train = dataclasses.replace(
-            t, steps=f.local_steps, warmup_steps=0, min_learning_rate=t.learning_rate
-        )  # a constant learning rate
+        constant = {"steps": f.local_steps, "warmup_steps": 0, "min_learning_rate": t.learning_rate}
+        self.train = update_config(config, train=constant).train  # a constant learning rate
         self.model = build_model(config, seed=t.seed)
         self.weights = float_weights(self.model)
         self.optimizer = make_optimizer(self.train, self.model)
@@ -53,6 +53,7 @@ class LocalTrainer:
         self.step = make_train_step(
             self.model,
             self.optimizer,
+            clip_norm=t.clip_norm,
             accumulation=t.gradient_accumulation_steps,
             sparsity_threshold=t.sparsity_threshold,
             jit_compile=config.runtime.jit_compile,
@@ -86,7 +87,7 @@ class LocalTrainer:
         self.set_weights(global_weights)
         self._reset_optimizer()
         t = self.train
-        data_cfg = dataclasses.replace(self.config.data, files=(client_file,))
+        data_cfg = update_config(self.config, data={"files": [client_file]}).data
         ds = make_step_dataset(
             data_cfg,
             self.tokenizer,
@@ -94,9 +95,8 @@ class LocalTrainer:
             accumulation=t.gradient_accumulation_steps,
             start_step=round_index * t.steps,
         )
-        losses = []
-        for inputs, targets, weights in ds.take(t.steps):
-            losses.append(float(self.step(inputs, targets, weights)["loss"]))
+        # a diverged client's update is rejected by the aggregation (federated.rounds)
+        losses = run_steps(self.step, ds, steps=t.steps, stop_on_nonfinite=False).losses
         update = [local - glob for local, glob in zip(self.get_weights(), global_weights)]
         tokens = t.steps * t.batch_size * t.gradient_accumulation_steps * self.config.data.seq_len
         loss = float(np.mean(losses)) if losses else math.nan

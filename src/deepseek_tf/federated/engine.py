@@ -8,6 +8,10 @@ completed round (client sampling and local data positions depend only on the see
 the round). `eval`, `generate`, `export`, `serve` and `compress` take the run like any
 other.
 
+A run that diverges stops instead of reporting success: global weights or every client's
+loss not finite, or a client or validation loss above 1.5 times round 1's (the initial
+model's) is a one-line `TrainingError`, raised before that round's checkpoint is saved.
+
 Engines: `inprocess` (pure TensorFlow, one process: every sampled client is trained in
 turn on one model) and `flower` (the same client and server code through Flower's
 `ServerApp`/`ClientApp`, see `federated.flower_app`).
@@ -15,7 +19,6 @@ turn on one model) and `flower` (the same client and server code through Flower'
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -23,7 +26,11 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.config.loader import update_config
+from deepseek_tf.config.validation import clients_per_round
 from deepseek_tf.data.pipeline import make_eval_dataset
+from deepseek_tf.errors import TrainingError
+from deepseek_tf.federated import require_flower
 from deepseek_tf.federated.client import LocalTrainer
 from deepseek_tf.federated.partition import Client, partition
 from deepseek_tf.federated.privacy import check_dp, epsilon
@@ -34,6 +41,7 @@ from deepseek_tf.training.evaluate import evaluate
 
 CLIENTS_DIR = "clients"
 CLIENTS_FILE = "clients.json"
+DIVERGED = 1.5  # a loss above this many times round 1's client loss stops the run
 
 
 class ServerState(tf.Module):
@@ -53,8 +61,11 @@ class ServerState(tf.Module):
 
 
 def prepare_clients(config, run: RunDir, resume: bool) -> list[Client]:
-    """The partition of a new run (written to `clients/`), or a resumed run's own."""
+    """The partition of a new run (written to `clients/`), or a resumed run's own. The
+    Flower engine without Flower installed is refused first (nothing is written)."""
     f = config.federated
+    if f.engine == "flower":  # Flower's apps read the run: refuse before writing it
+        require_flower(simulation=False)
     listing = run.path / CLIENTS_FILE
     if resume and listing.is_file():
         return [Client(**c) for c in json.loads(listing.read_text(encoding="utf-8"))]
@@ -121,45 +132,37 @@ class FederatedRun:
     def validation_loss(self) -> float:
         """The global model's loss on every client's validation part together."""
         self.trainer.set_weights(self.weights)
-        data = dataclasses.replace(self.config.data, files=tuple(c.path for c in self.clients))
+        data = update_config(self.config, data={"files": [c.path for c in self.clients]}).data
         ds = make_eval_dataset(data, self.tokenizer, self.config.train.batch_size, split="val")
         return evaluate(self.trainer.model, ds, jit_compile=self.config.runtime.jit_compile)["loss"]
 
     def train(self) -> dict:
+        """Runs the rounds left; returns the last round's entry with `rounds`, `seconds` and
+        `checkpoint`. A run whose loss explodes (see `divergence`) stops with a one-line
+        `TrainingError` before saving that round; earlier rounds' checkpoints stay."""
         f = self.config.federated
-        if self.start_round == 0:
-            self.run.write_config(self.config)
-            self.run.write_tokenizer(self.tokenizer)
-        else:  # restored: drop later metrics, keep a changed config (e.g. more rounds)
-            self.run.metrics.truncate_after(self.start_round)
-            if self.run.read_config() != self.config:
-                self.run.write_config(self.config)
+        self._open_run()
         writer = tf.summary.create_file_writer(str(self.run.logs_dir))
-        rate = f.clients_per_round / f.clients
-        wall = time.perf_counter()
-        last = None
+        reference = self._reference_loss()
+        wall, last = time.perf_counter(), None
         for r in range(self.start_round, f.rounds):
-            started = time.perf_counter()
-            sampled = sample_clients(f.clients, f.clients_per_round, r, self.config.train.seed,
-                                     poisson=self.dp.enabled)  # fmt: skip
-            results = self._run_clients(sampled, r)
-            rng = np.random.default_rng([self.config.train.seed, 7, r])  # DP noise, per round
-            answered = len(results)
-            delta, info = aggregate(
-                results, self.weights, dp=self.dp, expected_clients=f.clients_per_round,
-                secure=f.secure_aggregation, frac_bits=f.secagg_frac_bits,
-                threshold=f.secagg_threshold, round_index=r, rng=rng, log=self.log,
-            )  # fmt: skip
-            usable = len(info["accepted"]) >= min(f.min_clients, max(len(sampled), 1))
-            if delta is not None and usable:
-                self.weights = self.server.apply(self.weights, delta)
-            else:
-                self.log(f"[federated] round {r + 1}: {len(info['accepted'])} usable updates of "
-                         f"{len(sampled)} asked; the global model is unchanged")  # fmt: skip
-            entry = self._round_entry(r, sampled, results, answered, info, rate, started)
+            entry = self._round(r)
             if (f.eval_every and (r + 1) % f.eval_every == 0) or r + 1 == f.rounds:
                 entry["val_loss"] = self.validation_loss()
+            if reference is None:  # round 1: the clients' loss from the initial model
+                reference = _finite_mean(entry["client_losses"].values())
+            problem = divergence(self.weights, entry, reference)
+            if problem:
+                entry["diverged"] = problem
             self._write(entry, writer)
+            if problem:
+                writer.flush()
+                raise TrainingError(
+                    f"federated: the run diverged in round {r + 1} ({problem}); stopped "
+                    f"without saving it (last checkpoint: {self.checkpoint.latest or 'none'}). "
+                    f"Lower federated.server_learning_rate (now {self.server.learning_rate:g}) "
+                    "or train.learning_rate"
+                )
             self.trainer.set_weights(self.weights)
             self.state.store()
             self.checkpoint.save(r + 1)
@@ -169,6 +172,50 @@ class FederatedRun:
                    "checkpoint": self.checkpoint.latest, **(last or {})}  # fmt: skip
         self.run.metrics.write(event="summary", **summary)
         return summary
+
+    def _open_run(self) -> None:
+        f = self.config.federated
+        if self.start_round == 0:
+            self.run.write_config(self.config)
+            self.run.write_tokenizer(self.tokenizer)
+        else:  # restored: drop later metrics, keep a changed config (e.g. more rounds)
+            self.run.metrics.truncate_after(self.start_round)
+            if self.run.read_config() != self.config:
+                self.run.write_config(self.config)
+        default = " (the algorithm's default)" if not f.server_learning_rate else ""
+        self.log(f"[federated] {f.algorithm}: {clients_per_round(f)} of {f.clients} clients a "
+                 f"round, server learning rate {self.server.learning_rate:g}{default}")  # fmt: skip
+
+    def _round(self, r: int) -> dict:
+        """One round: sample, train the clients, aggregate, update the global weights."""
+        f = self.config.federated
+        started, per_round = time.perf_counter(), clients_per_round(f)
+        sampled = sample_clients(f.clients, per_round, r, self.config.train.seed,
+                                 poisson=self.dp.enabled)  # fmt: skip
+        results = self._run_clients(sampled, r)
+        rng = np.random.default_rng([self.config.train.seed, 7, r])  # DP noise, per round
+        answered = len(results)
+        delta, info = aggregate(
+            results, self.weights, dp=self.dp, expected_clients=per_round,
+            secure=f.secure_aggregation, frac_bits=f.secagg_frac_bits,
+            threshold=f.secagg_threshold, round_index=r, rng=rng, log=self.log,
+        )  # fmt: skip
+        usable = len(info["accepted"]) >= min(f.min_clients, max(len(sampled), 1))
+        if delta is not None and usable:
+            self.weights = self.server.apply(self.weights, delta)
+        else:
+            self.log(f"[federated] round {r + 1}: {len(info['accepted'])} usable updates of "
+                     f"{len(sampled)} asked; the global model is unchanged")  # fmt: skip
+        rate = per_round / f.clients
+        return self._round_entry(r, sampled, results, answered, info, rate, started)
+
+    def _reference_loss(self) -> float | None:
+        """Round 1's mean client loss (None before round 1 has run; a resumed run reads it
+        from its metrics)."""
+        for entry in self.run.metrics.read() if self.start_round else []:
+            if entry.get("round") == 1 and "event" not in entry:
+                return _finite_mean(entry.get("client_losses", {}).values())
+        return None
 
     def _round_entry(self, r, sampled, results, answered, info, rate, started) -> dict:
         losses = {str(x["client"]): x["loss"] for x in results}
@@ -207,3 +254,46 @@ class FederatedRun:
         if "epsilon" in entry:
             parts.append(f"epsilon {entry['epsilon']:.2f}")
         self.log(", ".join(parts))
+
+
+def _finite_mean(values) -> float | None:
+    """The mean of the finite values (None when there are none)."""
+    finite = [float(x) for x in values if math.isfinite(x)]
+    return float(np.mean(finite)) if finite else None
+
+
+def divergence(weights: list[np.ndarray], entry: dict, reference: float | None) -> str | None:
+    """Why a run has diverged after a round, or None.
+
+    Args:
+        weights: the global weights after the round.
+        entry: the round's metrics (`client_losses`, and `val_loss` when evaluated).
+        reference: round 1's mean client loss (the initial model's, about ln(vocab)).
+
+    Returns:
+        A short reason: global weights or every client's loss not finite, a validation
+        loss not finite, or a mean client / validation loss above `DIVERGED` times
+        `reference`; None for a healthy round.
+
+    Examples:
+
+    >>> w = [np.zeros(3, np.float32)]
+    >>> divergence(w, {"client_losses": {"0": 3.9, "1": 4.1}}, 4.2) is None
+    True
+    >>> divergence(w, {"client_losses": {"0": 17.0}, "val_loss": 12.9}, 4.0)
+    "client loss 17 > 1.5 x round 1's client loss 4"
+    """
+    if not all(np.all(np.isfinite(w)) for w in weights):
+        return "the global weights are not finite"
+    losses = list(entry["client_losses"].values())
+    if losses and not any(math.isfinite(x) for x in losses):
+        return "every client's loss is not finite"
+    val = entry.get("val_loss")
+    if val is not None and not math.isfinite(val):
+        return "the validation loss is not finite"
+    if reference is None or not math.isfinite(reference):
+        return None
+    for name, value in (("client loss", _finite_mean(losses)), ("val loss", val)):
+        if value is not None and value > DIVERGED * reference:
+            return f"{name} {value:.4g} > {DIVERGED:g} x round 1's client loss {reference:.4g}"
+    return None

@@ -24,17 +24,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
+
+from deepseek_tf.errors import ConfigError
+from deepseek_tf.federated import FLOWER_HINT
+
+try:  # the [federated] extra: one line with the install hint, not a traceback
+    from flwr.app import (
+        ArrayRecord,
+        ConfigRecord,
+        Context,
+        Message,
+        MessageType,
+        MetricRecord,
+        RecordDict,
+    )
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+except ImportError as e:
+    raise ConfigError(f"{FLOWER_HINT}; cannot import {e.name or 'flwr'}") from None
 
 from deepseek_tf.federated.client import LocalTrainer
 from deepseek_tf.federated.engine import FederatedRun, prepare_clients

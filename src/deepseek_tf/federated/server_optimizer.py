@@ -12,6 +12,14 @@ sampled clients' `local weights - global weights`:
   `v = v - (1 - b2) Delta^2 sign(v - Delta^2)` (Yogi), `w += server_lr * m / (sqrt(v) + tau)`
   -- written out here (Keras' Adam has bias correction the paper does not; Keras has no
   Yogi).
+
+The server learning rate 0 (`federated.server_learning_rate`'s default) is the algorithm's
+own: 1 for `fedavg`/`fedprox` (plain averaging), 0.01 for `fedadam`/`fedyogi`. The
+adaptive step moves every coordinate by about `server_lr` a round whatever the size of
+`Delta`, so plain averaging's 1 diverges (the `tiny` model's client loss went from 4.06 to
+15.2 in 4 rounds). Reddi et al. tune the adaptive server rate per task; 0.01 with `tau`
+1e-3 trains this repository's models (`benchmarks/federated.py`'s FedAdam row,
+`tests/federated/test_defaults.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +29,18 @@ import numpy as np
 from deepseek_tf.errors import ConfigError
 
 ALGORITHMS = ("fedavg", "fedprox:MU", "fedadam", "fedyogi")
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
+
+
+def server_learning_rate(algorithm: str, learning_rate: float) -> float:
+    """`learning_rate`, or (0) the algorithm's default (`DEFAULT_SERVER_LR`).
+
+    >>> server_learning_rate("fedadam", 0.0), server_learning_rate("fedavg", 0.0)
+    (0.01, 1.0)
+    >>> server_learning_rate("fedadam", 0.05)
+    0.05
+    """
+    return learning_rate or DEFAULT_SERVER_LR[algorithm]
 
 
 def parse_algorithm(spec: str) -> tuple[str, float]:
@@ -46,13 +66,15 @@ class ServerOptimizer:
 
     Args:
         algorithm: `fedavg`, `fedprox`, `fedadam` or `fedyogi`.
-        learning_rate, beta1, beta2, tau: the server's step size and moment settings.
+        learning_rate: the server's step size (0: the algorithm's default).
+        beta1, beta2, tau: the moment settings.
         shapes: shapes of the aggregated weights (the moments' shapes).
     """
 
     def __init__(self, algorithm: str, learning_rate: float, beta1: float, beta2: float,
                  tau: float, shapes):  # fmt: skip
-        self.algorithm, self.learning_rate = algorithm, learning_rate
+        self.algorithm = algorithm
+        self.learning_rate = server_learning_rate(algorithm, learning_rate)
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
         adaptive = algorithm in ("fedadam", "fedyogi")
         self.m = [np.zeros(s, np.float32) for s in shapes] if adaptive else []

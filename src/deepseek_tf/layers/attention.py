@@ -9,7 +9,7 @@ from keras import ops
 
 from deepseek_tf.layers.cache_positions import query_positions, visible, write_cache
 from deepseek_tf.layers.relative_position_bias import RelativePositionBias
-from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_attention_factor, yarn_get_mscale
+from deepseek_tf.layers.rotary import RotarySettings
 from deepseek_tf.layers.serialization import init_config
 from deepseek_tf.layers.structure import (
     Projection,
@@ -120,14 +120,11 @@ class CausalSelfAttention(keras.layers.Layer):
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
         self.position = position
-        self.rope_theta = rope_theta
-        self.rope_layout = rope_layout
-        self.rope_scaling_factor = rope_scaling_factor
-        self.rope_original_max_len = rope_original_max_len
-        self.yarn_beta_fast = yarn_beta_fast
-        self.yarn_beta_slow = yarn_beta_slow
-        self.yarn_mscale = yarn_mscale
-        self.yarn_mscale_all_dim = yarn_mscale_all_dim
+        rotary = RotarySettings(
+            rope_theta, rope_layout, rope_scaling_factor, rope_original_max_len,
+            yarn_beta_fast, yarn_beta_slow, yarn_mscale, yarn_mscale_all_dim,
+        )  # fmt: skip
+        rotary.copy_to(self)
         self.bias_buckets = bias_buckets
         self.bias_max_distance = bias_max_distance
         self.init_std = init_std
@@ -135,27 +132,12 @@ class CausalSelfAttention(keras.layers.Layer):
         self.projection_ranks = dict(projection_ranks or {})
         self.fake_quant = fake_quant
 
-        self.scale = 1.0 / math.sqrt(head_dim)
-        factor = rope_scaling_factor
-        if factor > 1.0 and yarn_mscale_all_dim:
-            self.scale *= yarn_get_mscale(factor, yarn_mscale_all_dim) ** 2
-        attention_factor = yarn_attention_factor(factor, yarn_mscale, yarn_mscale_all_dim)
+        self.scale = 1.0 / math.sqrt(head_dim) * rotary.softmax_factor
 
         make_projections(self)  # q_proj, k_proj, v_proj, o_proj (see `projections`)
         self.rope = None
         if "rope" in position:
-            self.rope = RotaryEmbedding(
-                head_dim,
-                theta=rope_theta,
-                layout=rope_layout,
-                scaling_factor=factor,
-                original_max_len=rope_original_max_len,
-                beta_fast=yarn_beta_fast,
-                beta_slow=yarn_beta_slow,
-                attention_factor=attention_factor,
-                dtype=self.dtype_policy,
-                name="rope",
-            )
+            self.rope = rotary.embedding(head_dim, dtype=self.dtype_policy, name="rope")
         self.relative_bias = None
         if "dynamic" in position:
             self.relative_bias = RelativePositionBias(

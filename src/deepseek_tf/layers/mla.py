@@ -8,7 +8,7 @@ from keras import ops
 from deepseek_tf.layers.attention import NEG_INF, causal_attention
 from deepseek_tf.layers.cache_positions import query_positions, visible, write_cache
 from deepseek_tf.layers.rms_norm import RMSNorm
-from deepseek_tf.layers.rotary import RotaryEmbedding, yarn_attention_factor, yarn_get_mscale
+from deepseek_tf.layers.rotary import RotarySettings
 from deepseek_tf.layers.serialization import init_config
 from deepseek_tf.layers.structure import (
     Projection,
@@ -151,14 +151,11 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         self.qk_nope_head_dim = qk_nope_head_dim
         self.qk_rope_head_dim = qk_rope_head_dim
         self.v_head_dim = v_head_dim
-        self.rope_theta = rope_theta
-        self.rope_layout = rope_layout
-        self.rope_scaling_factor = rope_scaling_factor
-        self.rope_original_max_len = rope_original_max_len
-        self.yarn_beta_fast = yarn_beta_fast
-        self.yarn_beta_slow = yarn_beta_slow
-        self.yarn_mscale = yarn_mscale
-        self.yarn_mscale_all_dim = yarn_mscale_all_dim
+        rotary = RotarySettings(
+            rope_theta, rope_layout, rope_scaling_factor, rope_original_max_len,
+            yarn_beta_fast, yarn_beta_slow, yarn_mscale, yarn_mscale_all_dim,
+        )  # fmt: skip
+        rotary.copy_to(self)
         self.norm_eps = norm_eps
         self.absorb = absorb
         self.init_std = init_std
@@ -167,27 +164,13 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         self.fake_quant = fake_quant
 
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
-        factor = rope_scaling_factor
-        self.scale = self.qk_head_dim**-0.5
-        if factor > 1.0 and yarn_mscale_all_dim:
-            self.scale *= yarn_get_mscale(factor, yarn_mscale_all_dim) ** 2
+        self.scale = self.qk_head_dim**-0.5 * rotary.softmax_factor  # as Hugging Face's
 
         make_projections(self)  # see `projections`
         if q_lora_rank > 0:
             self.q_a_layernorm = RMSNorm(norm_eps, dtype=self.dtype_policy, name="q_a_layernorm")
         self.kv_a_layernorm = RMSNorm(norm_eps, dtype=self.dtype_policy, name="kv_a_layernorm")
-        self.rope = RotaryEmbedding(
-            qk_rope_head_dim,
-            theta=rope_theta,
-            layout=rope_layout,
-            scaling_factor=factor,
-            original_max_len=rope_original_max_len,
-            beta_fast=yarn_beta_fast,
-            beta_slow=yarn_beta_slow,
-            attention_factor=yarn_attention_factor(factor, yarn_mscale, yarn_mscale_all_dim),
-            dtype=self.dtype_policy,
-            name="rope",
-        )
+        self.rope = rotary.embedding(qk_rope_head_dim, dtype=self.dtype_policy, name="rope")
 
     def projections(self) -> list[Projection]:
         """The layer's projections (see `layers.structure`). `kv_b_proj` is neither

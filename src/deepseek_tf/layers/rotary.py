@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import keras
@@ -64,6 +65,62 @@ def rope_inv_freq(
     extrapolation = 1.0 - ramp  # 1: keep the original frequency
     blended = inv_freq / scaling_factor * (1.0 - extrapolation) + inv_freq * extrapolation
     return blended.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RotarySettings:
+    """The RoPE/YaRN set-up of an attention layer, written once for `CausalSelfAttention`
+    and `MultiHeadLatentAttention`: the fields are those layers' constructor arguments of
+    the same names (see `RotaryEmbedding` and `yarn_attention_factor`).
+
+    Examples:
+    >>> rope = RotarySettings(rope_scaling_factor=40.0, yarn_mscale_all_dim=1.0)
+    >>> round(rope.softmax_factor, 4)  # multiplies 1 / sqrt(head_dim)
+    1.8739
+    >>> rope.embedding(8).attention_factor  # mscale / mscale_all_dim
+    1.0
+    """
+
+    rope_theta: float = 10000.0
+    rope_layout: str = "half"
+    rope_scaling_factor: float = 1.0
+    rope_original_max_len: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
+
+    def copy_to(self, layer) -> None:
+        """Sets the settings as `layer`'s attributes of the same names (its `get_config`
+        reads them back)."""
+        for field in dataclasses.fields(self):
+            setattr(layer, field.name, getattr(self, field.name))
+
+    @property
+    def softmax_factor(self) -> float:
+        """What YaRN multiplies the softmax scale by: `mscale(factor, mscale_all_dim)**2`
+        when `yarn_mscale_all_dim` is set, else 1 (also without YaRN)."""
+        if self.rope_scaling_factor > 1.0 and self.yarn_mscale_all_dim:
+            return yarn_get_mscale(self.rope_scaling_factor, self.yarn_mscale_all_dim) ** 2
+        return 1.0
+
+    def embedding(self, head_dim: int, **kwargs) -> RotaryEmbedding:
+        """The `RotaryEmbedding` rotating `head_dim` features (`kwargs`: layer arguments
+        such as `dtype` and `name`)."""
+        factor = self.rope_scaling_factor
+        return RotaryEmbedding(
+            head_dim,
+            theta=self.rope_theta,
+            layout=self.rope_layout,
+            scaling_factor=factor,
+            original_max_len=self.rope_original_max_len,
+            beta_fast=self.yarn_beta_fast,
+            beta_slow=self.yarn_beta_slow,
+            attention_factor=yarn_attention_factor(
+                factor, self.yarn_mscale, self.yarn_mscale_all_dim
+            ),
+            **kwargs,
+        )
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")

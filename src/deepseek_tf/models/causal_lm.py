@@ -13,6 +13,7 @@ from deepseek_tf.errors import InputError
 from deepseek_tf.layers.decoder_block import DecoderBlock
 from deepseek_tf.layers.gaussian_head import GaussianHead
 from deepseek_tf.layers.mtp import MTPModule
+from deepseek_tf.layers.relative_position_bias import RelativePositionBias
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.serialization import init_config
 from deepseek_tf.models.model_structure import ModelStructure
@@ -294,6 +295,15 @@ class CausalLM(ModelStructure, keras.Model):
         if self.moe_config and self.moe_layers[-1]:
             blocks += [m.block for m in self.mtp_modules]
         return [b.ffn for b in blocks]
+
+    def weight_roles(self) -> dict[str, list]:
+        """The weights that are not hidden-layer matrices though 2-D, by role (the optimizer
+        decides by rank and by these, `training.optim`): `"tables"`, looked up by index (the
+        token embedding, relative-position biases), and `"output_head"` (an untied head)."""
+        biases = [x for x in self._flatten_layers() if isinstance(x, RelativePositionBias)]
+        tables = [w for layer in (self.embedding, *biases) for w in layer.weights]
+        head = list(self.lm_head.weights) if self.lm_head is not None else []
+        return {"tables": tables, "output_head": head}
 
     def __call__(self, token_ids, *args, **kwargs):
         if isinstance(token_ids, (list, tuple)):  # plain Python ids, e.g. [tokenizer.encode(s)]

@@ -14,10 +14,9 @@ later. The estimate is deliberately rough (a lower bound on what TensorFlow allo
 
 from __future__ import annotations
 
-import dataclasses
-
 import psutil
 
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.config.schema import Config
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.models.builder import ffn_hidden_dim, unbuilt_model
@@ -42,15 +41,16 @@ def _described(config: Config) -> tuple[int, int]:
     m = config.model
     vocab = m.vocab_size or 1
     n = min(m.n_layers, SAMPLE_LAYERS)
-    sample = dataclasses.replace(
-        m,
-        n_layers=n,
-        layer_n_heads=m.layer_n_heads[:n],
-        layer_ffn_dims=m.layer_ffn_dims[:n],
-        layer_n_experts=m.layer_n_experts[:n],
-        lowrank=tuple(e for e in m.lowrank if int(e.split("/", 1)[0]) < n),
-    )
-    model = unbuilt_model(dataclasses.replace(config, model=sample), vocab)
+    if n < m.n_layers:  # the first n layers
+        sample = {
+            "n_layers": n,
+            "layer_n_heads": list(m.layer_n_heads[:n]),
+            "layer_ffn_dims": list(m.layer_ffn_dims[:n]),
+            "layer_n_experts": list(m.layer_n_experts[:n]),
+            "lowrank": [e for e in m.lowrank if int(e.split("/", 1)[0]) < n],
+        }
+        config = update_config(config, model=sample)
+    model = unbuilt_model(config, vocab)
     counts = model.parameter_counts()
     outside = counts["embedding"] + counts["head"] + m.d_model  # + final norm
     blocks = (counts["total"] - outside) * m.n_layers // n

@@ -23,13 +23,15 @@ import time
 from deepseek_tf.generation.decoding import Decoder, Row
 from deepseek_tf.generation.speculative import SpeculativeDecoder
 from deepseek_tf.serving.job import Job
+from deepseek_tf.serving.prefix_cache import PrefixCache
 from deepseek_tf.serving.protocol import GenRequest
 
 log = logging.getLogger("deepseek_tf.serving")
 
 
 class Batcher:
-    """Runs jobs on a background thread, batching those that arrive together.
+    """Runs jobs on a background thread, batching those that arrive together (a
+    `serving.job.Scheduler`: ready at once, shapes compile on first use; no prefix cache).
 
     Args:
         model: a `CausalLM`.
@@ -70,9 +72,13 @@ class Batcher:
         self._queue: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.ready = threading.Event()  # nothing to warm up: shapes compile on first use
+        self.ready.set()
+        self.prefix: PrefixCache | None = None
         self.batches = 0  # statistics: batches run and rows decoded
         self.rows = 0
         self.abandoned = 0  # rows dropped because their client went away
+        self._running = 0  # rows of the batch being decoded
 
     def start(self) -> Batcher:
         self._thread.start()
@@ -85,6 +91,10 @@ class Batcher:
     def pending(self) -> int:
         """Jobs waiting for a batch (not counting the one being decoded)."""
         return self._queue.qsize()
+
+    def running(self) -> int:
+        """Jobs of the batch being decoded."""
+        return self._running
 
     def submit(self, req: GenRequest) -> Job:
         job = Job(req, self.tokenizer, self.eos_id)
@@ -112,6 +122,7 @@ class Batcher:
             jobs = self._collect()
             if not jobs:
                 continue
+            self._running = len(jobs)
             try:
                 self._decode(jobs)
             except Exception as e:  # a server bug: fail these jobs, keep serving
@@ -120,6 +131,8 @@ class Batcher:
                     if not job.finished:
                         job.finished = True
                         job.events.put(("error", f"generation failed: {type(e).__name__}"))
+            finally:
+                self._running = 0
 
     def _decode(self, jobs: list[Job]) -> None:
         self.batches += 1

@@ -1,18 +1,25 @@
-"""One generation request travelling through a scheduler, and its events.
+"""One generation request travelling through a scheduler, its events, and what a
+scheduler offers the server (`Scheduler`).
 
 HTTP handler threads submit a `Job` (`ContinuousScheduler.submit` or `Batcher.submit`)
 and read its `events` queue: `("delta", text, tokens)` where `tokens` is a list of
 `(token_id, token_text, logprob, [(alt_text, alt_logprob), ...], entropy)`, then one
 `("end", finish_reason)` or `("error", message)`. The scheduler feeds each job the tokens
 decoded for it; the job turns them into text, checks its stop strings and limits.
+
+Two schedulers implement `Scheduler`: `ContinuousScheduler` (`serving.scheduler`, the
+default) and the dynamic `Batcher` (`serving.batcher`).
 """
 
 from __future__ import annotations
 
 import queue
 import random
+import threading
 import time
+from typing import Protocol, runtime_checkable
 
+from deepseek_tf.serving.prefix_cache import PrefixCache
 from deepseek_tf.serving.protocol import GenRequest
 
 
@@ -42,6 +49,7 @@ class Job:
         self.admitted_at: float | None = None  # given a slot (prefill starts)
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
+        self.last_delivery: float | None = None  # when the scheduler last fed it tokens
         self.prompt_tokens = len(req.prompt_ids)
         self.cached_tokens = 0  # prompt tokens served from the prefix cache
         self.constraint = None  # a `JsonConstraint` under `response_format: json_object`
@@ -102,3 +110,41 @@ class Job:
             if tail:
                 self.events.put(("delta", tail, []))
             self.events.put(("end", reason))
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """What `ServingApp` needs from the scheduler that decodes its jobs.
+
+    Attributes:
+        ready: set once the serving shapes are compiled (at once without a warm-up);
+            `/health` answers 503 until then.
+        rows: rows admitted so far (statistics).
+        prefix: the prefix cache, or None for a scheduler without one.
+    """
+
+    ready: threading.Event
+    rows: int
+
+    @property
+    def prefix(self) -> PrefixCache | None: ...
+
+    def start(self) -> Scheduler:
+        """Starts the worker thread; returns the scheduler."""
+        ...
+
+    def stop(self) -> None:
+        """Stops the worker thread (jobs still running are abandoned)."""
+        ...
+
+    def submit(self, req: GenRequest) -> Job:
+        """Queues a request; its `Job` receives the events."""
+        ...
+
+    def pending(self) -> int:
+        """Jobs waiting for a row."""
+        ...
+
+    def running(self) -> int:
+        """Jobs being decoded now."""
+        ...

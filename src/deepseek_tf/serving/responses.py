@@ -64,7 +64,7 @@ def usage(job: Job) -> dict:
         "prompt_tokens": p,
         "completion_tokens": c,
         "total_tokens": p + c,
-        "prompt_tokens_details": {"cached_tokens": int(getattr(job, "cached_tokens", 0) or 0)},
+        "prompt_tokens_details": {"cached_tokens": int(job.cached_tokens)},
     }
 
 
@@ -74,18 +74,17 @@ def _ms(start, end) -> float | None:
 
 def timings(job: Job) -> dict:
     """Where a finished job's time went (milliseconds; None where not recorded)."""
-    started = getattr(job, "started", None)
-    first = getattr(job, "first_token_at", None)
-    finished = getattr(job, "finished_at", None) or time.perf_counter()
+    started, first = job.started, job.first_token_at
+    finished = job.finished_at or time.perf_counter()
     n = len(job.tokens)
     decode_s = None if first is None else finished - first
     speed = (n - 1) / decode_s if decode_s and n > 1 else None
     return {
-        "queue_ms": _ms(started, getattr(job, "admitted_at", None)),
+        "queue_ms": _ms(started, job.admitted_at),
         "ttft_ms": _ms(started, first),
         "total_ms": _ms(started, finished),
-        "prompt_tokens": int(getattr(job, "prompt_tokens", 0) or len(job.req.prompt_ids)),
-        "cached_tokens": int(getattr(job, "cached_tokens", 0) or 0),
+        "prompt_tokens": int(job.prompt_tokens),
+        "cached_tokens": int(job.cached_tokens),
         "completion_tokens": n,
         "tokens_per_second": None if speed is None else round(speed, 3),
     }

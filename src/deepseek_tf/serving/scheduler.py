@@ -313,10 +313,11 @@ class ContinuousScheduler:
         if first and job.first_token_at is not None:
             self.metrics.ttft.observe(job.first_token_at - job.started)
         elif produced:
-            gap = (now - getattr(job, "_last_delivery", now)) / produced
+            last = now if job.last_delivery is None else job.last_delivery
+            gap = (now - last) / produced
             for _ in range(produced):
                 self.metrics.inter_token.observe(gap)
-        job._last_delivery = now
+        job.last_delivery = now
 
     def _release(self, slot: int, store: bool) -> None:
         job = self.jobs[slot]

@@ -40,8 +40,9 @@ import tensorflow as tf
 
 from deepseek_tf.errors import InputError
 from deepseek_tf.generation.speculative import check_draft_tokens
-from deepseek_tf.serving.batcher import Batcher, Job
+from deepseek_tf.serving.batcher import Batcher
 from deepseek_tf.serving.handler import DISCONNECTS, Handler
+from deepseek_tf.serving.job import Job, Scheduler
 from deepseek_tf.serving.metrics import ServerMetrics
 from deepseek_tf.serving.protocol import ApiError, Limits, bad, parse_predict
 from deepseek_tf.serving.scheduler import ContinuousScheduler
@@ -62,7 +63,8 @@ def _check_options(**options) -> None:
 
 
 class ServingApp:
-    """Model, tokenizer, limits and batcher shared by all request handlers.
+    """Model, tokenizer, limits and scheduler (`batcher`, a `serving.job.Scheduler`)
+    shared by all request handlers.
 
     Args:
         model, tokenizer: the served run (tokenizer None: token ids only).
@@ -145,6 +147,7 @@ class ServingApp:
         self.max_connections = max_connections
         self.request_timeout = request_timeout
         self.metrics = ServerMetrics(model_name)
+        self.batcher: Scheduler
         if batching == "continuous" and not speculative:
             self.batcher = ContinuousScheduler(
                 model, tokenizer, self.metrics, max_batch=max_batch, step_ms=step_ms,
@@ -245,8 +248,7 @@ class ServingApp:
     @property
     def ready(self) -> bool:
         """True once the scheduler has compiled its shapes."""
-        event = getattr(self.batcher, "ready", None)
-        return event is None or event.is_set()
+        return self.batcher.ready.is_set()
 
     def health(self) -> dict:
         """`status` is "loading" until the serving shapes are compiled, then "ok"."""
@@ -255,10 +257,10 @@ class ServingApp:
             "model": self.model_name,
             "context": self.limits.context,
             "rows": self.batcher.rows,
-            "running": self.batcher.running() if hasattr(self.batcher, "running") else 0,
+            "running": self.batcher.running(),
             "waiting": self.batcher.pending(),
         }
-        prefix = getattr(self.batcher, "prefix", None)
+        prefix = self.batcher.prefix
         if prefix is not None and prefix.enabled:
             body["prefix_cache"] = {"entries": len(prefix), "hit_rate": round(prefix.hit_rate, 4)}
         return body
@@ -304,6 +306,12 @@ class ServingHTTPServer(ThreadingHTTPServer):
         log.exception("connection from %s failed", client_address[0])
 
 
+def check_port(port) -> None:
+    """A one-line `InputError` for a port outside 0-65535 (0: any free port)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InputError(f"--port: must be in 0-65535 (0: any free port), got {port!r}")
+
+
 def make_server(app: ServingApp, host: str = "127.0.0.1", port: int = 8000) -> ServingHTTPServer:
     """Binds the server and starts the batcher (call `serve_forever()` next).
 
@@ -311,8 +319,7 @@ def make_server(app: ServingApp, host: str = "127.0.0.1", port: int = 8000) -> S
         InputError: a port outside 0-65535, a host that does not resolve, an address in
             use or not available on this machine.
     """
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise InputError(f"--port: must be in 0-65535 (0: any free port), got {port!r}")
+    check_port(port)
     try:
         server = ServingHTTPServer((host, port), app)
     except socket.gaierror as e:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from deepseek_tf.data.corpus import read_texts, resolve_files
-from deepseek_tf.errors import ConfigError, RunDirError, TokenizerError
-from deepseek_tf.tokenizers.base import BPE_FILE, CHAR_FILE, EOS_TOKEN, Tokenizer
-from deepseek_tf.tokenizers.bpe import BPETokenizer
+from deepseek_tf.errors import ConfigError, DataError, RunDirError, TokenizerError
+from deepseek_tf.text_files import expand_files, read_texts
+from deepseek_tf.tokenizers.base import BPE_FILE, CHAR_FILE, EOS_TOKEN, Tokenizer, stderr_line
+from deepseek_tf.tokenizers.bpe import MAX_BPE_VOCAB, MIN_BPE_VOCAB, BPETokenizer
 from deepseek_tf.tokenizers.char import CharTokenizer
 
 __all__ = [
     "BPE_FILE",
     "CHAR_FILE",
     "EOS_TOKEN",
+    "MAX_BPE_VOCAB",
+    "MIN_BPE_VOCAB",
+    "TOKENIZER_KINDS",
     "BPETokenizer",
     "CharTokenizer",
     "Tokenizer",
@@ -23,27 +27,76 @@ __all__ = [
     "train_tokenizer",
 ]
 
+TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BPETokenizer}
+
+
+def _legacy_texts(texts, vocab_size) -> tuple[list[str], int | None]:
+    """The transitional positional form `train_tokenizer(kind, texts[, vocab_size])`:
+    texts only (a path there is refused; files go in `files=`)."""
+    if isinstance(texts, str) or any(not isinstance(t, str) for t in texts):
+        raise TypeError(
+            "train_tokenizer: pass texts=[...] and files=[...] as keywords "
+            "(a positional sequence holds texts only)"
+        )
+    return list(texts), vocab_size
+
 
 def train_tokenizer(
-    kind: str, texts_or_files: Sequence[str | os.PathLike[str]], vocab_size: int = 4096
+    kind: str,
+    _texts: Sequence[str] | None = None,
+    _vocab_size: int | None = None,
+    /,
+    *,
+    texts: Iterable[str] | str | None = None,
+    files: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
+    vocab_size: int = 4096,
+    log: Callable[[str], None] | None = stderr_line,
 ) -> Tokenizer:
-    """Train a tokenizer of `kind` ("char" | "bpe").
+    """Trains a tokenizer of `kind` on texts and/or files.
 
-    Items of `texts_or_files` that are `str` are training texts; `os.PathLike` items
-    (e.g. `pathlib.Path`) are files, validated and read as UTF-8. `vocab_size` is the
-    bpe target (ignored for char, whose vocabulary is the set of characters seen).
+    Args:
+        kind: `"char"` (one id per character seen) or `"bpe"` (byte-level BPE).
+        texts: training texts (an iterable: a generator streams; one `str` is one text).
+        files: text files or globs (one path or a sequence), read as UTF-8 after `texts`.
+        vocab_size: the bpe target, in [`MIN_BPE_VOCAB`, `MAX_BPE_VOCAB`]; ignored for
+            char, whose vocabulary is the set of characters seen. A bpe vocabulary that
+            stops short of it (too little text) is said in one warning line.
+        log: where that warning goes (default stderr; None: nowhere).
+
+    Returns:
+        The trained tokenizer.
+
+    Raises:
+        TokenizerError: an unknown `kind`.
+        ConfigError: `vocab_size` out of range (checked before any file is read).
+        DataError: a file missing, empty or not UTF-8; no text given at all.
+
+    Examples:
+    >>> train_tokenizer("char", texts=["hello"]).vocab_size
+    4
+    >>> train_tokenizer("char", files=["corpus/*.txt"])  # doctest: +SKIP
     """
-    if isinstance(texts_or_files, (str, os.PathLike)):
-        raise TypeError("texts_or_files must be a sequence of texts or paths, not one item")
-    paths = [os.fspath(p) for p in texts_or_files if isinstance(p, os.PathLike)]
-    texts = [t for t in texts_or_files if isinstance(t, str)]
-    if paths:
-        texts.extend(read_texts(resolve_files(paths)))
-    if kind == "char":
-        return CharTokenizer.train(texts)
-    if kind == "bpe":
-        return BPETokenizer.train(texts, vocab_size)
-    raise TokenizerError(f"unknown tokenizer kind {kind!r} (expected 'char' or 'bpe')")
+    if _texts is not None:  # transitional: remove once every caller passes keywords
+        texts, legacy_vocab = _legacy_texts(_texts, _vocab_size)
+        vocab_size = legacy_vocab if legacy_vocab is not None else vocab_size
+    cls = TOKENIZER_KINDS.get(kind)
+    if cls is None:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r} (expected 'char' or 'bpe')")
+    cls.check_vocab_size(vocab_size)
+    if texts is None and files is None:
+        raise DataError("train_tokenizer: no training text (give texts= or files=)")
+    if files is not None and not isinstance(files, (str, os.PathLike)) and not files:
+        raise DataError("train_tokenizer: files= is empty")
+    sources: list[Iterable[str]] = []
+    if texts is not None:
+        sources.append([texts] if isinstance(texts, str) else texts)
+    if files is not None:
+        sources.append(read_texts(expand_files(files)))
+    return cls.train(itertools.chain.from_iterable(sources), vocab_size, log=log or _silent)
+
+
+def _silent(message: str) -> None:
+    """A `log` that drops the message."""
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.errors import TokenizerError
+from deepseek_tf.errors import RunDirError, TokenizerError
 from deepseek_tf.tokenizers.chat_template import PLAIN_TEMPLATE, ChatTemplate
 
 CHAR_FILE = "char_tokenizer.json"  # written by CharTokenizer.save
@@ -18,16 +19,39 @@ BPE_FILE = "tokenizer.json"  # standard Hugging Face tokenizer file, written by 
 EOS_TOKEN = "<|endoftext|>"
 
 
+def stderr_line(message: str) -> None:
+    """The default `log` of training: one line on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
 class Tokenizer(abc.ABC):
     """Maps text to int token ids and back, in Python and inside a tf.data graph.
 
-    Subclasses set `kind` ("char" or "bpe") and implement the abstract methods.
+    Subclasses set `kind` ("char" or "bpe") and implement the abstract methods. What
+    differs between the kinds is asked of the tokenizer (`unknown_char`, `drop_unknown`,
+    `count_tokens`, `char_table`, `hugging_face_format`, `check_vocab_size`), never
+    decided by testing its class or `kind`.
 
     Args:
         (none): concrete tokenizers are built by `train_tokenizer` or `load_tokenizer`.
     """
 
     kind: str = ""
+    file_name: str = ""  # the file `save` writes (CHAR_FILE or BPE_FILE)
+    hugging_face_format: bool = False  # `save` writes a tokenizer.json transformers reads
+
+    @classmethod
+    def check_vocab_size(cls, vocab_size: int) -> None:
+        """Raises a one-line `ConfigError` for a `vocab_size` this kind cannot train to
+        (checked before any text is read). The base accepts any: a vocabulary that is
+        the set of characters seen ignores it."""
+        return None
+
+    @classmethod
+    @abc.abstractmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, *, log=stderr_line) -> Tokenizer:
+        """A tokenizer trained on `texts` (any iterable: a generator streams), with up
+        to `vocab_size` ids where the kind has a target size; `log` takes warning lines."""
 
     @property
     @abc.abstractmethod
@@ -78,6 +102,26 @@ class Tokenizer(abc.ABC):
         """`encode` as a 1-D int64 array (bulk tokenizing, e.g. `data prepare`)."""
         return np.asarray(self.encode(text), dtype=np.int64)
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """The number of tokens of each of `texts` (which the tokenizer can encode)."""
+        return [len(ids) for ids in self.encode_batch(texts)]
+
+    def unknown_char(self, text: str) -> tuple[int, str] | None:
+        """`(position, character)` of the first character of `text` the tokenizer cannot
+        encode, or None (always None for a byte-level tokenizer: it encodes any text)."""
+        return None
+
+    def drop_unknown(self, text: str) -> str:
+        """`text` without the characters the tokenizer cannot encode."""
+        return text
+
+    @property
+    def char_table(self) -> tuple[str, ...] | None:
+        """The character of each id when every token is one character (then a graph can
+        hold the tokenizer as two lookup tables, e.g. a SavedModel's `generate_text`);
+        None otherwise."""
+        return None
+
     @abc.abstractmethod
     def _decode_checked(self, ids: list[int]) -> str:
         """Text of `ids`, which `decode` has already range-checked."""
@@ -85,8 +129,6 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
         """Scalar tf.string -> 1-D int32 token ids; usable inside `tf.data.Dataset.map`."""
-
-    file_name: str = ""  # the file `save` writes (CHAR_FILE or BPE_FILE)
 
     @abc.abstractmethod
     def _write(self, path: str) -> None:
@@ -99,9 +141,19 @@ class Tokenizer(abc.ABC):
         killed while saving leaves the previous tokenizer intact. A tokenizer file of the
         other kind in `directory` is removed, so that `load_tokenizer(directory)` finds
         this tokenizer.
+
+        Raises:
+            RunDirError: `directory` is an existing file, or cannot be created.
         """
         directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise RunDirError(
+                f"{directory} is an existing file; save the tokenizer into a directory"
+            )
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"{directory}: cannot create the directory ({e.strerror})") from None
         path = os.path.join(directory, self.file_name)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.file_name}.", suffix=".tmp")
         os.close(fd)

@@ -12,12 +12,15 @@ import tensorflow as tf
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from deepseek_tf.errors import TokenizerError
-from deepseek_tf.tokenizers.base import BPE_FILE, EOS_TOKEN, Tokenizer
+from deepseek_tf.errors import ConfigError, TokenizerError
+from deepseek_tf.tokenizers.base import BPE_FILE, EOS_TOKEN, Tokenizer, stderr_line
 from deepseek_tf.tokenizers.chat_template import ChatTemplate
 from deepseek_tf.tokenizers.tokenizer_settings import TOKENIZER_CONFIG_FILE, TokenizerSettings
 
 MIN_BPE_VOCAB = 257  # 256 byte symbols + the end-of-text token
+# Four times the largest vocabularies in use (~256k). The `tokenizers` library aborts the
+# process (a Rust panic) on a target near 2**31, so larger ones are refused before it runs.
+MAX_BPE_VOCAB = 1 << 20
 
 
 class BPETokenizer(Tokenizer):
@@ -29,6 +32,7 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
     file_name = BPE_FILE
+    hugging_face_format = True
 
     def __init__(
         self, hf_tokenizer: HFTokenizer, settings: TokenizerSettings | None = None
@@ -42,14 +46,31 @@ class BPETokenizer(Tokenizer):
                 )
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-        """Train on `texts` (any iterable: a generator streams) up to `vocab_size` ids
-        (fewer if merges run out)."""
+    def check_vocab_size(cls, vocab_size: int) -> None:
+        """Refuses a target below `MIN_BPE_VOCAB` (the byte alphabet and <|endoftext|>) or
+        above `MAX_BPE_VOCAB` (1,048,576) with a one-line `ConfigError`."""
         if vocab_size < MIN_BPE_VOCAB:
-            raise TokenizerError(
+            raise ConfigError(
                 f"bpe vocab_size {vocab_size} is below {MIN_BPE_VOCAB} "
                 "(256 byte symbols + <|endoftext|>)"
             )
+        if vocab_size > MAX_BPE_VOCAB:
+            raise ConfigError(
+                f"bpe vocab_size {vocab_size:,} is above the limit of {MAX_BPE_VOCAB:,} "
+                "tokens (the largest vocabularies in use have about 256,000)"
+            )
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, *, log=stderr_line) -> BPETokenizer:
+        """Train on `texts` (any iterable: a generator streams) up to `vocab_size` ids.
+
+        When the merges run out first (too little text), the vocabulary is smaller and
+        one warning line saying so goes to `log` (default stderr).
+
+        Raises:
+            ConfigError: `vocab_size` out of range (see `check_vocab_size`).
+        """
+        cls.check_vocab_size(vocab_size)
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -60,6 +81,13 @@ class BPETokenizer(Tokenizer):
             show_progress=False,
         )
         tok.train_from_iterator(iter(texts), trainer=trainer)
+        reached = tok.get_vocab_size(with_added_tokens=True)
+        if reached < vocab_size:
+            log(
+                f"[tokenizer] warning: the bpe vocabulary reached only {reached:,} of the "
+                f"{vocab_size:,} tokens asked for (the text has no more pairs to merge; "
+                "train on more text or ask for fewer)"
+            )
         return cls(tok)
 
     @property

@@ -36,8 +36,11 @@ class CharTokenizer(Tokenizer):
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # encode_array's index
 
     @classmethod
-    def train(cls, texts: Iterable[str]) -> CharTokenizer:
-        """Vocabulary = sorted set of all characters in `texts`."""
+    def train(
+        cls, texts: Iterable[str], vocab_size: int | None = None, *, log=None
+    ) -> CharTokenizer:
+        """Vocabulary = sorted set of all characters in `texts` (`vocab_size` and `log`
+        are not used: the characters seen are the vocabulary)."""
         chars: set[str] = set()
         for text in texts:
             chars.update(text)
@@ -51,6 +54,11 @@ class CharTokenizer(Tokenizer):
         return self._chars
 
     @property
+    def char_table(self) -> tuple[str, ...]:
+        """The vocabulary: every token is one character."""
+        return self._chars
+
+    @property
     def vocab_size(self) -> int:
         return len(self._chars)
 
@@ -61,6 +69,14 @@ class CharTokenizer(Tokenizer):
             return None
         pos = min(text.index(c) for c in unknown)
         return pos, text[pos]
+
+    def drop_unknown(self, text: str) -> str:
+        """`text` without the characters outside the vocabulary."""
+        return "".join(c for c in text if c in self._stoi)
+
+    def count_tokens(self, texts) -> list[int]:
+        """One token per character (of text within the vocabulary)."""
+        return [len(text) for text in texts]
 
     def encode(self, text: str) -> list[int]:
         try:

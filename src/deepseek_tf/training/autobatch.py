@@ -15,13 +15,13 @@ first step the allocator reuses its memory, so later steps barely move the RSS p
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 
 import numpy as np
 import psutil
 import tensorflow as tf
 
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.models.builder import build_model
 from deepseek_tf.training.optim import make_optimizer
@@ -32,6 +32,24 @@ MIB = 2**20
 
 def _device() -> str:
     return "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+
+
+# TensorFlow's default CPU allocator keeps statistics only where oneDNN is on by default
+# (Intel CPUs); elsewhere (AMD) `get_memory_info("CPU:0")` raises. TensorFlow's BFC
+# allocator always keeps them, chosen by this variable before TensorFlow starts.
+BFC_VARIABLE = "TF_CPU_ALLOCATOR_USE_BFC"
+
+
+def check_memory_stats() -> None:
+    """Raises a one-line `ConfigError` when this process's allocator keeps no statistics."""
+    try:
+        tf.config.experimental.get_memory_info(_device())
+    except ValueError:
+        raise ConfigError(
+            f"--batch-size auto: TensorFlow keeps no memory statistics for {_device()} in this "
+            f"process; start it with {BFC_VARIABLE}=true (`deepseek-tf train --batch-size auto` "
+            "does so itself)"
+        ) from None
 
 
 def _reset_peak() -> None:
@@ -60,7 +78,9 @@ def default_budget_bytes() -> int:
 
 def step_bytes(config, vocab_size: int, batch: int) -> int:
     """What one compiled training step at `batch` adds to memory (steady state)."""
-    t = dataclasses.replace(config.train, batch_size=batch)
+    check_memory_stats()
+    config = update_config(config, train={"batch_size": batch})
+    t = config.train
     model = build_model(config, vocab_size, seed=t.seed)
     optimizer = make_optimizer(t, model)
     step = make_train_step(
@@ -71,6 +91,7 @@ def step_bytes(config, vocab_size: int, batch: int) -> int:
         sparsity_threshold=t.sparsity_threshold,
         jit_compile=config.runtime.jit_compile,
         mtp_loss_weight=config.model.mtp_loss_weight,
+        clip_norm=t.clip_norm,
     )
     seq = config.data.packed_length()
     ids = np.random.RandomState(0).randint(0, vocab_size, (batch, seq + 1)).astype("int32")
@@ -100,6 +121,7 @@ def find_batch_size(
     Returns `{"batch_size", "seq_len", "budget_mib", "fixed_mib", "per_sequence_mib",
     "confirmed_step_mib"}`.
     """
+    check_memory_stats()
     budget = budget_bytes or default_budget_bytes()
     small = (2 * replicas, 8 * replicas)  # two probes; the difference is per-sequence memory
     measured = [step_bytes(config, vocab_size, b) for b in small]

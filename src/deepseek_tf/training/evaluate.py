@@ -7,6 +7,7 @@ import math
 import tensorflow as tf
 from keras import ops
 
+from deepseek_tf.errors import DataError
 from deepseek_tf.training.losses import token_losses
 
 
@@ -30,8 +31,18 @@ def make_eval_step(model, jit_compile: bool):
 def evaluate(model, dataset, *, max_batches: int = 0, jit_compile: bool = False, step_fn=None):
     """Averages over `dataset` of `(inputs, targets, weights)` batches.
 
+    Args:
+        model: the `CausalLM`.
+        dataset: an iterable of `(inputs, targets, weights)` batches.
+        max_batches: read at most this many batches (0: all).
+        jit_compile: compile the default step with XLA.
+        step_fn: a step from `make_eval_step` (reused across evaluations).
+
     Returns:
         dict with `loss`, `perplexity`, `accuracy` and `tokens`.
+
+    Raises:
+        DataError: the dataset holds no token to evaluate.
     """
     step_fn = step_fn or make_eval_step(model, jit_compile)
     total_loss = total_correct = total_weight = 0.0
@@ -43,7 +54,7 @@ def evaluate(model, dataset, *, max_batches: int = 0, jit_compile: bool = False,
         total_correct += float(correct)
         total_weight += float(weight)
     if total_weight == 0:
-        raise ValueError("evaluation dataset is empty")
+        raise DataError("the evaluation data holds no sequence (is every text shorter than one?)")
     loss = total_loss / total_weight
     return {
         "loss": loss,

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.layers.expert_shards import gather_full, per_replica_variables, scatter_full
-from deepseek_tf.training.optim import NO_DECAY_NAMES
+from deepseek_tf.training.optim import no_decay_variables
 
 
 def check_expert_parallel(shards: int, replicas: int, model) -> None:
@@ -84,7 +84,8 @@ class ExpertUpdate:
         config = {**inner.get_config(), "global_clipnorm": None, "clipnorm": None}
         self.optimizer = type(inner).from_config(config)
         self.variables = list(variables)
-        self.optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
+        # the stacked (3-D) expert weights decay, as every weight of rank >= 2
+        self.optimizer.exclude_from_weight_decay(var_list=no_decay_variables(self.variables))
         self.shards = self.variables[0].shards
         with per_replica_variables():
             self.optimizer.build(self.variables)

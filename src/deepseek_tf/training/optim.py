@@ -1,15 +1,20 @@
-"""Keras' AdamW, Lion or Muon with decay exclusions and a warm-up + cosine schedule."""
+"""Keras' AdamW, Lion or Muon with decay exclusions and a warm-up + cosine schedule.
+
+Which weights decay, and which Muon orthogonalises, is decided by rank and by what the
+model declares (`CausalLM.weight_roles`), never by variable names (nanoGPT's rule):
+matrices and stacks (rank >= 2) decay, norm scales and biases (rank < 2) do not, nor do
+the tables the model looks up by index (token embedding, relative-position biases).
+Muon takes the 2-D hidden matrices; AdamW the rest, the tables and an untied output head.
+"""
 
 from __future__ import annotations
+
+import re
 
 import keras
 
 from deepseek_tf.config.schema import TrainConfig
 from deepseek_tf.layers.expert_shards import ExpertShardVariable
-
-# Variable names (regexes on the last path component) that get no weight decay:
-# norm scales, biases, embeddings and the relative-position bias table.
-NO_DECAY_NAMES = ("scale", "bias", "embeddings", "table")
 
 
 def learning_rate_schedule(t: TrainConfig) -> keras.optimizers.schedules.LearningRateSchedule:
@@ -42,25 +47,61 @@ def schedule_change(old: TrainConfig, new: TrainConfig, step: int) -> str | None
     )
 
 
-def make_optimizer(t: TrainConfig, model: keras.Model) -> keras.optimizers.Optimizer:
+def warmup_warning(t: TrainConfig) -> str | None:
+    """A one-line warning when the warm-up takes more than half of the run, or None."""
+    if 2 * t.warmup_steps <= t.steps:
+        return None
+    peak = f"only at step {t.warmup_steps}" if t.warmup_steps <= t.steps else "never"
+    return (
+        f"train.warmup_steps {t.warmup_steps} is more than half of train.steps {t.steps}: "
+        f"the learning rate reaches its peak {t.learning_rate:g} {peak}; set "
+        f"train.warmup_steps lower (e.g. {t.steps // 10})"
+    )
+
+
+def no_decay_variables(variables, tables=()) -> list:
+    """The `variables` without weight decay: rank < 2 (norm scales, biases) and `tables`
+    (what the model looks up by index, `CausalLM.weight_roles()["tables"]`)."""
+    declared = {id(v) for v in tables}
+    return [v for v in variables if len(v.shape) < 2 or id(v) in declared]
+
+
+def exact_paths(variables) -> list[str]:
+    """Regexes matching exactly these variables' paths (Keras' Muon takes regexes)."""
+    return [f"^{re.escape(v.path)}$" for v in variables]
+
+
+def make_optimizer(
+    t: TrainConfig, model: keras.Model, *, moving_average: bool = True
+) -> keras.optimizers.Optimizer:
     """`train.optimizer` (+ loss scaling for float16), built for `model`'s trainable variables.
 
-    Call inside the distribution strategy's scope. `global_clipnorm` carries
-    `train.clip_norm` to the training step, which clips by the true global norm itself
-    (`make_train_step`); gradient accumulation is the step's too, so that one optimizer
-    step is one schedule step. `train.ema_decay` turns on Keras' moving average of the
-    weights (`training.weight_average` uses it). Muon orthogonalises the updates
-    of 2-D weights and keeps AdamW (same betas) for the rest: norms, embeddings and
-    the stacked (3-D) expert weights, which Keras' Muon leaves to AdamW.
+    Call inside the distribution strategy's scope. The optimizer never clips: the
+    training step does, by the true global norm (`make_train_step(clip_norm=...)`);
+    gradient accumulation is the step's too, so that one optimizer step is one schedule
+    step. `train.ema_decay` turns on Keras' moving average of the weights
+    (`training.weight_average` uses it) unless `moving_average=False` (a fine-tune kept
+    in memory). Muon orthogonalises the updates of 2-D hidden matrices and keeps AdamW
+    (same betas) for the rest: norms, tables, an untied output head and the stacked
+    (3-D) expert weights, which Keras' Muon leaves to AdamW by rank.
+
+    Args:
+        t: the train section (optimizer, schedule, betas, weight decay, precision).
+        model: the `CausalLM` (its `weight_roles()` names its tables and head).
+        moving_average: False keeps no moving average whatever `t.ema_decay` says.
+
+    Returns:
+        The built optimizer (a `LossScaleOptimizer` around it under mixed_float16).
     """
+    average = bool(t.ema_decay) and moving_average
     common = dict(
         learning_rate=learning_rate_schedule(t),
         weight_decay=t.weight_decay,
-        global_clipnorm=t.clip_norm or None,
         # Keras' own EMA of the weights (training.weight_average swaps it in)
-        use_ema=bool(t.ema_decay),
-        ema_momentum=t.ema_decay or 0.99,  # 0.99: Keras' default, unused when off
+        use_ema=average,
+        ema_momentum=t.ema_decay if average else 0.99,  # 0.99: Keras' default, unused
     )
+    roles = model.weight_roles()
     if t.optimizer == "lion":
         optimizer = keras.optimizers.Lion(beta_1=t.beta1, beta_2=t.beta2, **common)
     elif t.optimizer == "muon":
@@ -69,16 +110,18 @@ def make_optimizer(t: TrainConfig, model: keras.Model) -> keras.optimizers.Optim
             adam_beta_2=t.beta2,
             adam_weight_decay=t.weight_decay,
             epsilon=1e-8,
-            # an untied output head and the relative-position bias table stay with AdamW
-            exclude_layers=["lm_head", "table"],
+            # Muon's rank rule (not 2-D: AdamW) plus the model's tables and output head
+            exclude_embeddings=False,
+            exclude_layers=exact_paths(roles["tables"] + roles["output_head"]),
             **common,
         )
     else:
         optimizer = keras.optimizers.AdamW(beta_1=t.beta1, beta_2=t.beta2, epsilon=1e-8, **common)
-    optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
+    variables = optimized_variables(model)
+    optimizer.exclude_from_weight_decay(var_list=no_decay_variables(variables, roles["tables"]))
     if t.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(optimized_variables(model))
+    optimizer.build(variables)
     return optimizer
 
 

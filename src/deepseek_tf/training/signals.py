@@ -36,5 +36,7 @@ def signals_deferred():
                 os.kill(os.getpid(), held[-1])
 
 
-def _raise_interrupt(signum, frame):
+def raise_interrupt(signum, frame):
+    """A signal handler that raises `KeyboardInterrupt` (the trainer's SIGTERM: the run
+    saves its step and stops as on Ctrl-C)."""
     raise KeyboardInterrupt(f"signal {signum}")

@@ -2,7 +2,8 @@
 
 One scalar `t` divides every logit; it is chosen to minimise the negative log-likelihood
 of held-out tokens, which leaves the top-1 prediction unchanged and fixes most of a
-network's over- or under-confidence. `deepseek-tf calibrate RUN --out NEW` fits `t` on
+network's over- or under-confidence. `calibrate(RUN, out=NEW)` (`deepseek-tf calibrate
+RUN --out NEW`) fits `t` on
 the first half of the validation blocks, reports NLL and ECE before and after on the
 second half (tokens the fit never saw), and writes a new run whose
 `model.logit_temperature` is the old one times `t` -- so `eval`, `generate`, `serve` and
@@ -13,15 +14,15 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.api import load
-from deepseek_tf.compress.run_io import check_out_dir, with_model, write_run
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.data.pipeline import make_eval_dataset
-from deepseek_tf.errors import InputError
-from deepseek_tf.rundir import RunDir
+from deepseek_tf.errors import InputError, RunDirError
+from deepseek_tf.rundir import RunDir, load_run
 from deepseek_tf.uncertainty.metrics import expected_calibration_error
 
 MAX_VALUES = 1 << 24  # logits kept for the fit (64 MiB of float32); tokens are subsampled
@@ -97,17 +98,49 @@ def _ece(logits, targets, t: float) -> float:
     return expected_calibration_error(probs.max(-1), probs.argmax(-1) == targets)
 
 
-def run(args) -> dict:
-    """`deepseek-tf calibrate RUN --out NEW`."""
-    if args.samples < 1:
-        raise InputError(f"--samples: must be >= 1, got {args.samples}")
-    out = check_out_dir(args.run_dir, args.out)
-    config = RunDir(args.run_dir).read_config()
-    model, tokenizer = load(args.run_dir)
+def _check_out(run_dir, out) -> Path:
+    """Refuses to write over the source run, an existing file or another run's checkpoints."""
+    if Path(out).resolve() == Path(run_dir).resolve():
+        raise RunDirError(f"--out {out} is the source run; choose a new directory")
+    RunDir(out).check_new()
+    return Path(out)
+
+
+def calibrate(run_dir, *, out, samples: int = 8) -> dict:
+    """Fits a logit temperature on `run_dir`'s validation split and writes the calibrated
+    run to `out` (`deepseek-tf calibrate RUN_DIR --out OUT`).
+
+    Args:
+        run_dir: the run to calibrate (it needs a tokenizer: its validation split is read).
+        out: the new run directory (not the source, not a run with checkpoints).
+        samples: latent samples per token of a gaussian head (other heads take one).
+
+    Returns:
+        The record appended to `out`'s `compression.json`: `method` ("calibrate"),
+        `temperature_factor` (t), `logit_temperature` (the new run's), `fit_tokens`,
+        `held_out_tokens`, `held_out_nll_before`/`_after`, `held_out_ece_before`/`_after`,
+        `seconds`.
+
+    Raises:
+        InputError: `samples` below 1, a run without tokenizer or with fewer than two
+            validation blocks.
+        RunDirError: `out` is the source run or holds another run's checkpoints.
+
+    Examples:
+
+    >>> record = calibrate("runs/tiny", out="runs/tiny-calibrated")  # doctest: +SKIP
+    >>> record["held_out_nll_after"] < record["held_out_nll_before"]  # doctest: +SKIP
+    True
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InputError(f"--samples: must be >= 1, got {samples!r}")
+    out = _check_out(run_dir, out)
+    config = RunDir(run_dir).read_config()
+    model, tokenizer = load_run(run_dir)
     if tokenizer is None:
-        raise InputError(f"{args.run_dir} has no tokenizer: its validation split cannot be read")
+        raise InputError(f"{run_dir} has no tokenizer: its validation split cannot be read")
     started = time.perf_counter()
-    samples = args.samples if model.gaussian_head is not None else 1
+    samples = samples if model.gaussian_head is not None else 1
     (fit_logits, fit_targets), (held_logits, held_targets) = validation_logits(
         model, config, tokenizer, samples
     )
@@ -126,7 +159,9 @@ def run(args) -> dict:
         "held_out_ece_after": _ece(held_logits, held_targets, t),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    new_config = with_model(config, logit_temperature=temperature)
     model.logit_temperature = temperature
-    write_run(out, new_config, tokenizer, model, args.run_dir, record)
+    entry = {"source": str(run_dir), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
+    history = RunDir(run_dir).read_history() + [entry]
+    new_config = update_config(config, model={"logit_temperature": temperature})
+    RunDir(out).write_weights_run(new_config, tokenizer, model, history)
     return record

@@ -1,7 +1,8 @@
 """`eval --uncertainty`: calibration, selective prediction and out-of-distribution detection.
 
-`collect` runs a `Predictor` over a dataset of `(inputs, targets, weights)` blocks and
-keeps the per-token statistics of `metrics.token_stats` (and, per block, their means);
+`uncertainty_summary` is the `"uncertainty"` entry of `evaluate`'s result. `collect` runs
+a `Predictor` over a dataset of `(inputs, targets, weights)` blocks and keeps the
+per-token statistics of `metrics.token_stats` (and, per block, their means);
 `uncertainty_report` summarises them; `ood_report` compares blocks of in-domain data
 with blocks of other text by a sequence-level uncertainty (the block's mean predictive
 entropy, mutual information or negative log-likelihood) and reports each score's AUROC
@@ -10,10 +11,14 @@ for telling the other text apart (1.0: perfectly separated, 0.5: chance).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.data.corpus import read_texts
 from deepseek_tf.uncertainty.metrics import auroc, summarise, token_stats
+from deepseek_tf.uncertainty.plots import reliability_diagram, risk_coverage_plot
 from deepseek_tf.uncertainty.predictive import Predictor
 
 KEYS = (
@@ -75,3 +80,41 @@ def ood_report(in_domain: dict, other: dict) -> dict:
         positives = np.r_[np.zeros(len(in_domain[f"seq_{key}"])), np.ones(len(other[f"seq_{key}"]))]
         report[f"auroc_{key}"] = auroc(scores, positives > 0)
     return report
+
+
+def known_text_files(files, tokenizer, scratch) -> list[str]:
+    """`files` as the tokenizer can read them: copies in `scratch` without the characters
+    it cannot encode (`eval --drop-unknown`); `files` unchanged for a tokenizer that reads
+    any text (a byte-level one)."""
+    if tokenizer.char_table is None:
+        return list(files)
+    out = []
+    for i, text in enumerate(read_texts(files)):
+        path = Path(scratch) / f"ood_{i}.txt"
+        path.write_text(tokenizer.drop_unknown(text), encoding="utf-8")
+        out.append(str(path))
+    return out
+
+
+def uncertainty_summary(
+    predictor: Predictor, dataset, *, max_batches: int = 0, plot=None, title: str = "",
+    ood_dataset=None,
+) -> dict:  # fmt: skip
+    """The `"uncertainty"` entry of `evaluate`'s result: `uncertainty_report` of `dataset`,
+    with `"plots"` (the PNG paths written into the directory `plot`) and `"ood"` (the
+    `ood_report` against the blocks of `ood_dataset`) when those are given."""
+    collected = collect(predictor, dataset, max_batches)
+    summary = uncertainty_report(collected, predictor)
+    curve = summary.pop("curve")
+    if plot is not None:
+        directory = Path(plot)
+        directory.mkdir(parents=True, exist_ok=True)
+        summary["plots"] = [
+            str(reliability_diagram(collected["confidence"], collected["correct"],
+                                    directory / "reliability.png", title)),
+            str(risk_coverage_plot(curve["coverage"], curve["risk"],
+                                   directory / "risk_coverage.png")),
+        ]  # fmt: skip
+    if ood_dataset is not None:
+        summary["ood"] = ood_report(collected, collect(predictor, ood_dataset, max_batches))
+    return summary

@@ -1,23 +1,31 @@
 """`eval --uncertainty --plot DIR`: a reliability diagram and a risk-coverage curve (PNG).
 
-Matplotlib with its non-interactive Agg backend (no display needed).
+Matplotlib with its non-interactive Agg backend (no display needed), loaded when the
+first plot is drawn: importing this module (as `eval` does) stays cheap.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
-import numpy as np  # noqa: E402
+from deepseek_tf.uncertainty.metrics import reliability_bins
 
-from deepseek_tf.uncertainty.metrics import reliability_bins  # noqa: E402
+
+def _pyplot():
+    """`matplotlib.pyplot` on the Agg backend (imported on first use: it is heavy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def reliability_diagram(confidence, correct, path, title: str = "") -> Path:
     """Accuracy against confidence per confidence bin, with the bins' token counts."""
+    plt = _pyplot()
     bins = reliability_bins(confidence, correct)
     edges = np.asarray(bins["edges"])
     centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
@@ -45,6 +53,7 @@ def reliability_diagram(confidence, correct, path, title: str = "") -> Path:
 
 def risk_coverage_plot(coverage, risk, path, title: str = "") -> Path:
     """Error rate of the most certain tokens against the fraction of tokens kept."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(coverage, risk, color="#4477aa")
     ax.axhline(risk[-1], color="k", ls="--", lw=1, label="error at full coverage")

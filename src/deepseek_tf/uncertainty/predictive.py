@@ -20,6 +20,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from deepseek_tf.errors import InputError
+from deepseek_tf.rundir import load_run
 
 METHODS = ("model", "mc_dropout", "ensemble")
 
@@ -89,3 +90,50 @@ def _seed_dropout(model, seed: int) -> None:
     states = [v for v in model.variables if "seed_generator_state" in v.path]
     for i, state in enumerate(states):
         state.assign(tf.constant([seed * 1_000_003 + i, 0], dtype=state.dtype))
+
+
+def _same_vocabulary(tokenizer, other) -> bool:
+    """True when `other` maps every id to the same text as `tokenizer`."""
+    size = tokenizer.vocab_size
+    return (
+        other is not None
+        and type(other) is type(tokenizer)
+        and other.vocab_size == size
+        and [other.decode([i]) for i in range(size)] == [tokenizer.decode([i]) for i in range(size)]
+    )
+
+
+def load_ensemble(model, tokenizer, runs, *, run_dir) -> list:
+    """`[model, *the models of runs]`: the members of a deep ensemble around `run_dir`'s
+    `model`, each checked to share its tokenizer and vocabulary.
+
+    Raises:
+        InputError: a member whose tokenizer or vocabulary differs (named as `--ensemble`).
+    """
+    members = [model]
+    for run in runs:
+        member, member_tokenizer = load_run(run)
+        if not _same_vocabulary(tokenizer, member_tokenizer):
+            raise InputError(
+                f"--ensemble {run}: its tokenizer differs from {run_dir}'s; an ensemble "
+                "averages distributions over one vocabulary"
+            )
+        if member.vocab_size != model.vocab_size:
+            raise InputError(
+                f"--ensemble {run}: vocabulary {member.vocab_size} is not {model.vocab_size}"
+            )
+        members.append(member)
+    return members
+
+
+def make_predictor(
+    model, tokenizer, *, run_dir, samples: int = 8, mc_samples=None, ensemble=()
+) -> Predictor:
+    """The `Predictor` `eval --uncertainty` uses: a deep ensemble of `run_dir` and the runs
+    of `ensemble` when given, else Monte Carlo dropout with `mc_samples` passes when given,
+    else the model's own head (`samples` draws of a gaussian head's latent)."""
+    if ensemble:
+        return Predictor(load_ensemble(model, tokenizer, ensemble, run_dir=run_dir), "ensemble")
+    if mc_samples is not None:
+        return Predictor(model, "mc_dropout", samples=mc_samples)
+    return Predictor(model, "model", samples=samples)

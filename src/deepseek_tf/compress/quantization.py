@@ -22,29 +22,29 @@ restoring them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import sys
-import time
 
 import keras
 import numpy as np
 
-from deepseek_tf.compress.finetune import validation_loss
-from deepseek_tf.compress.run_io import (
-    check_out_dir,
-    count_parameters,
-    load_source,
-    progress,
-    weight_bytes,
-    with_model,
-    write_run,
+from deepseek_tf.compress.job import (
+    Plan,
+    Result,
+    check_choice,
+    check_int,
+    comma_list,
+    run_job,
 )
+from deepseek_tf.compress.run_io import Log, Source, with_model
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.data.pipeline import make_train_dataset
 from deepseek_tf.errors import CompressionError
 from deepseek_tf.models.builder import build_model
 from deepseek_tf.models.quantization import quantization_config
-from deepseek_tf.rundir import RunDir
 
+MODES = ("int8", "int4", "float8", "gptq", "awq")
+CALIBRATED = ("gptq", "awq")  # modes that calibrate on training sequences
 INCLUDE = ("attention", "ffn", "head", "experts")
 
 
@@ -184,7 +184,7 @@ GPTQ_BLOCK = 128  # columns Keras' GPTQ processes at once
 def default_group_size(mode: str, group_size: int | None) -> int:
     if group_size is not None:
         return group_size
-    return 128 if mode in ("gptq", "awq") else -1
+    return 128 if mode in CALIBRATED else -1
 
 
 def check_group_size(model, mode: str, include, group_size: int) -> None:
@@ -206,7 +206,7 @@ def quantization_precision(config):
     float16 compute, so a `mixed_float16` run is quantized (and served) in float32."""
     if config.train.precision != "mixed_float16":
         return config
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, precision="float32"))
+    return update_config(config, train={"precision": "float32"})
 
 
 def float_model_for(config, model, **changes):
@@ -218,59 +218,94 @@ def float_model_for(config, model, **changes):
     return target, rebuilt
 
 
-def run(args) -> dict:
-    source_model = RunDir(args.run_dir).read_config().model
-    include = default_include(source_model, args.mode)
-    if args.include is not None:
-        include = tuple(x for x in args.include.split(",") if x)
-    args.group_size = default_group_size(args.mode, args.group_size)
-    out = check_out_dir(args.run_dir, args.out)
-    check_request(source_model, args.mode, include, args.bits, args.group_size)
-    config, model, tokenizer = load_source(args.run_dir)
-    check_group_size(model, args.mode, include, args.group_size)
-    log = (lambda *_: None) if args.quiet else progress
+def quantize(
+    run_dir,
+    *,
+    out,
+    mode: str,
+    bits: int = 4,
+    group_size: int | None = None,
+    calibration_samples: int = 128,
+    include: str | tuple[str, ...] | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Post-training quantisation of a trained run into a new run
+    (`deepseek-tf compress quantize`).
 
-    before = {"parameters": count_parameters(model), "bytes": weight_bytes(model)}
-    before["val_loss"] = validation_loss(model, config, tokenizer, config.train.eval_batches)
-    started = time.perf_counter()
-    dataset = None
-    if args.mode in ("gptq", "awq"):
-        dataset = calibration_tokens(config, tokenizer, args.calibration_samples)
-    log(f"[quantize] {args.mode} on {', '.join(include)}")
+    Args:
+        run_dir: the trained run.
+        out: the new run directory.
+        mode: "int8", "int4", "float8", "gptq" or "awq".
+        bits: GPTQ: 2, 3, 4 or 8; AWQ: 4 (int8/int4/float8 ignore it).
+        group_size: inputs per scale for int4/gptq/awq, -1 one per output channel
+            (None: int4 -1, gptq/awq 128).
+        calibration_samples: training sequences GPTQ/AWQ calibrate on.
+        include: what to quantize, a comma list or a sequence of "attention", "ffn",
+            "head", "experts" (None: attention and ffn, plus the routed experts of an
+            MoE run under int8/int4).
+        quiet: no progress lines.
+
+    Returns:
+        The record (`compress.job`), with `options` {mode, bits, group_size, include,
+        calibration_samples (0 unless calibrated)}.
+
+    Raises:
+        CompressionError: an option or a combination the run cannot take (before any work).
+
+    Examples:
+        >>> from deepseek_tf import compress
+        >>> compress.quantize("runs/tiny", out="runs/tiny-int8", mode="int8")  # doctest: +SKIP
+    """
+    check_choice("mode", mode, MODES)
+    check_int("bits", bits)
+    check_int("group_size", group_size, optional=True)
+    check_int("calibration_samples", calibration_samples, minimum=1)
+    group_size = default_group_size(mode, group_size)
+    chosen = None if include is None else comma_list("include", include)
+
+    def plan_for(config) -> Plan:
+        parts = default_include(config.model, mode) if chosen is None else chosen
+        check_request(config.model, mode, parts, bits, group_size)
+        options = {"mode": mode, "bits": bits, "group_size": group_size, "include": list(parts)}
+        options["calibration_samples"] = calibration_samples if mode in CALIBRATED else 0
+        return Plan(
+            "quantize",
+            options,
+            transform=functools.partial(
+                _quantized,
+                mode=mode,
+                include=parts,
+                bits=bits,
+                group_size=group_size,
+                samples=options["calibration_samples"],
+            ),
+            check_loaded=lambda source: check_group_size(source.model, mode, parts, group_size),
+        )
+
+    return run_job(run_dir, out, plan_for, quiet=quiet)
+
+
+def _quantized(source: Source, log: Log, *, mode, include, bits, group_size, samples) -> Result:
+    """The quantized config and model of `source` (the job's transform)."""
+    config, model = source.config, source.model
+    dataset = calibration_tokens(config, source.tokenizer, samples) if samples else None
+    log(f"[quantize] {mode} on {', '.join(include)}")
     if quantization_precision(config) != config:
         config, model = float_model_for(config, model)
     quantize_model(
         model,
         config.model,
-        args.mode,
+        mode,
         include=include,
-        bits=args.bits,
-        group_size=args.group_size,
+        bits=bits,
+        group_size=group_size,
         dataset=dataset,
     )
-    seconds = time.perf_counter() - started
     config = with_model(
         config,
-        quantize=args.mode,
+        quantize=mode,
         quantize_include=include,
-        quantize_bits=args.bits,
-        quantize_group_size=args.group_size,
+        quantize_bits=bits,
+        quantize_group_size=group_size,
     )
-    after = validation_loss(model, config, tokenizer, config.train.eval_batches)
-    record = {
-        "method": "quantize",
-        "options": {
-            "mode": args.mode,
-            "bits": args.bits,
-            "group_size": args.group_size,
-            "include": list(include),
-            "calibration_samples": args.calibration_samples if dataset is not None else 0,
-        },
-        "parameters_before": before["parameters"],
-        "val_loss_before": before["val_loss"],
-        "val_loss_after": after,
-        "seconds": round(seconds, 3),
-    }
-    record.update(bytes_before=before["bytes"], bytes_after=weight_bytes(model))
-    write_run(out, config, tokenizer, model, args.run_dir, record)
-    return record
+    return Result(config, model)

@@ -1,4 +1,4 @@
-"""TensorFlow's start-up noise, silenced for the command line (unless `--verbose`).
+"""TensorFlow's start-up noise, silenced for the library and the command line.
 
 Importing TensorFlow 2.21 prints 6-8 lines to the process's stderr from C++ before its
 logging is configured (`TF_CPP_MIN_LOG_LEVEL` does not reach them), among them
@@ -6,10 +6,23 @@ logging is configured (`TF_CPP_MIN_LOG_LEVEL` does not reach them), among them
 CPU-only machine. `import_tensorflow_quietly` imports TensorFlow and initialises its
 devices with file descriptor 2 pointed at a temporary file, then writes back every line
 that is not one of those known notices, so a real error is never hidden.
+
+The Python API (`deepseek_tf.api`, and the names `deepseek_tf` exports) calls it before
+its first TensorFlow import, so a script is as quiet as `deepseek-tf`; the command line's
+`-v/--verbose` imports TensorFlow plainly first, which shows the notices.
+
+Examples:
+
+>>> from deepseek_tf.quiet import NOISE
+>>> bool(NOISE.match("I0000 00:00:1.0  1 port.cc:153] oneDNN custom operations are on."))
+True
+>>> bool(NOISE.match("Traceback (most recent call last):"))
+False
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -26,7 +39,12 @@ NOISE = re.compile(
 
 
 def import_tensorflow_quietly() -> None:
-    """Imports TensorFlow and lists its devices, dropping the start-up notices."""
+    """Imports TensorFlow and lists its devices, dropping the start-up notices.
+
+    Does nothing when TensorFlow is already imported (its notices, if any, are out).
+    TensorFlow is imported by name (`importlib`): this module is the one place that
+    decides how it starts, and stays importable without loading it.
+    """
     if "tensorflow" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # later C++ info lines (XLA's)
@@ -35,8 +53,7 @@ def import_tensorflow_quietly() -> None:
     with tempfile.TemporaryFile(mode="w+b") as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow as tf
-
+            tf = importlib.import_module("tensorflow")
             tf.config.list_physical_devices()  # device discovery prints the cuInit line
         finally:
             os.dup2(saved, 2)

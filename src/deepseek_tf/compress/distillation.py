@@ -8,43 +8,41 @@ schedule on
     (1 - alpha) * hard cross-entropy + alpha * T^2 KL(teacher_T || student_T)
 
 where `_T` is the softmax at temperature `T`. The teacher runs in inference mode and
-receives no gradient. `distill()` is the same loop as a Python function, so a benchmark
-can train the same student with `alpha=0` (plain training from scratch) for comparison.
+receives no gradient. `distill_model()` is the training on models in memory, so a
+benchmark can train the same student with `alpha=0` (plain training from scratch) for
+comparison; `distill()` is the whole job on run directories.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import time
+import functools
+from pathlib import Path
 
 import tensorflow as tf
 
-from deepseek_tf.compress.finetune import train_in_memory, validation_loss
-from deepseek_tf.compress.run_io import (
-    check_out_dir,
-    count_parameters,
-    load_source,
-    write_run,
-)
+from deepseek_tf.compress.finetune import train_in_memory
+from deepseek_tf.compress.job import Plan, Result, check_float, check_int, run_job
+from deepseek_tf.compress.run_io import Log, Source
 from deepseek_tf.config.loader import (
-    config_from_dict,
+    apply_overrides,
     config_to_dict,
     load_config,
     parse_override,
     parse_yaml,
     read_text_file,
+    update_config,
 )
+from deepseek_tf.config.schema import Config
 from deepseek_tf.errors import CompressionError
 from deepseek_tf.models.builder import build_model
-from deepseek_tf.rundir import RunDir
 from deepseek_tf.training.losses import distillation_term
 
 
 def _explicit_keys(path, overrides) -> set[str]:
-    """`section.key` names the student file's model/data sections or `--set` name."""
+    """`section.key` names the student file's model/data sections or `--set` name (a
+    `Config` object names none: every value is resolved, none stands out)."""
     keys = set()
-    if path is not None:
+    if path is not None and not isinstance(path, Config):
         raw = parse_yaml(read_text_file(path, "student config"), str(path)) or {}
         for section in ("model", "data"):
             values = raw.get(section) if isinstance(raw, dict) else None
@@ -58,14 +56,19 @@ def _explicit_keys(path, overrides) -> set[str]:
 def student_config_for(teacher_config, *, preset=None, path=None, overrides=(), steps: int = 0):
     """The student's `Config`: its own model/train/runtime, the teacher's data and vocabulary.
 
-    A bundled preset's data section is a default and silently replaced; a tokenizer or
-    vocabulary the student's file or `--set` names explicitly must match the teacher's.
+    `path` is the student's YAML file or a `Config` (else `preset`); `overrides` are
+    `--set` strings. A bundled preset's data section is a default and silently replaced;
+    a tokenizer or vocabulary the student's file or `--set` names explicitly must match
+    the teacher's.
 
     Raises:
         CompressionError: tokenizer or vocabulary mismatch, or a student context
             (`model.max_seq_len`) shorter than the teacher's training sequences.
     """
-    student = load_config(preset=preset, path=path, overrides=overrides)
+    if isinstance(path, Config):
+        student = apply_overrides(path, overrides)
+    else:
+        student = load_config(preset=preset, path=path, overrides=overrides)
     explicit = _explicit_keys(path, overrides)
     t_data, s_data = teacher_config.data, student.data
     if "data.tokenizer" in explicit and s_data.tokenizer != t_data.tokenizer:
@@ -91,15 +94,13 @@ def student_config_for(teacher_config, *, preset=None, path=None, overrides=(), 
             f"student model.max_seq_len={student.model.max_seq_len} is shorter than the "
             f"teacher's training sequences (data.seq_len={packed})"
         )
-    merged = config_to_dict(student)
-    merged["data"] = config_to_dict(teacher_config)["data"]
-    merged["model"]["vocab_size"] = vocab
+    changes = {"data": config_to_dict(teacher_config)["data"], "model": {"vocab_size": vocab}}
     if steps > 0:
-        merged["train"]["steps"] = steps
-    return config_from_dict(merged)
+        changes["train"] = {"steps": steps}
+    return update_config(student, **changes)
 
 
-def distill(
+def distill_model(
     teacher,
     teacher_config,
     tokenizer,
@@ -137,7 +138,9 @@ def distill(
             f"student model.vocab_size={student_config.model.vocab_size} differs from the "
             f"teacher's {teacher.vocab_size}"
         )
-    train = dataclasses.replace(student_config.train, steps=steps or student_config.train.steps)
+    train = update_config(
+        student_config, train={"steps": steps or student_config.train.steps}
+    ).train
     student = build_model(student_config, teacher.vocab_size, seed=train.seed)
     teacher.trainable = False  # its forward pass is not recorded for gradients
 
@@ -168,46 +171,84 @@ def check_options(alpha: float, temperature: float, steps: int) -> None:
         raise CompressionError(f"--steps: must be >= 0, got {steps}")
 
 
-def run(args) -> dict:
-    """`deepseek-tf compress distill`: trains the student, writes it as a new run."""
-    check_options(args.alpha, args.temperature, args.steps)
-    out = check_out_dir(args.run_dir, args.out)
-    teacher_config = RunDir(args.run_dir).read_config()
-    student_config = student_config_for(
-        teacher_config,
-        preset=args.student_preset,
-        path=args.student_config,
-        overrides=args.overrides,
-        steps=args.steps,
-    )  # every check before the teacher's weights are read
-    start = time.perf_counter()
-    teacher_config, teacher, tokenizer = load_source(args.run_dir)
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
-    student = distill(
-        teacher,
-        teacher_config,
-        tokenizer,
+def distill(
+    run_dir,
+    *,
+    out,
+    student_config: str | Path | Config | None = None,
+    student_preset: str | None = None,
+    overrides=(),
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    steps: int = 0,
+    quiet: bool = False,
+) -> dict:
+    """Trains a student on a teacher run's softened distribution and writes it as a new
+    run (`deepseek-tf compress distill`; see the module docstring).
+
+    Args:
+        run_dir: the teacher run.
+        out: the student's run directory.
+        student_config: the student's YAML file (or a `Config`); exactly one of it and
+            `student_preset`.
+        student_preset: a bundled preset for the student.
+        overrides: `section.key=value` changes to the student config (`--set`).
+        alpha: weight of the distillation term in [0, 1] (the hard loss has `1 - alpha`).
+        temperature: softmax temperature of the distillation term (> 0).
+        steps: student training steps (0: the student's `train.steps`).
+        quiet: no progress lines.
+
+    Returns:
+        The record (`compress.job`; "before" is the teacher), with `options`
+        {student, overrides, alpha, temperature, steps}.
+
+    Raises:
+        CompressionError: an option out of range, or a student that cannot use the
+            teacher's tokenizer and data (before the teacher's weights are read).
+
+    Examples:
+        >>> from deepseek_tf import compress
+        >>> compress.distill(  # doctest: +SKIP
+        ...     "runs/tiny", out="runs/student", student_preset="tiny",
+        ...     overrides=["model.n_layers=1"])
+    """
+    if (student_config is None) == (student_preset is None):
+        raise CompressionError("give one of --student-config and --student-preset")
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    alpha, temperature = check_float("alpha", alpha), check_float("temperature", temperature)
+    check_options(alpha, temperature, check_int("steps", steps))
+    student = student_config if student_config is not None else student_preset
+    named = "Config object" if isinstance(student, Config) else str(student)
+
+    def plan_for(teacher_config) -> Plan:
+        resolved = student_config_for(
+            teacher_config,
+            preset=student_preset,
+            path=student_config,
+            overrides=overrides,
+            steps=steps,
+        )
+        options = {"student": named, "overrides": list(overrides), "alpha": alpha}
+        options.update(temperature=temperature, steps=resolved.train.steps)
+        transform = functools.partial(
+            _distilled, student_config=resolved, alpha=alpha, temperature=temperature
+        )
+        return Plan("distill", options, transform)
+
+    return run_job(run_dir, out, plan_for, quiet=quiet)
+
+
+def _distilled(source: Source, log: Log, *, student_config, alpha, temperature) -> Result:
+    """The trained student (the job's transform)."""
+    student = distill_model(
+        source.model,
+        source.config,
+        source.tokenizer,
         student_config,
-        alpha=args.alpha,
-        temperature=args.temperature,
+        alpha=alpha,
+        temperature=temperature,
         steps=student_config.train.steps,
         log=log,
     )
-    batches = student_config.train.eval_batches
-    record = {
-        "method": "distill",
-        "options": {
-            "student": args.student_config or args.student_preset,
-            "overrides": list(args.overrides),
-            "alpha": args.alpha,
-            "temperature": args.temperature,
-            "steps": student_config.train.steps,
-        },
-        "teacher_parameters": count_parameters(teacher),
-        "parameters_after": count_parameters(student),
-        "val_loss_teacher": validation_loss(teacher, teacher_config, tokenizer, batches),
-        "val_loss_after": validation_loss(student, student_config, tokenizer, batches),
-    }
-    record["seconds"] = round(time.perf_counter() - start, 3)
-    write_run(out, student_config, tokenizer, student, args.run_dir, record)
-    return record
+    return Result(student_config, student)

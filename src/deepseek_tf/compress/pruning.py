@@ -20,12 +20,21 @@ so the saved model is smaller and faster, not only masked.
 
 from __future__ import annotations
 
-import time
+import functools
 
 import numpy as np
-import tensorflow as tf
 
-from deepseek_tf.compress.finetune import finetune, validation_loss
+from deepseek_tf.compress.finetune import finetune
+from deepseek_tf.compress.job import (
+    Plan,
+    Result,
+    check_choice,
+    check_float,
+    check_int,
+    comma_list,
+    run_job,
+)
+from deepseek_tf.compress.prune_importance import IMPORTANCE, Scorer
 from deepseek_tf.compress.prune_shrink import (
     apply_masks,
     find_groups,
@@ -34,22 +43,12 @@ from deepseek_tf.compress.prune_shrink import (
     shrink,
     unstructured_prune,
 )
-from deepseek_tf.compress.run_io import (
-    check_out_dir,
-    count_parameters,
-    load_source,
-    progress,
-    weight_bytes,
-    write_run,
-)
-from deepseek_tf.data.pipeline import make_train_dataset
+from deepseek_tf.compress.run_io import Log, Source, count_parameters
 from deepseek_tf.errors import CompressionError
 from deepseek_tf.models.builder import unbuilt_model
-from deepseek_tf.rundir import RunDir
-from deepseek_tf.training.step import make_objective
 
 TARGETS = ("heads", "ffn", "experts")
-IMPORTANCE = ("magnitude", "gradient", "random")
+CLI_IMPORTANCE = ("magnitude", "gradient")  # "random" is the library-only baseline
 
 
 def layer_units(config) -> list[dict]:
@@ -110,118 +109,28 @@ def plan(config, sparsity: float, targets, strict: bool = True) -> dict:
     return keep
 
 
-def check_request(config, args) -> tuple:
-    """Early validation of the CLI options; returns `(targets, plan)`."""
-    targets = [t for t in args.targets.split(",") if t]
-    strict = set(targets) != set(TARGETS)
-    if args.steps < 0:
-        raise CompressionError(f"--steps: must be >= 0, got {args.steps}")
-    if args.steps and args.learning_rate <= 0:
-        raise CompressionError(f"--learning-rate: must be > 0, got {args.learning_rate}")
-    if args.schedule_power <= 0:
-        raise CompressionError(f"--schedule-power: must be > 0, got {args.schedule_power}")
-    keep = plan(config, args.sparsity, targets, strict)
-    return sorted({kind for kind, _ in keep}, key=TARGETS.index), keep
+def check_options(*, sparsity, steps, learning_rate, schedule_power) -> float:
+    """Type and range checks of `prune`'s numeric options; returns `sparsity` as a float."""
+    sparsity = check_float("sparsity", sparsity)
+    check_int("steps", steps, minimum=0)
+    if check_float("learning_rate", learning_rate) <= 0 and steps:
+        raise CompressionError(f"--learning-rate: must be > 0, got {learning_rate}")
+    if check_float("schedule_power", schedule_power) <= 0:
+        raise CompressionError(f"--schedule-power: must be > 0, got {schedule_power}")
+    return sparsity
+
+
+def check_request(config, targets, sparsity: float) -> list[str]:
+    """The targets `config` will have pruned (validated against it, see `plan`): the
+    default `TARGETS` drop the kinds the model lacks, an explicit list must all exist."""
+    keep = plan(config, sparsity, list(targets), strict=set(targets) != set(TARGETS))
+    return sorted({kind for kind, _ in keep}, key=TARGETS.index)
 
 
 def removal_count(step: int, ramp: int, power: float, final: int) -> int:
     """Units removed after `step` of a `ramp`-step polynomial schedule ending at `final`."""
     fraction = 1.0 - (1.0 - min(1.0, step / ramp)) ** power
     return min(final, int(fraction * final + 0.5))
-
-
-class Scorer:
-    """Importance scores of every group's units (see the module docstring)."""
-
-    def __init__(self, model, config, tokenizer, groups, mode: str, batches: int, seed: int):
-        self.model, self.groups, self.mode, self.batches = model, groups, mode, batches
-        self.config, self.tokenizer = config, tokenizer
-        self.rng = np.random.default_rng(seed)
-        self.accumulated = [np.zeros(g.n_units) for g in groups]
-        self._data = None
-        self._fn = None
-
-    def _batch(self):
-        if self._data is None:
-            ds = make_train_dataset(self.config.data, self.tokenizer, self.config.train.batch_size)
-            self._data = iter(ds)
-        return next(self._data)
-
-    def _gradient_fn(self):
-        variables = [v for g in self.groups for v, _, _ in g.slices if v.trainable]
-        objective = make_objective(  # the training objective, evaluated without dropout
-            self.model, mtp_loss_weight=self.config.model.mtp_loss_weight
-        )
-
-        def grads(inputs, targets, weights):
-            with tf.GradientTape() as tape:
-                total, _ = objective(inputs, targets, weights, training=False)
-            return tape.gradient(total, variables)
-
-        return variables, tf.function(grads)
-
-    def _load_fn(self):
-        def loads(inputs):
-            x, out = self.model.embed(inputs), {}
-            for i, block in enumerate(self.model.blocks):
-                result = block(x)
-                x = result["x"]
-                if "expert_load" in result:
-                    out[str(i)] = result["expert_load"]  # (E,)
-            return out
-
-        return tf.function(loads)
-
-    def __call__(self) -> list[np.ndarray]:
-        if self.mode == "random":
-            return [self.rng.random(g.n_units) for g in self.groups]
-        if self.mode == "gradient":
-            if self._fn is None:
-                self._fn = self._gradient_fn()
-            variables, fn = self._fn
-            taylor = {id(v): 0.0 for v in variables}
-            for _ in range(self.batches):
-                for v, grad in zip(variables, fn(*self._batch())):
-                    if grad is not None:  # IndexedSlices (gathered tables) made dense
-                        grad = tf.convert_to_tensor(grad).numpy()
-                        taylor[id(v)] = taylor[id(v)] + np.abs(v.numpy() * grad)
-            for k, g in enumerate(self.groups):
-                fresh = sum(
-                    per_unit_sum(taylor[id(v)], axis, g.n_units)
-                    for v, axis, _ in g.slices
-                    if v.trainable
-                )
-                self.accumulated[k] = 0.5 * self.accumulated[k] + fresh
-            return [a.copy() for a in self.accumulated]
-        return self._magnitude()
-
-    def _magnitude(self) -> list[np.ndarray]:
-        loads = {}
-        if any(g.router is not None for g in self.groups):
-            if self._fn is None:
-                self._fn = self._load_fn()
-            for _ in range(self.batches):
-                for key, load in self._fn(self._batch()[0]).items():
-                    loads[int(key)] = loads.get(int(key), 0.0) + load.numpy()
-        scores = []
-        for g in self.groups:
-            score = np.ones(g.n_units)
-            for role in ("in", "out"):
-                squares = sum(
-                    per_unit_sum(v.numpy() ** 2, axis, g.n_units)
-                    for v, axis, r in g.slices
-                    if r == role
-                )
-                score = score * np.sqrt(squares)
-            if g.router is not None:
-                score = score * loads[g.layer]
-            scores.append(score)
-        return scores
-
-
-def per_unit_sum(value: np.ndarray, axis: int, n_units: int) -> np.ndarray:
-    """`(n_units,)` sums of `value` over each unit's slice along `axis`."""
-    return np.moveaxis(value, axis, 0).reshape(n_units, -1).sum(axis=1)  # (U, rest) -> (U,)
 
 
 def prune_to(groups, scores, counts) -> int:
@@ -259,7 +168,8 @@ def prune_model(
     """Prunes `model` (fine-tuned and left masked in place) into a physically smaller one.
 
     Args:
-        model, config, tokenizer: a loaded run (see `run_io.load_source`).
+        model, config, tokenizer: a loaded run (see `run_io.load_source`); `model` is
+            left masked (pruned units zeroed) in place.
         sparsity: fraction of each layer's units removed, in [0, 1).
         targets: kinds to prune (those the model lacks are skipped).
         importance: `"magnitude"`, `"gradient"` or `"random"` (baseline).
@@ -322,50 +232,70 @@ def prune_model(
     return new_config, new_model, info
 
 
-def run(args) -> dict:
-    """`deepseek-tf compress prune`: validates, prunes, fine-tunes, shrinks, writes the run."""
-    out = check_out_dir(args.run_dir, args.out)
-    targets, _ = check_request(RunDir(args.run_dir).read_config(), args)
-    config, model, tokenizer = load_source(args.run_dir)
-    log = None if args.quiet else progress
-    batches = config.train.eval_batches
-    before, bytes_before = count_parameters(model), weight_bytes(model)
-    loss_before = validation_loss(model, config, tokenizer, batches)
-    started = time.perf_counter()
-    new_config, new_model, info = prune_model(
-        model,
-        config,
-        tokenizer,
-        sparsity=args.sparsity,
-        targets=targets,
-        importance=args.importance,
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-        schedule_power=args.schedule_power,
-        log=log,
+def prune(
+    run_dir,
+    *,
+    out,
+    sparsity: float = 0.3,
+    targets: str | tuple[str, ...] = "heads,ffn,experts",
+    importance: str = "gradient",
+    schedule_power: float = 3.0,
+    unstructured: bool = False,
+    steps: int = 300,
+    learning_rate: float = 3e-4,
+    quiet: bool = False,
+) -> dict:
+    """Structured pruning of a trained run into a physically smaller new run
+    (`deepseek-tf compress prune`; see the module docstring).
+
+    Args:
+        run_dir: the trained run.
+        out: the new run directory.
+        sparsity: fraction of each target's units removed, in [0, 1).
+        targets: comma list or sequence of "heads", "ffn", "experts" (the default drops
+            the kinds the model lacks; an explicit kind it lacks is an error).
+        importance: "gradient" or "magnitude".
+        schedule_power: power of the polynomial sparsity schedule (> 0).
+        unstructured: also zero the smallest `sparsity` of every remaining projection.
+        steps: fine-tuning steps (0: prune in one shot).
+        learning_rate: peak fine-tuning learning rate (> 0 when `steps`).
+        quiet: no progress lines.
+
+    Returns:
+        The record (`compress.job`), with `options` (as given, targets resolved),
+        `removed` (per kind, per layer: query heads, channels, experts removed) and
+        `unstructured_zeroed`.
+
+    Raises:
+        CompressionError: an option out of range or a request the model cannot take
+            (before any work).
+
+    Examples:
+        >>> from deepseek_tf import compress
+        >>> compress.prune("runs/tiny", out="runs/tiny-p30", sparsity=0.3)  # doctest: +SKIP
+    """
+    sparsity = check_options(
+        sparsity=sparsity, steps=steps, learning_rate=learning_rate, schedule_power=schedule_power
     )
-    zeroed = unstructured_prune(new_model, args.sparsity) if args.unstructured else 0
-    seconds = time.perf_counter() - started
-    record = {
-        "method": "prune",
-        "options": {
-            "sparsity": args.sparsity,
-            "targets": targets,
-            "importance": args.importance,
-            "schedule_power": args.schedule_power,
-            "unstructured": bool(args.unstructured),
-            "steps": args.steps,
-            "learning_rate": args.learning_rate,
-        },
-        "parameters_before": before,
-        "parameters_after": count_parameters(new_model),
-        "unstructured_zeroed": zeroed,
-        "val_loss_before": loss_before,
-        "val_loss_after": validation_loss(new_model, new_config, tokenizer, batches),
-        "removed": info["removed"],
-        "bytes_before": bytes_before,
-        "bytes_after": weight_bytes(new_model),
-        "seconds": round(seconds, 3),
-    }
-    write_run(out, new_config, tokenizer, new_model, args.run_dir, record)
-    return record
+    check_choice("importance", importance, CLI_IMPORTANCE)
+    asked = comma_list("targets", targets)
+    options = {"sparsity": sparsity, "importance": importance, "schedule_power": schedule_power}
+    options.update(unstructured=bool(unstructured), steps=steps, learning_rate=learning_rate)
+
+    def plan_for(config) -> Plan:
+        chosen = check_request(config, asked, sparsity)
+        transform = functools.partial(_pruned, targets=chosen, **options)
+        return Plan("prune", {"targets": chosen, **options}, transform)
+
+    return run_job(run_dir, out, plan_for, quiet=quiet)
+
+
+def _pruned(source: Source, log: Log, *, targets, unstructured: bool, **options) -> Result:
+    """The pruned, shrunk config and model of `source` (the job's transform)."""
+    new_config, new_model, info = prune_model(
+        source.model, source.config, source.tokenizer, targets=targets, log=log, **options
+    )
+    zeroed = unstructured_prune(new_model, options["sparsity"]) if unstructured else 0
+    return Result(
+        new_config, new_model, {"removed": info["removed"], "unstructured_zeroed": zeroed}
+    )

@@ -11,24 +11,17 @@ entries), so the new run loads like any other; an optional fine-tune recovers qu
 
 from __future__ import annotations
 
-import sys
-import time
+import functools
 
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.compress.finetune import finetune, validation_loss
-from deepseek_tf.compress.run_io import (
-    check_out_dir,
-    count_parameters,
-    load_source,
-    with_model,
-    write_run,
-)
+from deepseek_tf.compress.finetune import finetune
+from deepseek_tf.compress.job import Plan, Result, check_float, check_int, comma_list, run_job
+from deepseek_tf.compress.run_io import Log, Source, with_model
 from deepseek_tf.errors import CompressionError
 from deepseek_tf.layers.low_rank_dense import LowRankDense
 from deepseek_tf.models.builder import build_model
-from deepseek_tf.rundir import RunDir
 
 TARGETS = ("attention", "ffn")
 SHARED = {"attention": ("attention", "both"), "ffn": ("ffn", "both")}
@@ -36,8 +29,7 @@ SHARED = {"attention": ("attention", "both"), "ffn": ("ffn", "both")}
 
 def parse_targets(targets) -> tuple[str, ...]:
     """`"attention,ffn"` (or a sequence) -> checked tuple of sublayer names."""
-    names = targets.split(",") if isinstance(targets, str) else list(targets)
-    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    names = comma_list("targets", targets)
     bad = [n for n in names if n not in TARGETS]
     if bad or not names:
         raise CompressionError(f"--targets: {bad or targets!r} not in {', '.join(TARGETS)}")
@@ -165,47 +157,88 @@ def _copy_weights(source, target, factors: dict) -> None:
         var.assign(src)
 
 
-def run(args) -> dict:
-    """`deepseek-tf compress lowrank`: factorise, optionally fine-tune, write a new run."""
-    targets = parse_targets(args.targets)
-    rank, energy = (args.rank, None) if args.rank is not None else (None, args.energy)
-    if args.steps < 0 or (args.steps and args.learning_rate <= 0):
-        raise CompressionError("--steps must be >= 0 and --learning-rate > 0")
-    out = check_out_dir(args.run_dir, args.out)
-    check_options(RunDir(args.run_dir).read_config(), targets, rank, energy)
-    start = time.perf_counter()
-    config, model, tokenizer = load_source(args.run_dir)
-    check_rank(candidates(model, targets)[0], rank)  # before any SVD or evaluation
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
-    batches = config.train.eval_batches
-    val_before = validation_loss(model, config, tokenizer, batches)
+DEFAULT_ENERGY = 0.9
+
+
+def lowrank(
+    run_dir,
+    *,
+    out,
+    rank: int | None = None,
+    energy: float | None = None,
+    targets: str | tuple[str, ...] = "ffn",
+    steps: int = 0,
+    learning_rate: float = 1e-4,
+    quiet: bool = False,
+) -> dict:
+    """Factorises a trained run's projections into truncated-SVD pairs, optionally
+    fine-tunes, and writes a new run (`deepseek-tf compress lowrank`).
+
+    Args:
+        run_dir: the trained (float) run.
+        out: the new run directory.
+        rank: fixed rank of every factorised projection (not with `energy`).
+        energy: smallest rank keeping this fraction in (0, 1] of the squared singular
+            values (None and no `rank`: 0.9).
+        targets: comma list or sequence of "attention", "ffn".
+        steps: fine-tuning steps after factorising (0: none).
+        learning_rate: peak fine-tuning learning rate (> 0 when `steps`).
+        quiet: no progress lines.
+
+    Returns:
+        The record (`compress.job`), with `options` {rank, energy, targets, steps,
+        learning_rate}, `ranks` ({"LAYER/SUBLAYER/PROJ": rank}), `skipped` (projections
+        left whole, with the reason) and `energy_kept` per factorised projection.
+
+    Raises:
+        CompressionError: an option out of range, or projections that cannot take the
+            rank (before any work).
+
+    Examples:
+        >>> from deepseek_tf import compress
+        >>> compress.lowrank("runs/tiny", out="runs/tiny-lr", energy=0.9)  # doctest: +SKIP
+    """
+    names = parse_targets(targets)
+    if rank is not None and energy is not None:
+        raise CompressionError("give one of --rank and --energy")
+    rank = check_int("rank", rank, optional=True)
+    energy = check_float("energy", energy, optional=True)
+    if rank is None and energy is None:
+        energy = DEFAULT_ENERGY
+    check_int("steps", steps, minimum=0)
+    if check_float("learning_rate", learning_rate) <= 0 and steps:
+        raise CompressionError(f"--learning-rate: must be > 0, got {learning_rate}")
+    options = {"rank": rank, "energy": energy, "targets": list(names), "steps": steps}
+    options["learning_rate"] = learning_rate
+
+    def plan_for(config) -> Plan:
+        check_options(config, names, rank, energy)
+        transform = functools.partial(
+            _factorized, targets=names, rank=rank, energy=energy, steps=steps, lr=learning_rate
+        )
+        return Plan(
+            "lowrank",
+            options,
+            transform,
+            check_loaded=lambda source: check_rank(candidates(source.model, names)[0], rank),
+        )
+
+    return run_job(run_dir, out, plan_for, quiet=quiet)
+
+
+def _factorized(source: Source, log: Log, *, targets, rank, energy, steps, lr) -> Result:
+    """The factorised (and fine-tuned) config and model of `source` (the job's transform)."""
     new_config, new_model, info = factorize(
-        model, config, targets=targets, rank=rank, energy=energy
+        source.model, source.config, targets=targets, rank=rank, energy=energy
     )
-    finetune(
-        new_model,
-        new_config,
-        tokenizer,
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-        start_step=config.train.steps,  # continue the stream where training ended
-        log=log,
-    )
-    record = {
-        "method": "lowrank",
-        "options": {
-            "rank": rank,
-            "energy": energy,
-            "targets": list(targets),
-            "steps": args.steps,
-            "learning_rate": args.learning_rate,
-        },
-        **info,
-        "parameters_before": count_parameters(model),
-        "parameters_after": count_parameters(new_model),
-        "val_loss_before": val_before,
-        "val_loss_after": validation_loss(new_model, new_config, tokenizer, batches),
-    }
-    record["seconds"] = round(time.perf_counter() - start, 3)
-    write_run(out, new_config, tokenizer, new_model, args.run_dir, record)
-    return record
+    if steps > 0:
+        finetune(
+            new_model,
+            new_config,
+            source.tokenizer,
+            steps=steps,
+            learning_rate=lr,
+            start_step=source.config.train.steps,  # continue the stream where training ended
+            log=log,
+        )
+    return Result(new_config, new_model, info)

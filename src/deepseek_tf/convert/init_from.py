@@ -6,14 +6,16 @@ step 0 with a fresh optimizer. The weights come from the source's newest
 checkpoint (a run) or its safetensors (a Hugging Face directory, assigned tensor
 by tensor in the run's precision); LoRA adapters (`train.lora_rank`) are added
 after, so the base arrives exactly as it was and only the adapters train.
+
+This module reads both kinds of source, so it sits with the conversion code, above
+`rundir` and `training`: the trainer receives what it loads from its caller.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from deepseek_tf.config.loader import apply_overrides
+from deepseek_tf.config.loader import apply_overrides, config_to_dict, update_config
 from deepseek_tf.config.schema import Config
 from deepseek_tf.convert.hf import load_source_tokenizer
 from deepseek_tf.convert.hf_config import (
@@ -32,7 +34,11 @@ FAMILY_KEYS = ("attention", "d_model", "n_layers", "n_heads", "n_routed_experts"
 
 
 def source_kind(source) -> str:
-    """`"run"` (a deepseek-tf run directory) or `"hf"` (a Hugging Face model directory)."""
+    """`"run"` (a deepseek-tf run directory) or `"hf"` (a Hugging Face model directory).
+
+    Raises:
+        RunDirError: `source` is neither.
+    """
     path = Path(source)
     if (path / CONFIG_FILE).is_file():
         return "run"
@@ -58,10 +64,16 @@ def source_config(source) -> tuple[Config, object]:
 def init_config(source, base: Config | None = None, overrides=()) -> tuple[Config, object]:
     """`(config, tokenizer)` of a run fine-tuned from `source`.
 
+    Args:
+        source: a run directory or a Hugging Face model directory.
+        base: the config whose train/data/runtime sections the new run takes (from
+            `--config`/`--preset`); None keeps the source's own.
+        overrides: `--set section.key=value` strings, applied last.
+
     Raises:
-        ConfigError: `base` (from --config/--preset) is another architecture family
-            than the source (the message names the key), or the source has no
-            tokenizer to read the training text with.
+        ConfigError: `base` is another architecture family than the source (the
+            message names the key), or the source has no tokenizer to read the
+            training text with.
     """
     config, tokenizer = source_config(source)
     if tokenizer is None:
@@ -78,17 +90,24 @@ def init_config(source, base: Config | None = None, overrides=()) -> tuple[Confi
                     "--config; fine-tuning keeps the source's architecture (drop --config or "
                     "choose one of its family)"
                 )
-        data = dataclasses.replace(
-            base.data, tokenizer=config.data.tokenizer, vocab_size=config.data.vocab_size
+        config = update_config(
+            base,
+            model=config_to_dict(config)["model"],
+            data={"tokenizer": config.data.tokenizer, "vocab_size": config.data.vocab_size},
+            train={"precision": config.train.precision},
         )
-        train = dataclasses.replace(base.train, precision=config.train.precision)
-        config = dataclasses.replace(base, model=config.model, data=data, train=train)
     return apply_overrides(config, list(overrides)), tokenizer
 
 
 def load_initial_weights(model, source) -> str:
-    """Assigns the source's weights to `model` (built without adapters); returns a line
-    saying what was loaded.
+    """Assigns the source's weights to `model` (built without adapters).
+
+    Args:
+        model: the model of `init_config(source, ...)`'s config.
+        source: a run directory or a Hugging Face model directory.
+
+    Returns:
+        A line saying what was loaded, e.g. `"runs/tiny (step 20)"`.
 
     Raises:
         RunDirError / ConversionError: the weights do not fit the model (named).
