@@ -58,7 +58,7 @@ def test_jitter_lengths_span_the_range_with_mean_near_seq_len():
 
 def test_invalid_jitter_fraction_is_a_config_error():
     cfg = DataConfig(seq_len=8, length_jitter=True, length_jitter_frac=1.0)
-    tok = train_tokenizer("char", ["ab"])
+    tok = train_tokenizer("char", texts=["ab"])
     with pytest.raises(ConfigError, match="data.length_jitter_frac"):
         make_train_dataset(cfg, tok, 2)
 
@@ -68,7 +68,7 @@ def positions(tmp_path):
     text = "".join(chr(0x4E00 + i) for i in range(2000))
     path = tmp_path / "positions.txt"
     path.write_text(text, encoding="utf-8")
-    return str(path), train_tokenizer("char", [text])
+    return str(path), train_tokenizer("char", texts=[text])
 
 
 def test_pipeline_replaces_inputs_only(positions):

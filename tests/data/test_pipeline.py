@@ -28,7 +28,7 @@ def _positions_corpus(tmp_path, num_files=1):
         text = "".join(chr(0x4E00 + f * N + i) for i in range(N))
         (tmp_path / f"part{f}.txt").write_text(text, encoding="utf-8")
         texts.append(text)
-    tok = train_tokenizer("char", texts)  # sorted => id == global position
+    tok = train_tokenizer("char", texts=texts)  # sorted => id == global position
     return str(tmp_path / "part*.txt"), tok, texts
 
 
@@ -125,7 +125,7 @@ def test_split_all_reads_whole_files(tmp_path):
 
 def test_bundled_corpus_val_split_matches_python_split():
     (text,) = read_texts([default_corpus_path()])
-    tok = train_tokenizer("char", [text])
+    tok = train_tokenizer("char", texts=[text])
     _, val = split_text(text, 0.1)
     ds = make_eval_dataset(DataConfig(seq_len=64), tok, 512)
     inputs = np.concatenate([x[0].numpy() for x in ds])
@@ -137,7 +137,7 @@ def test_bundled_corpus_val_split_matches_python_split():
 def test_too_short_split_names_files_and_numbers(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("abcdefghij" * 3, encoding="utf-8")
-    tok = train_tokenizer("char", ["abcdefghij"])
+    tok = train_tokenizer("char", texts=["abcdefghij"])
     with pytest.raises(DataError) as exc:
         make_eval_dataset(DataConfig(files=(str(path),), seq_len=8), tok, 2)
     message = str(exc.value)
@@ -163,7 +163,7 @@ def test_bpe_pipeline_blocks_are_contiguous_token_runs(tmp_path):
     text = text[:30_000]
     path = tmp_path / "shakespeare.txt"
     path.write_text(text, encoding="utf-8")
-    tok = train_tokenizer("bpe", [text], vocab_size=300)
+    tok = train_tokenizer("bpe", texts=[text], vocab_size=300)
     cfg = DataConfig(files=(str(path),), seq_len=16, val_fraction=0.1)
     train, val = split_text(text, 0.1)
     for inputs, targets, _ in _take(make_train_dataset(cfg, tok, 3), 2):

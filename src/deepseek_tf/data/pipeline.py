@@ -31,7 +31,6 @@ from deepseek_tf.data.prepared import (
 )
 from deepseek_tf.errors import DataError, TokenizerError
 from deepseek_tf.tokenizers.base import Tokenizer
-from deepseek_tf.tokenizers.char import CharTokenizer
 
 SPLITS = ("train", "val", "all")
 
@@ -46,21 +45,19 @@ def _part(text: str, split: str, val_fraction: float) -> str:
 def _token_counts(
     files: list[str], tokenizer: Tokenizer, split: str, val_fraction: float
 ) -> list[int]:
-    """Validate the files' characters (char tokenizer) and count each split part's tokens."""
+    """Validate the files' characters (a tokenizer with a closed alphabet) and count each
+    split part's tokens."""
     parts = []
     for path, text in zip(files, read_texts(files), strict=True):
-        if isinstance(tokenizer, CharTokenizer):
-            unknown = tokenizer.unknown_char(text)
-            if unknown is not None:
-                pos, char = unknown
-                raise TokenizerError(
-                    f"data file '{path}': character {char!r} at position {pos} is not in "
-                    "the char tokenizer's vocabulary"
-                )
+        unknown = tokenizer.unknown_char(text)
+        if unknown is not None:
+            pos, char = unknown
+            raise TokenizerError(
+                f"data file '{path}': character {char!r} at position {pos} is not in "
+                f"the {tokenizer.kind} tokenizer's vocabulary"
+            )
         parts.append(_part(text, split, val_fraction))
-    if isinstance(tokenizer, CharTokenizer):
-        return [len(p) for p in parts]
-    return [len(ids) for ids in tokenizer.encode_batch(parts)]
+    return tokenizer.count_tokens(parts)
 
 
 def _check_blocks(

@@ -30,22 +30,8 @@ __all__ = [
 TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "bpe": BPETokenizer}
 
 
-def _legacy_texts(texts, vocab_size) -> tuple[list[str], int | None]:
-    """The transitional positional form `train_tokenizer(kind, texts[, vocab_size])`:
-    texts only (a path there is refused; files go in `files=`)."""
-    if isinstance(texts, str) or any(not isinstance(t, str) for t in texts):
-        raise TypeError(
-            "train_tokenizer: pass texts=[...] and files=[...] as keywords "
-            "(a positional sequence holds texts only)"
-        )
-    return list(texts), vocab_size
-
-
 def train_tokenizer(
     kind: str,
-    _texts: Sequence[str] | None = None,
-    _vocab_size: int | None = None,
-    /,
     *,
     texts: Iterable[str] | str | None = None,
     files: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
@@ -76,9 +62,6 @@ def train_tokenizer(
     4
     >>> train_tokenizer("char", files=["corpus/*.txt"])  # doctest: +SKIP
     """
-    if _texts is not None:  # transitional: remove once every caller passes keywords
-        texts, legacy_vocab = _legacy_texts(_texts, _vocab_size)
-        vocab_size = legacy_vocab if legacy_vocab is not None else vocab_size
     cls = TOKENIZER_KINDS.get(kind)
     if cls is None:
         raise TokenizerError(f"unknown tokenizer kind {kind!r} (expected 'char' or 'bpe')")
