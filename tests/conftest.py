@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# the suite's own presets (`tiny`, `tiny-moe`: few-second models) are not shipped; the
+# loader finds them here, in this process and in every command a test starts
+os.environ["DEEPSEEK_TF_PRESETS"] = str(Path(__file__).parent / "presets")
 # tests in other folders use the serving tests' helpers (a real server on 127.0.0.1)
 sys.path.insert(0, str(Path(__file__).parent / "serving"))
 

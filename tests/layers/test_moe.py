@@ -358,8 +358,8 @@ def test_hidden_and_mixed_precision(shared):
     got = np.asarray(tf.cast(out["x"], "float32"))
     assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
     jit = tf.function(lambda x: mixed(x)["x"], jit_compile=True)(x)
-    # XLA fuses in another order: a few bf16 ulps (2**-8 relative) apart, CPU-dependent
-    np.testing.assert_allclose(np.asarray(tf.cast(jit, "float32")), got, atol=0.02, rtol=2**-6)
+    # XLA fuses in another order: bf16-level differences (CPU-dependent), as above
+    assert np.abs(np.asarray(tf.cast(jit, "float32")) - got).max() < 0.03 * np.abs(got).max()
 
 
 def test_invalid_dispatch_raises():

@@ -234,7 +234,8 @@ def test_byte_level_bpe_fragments_are_never_allowed():
     from deepseek_tf.tokenizers import train_tokenizer
 
     tok = train_tokenizer(
-        "bpe", texts=['{"name": "Zürich", "temp": -3.5e1, "ok": [true, null]}\n'] * 30,
+        "bpe",
+        texts=['{"name": "Zürich", "temp": -3.5e1, "ok": [true, null]}\n'] * 30,
         vocab_size=300,
     )
     texts = token_texts(tok)

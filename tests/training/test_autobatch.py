@@ -33,10 +33,21 @@ def _measured(code: str):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_step_memory_grows_with_the_batch():
-    small, large = _measured(
-        f"print(json.dumps([step_bytes(config, {VOCAB}, 8), step_bytes(config, {VOCAB}, 256)]))"
+@pytest.fixture(scope="module")
+def measured():
+    """Step memory at two batches and the error of a budget below one sequence, measured
+    in one fresh interpreter (one TensorFlow start-up for the module)."""
+    code = (
+        f"steps = [step_bytes(config, {VOCAB}, 8), step_bytes(config, {VOCAB}, 256)]\n"
+        f"try:\n    find_batch_size(config, {VOCAB}, 1024, log=None)\n    error = None\n"
+        "except Exception as e:\n    error = [type(e).__name__, str(e)]\n"
+        "print(json.dumps({'steps': steps, 'error': error}))"
     )
+    return _measured(code)
+
+
+def test_step_memory_grows_with_the_batch(measured):
+    small, large = measured["steps"]
     assert large > small > 0
 
 
@@ -52,12 +63,8 @@ def test_auto_batch_fits_the_budget_and_grows_with_it():
     assert large["batch_size"] > small["batch_size"] >= 2
 
 
-def test_a_budget_below_one_sequence_is_a_clear_error():
-    code = (
-        f"try:\n    find_batch_size(config, {VOCAB}, 1024, log=None)\n"
-        "except Exception as e:\n    print(json.dumps([type(e).__name__, str(e)]))"
-    )
-    kind, message = _measured(code)
+def test_a_budget_below_one_sequence_is_a_clear_error(measured):
+    kind, message = measured["error"]
     assert kind == "ConfigError" and "batch-size auto" in message
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -26,15 +27,39 @@ DEFAULT_PRESET = "shakespeare-char"
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+PRESETS_ENV = "DEEPSEEK_TF_PRESETS"  # more preset folders (os.pathsep-separated)
+
+
+def _preset_folders() -> list:
+    """The bundled presets, then the folders named by `$DEEPSEEK_TF_PRESETS` (a project's
+    own presets; the test suite keeps its few-second models there)."""
+    extra = [Path(p) for p in os.environ.get(PRESETS_ENV, "").split(os.pathsep) if p]
+    return [resources.files("deepseek_tf") / "presets", *extra]
+
+
+def _preset_file(name: str):
+    for folder in _preset_folders():
+        path = folder / f"{name}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
 def preset_names() -> list[str]:
-    """Names of the YAML presets shipped in `deepseek_tf/presets`."""
-    folder = resources.files("deepseek_tf") / "presets"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    """Names of the YAML presets: the bundled ones (`deepseek_tf/presets`) and those in
+    the folders of `$DEEPSEEK_TF_PRESETS`."""
+    names = set()
+    for folder in _preset_folders():
+        if folder.is_dir():
+            names.update(
+                p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml")
+            )
+    return sorted(names)
 
 
 def preset_description(name: str) -> str:
     """The first sentence of a preset's leading comment (one line for `info --presets`)."""
-    text = (resources.files("deepseek_tf") / "presets" / f"{name}.yaml").read_text("utf-8")
+    text = _preset_file(name).read_text("utf-8")
     lines = []
     for line in text.splitlines():
         if not line.startswith("#"):
@@ -107,9 +132,9 @@ def read_text_file(path, what: str) -> str:
 
 def preset_dict(name: str) -> dict:
     """The raw mapping of preset `name`."""
-    if name not in preset_names():
+    path = _preset_file(name) if name in preset_names() else None  # a name, never a path
+    if path is None:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
-    path = resources.files("deepseek_tf") / "presets" / f"{name}.yaml"
     return _read_yaml(path.read_text(encoding="utf-8"), f"preset {name}")
 
 

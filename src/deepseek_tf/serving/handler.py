@@ -59,21 +59,21 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "deepseek-tf"
     timeout = 120  # seconds a connection may stall (a half-sent body, an idle keep-alive)
+    _endpoint, _responded = "other", False  # per request (set in handle_one_request)
 
     def setup(self):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle_one_request(self):
-        self._status, self._endpoint = None, "other"
-        try:
-            super().handle_one_request()
-        finally:
-            if self._status is not None:
-                self.app.metrics.request(self._endpoint, self._status)
+        self._endpoint, self._responded = "other", False
+        super().handle_one_request()
 
     def send_response(self, code, message=None):
-        self._status = code
+        # counted before the client can read the response, so a client that asks
+        # /metrics next sees its own request counted
+        self._responded = True
+        self.app.metrics.request(self._endpoint, code)
         super().send_response(code, message)
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
@@ -236,8 +236,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(e, close=self.close_connection)
         except DISCONNECTS:
             self.close_connection = True
-            if self._status is None:
-                self._status = CLIENT_GONE
+            if not self._responded:
+                self.app.metrics.request(self._endpoint, CLIENT_GONE)
         except Exception:  # a bug, not the client's fault: 500, and keep serving
             log.exception("request failed")
             self._error(ApiError(500, "internal server error", "server_error", "internal"), True)
