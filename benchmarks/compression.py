@@ -69,7 +69,7 @@ def build_rows(run: Path, args) -> list[dict]:
     from deepseek_tf.compress.pruning import prune_model
     from deepseek_tf.compress.quantization import calibration_tokens, quantize_model
     from deepseek_tf.compress.quantization_aware import quantization_aware_finetune
-    from deepseek_tf.compress.run_io import with_model
+    from deepseek_tf.config.loader import update_config
     from deepseek_tf.rundir import RunDir
 
     config = RunDir(run).read_config()
@@ -97,7 +97,8 @@ def build_rows(run: Path, args) -> list[dict]:
             )
 
         _, seconds = timed(work)
-        cfg = with_model(config, quantize=mode, quantize_bits=4, quantize_group_size=group)
+        changes = {"quantize": mode, "quantize_bits": 4, "quantize_group_size": group}
+        cfg = update_config(config, compression=changes)
         rows.append({"name": name, "config": cfg, "model": m, "seconds": seconds})
 
     print("[rows] post-training quantisation", flush=True)
@@ -184,7 +185,7 @@ def build_rows(run: Path, args) -> list[dict]:
         rows.append(
             {
                 "name": f"{label} (2 layers)",
-                "config": with_model(student_cfg, vocab_size=model.vocab_size),
+                "config": update_config(student_cfg, model={"vocab_size": model.vocab_size}),
                 "model": m,
                 "seconds": seconds,
             }
@@ -210,7 +211,7 @@ def expert_rows(run: Path, args) -> list[dict]:
     """MoE rows: the routed experts as int8 / int4 codes (`compress quantize`)."""
     from deepseek_tf.api import load
     from deepseek_tf.compress.quantization import quantize_model
-    from deepseek_tf.compress.run_io import with_model
+    from deepseek_tf.config.loader import update_config
     from deepseek_tf.rundir import RunDir
 
     config = RunDir(run).read_config()
@@ -230,7 +231,8 @@ def expert_rows(run: Path, args) -> list[dict]:
                 m, config.model, mode, include=include, bits=4, group_size=group
             )
         )
-        cfg = with_model(config, quantize=mode, quantize_include=include, quantize_group_size=group)
+        changes = {"quantize": mode, "quantize_include": include, "quantize_group_size": group}
+        cfg = update_config(config, compression=changes)
         rows.append({"name": name, "config": cfg, "model": m, "seconds": seconds})
     return rows, tokenizer
 

@@ -137,7 +137,8 @@ import json, sys, time
 import numpy as np
 from deepseek_tf.api import load
 from deepseek_tf.compress.quantization import quantize_model
-from deepseek_tf.compress.run_io import directory_bytes, with_model, write_run
+from deepseek_tf.compress.run_io import directory_bytes, write_run
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.rundir import RunDir
 run, out = sys.argv[1], sys.argv[2]
 config = RunDir(run).read_config()
@@ -148,7 +149,7 @@ t = time.perf_counter()
 quantize_model(model, config.model, "int8", include=("experts",), bits=8, group_size=-1)
 seconds = time.perf_counter() - t
 got = np.asarray(model(ids), np.float32)
-cfg = with_model(config, quantize="int8", quantize_include=("experts",))
+cfg = update_config(config, compression={"quantize": "int8", "quantize_include": ["experts"]})
 write_run(out, cfg, tokenizer, model, run, {"method": "quantize"})
 print(json.dumps({"seconds": seconds, "bytes": directory_bytes(out),
                   "rel_err": float(np.abs(got - want).max() / np.abs(want).max()),

@@ -87,7 +87,7 @@ def cli_cases(tmp: Path, run: Path) -> list[list[str]]:
         "model.blocks=[]", "model.blocks=[mamba]", "model.position=sideways",
         "model.dropout=1.5", "model.attention=gqa", "model.kv_lora_rank=8",
         "model.n_routed_experts=-1", "model.num_experts_per_tok=3", "model.mtp_depth=-1",
-        "model.quantize=int3", "model.lowrank=[x]", "model.layer_n_heads=[1]",
+        "compression.quantize=int3", "compression.lowrank=[x]", "compression.layer_n_heads=[1]",
         "model.rope_scaling_factor=0.5", "model.share_adjacent=all",
         "data.seq_len=0", "data.seq_len=100000", "data.val_fraction=1.5",
         "data.files=[/dev/zero]", f"data.files=[{fifo}]", f"data.files=[{tmp}/none*.txt]",

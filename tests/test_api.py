@@ -240,7 +240,7 @@ def test_export_writes_a_verified_savedmodel(trained_run, tmp_path):
 def test_compress_quantize_into_a_new_run(trained_run, tmp_path):
     record = ds.compress.quantize(trained_run, out=tmp_path / "q", mode="int8", quiet=True)
     assert record["method"] == "quantize"
-    assert RunDir(tmp_path / "q").read_config().model.quantize == "int8"
+    assert RunDir(tmp_path / "q").read_config().compression.quantize == "int8"
     assert ds.evaluate(tmp_path / "q", max_batches=1)["loss"] > 0
 
 

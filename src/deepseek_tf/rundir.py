@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from deepseek_tf.config.schema import Config
 from deepseek_tf.layers.deferred_init import initializers_skipped
-from deepseek_tf.models.builder import build_model
+from deepseek_tf.models.builder import build_model, inference_dtype
 from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.run_layout import (
     CHECKPOINT_DIR,
@@ -60,7 +60,8 @@ class RunDir(RunLayout):
     """
 
     def load(self, config: Config | None = None):
-        """`(model, tokenizer)` with the latest readable weights.
+        """`(model, tokenizer)` with the latest readable weights, the model in the run's
+        inference dtype (`model.dtype`, or `train.precision` when that is empty).
 
         The tokenizer is None for a run that has none (e.g. a converted checkpoint whose
         source shipped no `tokenizer.json`); the model then takes token ids.
@@ -74,8 +75,9 @@ class RunDir(RunLayout):
         config = config or self.read_config()
         tokenizer = self.read_tokenizer(required=False)
         # the checkpoint overwrites every weight (quantizing the structure reads them)
-        with initializers_skipped(zero_fill=config.model.quantize != "none") as skipped:
-            model = build_model(config)  # the config's vocab_size (may exceed the tokenizer's)
+        with initializers_skipped(zero_fill=config.compression.quantize != "none") as skipped:
+            # the config's vocab_size (may exceed the tokenizer's)
+            model = build_model(config, dtype=inference_dtype(config))
         checkpoint = self.checkpoint(model)
         restore_weights(checkpoint)
         skipped.run_except(model, checkpoint_variables(checkpoint.checkpoint))

@@ -11,7 +11,7 @@ import pytest
 from deepseek_tf import compress
 from deepseek_tf.cli.main import build_parser
 from deepseek_tf.compress.job import Plan, Result, run_job
-from deepseek_tf.compress.run_io import with_model
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.errors import CompressionError
 from deepseek_tf.rundir import RunDir, load_run
 
@@ -88,7 +88,7 @@ def test_quantize_from_python_writes_the_run_and_returns_its_record(trained_run,
     model, _ = load_run(out)
     assert model.blocks[0].ffn.up_proj.quantization_mode == "int8"
     assert model.blocks[0].attention.q_proj.quantization_mode is None
-    assert RunDir(out).read_config().model.quantize_include == ("ffn",)
+    assert RunDir(out).read_config().compression.quantize_include == ("ffn",)
 
 
 def test_the_job_measures_transforms_records_and_writes_once(trained_run, tmp_path):
@@ -97,7 +97,7 @@ def test_the_job_measures_transforms_records_and_writes_once(trained_run, tmp_pa
     def transform(source, log):
         calls.append("transform")
         log("[test] silent under quiet")
-        config = with_model(source.config, logit_temperature=2.0)
+        config = update_config(source.config, calibration={"logit_temperature": 2.0})
         return Result(config, source.model, {"note": 1})
 
     def plan_for(config):
@@ -111,7 +111,7 @@ def test_the_job_measures_transforms_records_and_writes_once(trained_run, tmp_pa
     assert record["parameters_after"] == record["parameters_before"]
     assert record["bytes_after"] == record["bytes_before"]
     assert np.isclose(record["val_loss_after"], record["val_loss_before"], rtol=1e-3)
-    assert RunDir(out).read_config().model.logit_temperature == 2.0
+    assert RunDir(out).read_config().calibration.logit_temperature == 2.0
     assert RunDir(out).read_history()[-1]["note"] == 1
 
     def refuse(source):

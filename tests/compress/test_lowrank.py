@@ -43,7 +43,7 @@ def test_exact_low_rank_kernels_are_reproduced(trained_run):
         assert set(info["ranks"].values()) == {4}, options
         assert len(info["ranks"]) == 3 * len(model.blocks) and not info["skipped"]
         assert isinstance(new_model.blocks[0].ffn.up_proj, LowRankDense)
-        assert "0/ffn/up_proj=4" in new_config.model.lowrank
+        assert "0/ffn/up_proj=4" in new_config.compression.lowrank
         np.testing.assert_allclose(new_model(ids).numpy(), reference, atol=1e-5)
         assert count_parameters(new_model) < count_parameters(model)
 
@@ -77,7 +77,7 @@ def test_ranks_that_save_nothing_are_skipped(loaded, trained_run):
     config = RunDir(trained_run).read_config()
     # ffn kernels are 32x64: rank 30 >= 32 * 64 / 96 saves no parameters
     new_config, _, info = factorize(model, config, targets="ffn", rank=30)
-    assert info["ranks"] == {} and new_config.model.lowrank == ()
+    assert info["ranks"] == {} and new_config.compression.lowrank == ()
     assert {s["projection"] for s in info["skipped"]} >= {"0/ffn/up_proj", "1/ffn/down_proj"}
 
 
@@ -133,6 +133,7 @@ def test_cli_writes_loadable_run(trained_run, tmp_path, capsys):
     history = json.loads((out / "compression.json").read_text())
     assert history[-1]["ranks"] == record["ranks"]
     config = RunDir(out).read_config()
-    assert sorted(config.model.lowrank) == sorted(f"{k}={r}" for k, r in record["ranks"].items())
+    ranks = record["ranks"].items()
+    assert sorted(config.compression.lowrank) == sorted(f"{k}={r}" for k, r in ranks)
     model, tokenizer = load_run(out)
     assert model(_ids(tokenizer)).shape[-1] == config.model.vocab_size

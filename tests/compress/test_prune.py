@@ -39,8 +39,8 @@ def test_heads_and_ffn_are_physically_removed_and_match_the_masked_model(trained
     config, masked, tokenizer, new_config, new_model, info = _prune(
         trained_run, sparsity=0.5, targets=("heads", "ffn"), importance="gradient", steps=3
     )
-    m = new_config.model
-    assert m.layer_n_heads == (2, 2) and m.layer_ffn_dims == (32, 32)
+    c = new_config.compression
+    assert c.layer_n_heads == (2, 2) and c.layer_ffn_dims == (32, 32)
     assert info["removed"]["heads"] == [2, 2] and info["removed"]["ffn"] == [32, 32]
     assert len(info["losses"]) == 3 and info["events"]
     for block in new_model.blocks:
@@ -88,7 +88,7 @@ def test_cli_prune_writes_a_loadable_smaller_run(trained_run, tmp_path, capsys):
     assert np.isfinite(record["val_loss_after"])
     history = json.loads((out / "compression.json").read_text())
     assert history[-1]["method"] == "prune"
-    assert RunDir(out).read_config().model.layer_n_heads == (2, 2)
+    assert RunDir(out).read_config().compression.layer_n_heads == (2, 2)
     model, _ = load_run(out)
     assert model.count_params() == record["parameters_after"]
     down = model.blocks[0].ffn.down_proj.kernel.numpy()
@@ -105,8 +105,8 @@ def test_moe_experts_and_mla_heads_are_pruned(tmp_path, groups):
     config, masked, tokenizer, new_config, new_model, info = _prune(
         run_dir, sparsity=0.5, targets=("heads", "experts"), importance="magnitude", steps=2
     )
-    m = new_config.model
-    assert m.layer_n_experts == (0, 4, 4) and m.layer_n_heads == (2, 2, 2)
+    c = new_config.compression
+    assert c.layer_n_experts == (0, 4, 4) and c.layer_n_heads == (2, 2, 2)
     assert info["removed"]["experts"] == [0, 4, 4]
     moe = new_model.blocks[1].ffn
     assert tuple(moe.experts_gate.shape) == (4, 32, 16)

@@ -33,7 +33,7 @@ def test_cli_quantizes_experts_by_default_and_the_run_reloads(moe_run, tmp_path,
                  "--quiet", "--mode", "int8"]) == 0  # fmt: skip
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "experts" in record["options"]["include"]
-    assert "experts" in RunDir(tmp_path / "q").read_config().model.quantize_include
+    assert "experts" in RunDir(tmp_path / "q").read_config().compression.quantize_include
     source, _ = load_run(moe_run)
     model, _ = load_run(tmp_path / "q")
     moes = model.moe_modules()

@@ -46,11 +46,14 @@ def test_overrides_are_typed():
         ("model.n_kv_heads=3", "model.n_kv_heads: 3 does not divide"),
         ("train.precision=fp8", "train.precision: 'fp8' is not one of"),
         ("train.steps", "expected section.key=value"),
-        ("model.layer_n_heads=[2]", "model.layer_n_heads: needs 2 entries"),
-        ("model.layer_n_heads=[3,4]", "model.layer_n_heads[0]: 3 heads is not whole kv groups"),
-        ('model.lowrank=["0/ffn/up_proj"]', "is not LAYER/attention|ffn/PROJECTION=RANK"),
-        ('model.lowrank=["5/ffn/up_proj=4"]', "layer or rank out of range"),
-        ("model.quantize=int3", "model.quantize: 'int3' is not one of"),
+        ("compression.layer_n_heads=[2]", "compression.layer_n_heads: needs model.n_layers=2"),
+        ("compression.layer_n_heads=[3,4]", "layer_n_heads[0]: 3 heads is not whole kv groups"),
+        ('compression.lowrank=["0/ffn/up_proj"]', "is not LAYER/attention|ffn/PROJECTION=RANK"),
+        ('compression.lowrank=["5/ffn/up_proj=4"]', "layer or rank out of range"),
+        ("compression.quantize=int3", "compression.quantize: 'int3' is not one of"),
+        ("model.quantize=int3", "compression.quantize: 'int3' is not one of"),  # the old place
+        ("calibration.logit_temperature=0", "calibration.logit_temperature: must be > 0"),
+        ("model.dtype=fp8", "model.dtype: 'fp8' is not one of"),
         # reported under its own key (the MTP check used to speak first)
         ("data.seq_len=0", "data.seq_len: must be > 0"),
         ("train.steps=" + "9" * 5000, "--set train.steps: unreadable value"),
@@ -61,7 +64,7 @@ def test_overrides_are_typed():
         ("model.num_experts_per_tok=4", "only read with model.n_routed_experts > 0"),
         ("model.conv_kernel_size=5", None),
         ("model.mtp_loss_weight=0.5", "only read with model.mtp_depth > 0"),
-        ("model.quantize_include=[attention,tail]", "model.quantize_include[1]: 'tail'"),
+        ("compression.quantize_include=[attention,tail]", "quantize_include[1]: 'tail'"),
         ("data.vocab_size=10", "data.vocab_size: set to 10, but only read with data.tokenizer"),
     ],
 )

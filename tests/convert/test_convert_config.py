@@ -141,8 +141,11 @@ def relevant(model_config) -> dict:
 def test_published_configs_map_to_the_presets(hf, preset):
     ours = dataclasses.asdict(config_from_hf(hf).model)
     expected = dataclasses.asdict(load_config(preset).model)
+    assert (ours.pop("dtype"), expected.pop("dtype")) == ("float32", "")  # how a run loads
     diff = {k: (ours[k], expected[k]) for k in ours if ours[k] != expected[k]}
     assert set(diff) <= TRAINING_ONLY, diff
+    bf16 = config_from_hf(hf, precision="bfloat16")
+    assert bf16.model.dtype == bf16.train.precision == "bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -216,6 +219,8 @@ def test_bad_config_json_is_one_line_config_error(change, message):
         (["model.moe_layer_freq=2"], "model.moe_layer_freq"),
         (["model.scoring_func=softmax", "model.topk_method=greedy"], "model.norm_topk_prob"),
         (["model.scoring_func=softmax"], "model.topk_method"),
+        (["calibration.logit_temperature=1.5"], "calibration.logit_temperature: 1.5"),
+        (["compression.quantize=int8"], "compression.quantize: 'int8'"),
     ],
 )
 def test_models_without_a_transformers_equivalent_are_refused(overrides, key):

@@ -123,7 +123,8 @@ def test_fp8_checkpoint_becomes_a_bfloat16_run_by_default(fp8_checkpoint):
 
     _, root, quantized = fp8_checkpoint
     convert_from_hf(root / "fp8", root / "run_bf16")
-    assert RunDir(root / "run_bf16").read_config().train.precision == "bfloat16"
+    config = RunDir(root / "run_bf16").read_config()
+    assert config.train.precision == config.model.dtype == "bfloat16"  # trains and loads so
     model, _ = deepseek_tf.load(root / "run_bf16")
     kernel = model.blocks[0].ffn.gate_proj.kernel
     assert kernel.dtype == "bfloat16"

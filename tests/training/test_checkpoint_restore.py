@@ -74,3 +74,29 @@ def test_a_checkpoint_of_another_model_is_named(tmp_path):
 def test_no_checkpoint_at_all(tmp_path):
     with pytest.raises(RunDirError, match="no checkpoint to restore"):
         restore_weights(RunCheckpoint(tmp_path, _model()))
+
+
+def test_floats_are_cast_to_the_variables_dtype_and_other_dtypes_must_match(tmp_path):
+    (saved,) = _saved(tmp_path)
+    keras.utils.set_random_seed(9)
+    layers = [keras.Input((4,)), keras.layers.Dense(3, dtype="bfloat16"), keras.layers.Dense(2)]
+    model = keras.Sequential(layers)
+    assert restore_weights(RunCheckpoint(tmp_path, model)) == 1
+    kernel = model.layers[0].kernel
+    assert kernel.dtype == "bfloat16"
+    want = tf.cast(saved.layers[0].kernel, tf.bfloat16).numpy()
+    np.testing.assert_array_equal(kernel.numpy(), want)
+
+    class Codes(keras.layers.Layer):
+        def __init__(self, dtype, **kwargs):
+            super().__init__(**kwargs)
+            self.codes = self.add_weight(shape=(2,), dtype=dtype, initializer="zeros")
+
+        def call(self, x):
+            return x
+
+    codes = tmp_path / "codes"
+    RunCheckpoint(codes, keras.Sequential([keras.Input((2,)), Codes("int8")])).save(1)
+    floats = keras.Sequential([keras.Input((2,)), Codes("float32")])
+    with pytest.raises(RunDirError, match=r"int8\[2\] in the checkpoint, float32\[2\]"):
+        restore_weights(RunCheckpoint(codes, floats))

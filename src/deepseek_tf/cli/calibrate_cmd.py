@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
         help="fit a logit temperature on the validation split; write a calibrated run",
         description="Temperature scaling: fits one logit temperature on the first half of "
         "the validation split, reports NLL and ECE before/after on the second half, and "
-        "writes a new run (model.logit_temperature) that every command then uses.",
+        "writes a new run (calibration.logit_temperature) that every command then uses.",
     )
     parser.add_argument("run_dir")
     parser.add_argument("--out", required=True, help="the calibrated run directory")

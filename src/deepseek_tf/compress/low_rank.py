@@ -5,7 +5,7 @@ factorises every chosen projection `W (in, out) ~= U_r diag(S_r) V_r^T` into
 `down = U_r sqrt(S_r)` `(in, r)` and `up = sqrt(S_r) V_r^T` `(r, out)` (a `LowRankDense`),
 with `r` fixed or the smallest rank keeping a fraction `E` of the squared singular values.
 A projection is only factorised when `r (in + out) < in * out` (it saves parameters);
-the others are skipped and recorded. The result is config-driven (`model.lowrank`
+the others are skipped and recorded. The result is config-driven (`compression.lowrank`
 entries), so the new run loads like any other; an optional fine-tune recovers quality.
 """
 
@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from deepseek_tf.compress.finetune import finetune
 from deepseek_tf.compress.job import Plan, Result, check_float, check_int, comma_list, run_job
-from deepseek_tf.compress.run_io import Log, Source, with_model
+from deepseek_tf.compress.run_io import Log, Source
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.errors import CompressionError
 from deepseek_tf.layers.low_rank_dense import LowRankDense
 from deepseek_tf.models.builder import build_model
@@ -42,10 +43,10 @@ def check_options(config, targets, rank, energy) -> None:
         raise CompressionError(f"--rank: must be >= 1, got {rank}")
     if rank is None and not (energy is not None and 0.0 < energy <= 1.0):
         raise CompressionError(f"--energy: must be in (0, 1], got {energy}")
-    m = config.model
-    if m.quantize != "none":
+    m, quantized = config.model, config.compression.quantize
+    if quantized != "none":
         raise CompressionError(
-            f"model.quantize={m.quantize}: quantized weights cannot be factorised; "
+            f"compression.quantize={quantized}: quantized weights cannot be factorised; "
             "factorise the float run, then quantize"
         )
     for target in targets:
@@ -107,7 +108,7 @@ def factorize(model, config, *, targets=("ffn",), rank: int | None = None, energ
         energy: fraction in (0, 1] of the squared singular values each projection keeps.
 
     Returns:
-        `(new_config, new_model, info)`: the config with `model.lowrank` entries, a model
+        `(new_config, new_model, info)`: the config with `compression.lowrank` entries, a model
         with every weight copied and the factors filled, and `{"ranks": {...},
         "skipped": [...], "energy_kept": {...}}`.
     """
@@ -130,8 +131,8 @@ def factorize(model, config, *, targets=("ffn",), rank: int | None = None, energ
         factors[key] = (u[:, :r] * root, root[:, None] * v[:, :r].T)  # (in, r), (r, out)
         ranks[key] = r
         kept[key] = round(float((s[:r] ** 2).sum() / max((s**2).sum(), 1e-300)), 6)
-    entries = tuple(config.model.lowrank) + tuple(f"{k}={r}" for k, r in ranks.items())
-    new_config = with_model(config, lowrank=entries)
+    entries = tuple(config.compression.lowrank) + tuple(f"{k}={r}" for k, r in ranks.items())
+    new_config = update_config(config, compression={"lowrank": entries})
     new_model = build_model(new_config, model.vocab_size)
     _copy_weights(model, new_model, factors)
     return new_config, new_model, {"ranks": ranks, "skipped": skipped, "energy_kept": kept}

@@ -154,20 +154,20 @@ def _relative(path: str) -> str:
 
 
 def shrunk_config(config, groups):
-    """`config` with the groups' kept widths in `layer_n_heads/ffn_dims/n_experts`
+    """`config` with the groups' kept widths in `compression.layer_n_heads/ffn_dims/n_experts`
     (validated again)."""
-    m = config.model
-    n = m.n_layers
+    c = config.compression
+    n = config.model.n_layers
     widths = {
-        "heads": list(m.layer_n_heads or [0] * n),
-        "ffn": list(m.layer_ffn_dims or [0] * n),
-        "experts": list(m.layer_n_experts or [0] * n),
+        "heads": list(c.layer_n_heads or [0] * n),
+        "ffn": list(c.layer_ffn_dims or [0] * n),
+        "experts": list(c.layer_n_experts or [0] * n),
     }
     for g in groups:
         widths[g.kind][g.layer] = int(g.alive.sum()) * g.heads_per_unit
     return update_config(
         config,
-        model={
+        compression={
             "layer_n_heads": widths["heads"] if any(widths["heads"]) else [],
             "layer_ffn_dims": widths["ffn"] if any(widths["ffn"]) else [],
             "layer_n_experts": widths["experts"] if any(widths["experts"]) else [],

@@ -75,7 +75,7 @@ def plan(config, sparsity: float, targets, strict: bool = True) -> dict:
             f"model.share_adjacent={m.share_adjacent}: adjacent layers share sublayers, "
             "which cannot be pruned separately"
         )
-    if m.lowrank or m.quantize != "none":
+    if config.compression.lowrank or config.compression.quantize != "none":
         raise CompressionError(
             "prune: the model has low-rank or quantized projections; prune before lowrank/quantize"
         )

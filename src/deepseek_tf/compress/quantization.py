@@ -1,4 +1,4 @@
-"""Post-training quantisation with Keras' own quantizers (`model.quantize`).
+"""Post-training quantisation with Keras' own quantizers (`compression.quantize`).
 
 int8 / int4 / float8 quantize every selected `Dense` from its weights alone; GPTQ
 and AWQ calibrate on training sequences from the run's data pipeline, block by
@@ -14,7 +14,7 @@ shared experts, not the routed ones. MLA's `kv_b_proj` stays float: absorbed
 decoding folds its float kernel into the query and output.
 
 A `mixed_float16` run is quantized into a float32 run (Keras' int8 layers refuse float16
-compute). A quantized run records `model.quantize` (+ what it included, bits, group
+compute). A quantized run records `compression.quantize` (+ what it included, bits, group
 size) in its config; `deepseek_tf.load` rebuilds the same quantized variables before
 restoring them.
 """
@@ -36,7 +36,7 @@ from deepseek_tf.compress.job import (
     comma_list,
     run_job,
 )
-from deepseek_tf.compress.run_io import Log, Source, with_model
+from deepseek_tf.compress.run_io import Log, Source
 from deepseek_tf.config.loader import update_config
 from deepseek_tf.data.pipeline import make_train_dataset
 from deepseek_tf.errors import CompressionError
@@ -48,8 +48,9 @@ CALIBRATED = ("gptq", "awq")  # modes that calibrate on training sequences
 INCLUDE = ("attention", "ffn", "head", "experts")
 
 
-def check_request(model_config, mode: str, include, bits: int, group_size: int) -> None:
-    """Refuses requests the model cannot take, before any work."""
+def check_request(config, mode: str, include, bits: int, group_size: int) -> None:
+    """Refuses requests the run (`config`) cannot take, before any work."""
+    model_config, compression = config.model, config.compression
     unknown = set(include) - set(INCLUDE)
     if unknown:
         raise CompressionError(f"--include: unknown {sorted(unknown)}; choose from {INCLUDE}")
@@ -71,9 +72,9 @@ def check_request(model_config, mode: str, include, bits: int, group_size: int) 
             "--include head: the output head is the tied embedding matrix (an Embedding, "
             "read in float by the head); quantize an untied model's head only"
         )
-    if model_config.quantize != "none":
-        raise CompressionError(f"the run is already quantized ({model_config.quantize})")
-    if model_config.fake_quant:
+    if compression.quantize != "none":
+        raise CompressionError(f"the run is already quantized ({compression.quantize})")
+    if compression.fake_quant:
         raise CompressionError("the run is a QAT model; `compress qat` converts it to int8")
     if mode == "awq" and bits != 4:
         raise CompressionError(f"--bits: AWQ supports 4-bit weights only, got {bits}")
@@ -203,16 +204,21 @@ def check_group_size(model, mode: str, include, group_size: int) -> None:
 
 def quantization_precision(config):
     """`config` with the precision its quantized run computes in: Keras' int8 layers refuse
-    float16 compute, so a `mixed_float16` run is quantized (and served) in float32."""
-    if config.train.precision != "mixed_float16":
-        return config
-    return update_config(config, train={"precision": "float32"})
+    float16 compute, so a `mixed_float16` run (`train.precision`, or `model.dtype` for
+    loading it) is quantized (and served) in float32."""
+    changes = {}
+    if config.train.precision == "mixed_float16":
+        changes["train"] = {"precision": "float32"}
+    if config.model.dtype == "mixed_float16":
+        changes["model"] = {"dtype": "float32"}
+    return update_config(config, **changes) if changes else config
 
 
 def float_model_for(config, model, **changes):
-    """`(config, model)` rebuilt with `changes` to the model config and the quantization
-    precision, holding `model`'s weights (the same variables, in the same order)."""
-    target = quantization_precision(with_model(config, **changes))
+    """`(config, model)` rebuilt with `changes` to the `compression` section and the
+    quantization precision, holding `model`'s weights (the same variables, in the same
+    order)."""
+    target = quantization_precision(update_config(config, compression=changes))
     rebuilt = build_model(target, model.vocab_size)
     rebuilt.set_weights(model.get_weights())
     return target, rebuilt
@@ -265,7 +271,7 @@ def quantize(
 
     def plan_for(config) -> Plan:
         parts = default_include(config.model, mode) if chosen is None else chosen
-        check_request(config.model, mode, parts, bits, group_size)
+        check_request(config, mode, parts, bits, group_size)
         options = {"mode": mode, "bits": bits, "group_size": group_size, "include": list(parts)}
         options["calibration_samples"] = calibration_samples if mode in CALIBRATED else 0
         return Plan(
@@ -301,11 +307,13 @@ def _quantized(source: Source, log: Log, *, mode, include, bits, group_size, sam
         group_size=group_size,
         dataset=dataset,
     )
-    config = with_model(
+    config = update_config(
         config,
-        quantize=mode,
-        quantize_include=include,
-        quantize_bits=bits,
-        quantize_group_size=group_size,
+        compression={
+            "quantize": mode,
+            "quantize_include": include,
+            "quantize_bits": bits,
+            "quantize_group_size": group_size,
+        },
     )
     return Result(config, model)

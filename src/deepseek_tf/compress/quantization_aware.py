@@ -1,6 +1,6 @@
 """Quantisation-aware training: fine-tune against int8 rounding, then convert to int8.
 
-The QAT model is the same architecture with `model.fake_quant` on: every
+The QAT model is the same architecture with `compression.fake_quant` on: every
 projection its layer declares quantizable (the ones int8 post-training quantisation
 converts) becomes a `FakeQuantDense`, whose forward pass
 rounds its kernel (per output channel) and its inputs (per token) to the int8
@@ -19,7 +19,8 @@ import numpy as np
 from deepseek_tf.compress.finetune import finetune
 from deepseek_tf.compress.job import Plan, Result, check_float, check_int, run_job
 from deepseek_tf.compress.quantization import check_request, float_model_for, quantize_model
-from deepseek_tf.compress.run_io import Log, Source, with_model
+from deepseek_tf.compress.run_io import Log, Source
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.data.pipeline import make_eval_dataset
 from deepseek_tf.errors import CompressionError
 from deepseek_tf.models.builder import build_model
@@ -29,7 +30,7 @@ INCLUDE = ("attention", "ffn")
 
 def qat_model_from(model, config):
     """The fake-quant twin of `model` (same weights)."""
-    qat_config = with_model(config, fake_quant=True)
+    qat_config = update_config(config, compression={"fake_quant": True})
     qat_model = build_model(qat_config, model.vocab_size)
     qat_model.set_weights(model.get_weights())
     return qat_config, qat_model
@@ -40,7 +41,7 @@ def convert_to_int8(qat_model, config):
     quantization precision, see `quantization.quantization_precision`)."""
     float_config, float_model = float_model_for(config, qat_model, fake_quant=False)
     quantize_model(float_model, config.model, "int8", include=INCLUDE, bits=8, group_size=-1)
-    return with_model(float_config, quantize="int8"), float_model
+    return update_config(float_config, compression={"quantize": "int8"}), float_model
 
 
 def quantization_aware_finetune(model, config, tokenizer, *, steps, learning_rate, log=print):
@@ -88,7 +89,7 @@ def qat(
         raise CompressionError(f"--learning-rate: must be > 0, got {learning_rate}")
 
     def plan_for(config) -> Plan:
-        check_request(config.model, "int8", INCLUDE, 8, -1)
+        check_request(config, "int8", INCLUDE, 8, -1)
         options = {"steps": steps, "learning_rate": learning_rate, "mode": "int8"}
         transform = functools.partial(_converted, steps=steps, learning_rate=learning_rate)
         return Plan("qat", options, transform)

@@ -1,7 +1,7 @@
 """Reading a source run and writing a compressed one (through `RunDir`), and size figures.
 
 Every compression method (and `calibrate`) opens its source with `load_source`, refuses a
-bad `out` with `check_out_dir`, changes the model section of the config with `with_model`
+bad `out` with `check_out_dir`, changes the config through `config.loader.update_config`
 and writes the new run with `write_run`; progress lines go through `progress_logger`.
 """
 
@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deepseek_tf.config.loader import update_config
 from deepseek_tf.config.schema import Config
 from deepseek_tf.errors import RunDirError
 from deepseek_tf.rundir import RunDir, load_run
@@ -83,12 +82,6 @@ def write_run(out_dir, config, tokenizer, model, source, record: dict) -> Path:
     history = RunDir(source).read_history() + [entry]
     RunDir(out_dir).write_weights_run(config, tokenizer, model, history)
     return Path(out_dir)
-
-
-def with_model(config: Config, **changes) -> Config:
-    """`config` with `model` fields changed (the compressed shape of a run), validated
-    again (`config.loader.update_config`)."""
-    return update_config(config, model=changes)
 
 
 def count_parameters(model) -> int:

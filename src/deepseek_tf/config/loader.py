@@ -24,6 +24,20 @@ from deepseek_tf.config.validation import validate
 from deepseek_tf.errors import ConfigError
 
 DEFAULT_PRESET = "shakespeare-char"
+# Keys that once lived under `model:` and now have their own section: a run's old
+# config.yaml, a YAML file or `--set model.KEY=...` naming them there is read into it.
+MOVED_KEYS = {
+    "layer_n_heads": "compression",
+    "layer_ffn_dims": "compression",
+    "layer_n_experts": "compression",
+    "lowrank": "compression",
+    "fake_quant": "compression",
+    "quantize": "compression",
+    "quantize_include": "compression",
+    "quantize_bits": "compression",
+    "quantize_group_size": "compression",
+    "logit_temperature": "calibration",
+}
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -189,9 +203,47 @@ def _build_section(section: str, values: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def moved_key(section: str, key: str) -> tuple[str, str]:
+    """`(section, key)` where the schema keeps `section.key` now (`MOVED_KEYS`), e.g.
+    ``moved_key("model", "quantize") == ("compression", "quantize")``."""
+    if section == "model" and key in MOVED_KEYS:
+        return MOVED_KEYS[key], key
+    return section, key
+
+
+def _moved_name(name: str) -> str:
+    """A `section.key` name where the schema keeps it now (`moved_key`)."""
+    section, dot, key = name.partition(".")
+    return ".".join(moved_key(section, key)) if dot else name
+
+
+def _migrated(raw: Mapping, source: str) -> Mapping:
+    """`raw` (a mapping of sections) with the `MOVED_KEYS` under `model` moved to their
+    section; one given in both places is a `ConfigError`."""
+    model = raw.get("model")
+    if not isinstance(model, Mapping) or not MOVED_KEYS.keys() & model.keys():
+        return raw
+    out = {k: v for k, v in raw.items() if k != "model"}
+    out["model"] = {}
+    for key, value in model.items():
+        section, _ = moved_key("model", key)
+        if section == "model":
+            out["model"][key] = value
+            continue
+        target = out.get(section) or {}
+        if not isinstance(target, Mapping):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        if key in target:
+            raise ConfigError(
+                f"{source}: model.{key} (the old place) and {section}.{key} are both given"
+            )
+        out[section] = {**target, key: value}
+    return out
+
+
 def _merge(base: dict, extra: Mapping, source: str) -> dict:
     out = {k: dict(v) for k, v in base.items()}
-    for section, values in extra.items():
+    for section, values in _migrated(extra, source).items():
         if section not in SECTIONS:
             raise ConfigError(
                 f"{source}: unknown section {section!r} (known: {', '.join(SECTIONS)})"
@@ -209,7 +261,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     path, raw = text.split("=", 1)
-    section, key = path.strip().split(".", 1)
+    section, key = moved_key(*path.strip().split(".", 1))
     try:
         value = parse_yaml(raw, f"--set {path}") if raw.strip() else ""
     except ConfigError as e:
@@ -246,7 +298,7 @@ def load_config(
     if preset is not None or path is None:
         merged = _merge(merged, preset_dict(preset or DEFAULT_PRESET), f"preset {preset}")
     merged = _merge(merged, raw, str(path))
-    explicit = _keys_of(raw)  # what the user's file and --set name (not its base preset)
+    explicit = _keys_of(_migrated(raw, str(path)))  # the file's and --set's (not the preset's)
     for text in overrides:
         section, key, value = parse_override(text)
         merged = _merge(merged, {section: {key: value}}, f"--set {text}")
@@ -270,6 +322,7 @@ def config_from_dict(data: Mapping[str, Any], explicit: Iterable[str] = ()) -> C
     is refused (a key inherited from a preset is not).
     """
     merged = _merge({}, data, "config")
+    explicit = {_moved_name(name) for name in explicit}
     sections = {name: _build_section(name, merged.get(name, {})) for name in SECTIONS}
     config = Config(**sections)
     validate(config, explicit)

@@ -93,7 +93,24 @@ class ModelConfig:
     share_adjacent: str = "none"  # none | ffn | attention | both: layers 2i and 2i+1 share it
     # memory
     remat: str = "none"  # none | blocks (recompute each block's activations in backward)
-    # compression (written by `deepseek-tf compress`; empty/none for a trained model)
+    # output head (uncertainty, the brief's section 8.1)
+    head: str = "categorical"  # categorical | gaussian (a Gaussian over the last hidden state)
+    head_samples: int = 1  # gaussian: latent samples per training step (the ELBO's estimate)
+    head_kl_weight: float = 1e-3  # gaussian: weight of KL(q(z|h) || N(0, I)) per token
+    # numerics / regularisation
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # how the model runs: the variables' dtype policy when a run is loaded (eval, generate,
+    # serve, export), one of PRECISIONS; "": train.precision. Training uses train.precision.
+    dtype: str = ""
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """What `deepseek-tf compress` did to the model (written by it; empty/none for a
+    trained model). Read by the builder with `model`: the compressed shape and storage."""
+
     layer_n_heads: tuple[int, ...] = ()  # attention heads kept per layer (mha: whole kv groups)
     layer_ffn_dims: tuple[int, ...] = ()  # dense SwiGLU width per layer (0: ffn_dim)
     layer_n_experts: tuple[int, ...] = ()  # routed experts kept per layer (0: n_routed_experts)
@@ -103,15 +120,13 @@ class ModelConfig:
     quantize_include: tuple[str, ...] = ("attention", "ffn")  # attention, ffn, head, experts
     quantize_bits: int = 4  # gptq/awq: weight bits
     quantize_group_size: int = -1  # int4/gptq/awq: inputs per scale; -1: one per channel
-    # output head (uncertainty, the brief's section 8.1)
-    head: str = "categorical"  # categorical | gaussian (a Gaussian over the last hidden state)
-    head_samples: int = 1  # gaussian: latent samples per training step (the ELBO's estimate)
-    head_kl_weight: float = 1e-3  # gaussian: weight of KL(q(z|h) || N(0, I)) per token
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """What `deepseek-tf calibrate` fitted (1.0 for an uncalibrated model)."""
+
     logit_temperature: float = 1.0  # next-token logits are divided by it (`calibrate` fits it)
-    # numerics / regularisation
-    dropout: float = 0.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -223,6 +238,8 @@ class FederatedConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -231,6 +248,8 @@ class Config:
 
 SECTIONS = {
     "model": ModelConfig,
+    "compression": CompressionConfig,
+    "calibration": CalibrationConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "runtime": RuntimeConfig,

@@ -74,10 +74,13 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(d, "data", ("seq_len", "vocab_size"))
     _validate_mla_moe_mtp(m, d)
     _refuse_unused(config, set(explicit))
-    _validate_compression(m)
+    _validate_compression(m, config.compression)
     _check_choice("model.remat", m.remat, REMAT_MODES)
     _check_choice("model.head", m.head, HEAD_TYPES)
-    _check_positive(m, "model", ("head_samples", "logit_temperature"))
+    _check_positive(m, "model", ("head_samples",))
+    _check_positive(config.calibration, "calibration", ("logit_temperature",))
+    if m.dtype:  # "": train.precision
+        _check_choice("model.dtype", m.dtype, PRECISIONS)
     _check_positive(m, "model", ("head_kl_weight",), True)
     _check_choice("model.share_adjacent", m.share_adjacent, SHARE_MODES)
     if d.prepared and d.files:
@@ -119,8 +122,10 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(t, "train", ("lora_alpha",))
     if t.lora_rank and not t.lora_targets:
         raise ConfigError("train.lora_targets: empty; name what the adapters train")
-    if t.lora_rank and m.fake_quant:
-        raise ConfigError("train.lora_rank: adapters do not combine with model.fake_quant (QAT)")
+    if t.lora_rank and config.compression.fake_quant:
+        raise ConfigError(
+            "train.lora_rank: adapters do not combine with compression.fake_quant (QAT)"
+        )
     for name in t.loggers:
         _check_choice("train.loggers", name, LOGGERS)
     if t.log_weights and "wandb" not in t.loggers:
@@ -136,18 +141,19 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
 def _validate_expert_parallel(config: Config) -> None:
     """`runtime.expert_parallel`: what the model and training options allow (the replicas
     are checked by the trainer, which knows them)."""
-    m, t, n = config.model, config.train, config.runtime.expert_parallel
+    m, c, t = config.model, config.compression, config.train
+    n = config.runtime.expert_parallel
     _check_positive(config.runtime, "runtime", ("expert_parallel",))
     if n == 1:
         return
     if not m.n_routed_experts:
         raise ConfigError("runtime.expert_parallel: the model has no routed experts to shard")
-    for experts in {m.n_routed_experts, *(e for e in m.layer_n_experts if e)}:
+    for experts in {m.n_routed_experts, *(e for e in c.layer_n_experts if e)}:
         if experts % n:
             raise ConfigError(
                 f"runtime.expert_parallel: {n} does not divide the {experts} routed experts"
             )
-    if "experts" in m.quantize_include and m.quantize != "none":
+    if "experts" in c.quantize_include and c.quantize != "none":
         raise ConfigError("runtime.expert_parallel: quantized experts are not sharded")
     if t.lora_rank and "experts" in t.lora_targets:
         raise ConfigError("runtime.expert_parallel: LoRA on the routed experts is not sharded")
@@ -238,7 +244,7 @@ def _refuse_unused(config, explicit: set[str]) -> None:
 
 
 def parse_lowrank(entries, n_layers: int) -> list[dict]:
-    """`model.lowrank` entries `"LAYER/SUBLAYER/PROJ=RANK"` -> one `{name: rank}` per layer."""
+    """`compression.lowrank` entries `"LAYER/SUBLAYER/PROJ=RANK"` -> `{name: rank}` per layer."""
     ranks = [{} for _ in range(n_layers)]
     for entry in entries:
         path, _, rank = entry.partition("=")
@@ -246,56 +252,63 @@ def parse_lowrank(entries, n_layers: int) -> list[dict]:
         sublayer = name.partition("/")[0]
         if not (layer.isdigit() and sublayer in ("attention", "ffn") and rank.isdigit()):
             raise ConfigError(
-                f"model.lowrank: {entry!r} is not LAYER/attention|ffn/PROJECTION=RANK"
+                f"compression.lowrank: {entry!r} is not LAYER/attention|ffn/PROJECTION=RANK"
             )
         if not (int(layer) < n_layers and int(rank) > 0):
-            raise ConfigError(f"model.lowrank: {entry!r}: layer or rank out of range")
+            raise ConfigError(f"compression.lowrank: {entry!r}: layer or rank out of range")
         ranks[int(layer)][name] = int(rank)
     return ranks
 
 
-def _validate_compression(m) -> None:
-    _check_choice("model.quantize", m.quantize, QUANTIZE_MODES)
-    if m.quantize_bits not in (2, 3, 4, 8):
-        raise ConfigError(f"model.quantize_bits: must be 2, 3, 4 or 8, got {m.quantize_bits}")
-    if m.quantize_group_size == 0 or m.quantize_group_size < -1:
-        raise ConfigError(f"model.quantize_group_size: -1 or positive, got {m.quantize_group_size}")
-    for i, part in enumerate(m.quantize_include):
-        _check_choice(f"model.quantize_include[{i}]", part, QUANTIZE_INCLUDES)
-    if "experts" in m.quantize_include and m.quantize not in ("int8", "int4"):
+def _validate_compression(m, c) -> None:
+    """The `compression` section `c` against the architecture `m` it compressed."""
+    _check_choice("compression.quantize", c.quantize, QUANTIZE_MODES)
+    if c.quantize_bits not in (2, 3, 4, 8):
+        raise ConfigError(f"compression.quantize_bits: must be 2, 3, 4 or 8, got {c.quantize_bits}")
+    if c.quantize_group_size == 0 or c.quantize_group_size < -1:
         raise ConfigError(
-            f"model.quantize_include: routed experts are quantized by int8 or int4 only, "
-            f"not {m.quantize}"
+            f"compression.quantize_group_size: -1 or positive, got {c.quantize_group_size}"
         )
-    if "head" in m.quantize_include and m.tie_embeddings:
-        raise ConfigError("model.quantize_include: a tied output head is the embedding (float)")
-    if m.fake_quant and m.quantize != "none":
-        raise ConfigError("model.fake_quant: a quantized model has no float weights to train")
+    for i, part in enumerate(c.quantize_include):
+        _check_choice(f"compression.quantize_include[{i}]", part, QUANTIZE_INCLUDES)
+    if "experts" in c.quantize_include and c.quantize not in ("int8", "int4"):
+        raise ConfigError(
+            f"compression.quantize_include: routed experts are quantized by int8 or int4 only, "
+            f"not {c.quantize}"
+        )
+    if "head" in c.quantize_include and m.tie_embeddings:
+        raise ConfigError(
+            "compression.quantize_include: a tied output head is the embedding (float)"
+        )
+    if c.fake_quant and c.quantize != "none":
+        raise ConfigError("compression.fake_quant: a quantized model has no float weights to train")
     for key in ("layer_n_heads", "layer_ffn_dims", "layer_n_experts"):
-        values = getattr(m, key)
+        values = getattr(c, key)
         if values and len(values) != m.n_layers:
-            raise ConfigError(f"model.{key}: needs {m.n_layers} entries, got {len(values)}")
+            raise ConfigError(
+                f"compression.{key}: needs model.n_layers={m.n_layers} entries, got {len(values)}"
+            )
         if any(v < 0 for v in values):
-            raise ConfigError(f"model.{key}: entries must be >= 0, got {list(values)}")
+            raise ConfigError(f"compression.{key}: entries must be >= 0, got {list(values)}")
     kv = m.n_kv_heads or m.n_heads
-    for i, h in enumerate(m.layer_n_heads):
+    for i, h in enumerate(c.layer_n_heads):
         if h > m.n_heads or (m.attention == "mha" and h % (m.n_heads // kv)):
             raise ConfigError(
-                f"model.layer_n_heads[{i}]: {h} heads is not whole kv groups of "
-                f"{m.n_heads // kv} within n_heads={m.n_heads}"
+                f"compression.layer_n_heads[{i}]: {h} heads is not whole kv groups of "
+                f"{m.n_heads // kv} within model.n_heads={m.n_heads}"
             )
-    for i, e in enumerate(m.layer_n_experts):
+    for i, e in enumerate(c.layer_n_experts):
         if e and not m.num_experts_per_tok <= e <= m.n_routed_experts:
             raise ConfigError(
-                f"model.layer_n_experts[{i}]: {e} must be in [num_experts_per_tok="
-                f"{m.num_experts_per_tok}, n_routed_experts={m.n_routed_experts}]"
+                f"compression.layer_n_experts[{i}]: {e} must be in [model.num_experts_per_tok="
+                f"{m.num_experts_per_tok}, model.n_routed_experts={m.n_routed_experts}]"
             )
         if e and e != m.n_routed_experts and m.n_group > 1 and e % m.n_group:
             raise ConfigError(
-                f"model.layer_n_experts[{i}]: {e} experts do not split into n_group="
+                f"compression.layer_n_experts[{i}]: {e} experts do not split into model.n_group="
                 f"{m.n_group} equal groups"
             )
-    parse_lowrank(m.lowrank, m.n_layers)
+    parse_lowrank(c.lowrank, m.n_layers)
 
 
 DEFAULT_CLIENTS_PER_ROUND = 8  # federated.clients_per_round 0: this many, or every client

@@ -29,7 +29,7 @@ from deepseek_tf.convert.safetensors_writer import TensorSpec, stream_checkpoint
 from deepseek_tf.convert.weight_map import mtp_prefix, shared_copies, weight_entries
 from deepseek_tf.errors import ConfigError, RunDirError
 from deepseek_tf.layers.deferred_init import initializers_skipped
-from deepseek_tf.models.builder import build_model
+from deepseek_tf.models.builder import build_model, inference_dtype
 from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.models.lora import merge_lora
 from deepseek_tf.rundir import HF_SOURCE_CONFIG, RunDir
@@ -103,7 +103,7 @@ def convert_from_hf(
     Reads `config.json` and `model.safetensors` (or a sharded index; BF16, F16,
     F32 or block-FP8 weights), builds the model in `dtype` (`"bfloat16"` or
     `"float32"`; default: the checkpoint's, bfloat16 for BF16 and FP8 weights;
-    it becomes the run's `train.precision`), checks that every expected tensor
+    it becomes the run's `model.dtype` and `train.precision`), checks that every expected tensor
     is present with its shape and that no unknown tensor is left, assigns the
     weights one variable at a time (FP8 dequantised tensor by tensor; never a
     second copy of the model) and writes `config.yaml`, a checkpoint (step 0),
@@ -143,7 +143,7 @@ def convert_from_hf(
     tokenizer = load_source_tokenizer(hf_dir, config.model.vocab_size)
 
     with initializers_skipped() as skipped:  # no random weights: the checkpoint's replace them
-        model = build_model(config)
+        model = build_model(config, dtype=inference_dtype(config))
     n_tensors = assign_hf_weights(model, reader)
     skipped.run_except(model, [entry.variable for entry in weight_entries(model)])
 

@@ -142,7 +142,8 @@ def config_from_hf(hf: Mapping[str, Any], precision: str = "float32") -> Config:
     Fields a config.json may omit take transformers' defaults for its
     `model_type`; architecture-defining ones are required. The result uses
     MLA, interleaved rope, no embedding scaling and a BPE tokenizer, in
-    `precision` (`train.precision`: `"float32"` or `"bfloat16"`).
+    `precision` (`"float32"` or `"bfloat16"`: both `train.precision` and `model.dtype`,
+    the dtype the converted run is loaded in).
     """
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -213,6 +214,7 @@ def config_from_hf(hf: Mapping[str, Any], precision: str = "float32") -> Config:
     data = {"tokenizer": "bpe", "vocab_size": vocab, "seq_len": seq_len}
     try:
         train = {"precision": precision}
+        model = {**model, "dtype": precision}
         return config_from_dict({"model": model, "data": data, "train": train})
     except ConfigError as e:
         raise ConfigError(f"{HF_CONFIG_FILE}: {e}") from None
@@ -231,47 +233,62 @@ def fp8_block_size(hf: Mapping[str, Any]) -> tuple[int, int]:
     return int(block[0]), int(block[1])
 
 
-def _check_exportable(m) -> None:
+def _check_exportable(config: Config) -> None:
     """Raises `ConfigError` for models transformers' DeepSeek classes cannot express."""
+    m, c = config.model, config.compression
+    temperature = config.calibration.logit_temperature
     problems = {
-        "attention": (m.attention != "mla", "only mla models have a DeepSeek equivalent"),
-        "scale_embeddings": (m.scale_embeddings, "DeepSeek does not scale embeddings"),
-        "blocks": (set(m.blocks) != {"attention"}, "hybrid blocks have no DeepSeek equivalent"),
-        "share_adjacent": (m.share_adjacent != "none", "DeepSeek shares no weights across layers"),
-        "head": (m.head != "categorical", "transformers' DeepSeek has a plain output head"),
-        "logit_temperature": (
-            m.logit_temperature != 1.0,
+        "model.attention": (m.attention != "mla", "only mla models have a DeepSeek equivalent"),
+        "model.scale_embeddings": (m.scale_embeddings, "DeepSeek does not scale embeddings"),
+        "model.blocks": (
+            set(m.blocks) != {"attention"},
+            "hybrid blocks have no DeepSeek equivalent",
+        ),
+        "model.share_adjacent": (
+            m.share_adjacent != "none",
+            "DeepSeek shares no weights across layers",
+        ),
+        "model.head": (m.head != "categorical", "transformers' DeepSeek has a plain output head"),
+        "calibration.logit_temperature": (
+            temperature != 1.0,
             "transformers' DeepSeek has no logit temperature (convert the uncalibrated run)",
         ),
-        "rope_layout": (
+        "model.rope_layout": (
             m.attention == "mla" and m.rope_layout != "interleaved",
             "exported DeepSeek configs use interleaved rope (rope_interleave: true)",
         ),
-        "quantize": (
-            m.quantize != "none",
+        "compression.quantize": (
+            c.quantize != "none",
             "a Hugging Face checkpoint carries float weights; convert the float run",
         ),
     }
     if m.n_routed_experts:
         problems.update(
-            moe_layer_freq=(
-                m.moe_layer_freq != 1,
-                "transformers makes every layer after first_k_dense_replace MoE",
-            ),
-            n_shared_experts=(m.n_shared_experts == 0, "transformers needs shared experts"),
-            topk_method=(
-                (m.scoring_func, m.topk_method)
-                in (("softmax", "noaux_tc"), ("sigmoid", "group_limited_greedy")),
-                f"{m.topk_method} with {m.scoring_func} scoring has no transformers equivalent",
-            ),
-            norm_topk_prob=(
-                m.scoring_func == "softmax" and m.norm_topk_prob,
-                "transformers' DeepseekV2 (softmax routing) never renormalises",
-            ),
+            {
+                "model.moe_layer_freq": (
+                    m.moe_layer_freq != 1,
+                    "transformers makes every layer after first_k_dense_replace MoE",
+                ),
+                "model.n_shared_experts": (
+                    m.n_shared_experts == 0,
+                    "transformers needs shared experts",
+                ),
+                "model.topk_method": (
+                    (m.scoring_func, m.topk_method)
+                    in (("softmax", "noaux_tc"), ("sigmoid", "group_limited_greedy")),
+                    f"{m.topk_method} with {m.scoring_func} scoring has no transformers equivalent",
+                ),
+                "model.norm_topk_prob": (
+                    m.scoring_func == "softmax" and m.norm_topk_prob,
+                    "transformers' DeepseekV2 (softmax routing) never renormalises",
+                ),
+            }
         )
     for key, (bad, why) in problems.items():
         if bad:
-            raise ConfigError(f"model.{key}: {getattr(m, key)!r} cannot be exported ({why})")
+            section, name = key.split(".")
+            value = getattr(getattr(config, section), name)
+            raise ConfigError(f"{key}: {value!r} cannot be exported ({why})")
 
 
 def hf_config_from(config: Config, vocab_size: int | None = None) -> dict:
@@ -281,7 +298,7 @@ def hf_config_from(config: Config, vocab_size: int | None = None) -> dict:
     `deepseek_v2`, which is what transformers implements for each.
     """
     m = config.model
-    _check_exportable(m)
+    _check_exportable(config)
     v2 = bool(m.n_routed_experts) and m.scoring_func == "softmax"
     model_type = "deepseek_v2" if v2 else "deepseek_v3"
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rope_theta}

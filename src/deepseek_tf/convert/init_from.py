@@ -1,7 +1,9 @@
 """`train --init-from SOURCE`: fine-tune a run or a Hugging Face checkpoint.
 
-The new run takes the source's model section and tokenizer, the train/data/runtime
-sections of `--config` (or the source's own), then `--set` overrides; it starts at
+The new run takes the source's model, compression and calibration sections and its
+tokenizer, the train/data/runtime sections of `--config` (or the source's own), then
+`--set` overrides; its `model.dtype` is reset to "" (a fine-tuned run is loaded in the
+`train.precision` it trains in, unless `--set model.dtype=...`). It starts at
 step 0 with a fresh optimizer. The weights come from the source's newest
 checkpoint (a run) or its safetensors (a Hugging Face directory, assigned tensor
 by tensor in the run's precision); LoRA adapters (`train.lora_rank`) are added
@@ -90,12 +92,16 @@ def init_config(source, base: Config | None = None, overrides=()) -> tuple[Confi
                     "--config; fine-tuning keeps the source's architecture (drop --config or "
                     "choose one of its family)"
                 )
+        source = config_to_dict(config)
         config = update_config(
             base,
-            model=config_to_dict(config)["model"],
+            model=source["model"],
+            compression=source["compression"],
+            calibration=source["calibration"],
             data={"tokenizer": config.data.tokenizer, "vocab_size": config.data.vocab_size},
             train={"precision": config.train.precision},
         )
+    config = update_config(config, model={"dtype": ""})  # loaded in its train.precision
     return apply_overrides(config, list(overrides)), tokenizer
 
 

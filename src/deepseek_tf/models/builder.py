@@ -6,7 +6,7 @@ import math
 
 import keras
 
-from deepseek_tf.config.schema import Config, ModelConfig
+from deepseek_tf.config.schema import CompressionConfig, Config, ModelConfig
 from deepseek_tf.config.validation import parse_lowrank
 from deepseek_tf.errors import ConfigError
 from deepseek_tf.models.causal_lm import CausalLM
@@ -61,8 +61,9 @@ def attention_config(m: ModelConfig) -> dict:
     }
 
 
-def moe_config(m: ModelConfig) -> dict | None:
-    """Keyword arguments of `DeepSeekMoE`, or None for a dense model."""
+def moe_config(m: ModelConfig, c: CompressionConfig) -> dict | None:
+    """Keyword arguments of `DeepSeekMoE` (routed experts stored as `c` says), or None for a
+    dense model."""
     if not m.n_routed_experts:
         return None
     return {
@@ -80,8 +81,8 @@ def moe_config(m: ModelConfig) -> dict | None:
         "seq_aux_loss_alpha": m.seq_aux_loss_alpha,
         "dispatch": m.moe_dispatch,
         # routed experts stored as int8/int4 codes (`compress quantize --include experts`)
-        "expert_quantize": m.quantize if "experts" in m.quantize_include else "none",
-        "expert_group_size": m.quantize_group_size,
+        "expert_quantize": c.quantize if "experts" in c.quantize_include else "none",
+        "expert_group_size": c.quantize_group_size,
     }
 
 
@@ -93,24 +94,25 @@ def moe_layers(m: ModelConfig) -> list[bool]:
     ]
 
 
-def layer_overrides(m: ModelConfig) -> list | None:
-    """Per-layer shape changes written by `deepseek-tf compress`, or None (uniform model)."""
-    if not (m.layer_n_heads or m.layer_ffn_dims or m.layer_n_experts or m.lowrank):
+def layer_overrides(m: ModelConfig, c: CompressionConfig) -> list | None:
+    """Per-layer shape changes of architecture `m` written by `deepseek-tf compress` (`c`),
+    or None (uniform model)."""
+    if not (c.layer_n_heads or c.layer_ffn_dims or c.layer_n_experts or c.lowrank):
         return None
-    ranks = parse_lowrank(m.lowrank, m.n_layers)
+    ranks = parse_lowrank(c.lowrank, m.n_layers)
     kv_group = m.n_heads // (m.n_kv_heads or m.n_heads) if m.attention == "mha" else 1
     out = []
     for i in range(m.n_layers):
         o = {}
-        if m.layer_n_heads and m.layer_n_heads[i]:
-            heads = m.layer_n_heads[i]  # whole kv groups (checked by config validation)
+        if c.layer_n_heads and c.layer_n_heads[i]:
+            heads = c.layer_n_heads[i]  # whole kv groups (checked by config validation)
             o["attention"] = {"n_heads": heads}
             if m.attention == "mha":
                 o["attention"]["n_kv_heads"] = heads // kv_group
-        if m.layer_ffn_dims and m.layer_ffn_dims[i]:
-            o["ffn_hidden_dim"] = m.layer_ffn_dims[i]
-        if m.layer_n_experts and m.layer_n_experts[i]:
-            o["moe"] = {"n_routed_experts": m.layer_n_experts[i]}
+        if c.layer_ffn_dims and c.layer_ffn_dims[i]:
+            o["ffn_hidden_dim"] = c.layer_ffn_dims[i]
+        if c.layer_n_experts and c.layer_n_experts[i]:
+            o["moe"] = {"n_routed_experts": c.layer_n_experts[i]}
         if ranks[i]:
             o["projection_ranks"] = ranks[i]
         out.append(o)
@@ -118,8 +120,9 @@ def layer_overrides(m: ModelConfig) -> list | None:
 
 
 def model_kwargs(config: Config, vocab_size: int | None = None) -> dict:
-    """The plain keyword arguments `CausalLM` is built with."""
-    m, d = config.model, config.data
+    """The plain keyword arguments `CausalLM` is built with: the architecture (`model`), as
+    compressed (`compression`) and calibrated (`calibration`)."""
+    m, c, d = config.model, config.compression, config.data
     vocab = vocab_size or m.vocab_size
     if not vocab:
         raise ConfigError("model.vocab_size: unknown (0) and no tokenizer to take it from")
@@ -132,7 +135,7 @@ def model_kwargs(config: Config, vocab_size: int | None = None) -> dict:
         "attention_config": attention_config(m),
         "ffn_hidden_dim": ffn_hidden_dim(m),
         "attention_type": m.attention,
-        "moe_config": moe_config(m),
+        "moe_config": moe_config(m, c),
         "moe_layers": moe_layers(m),
         "mtp_depth": m.mtp_depth,
         "remat": m.remat,
@@ -144,35 +147,66 @@ def model_kwargs(config: Config, vocab_size: int | None = None) -> dict:
         "embedding_noise_std": d.embedding_noise_std if d.embedding_noise else 0.0,
         "norm_eps": m.norm_eps,
         "init_std": m.init_std,
-        "layer_overrides": layer_overrides(m),
-        "fake_quant": m.fake_quant,
+        "layer_overrides": layer_overrides(m, c),
+        "fake_quant": c.fake_quant,
         "output_head": m.head,
         "head_samples": m.head_samples,
         "head_kl_weight": m.head_kl_weight,
-        "logit_temperature": m.logit_temperature,
+        "logit_temperature": config.calibration.logit_temperature,
     }
 
 
-def unbuilt_model(config: Config, vocab_size: int | None = None) -> CausalLM:
+def inference_dtype(config: Config) -> str:
+    """The dtype policy a run is loaded in (eval, generate, serve, export): `model.dtype`,
+    or (empty, every run before it existed) `train.precision`.
+
+    Examples:
+
+    >>> from deepseek_tf.config.schema import Config
+    >>> inference_dtype(Config())
+    'float32'
+    """
+    return config.model.dtype or config.train.precision
+
+
+def unbuilt_model(
+    config: Config, vocab_size: int | None = None, dtype: str | None = None
+) -> CausalLM:
     """The `CausalLM` of `config` without weights: it describes itself
-    (`parameter_counts`, `prunable_units`) at any size, 671B parameters included."""
-    dtype = keras.DTypePolicy(config.train.precision)
-    return CausalLM(**model_kwargs(config, vocab_size), dtype=dtype)
+    (`parameter_counts`, `prunable_units`) at any size, 671B parameters included.
+    `dtype`: its dtype policy (None: `train.precision`)."""
+    policy = keras.DTypePolicy(dtype or config.train.precision)
+    return CausalLM(**model_kwargs(config, vocab_size), dtype=policy)
 
 
 def build_model(
-    config: Config, vocab_size: int | None = None, seed: int | None = None, lora: bool = True
+    config: Config,
+    vocab_size: int | None = None,
+    seed: int | None = None,
+    lora: bool = True,
+    dtype: str | None = None,
 ) -> CausalLM:
-    """Builds the `CausalLM` of `config`: weights initialised (seeded), dtype policy from
-    `train.precision`, for a quantized run (`model.quantize`) the quantized variables
-    its checkpoint holds, and with `train.lora_rank` (unless `lora` is False) the
-    adapters, everything else frozen."""
+    """Builds the `CausalLM` of `config`: weights initialised (seeded), for a quantized run
+    (`compression.quantize`) the quantized variables its checkpoint holds, and with
+    `train.lora_rank` (unless `lora` is False) the adapters, everything else frozen.
+
+    Args:
+        config: the run's config.
+        vocab_size: None: `model.vocab_size`.
+        seed: seeds Keras' random state before the weights are made (None: not seeded).
+        lora: add `train.lora_rank` adapters.
+        dtype: the variables' dtype policy; None: `train.precision` (training). A loaded
+            run passes `inference_dtype(config)`.
+
+    Returns:
+        The built model.
+    """
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    model = unbuilt_model(config, vocab_size)
+    model = unbuilt_model(config, vocab_size, dtype)
     model.build((None, None))
-    if config.model.quantize != "none":
-        apply_quantized_structure(model, config.model)
+    if config.compression.quantize != "none":
+        apply_quantized_structure(model, config.compression)
     t = config.train
     if lora and t.lora_rank:
         apply_lora(model, t.lora_rank, t.lora_alpha, t.lora_targets)

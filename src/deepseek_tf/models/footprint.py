@@ -38,18 +38,17 @@ def _described(config: Config) -> tuple[int, int]:
     declarations (an unbuilt model). Beyond `SAMPLE_LAYERS` layers, the first
     `SAMPLE_LAYERS` blocks are described and scaled (constructing a hundred thousand
     unbuilt blocks would take minutes)."""
-    m = config.model
+    m, c = config.model, config.compression
     vocab = m.vocab_size or 1
     n = min(m.n_layers, SAMPLE_LAYERS)
     if n < m.n_layers:  # the first n layers
         sample = {
-            "n_layers": n,
-            "layer_n_heads": list(m.layer_n_heads[:n]),
-            "layer_ffn_dims": list(m.layer_ffn_dims[:n]),
-            "layer_n_experts": list(m.layer_n_experts[:n]),
-            "lowrank": [e for e in m.lowrank if int(e.split("/", 1)[0]) < n],
+            "layer_n_heads": list(c.layer_n_heads[:n]),
+            "layer_ffn_dims": list(c.layer_ffn_dims[:n]),
+            "layer_n_experts": list(c.layer_n_experts[:n]),
+            "lowrank": [e for e in c.lowrank if int(e.split("/", 1)[0]) < n],
         }
-        config = update_config(config, model=sample)
+        config = update_config(config, model={"n_layers": n}, compression=sample)
     model = unbuilt_model(config, vocab)
     counts = model.parameter_counts()
     outside = counts["embedding"] + counts["head"] + m.d_model  # + final norm

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from keras.quantizers import AWQConfig, GPTQConfig, Int4QuantizationConfig
 
-from deepseek_tf.config.schema import ModelConfig
+from deepseek_tf.config.schema import CompressionConfig
 from deepseek_tf.errors import CompressionError
 
 
@@ -41,21 +41,22 @@ def quantization_config(mode: str, bits: int, group_size: int, dataset=None, seq
     return None
 
 
-def apply_quantized_structure(model, m: ModelConfig) -> None:
-    """Gives a freshly built model the quantized variables a quantized run saved.
+def apply_quantized_structure(model, c: CompressionConfig) -> None:
+    """Gives a freshly built model the quantized variables a quantized run saved (as its
+    `compression` section `c` records them).
 
     int8/int4/float8 quantize the (random) weights, which the checkpoint then
     overwrites; GPTQ/AWQ layers are built in their calibrated state directly.
     """
-    layers = model.quantizable_layers(m.quantize_include)
-    cfg = quantization_config(m.quantize, m.quantize_bits, m.quantize_group_size)
-    if m.quantize in ("int8", "int4", "float8"):
+    layers = model.quantizable_layers(c.quantize_include)
+    cfg = quantization_config(c.quantize, c.quantize_bits, c.quantize_group_size)
+    if c.quantize in ("int8", "int4", "float8"):
         # (routed experts were built quantized: the builder passes `expert_quantize`)
         chosen = {id(layer) for layer in layers}
         if chosen:
-            model.quantize(m.quantize, config=cfg, filters=lambda layer: id(layer) in chosen)
+            model.quantize(c.quantize, config=cfg, filters=lambda layer: id(layer) in chosen)
         return
     for layer in layers:
-        layer.quantize(m.quantize, config=cfg)
+        layer.quantize(c.quantize, config=cfg)
         del layer._kernel  # what calibration does once the quantized kernel is written
-        setattr(layer, f"is_{m.quantize}_calibrated", True)
+        setattr(layer, f"is_{c.quantize}_calibrated", True)

@@ -7,6 +7,9 @@ checkpoint's object graph exactly as `Checkpoint.restore` matches it, then read 
 own `RestoreV2` and assigned before the next one is read. Together with variables built
 without running their initialisers (`layers.deferred_init`), loading a run costs about
 one copy of its weights.
+
+A floating-point tensor is cast to its variable's dtype (a run saved in float32 loads in
+`model.dtype: bfloat16`, and back); other dtypes (int8 codes, counters) must match.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ def _name(variable) -> str:
     return getattr(variable, "path", None) or variable.name
 
 
+def _fits(have: tuple, want: tuple) -> bool:
+    """Whether a checkpoint tensor `(dtype name, shape)` restores into a variable's: the
+    same shape, and the same dtype or both floating point (cast on assignment)."""
+    floating = tf.as_dtype(have[0]).is_floating and tf.as_dtype(want[0]).is_floating
+    return have[1] == want[1] and (have[0] == want[0] or floating)
+
+
 def _restore_plan(root, prefix: str) -> list | None:
     """`[(variable, checkpoint key, dtype)]` for every variable of `root` (a
     `tf.train.Checkpoint`), matched through the checkpoint's object graph as
@@ -53,7 +63,8 @@ def _restore_plan(root, prefix: str) -> list | None:
     variables (then TensorFlow restores it).
 
     Raises:
-        _Mismatch: a variable is missing from the checkpoint or differs in shape or dtype.
+        _Mismatch: a variable is missing from the checkpoint or differs in shape, or in a
+            dtype that is not floating point on both sides.
     """
     reader = tf.train.load_checkpoint(prefix)
     graph = TrackableObjectGraph.FromString(reader.get_tensor(OBJECT_GRAPH_KEY))
@@ -68,7 +79,7 @@ def _restore_plan(root, prefix: str) -> list | None:
         key = attributes[0].checkpoint_key
         have = (dtypes[key].name, tuple(shapes[key]))
         want = (tf.as_dtype(obj.dtype).name, tuple(obj.shape))
-        if have != want:
+        if not _fits(have, want):
             raise _Mismatch(f"{_name(obj)}: {have[0]}{list(have[1])} in the checkpoint, "
                             f"{want[0]}{list(want[1])} in the model")  # fmt: skip
         plan.append((obj, key, dtypes[key]))
@@ -110,7 +121,10 @@ def restore_weights(checkpoint: RunCheckpoint) -> int:
             return checkpoint.restore(prefix, weights_only=True)
         for variable, key, dtype in plan:
             args = {"tensor_names": [key], "shape_and_slices": [""], "dtypes": [dtype]}
-            variable.assign(tf.raw_ops.RestoreV2(prefix=prefix, **args)[0])
+            value = tf.raw_ops.RestoreV2(prefix=prefix, **args)[0]
+            variable.assign(
+                value if value.dtype == variable.dtype else tf.cast(value, variable.dtype)
+            )
         return int(checkpoint.step.numpy())
 
     return checkpoint.restore_first_readable(checkpoint.candidates(), restore_one)

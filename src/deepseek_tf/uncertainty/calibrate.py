@@ -6,7 +6,7 @@ network's over- or under-confidence. `calibrate(RUN, out=NEW)` (`deepseek-tf cal
 RUN --out NEW`) fits `t` on
 the first half of the validation blocks, reports NLL and ECE before and after on the
 second half (tokens the fit never saw), and writes a new run whose
-`model.logit_temperature` is the old one times `t` -- so `eval`, `generate`, `serve` and
+`calibration.logit_temperature` is the old one times `t` -- so `eval`, `generate`, `serve` and
 the exported models all use the calibrated probabilities.
 """
 
@@ -145,7 +145,7 @@ def calibrate(run_dir, *, out, samples: int = 8) -> dict:
         model, config, tokenizer, samples
     )
     t = fit_temperature(fit_logits, fit_targets)
-    temperature = config.model.logit_temperature * t
+    temperature = config.calibration.logit_temperature * t
     record = {
         "method": "calibrate",
         "options": {"samples": samples},
@@ -162,6 +162,6 @@ def calibrate(run_dir, *, out, samples: int = 8) -> dict:
     model.logit_temperature = temperature
     entry = {"source": str(run_dir), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
     history = RunDir(run_dir).read_history() + [entry]
-    new_config = update_config(config, model={"logit_temperature": temperature})
+    new_config = update_config(config, calibration={"logit_temperature": temperature})
     RunDir(out).write_weights_run(new_config, tokenizer, model, history)
     return record

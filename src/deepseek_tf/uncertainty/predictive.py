@@ -10,7 +10,7 @@ probabilities, by one of four methods:
 - `"ensemble"`: one softmax per member run (deep ensembles; the members share a
   tokenizer);
 - temperature scaling needs no method of its own: a calibrated run divides its logits by
-  `model.logit_temperature` (`deepseek-tf calibrate`), so every method sees it.
+  `calibration.logit_temperature` (`deepseek-tf calibrate`), so every method sees it.
 
 The predictive distribution is the mean of the sampled softmaxes (`metrics.token_stats`).
 """
