@@ -20,6 +20,7 @@ from deepseek_tf.training.checkpoint import RunCheckpoint
 
 DECAY = 0.8
 STEPS = 4
+EVAL_BATCHES = 16  # the first 16 validation batches, as `evaluate(max_batches=16)` reads them
 EVERY_STEP = [f"train.steps={STEPS}", "train.log_every=1", "train.checkpoint_every=1"]
 
 
@@ -47,7 +48,7 @@ def plain_and_averaged(tmp_path_factory, tiny_config):
     plain = apply_overrides(plain, [f"train.keep_checkpoints={STEPS}"])
     train(plain, out=root / "plain", verbose=0, sample_tokens=0)
     averaged = apply_overrides(tiny_config, [*EVERY_STEP, "train.eval_every=2"])
-    averaged = apply_overrides(averaged, [f"train.ema_decay={DECAY}", "train.eval_batches=0"])
+    averaged = apply_overrides(averaged, [f"train.ema_decay={DECAY}", f"train.eval_batches={EVAL_BATCHES}"])
     train(averaged, out=root / "averaged", verbose=0, sample_tokens=0)
     return plain, root / "plain", averaged, root / "averaged"
 
@@ -73,7 +74,7 @@ def test_validation_is_the_average_as_eval_measures_it(plain_and_averaged):
     _, _, _, averaged_run = plain_and_averaged
     logged = _val_losses(averaged_run)
     assert sorted(logged) == [2, 4]
-    measured = evaluate(averaged_run, batch_size=4)
+    measured = evaluate(averaged_run, batch_size=4, max_batches=EVAL_BATCHES)
     assert abs(measured["loss"] - logged[STEPS]) < 1e-5, json.dumps(measured)
 
 
