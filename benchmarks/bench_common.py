@@ -23,6 +23,8 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 CORPUS_FILE = "tinyshakespeare.txt"
+# transformers >= 5.25 defaults to hub kernels (the `kernels` package, fetched at run time)
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 # the few-second `tiny` / `tiny-moe` models are the test suite's presets, not shipped ones
 os.environ.setdefault("DEEPSEEK_TF_PRESETS", str(BENCH_DIR.parent / "tests" / "presets"))
 

@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# transformers >= 5.25 loads every model with `use_kernels=True` unless told otherwise and
+# then requires the `kernels` package (hub kernels, which cannot be fetched here anyway)
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 # the suite's own presets (`tiny`, `tiny-moe`: few-second models) are not shipped; the
 # loader finds them here, in this process and in every command a test starts
 os.environ["DEEPSEEK_TF_PRESETS"] = str(Path(__file__).parent / "presets")
