@@ -48,7 +48,9 @@ def plain_and_averaged(tmp_path_factory, tiny_config):
     plain = apply_overrides(plain, [f"train.keep_checkpoints={STEPS}"])
     train(plain, out=root / "plain", verbose=0, sample_tokens=0)
     averaged = apply_overrides(tiny_config, [*EVERY_STEP, "train.eval_every=2"])
-    averaged = apply_overrides(averaged, [f"train.ema_decay={DECAY}", f"train.eval_batches={EVAL_BATCHES}"])
+    averaged = apply_overrides(
+        averaged, [f"train.ema_decay={DECAY}", f"train.eval_batches={EVAL_BATCHES}"]
+    )
     train(averaged, out=root / "averaged", verbose=0, sample_tokens=0)
     return plain, root / "plain", averaged, root / "averaged"
 
