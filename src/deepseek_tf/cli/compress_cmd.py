@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from deepseek_tf.cli.common import add_override_arg
+from deepseek_tf.cli.common import add_override_arg, api_function, keywords
 
 METHODS = {
     "quantize": "post-training quantisation: int8, int4, float8, GPTQ or AWQ (Keras quantizers)",
@@ -124,84 +124,9 @@ OPTIONS = {
 }
 
 
-def _quantize(compress, args) -> dict:
-    return compress.quantize(
-        args.run_dir,
-        out=args.out,
-        mode=args.mode,
-        bits=args.bits,
-        group_size=args.group_size,
-        calibration_samples=args.calibration_samples,
-        include=args.include,
-        quiet=args.quiet,
-    )
-
-
-def _qat(compress, args) -> dict:
-    return compress.qat(
-        args.run_dir,
-        out=args.out,
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-        quiet=args.quiet,
-    )
-
-
-def _prune(compress, args) -> dict:
-    return compress.prune(
-        args.run_dir,
-        out=args.out,
-        sparsity=args.sparsity,
-        targets=args.targets,
-        importance=args.importance,
-        schedule_power=args.schedule_power,
-        unstructured=args.unstructured,
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-        quiet=args.quiet,
-    )
-
-
-def _distill(compress, args) -> dict:
-    return compress.distill(
-        args.run_dir,
-        out=args.out,
-        student_config=args.student_config,
-        student_preset=args.student_preset,
-        overrides=args.overrides,
-        alpha=args.alpha,
-        temperature=args.temperature,
-        steps=args.steps,
-        quiet=args.quiet,
-    )
-
-
-def _lowrank(compress, args) -> dict:
-    return compress.lowrank(
-        args.run_dir,
-        out=args.out,
-        rank=args.rank,
-        energy=args.energy,
-        targets=args.targets,
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-        quiet=args.quiet,
-    )
-
-
-CALLS = {
-    "quantize": _quantize,
-    "qat": _qat,
-    "prune": _prune,
-    "distill": _distill,
-    "lowrank": _lowrank,
-}
-
-
 def run(args) -> int:
-    """Calls the method's library function and prints its record as one JSON line."""
-    from deepseek_tf import compress  # TensorFlow: only once a method runs
-
-    record = CALLS[args.method](compress, args)
+    """Calls the method's library function (its `api` default) with the parsed options and
+    prints its record as one JSON line."""
+    record = api_function(args.api)(**keywords(args, skip=("method",)))
     print(json.dumps(record))
     return 0
