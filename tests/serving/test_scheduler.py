@@ -47,9 +47,14 @@ def scheduler(attention_model):
 
 def test_both_schedulers_offer_what_the_server_needs(scheduler, attention_model):
     dynamic = Batcher(attention_model, None, max_batch=2)
-    for s in (scheduler, dynamic):
-        assert isinstance(s, Scheduler)
-        assert s.ready.is_set() and s.running() == 0 and s.pending() == 0
+    assert not dynamic.ready.is_set()  # ready once its thread runs (after any warm-up)
+    dynamic.start()
+    try:
+        for s in (scheduler, dynamic):
+            assert isinstance(s, Scheduler)
+            assert s.ready.wait(60) and s.running() == 0 and s.pending() == 0
+    finally:
+        dynamic.stop()
     assert dynamic.prefix is None and scheduler.prefix.enabled
 
     class NoRunning:  # a scheduler missing one member is not one

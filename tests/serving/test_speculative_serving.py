@@ -45,3 +45,19 @@ def test_speculative_needs_mtp_modules(loaded):
         ServingApp(*loaded, "tiny", speculative="mtp")
     with pytest.raises(InputError, match="--speculative"):
         ServingApp(*loaded, "tiny", speculative="medusa")
+
+
+@pytest.mark.parametrize("warm_up", [True, False])
+def test_speculative_server_is_ready_after_compiling(mtp_model, warm_up):
+    """`/health` says ready only once the draft-verify rounds are traced (no request sent:
+    the warm-up did it), or at once without warm-up."""
+    srv, app, url = start_server(mtp_model, None, speculative="mtp", warm_up=warm_up,
+                                 jit_compile=False)  # fmt: skip
+    try:
+        loop = app.batcher.decoder.loop
+        traced = loop.rounds.experimental_get_tracing_count()
+        assert (traced >= 1) == warm_up and request(url, "GET", "/health")[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        app.batcher.stop()

@@ -23,6 +23,7 @@ from pathlib import Path
 from deepseek_tf.export import check_export_options
 from deepseek_tf.export import export as export_model
 from deepseek_tf.rundir import load_run
+from deepseek_tf.serving.kv_budget import parse_size
 from deepseek_tf.serving.server import ServingApp, ServingHTTPServer, check_port, make_server
 
 __all__ = ["Served", "export", "serve"]
@@ -127,6 +128,8 @@ def serve(
     request_timeout: float | None = None,
     speculative: str | None = None,
     draft_tokens: int | None = None,
+    max_model_len: int | None = None,
+    kv_cache_memory: str | None = None,
     batch_window_ms: float = 5.0,
     chunk: int = 8,
     max_tokens: int | None = None,
@@ -156,7 +159,12 @@ def serve(
         request_timeout: seconds a generation may take (None: no limit).
         speculative, draft_tokens: "mtp": speculative decoding with the model's MTP
             modules, `draft_tokens` drafts per round (runs with dynamic batching).
-        max_tokens, max_prompt_tokens: request limits (None: the context).
+        max_model_len: positions a prompt and its reply may take (None: the checkpoint's
+            context, lowered to what the cache budget holds; longer requests get 400).
+        kv_cache_memory: the decoding cache's budget, "4GiB", "512MiB" or bytes (None: a
+            quarter of the memory available at start-up). `Served.app.cache_plan` says
+            what was chosen.
+        max_tokens, max_prompt_tokens: request limits (None: `max_model_len`).
         max_body_bytes, max_queue, max_connections: beyond these a request gets 413,
             429, 503.
         block: serve until interrupted, then close (as the command does).
@@ -168,6 +176,8 @@ def serve(
         InputError: an option out of range, an address that cannot be bound.
     """
     check_port(port)  # before the (slow) model load
+    if kv_cache_memory is not None:
+        parse_size(kv_cache_memory)
     model, tokenizer = load_run(run_dir)
     app = ServingApp(
         model, tokenizer, model_name or Path(run_dir).resolve().name, api_key=api_key,
@@ -176,6 +186,7 @@ def serve(
         request_timeout=request_timeout, speculative=speculative, draft_tokens=draft_tokens,
         window_s=batch_window_ms / 1000, chunk=chunk, max_tokens=max_tokens,
         max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+        max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
         max_queue=max_queue, max_connections=max_connections, warm_up=warm_up,
     )  # fmt: skip
     server = make_server(app, host, port)

@@ -59,6 +59,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--draft-tokens", type=int, help="with --speculative: drafts per round")
     parser.add_argument("--batch-window-ms", type=float, default=5.0, help="dynamic batching")
     parser.add_argument("--chunk", type=int, default=8, help="dynamic: tokens between checks")
+    parser.add_argument(
+        "--max-model-len", type=int, help="positions a prompt and its reply may take "
+        "(default: the checkpoint's context, lowered to what --kv-cache-memory holds)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-cache-memory", help="the decoding cache's budget, e.g. 4GiB or 512MiB "
+        "(default: a quarter of the memory available at start-up)",
+    )  # fmt: skip
     parser.add_argument("--max-tokens", type=int, help="largest max_tokens (default: context)")
     parser.add_argument("--max-prompt-tokens", type=int, help="default: the context")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
@@ -74,8 +82,9 @@ def add_parser(subparsers) -> None:
 OPTIONS = (  # the flags' dests, each a keyword of `deepseek_tf.api.deployment.serve`
     "host", "port", "api_key", "warm_up", "model_name", "max_batch", "no_batching",
     "batching", "step_ms", "stream_interval", "prefix_cache_mb", "request_timeout",
-    "speculative", "draft_tokens", "batch_window_ms", "chunk", "max_tokens",
-    "max_prompt_tokens", "max_body_bytes", "max_queue", "max_connections",
+    "speculative", "draft_tokens", "max_model_len", "kv_cache_memory", "batch_window_ms",
+    "chunk", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue",
+    "max_connections",
 )  # fmt: skip
 
 
@@ -89,6 +98,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     served = serve(args.run_dir, **{name: getattr(args, name) for name in OPTIONS})
     print(f"serving {served.app.model_name} on {served.url}", flush=True)
+    print(served.app.cache_plan.describe(), flush=True)
     began = time.perf_counter()
 
     def announce():

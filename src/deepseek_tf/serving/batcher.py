@@ -31,7 +31,7 @@ log = logging.getLogger("deepseek_tf.serving")
 
 class Batcher:
     """Runs jobs on a background thread, batching those that arrive together (a
-    `serving.job.Scheduler`: ready at once, shapes compile on first use; no prefix cache).
+    `serving.job.Scheduler`; no prefix cache).
 
     Args:
         model: a `CausalLM`.
@@ -44,6 +44,9 @@ class Batcher:
         speculative: MTP speculative decoding with this many drafts per round
             (`generation.speculative`; rows of a batch share positions); None: off.
         metrics: the server's `ServerMetrics` (speculative acceptance), or None.
+        warm_up: before `ready`, decode one short row (compiling the prefill chunks of
+            prompts up to 63 tokens and the batch-1 decode call); False: ready at once,
+            shapes compile on first use.
     """
 
     def __init__(
@@ -56,8 +59,10 @@ class Batcher:
         jit_compile: bool = True,
         speculative: int | None = None,
         metrics=None,
+        warm_up: bool = False,
     ):
         self.tokenizer = tokenizer
+        self.context = model.max_seq_len
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
         vocab = None if tokenizer is None else tokenizer.vocab_size  # never an undecodable id
         if speculative:
@@ -72,8 +77,8 @@ class Batcher:
         self._queue: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
-        self.ready = threading.Event()  # nothing to warm up: shapes compile on first use
-        self.ready.set()
+        self.ready = threading.Event()
+        self.warm = warm_up
         self.prefix: PrefixCache | None = None
         self.batches = 0  # statistics: batches run and rows decoded
         self.rows = 0
@@ -117,7 +122,22 @@ class Batcher:
         self.abandoned += sum(j.cancelled for j in jobs)
         return [j for j in jobs if not j.cancelled]
 
+    def warm_up(self) -> float:
+        """Compiles the common shapes (see `warm_up` above); returns the seconds taken."""
+        began = time.perf_counter()
+        n = max(1, min(63, self.context - 3))
+        state = self.decoder.start([Row([0] * n, 2, 0.0, 0, 1.0, 0)], [])
+        while not state.finished:
+            state.step(self.chunk)
+        return time.perf_counter() - began
+
     def _run(self) -> None:
+        try:
+            if self.warm:
+                log.info("compiled the serving shapes in %.1f s", self.warm_up())
+        except Exception:
+            log.exception("warm-up failed")  # serve anyway: shapes compile on first use
+        self.ready.set()
         while not self._stopping.is_set():
             jobs = self._collect()
             if not jobs:

@@ -51,6 +51,8 @@ class ContinuousScheduler:
         step_ms: target duration of one decode call (sets the adaptive chunk).
         stream_interval: most tokens decoded per call while a request streams.
         prefix_cache_mb: memory for the prefix cache (0: off).
+        max_len: positions per slot (None: the model's context; see
+            `serving.kv_budget.plan_cache`).
         jit_compile: compile with XLA.
         warm_up: compile every serving shape before `ready` is set (False: shapes compile
             on first use).
@@ -58,14 +60,15 @@ class ContinuousScheduler:
 
     def __init__(self, model, tokenizer, metrics: ServerMetrics | None = None, *,
                  max_batch: int = 16, step_ms: float = 20.0, stream_interval: int = 4,
-                 prefix_cache_mb: float = 256,
+                 prefix_cache_mb: float = 256, max_len: int | None = None,
                  jit_compile: bool = True, warm_up: bool = True):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.metrics = metrics or ServerMetrics("model")
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
         vocab = None if tokenizer is None else tokenizer.vocab_size  # never an undecodable id
         self.loop = DecodeLoop(model, jit_compile=jit_compile, logprobs=True, vocab_limit=vocab)
-        self.slots, self.length = max(1, int(max_batch)), model.max_seq_len
+        self.slots = max(1, int(max_batch))
+        self.length = min(int(max_len or model.max_seq_len), model.max_seq_len)
         self.step_ms = step_ms
         self.stream_interval = max(1, int(stream_interval))
         self.warm = warm_up

@@ -43,6 +43,7 @@ from deepseek_tf.generation.speculative import check_draft_tokens
 from deepseek_tf.serving.batcher import Batcher
 from deepseek_tf.serving.handler import DISCONNECTS, Handler
 from deepseek_tf.serving.job import Job, Scheduler
+from deepseek_tf.serving.kv_budget import plan_cache
 from deepseek_tf.serving.metrics import ServerMetrics
 from deepseek_tf.serving.protocol import ApiError, Limits, bad, parse_predict
 from deepseek_tf.serving.scheduler import ContinuousScheduler
@@ -83,7 +84,11 @@ class ServingApp:
             (`draft_tokens` drafts per round, None: one per module); it runs in the
             dynamic batcher (rows of a batch share positions). None: off.
         warm_up: compile the serving shapes before `/health` reports ready.
-        max_tokens, max_prompt_tokens: request limits (None: the context).
+        max_model_len: positions a prompt and its reply may take (None: the
+            checkpoint's context, lowered to what `kv_cache_memory` holds).
+        kv_cache_memory: the decoding cache's budget, "4GiB" or bytes (None: a quarter
+            of the memory available at start-up; see `serving.kv_budget`).
+        max_tokens, max_prompt_tokens: request limits (None: `max_model_len`).
         max_body_bytes: largest request body.
         max_queue: requests waiting (or predicting) beyond this get 429.
         max_connections: open connections beyond this get 503.
@@ -107,6 +112,8 @@ class ServingApp:
         request_timeout: float | None = None,
         speculative: str | None = None,
         draft_tokens: int | None = None,
+        max_model_len: int | None = None,
+        kv_cache_memory: str | int | None = None,
         max_tokens: int | None = None,
         max_prompt_tokens: int | None = None,
         max_body_bytes: int = 1 << 20,
@@ -136,7 +143,11 @@ class ServingApp:
         drafts = check_draft_tokens(model, draft_tokens) if speculative else None
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.api_key = api_key
-        context = model.max_seq_len
+        self.cache_plan = plan_cache(model, max_batch, max_model_len, kv_cache_memory)
+        context = self.cache_plan.max_model_len
+        if max_prompt_tokens is not None and max_prompt_tokens >= context:
+            raise InputError(f"--max-prompt-tokens {max_prompt_tokens} leaves no room to reply "
+                             f"within --max-model-len {context:,}")  # fmt: skip
         self.limits = Limits(
             context=context,
             max_prompt_tokens=min(max_prompt_tokens or context, context),
@@ -152,11 +163,13 @@ class ServingApp:
             self.batcher = ContinuousScheduler(
                 model, tokenizer, self.metrics, max_batch=max_batch, step_ms=step_ms,
                 stream_interval=stream_interval,
-                prefix_cache_mb=prefix_cache_mb, jit_compile=jit_compile, warm_up=warm_up,
+                prefix_cache_mb=prefix_cache_mb, max_len=context, jit_compile=jit_compile,
+                warm_up=warm_up,
             )  # fmt: skip
         else:
             self.batcher = Batcher(model, tokenizer, max_batch, window_s, chunk, jit_compile,
-                                   speculative=drafts, metrics=self.metrics)  # fmt: skip
+                                   speculative=drafts, metrics=self.metrics,
+                                   warm_up=warm_up)  # fmt: skip
         self.created = int(time.time())
         self._predicting = 0
         self._lock = threading.Lock()
@@ -235,6 +248,7 @@ class ServingApp:
                     "object": "model",
                     "created": self.created,
                     "owned_by": "deepseek-tf",
+                    "max_model_len": self.limits.context,
                 }
             ],
         }
@@ -259,6 +273,12 @@ class ServingApp:
             "rows": self.batcher.rows,
             "running": self.batcher.running(),
             "waiting": self.batcher.pending(),
+            "kv_cache": {
+                "slots": self.cache_plan.slots,
+                "max_model_len": self.limits.context,
+                "bytes": self.cache_plan.bytes,
+                "budget": self.cache_plan.budget,
+            },
         }
         prefix = self.batcher.prefix
         if prefix is not None and prefix.enabled:
