@@ -41,7 +41,7 @@ from deepseek_tf.config.loader import update_config
 from deepseek_tf.data.pipeline import make_train_dataset
 from deepseek_tf.errors import CompressionError
 from deepseek_tf.models.builder import build_model
-from deepseek_tf.models.quantization import quantization_config
+from deepseek_tf.models.quantization import frozen_heap, quantization_config
 
 MODES = ("int8", "int4", "float8", "gptq", "awq")
 CALIBRATED = ("gptq", "awq")  # modes that calibrate on training sequences
@@ -156,7 +156,7 @@ def quantize_model(model, model_config, mode, *, include, bits, group_size, data
             _route_calibration_calls(layer, mode)
     try:
         # Keras' GPTQ/AWQ draw a progress bar on stdout: keep stdout for the JSON record.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), frozen_heap():
             model.quantize(mode, config=cfg, filters=selected)
     finally:
         for layer in hooked:

@@ -7,6 +7,9 @@ this module only maps a mode (`int8 | int4 | float8 | gptq | awq`) to Keras' obj
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 from keras.quantizers import AWQConfig, GPTQConfig, Int4QuantizationConfig
 
 from deepseek_tf.config.schema import CompressionConfig
@@ -18,6 +21,20 @@ class TokenIdsOnly:
 
     def tokenize(self, text):
         raise CompressionError("calibration data must be token ids")
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Keras' `Layer.__delattr__` runs `gc.collect()` for every variable a layer drops, and
+    quantizing drops each kernel: one full collection of the process's heap per layer
+    (seconds each in a process holding a large model or many others). Objects alive
+    before quantizing cannot become its garbage, so `gc.freeze()` takes them out of the
+    collector's view while it runs (Keras' own collections then scan only new objects)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def quantization_config(mode: str, bits: int, group_size: int, dataset=None, sequence_length=0):
@@ -54,9 +71,11 @@ def apply_quantized_structure(model, c: CompressionConfig) -> None:
         # (routed experts were built quantized: the builder passes `expert_quantize`)
         chosen = {id(layer) for layer in layers}
         if chosen:
-            model.quantize(c.quantize, config=cfg, filters=lambda layer: id(layer) in chosen)
+            with frozen_heap():
+                model.quantize(c.quantize, config=cfg, filters=lambda layer: id(layer) in chosen)
         return
-    for layer in layers:
-        layer.quantize(c.quantize, config=cfg)
-        del layer._kernel  # what calibration does once the quantized kernel is written
-        setattr(layer, f"is_{c.quantize}_calibrated", True)
+    with frozen_heap():
+        for layer in layers:
+            layer.quantize(c.quantize, config=cfg)
+            del layer._kernel  # what calibration does once the quantized kernel is written
+            setattr(layer, f"is_{c.quantize}_calibrated", True)
