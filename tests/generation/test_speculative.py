@@ -108,6 +108,25 @@ def test_rounds_one_at_a_time(trained_mtp):
     assert rest[1] == []
 
 
+def test_each_row_of_a_batch_keeps_its_own_drafts(trained_mtp):
+    """Rows of one batch move as each would alone: the batch runs as many rounds as its
+    slowest row alone and accepts every draft the rows accept alone (rows that shared
+    one position kept the fewest any row accepted: more rounds, fewer accepted)."""
+    model, tok = load(trained_mtp)
+    decoder = SpeculativeDecoder(model, jit_compile=False)
+    prompts = [tok.encode(text) for text in ("KING", "LORD", "What")]  # one length
+    alone = []
+    for prompt in prompts:
+        state = decoder.start([Row(prompt, 24)])
+        alone.append((state.step(), state.rounds, int(state.accepted.sum())))
+    state = decoder.start([Row(prompt, 24) for prompt in prompts])
+    tokens = state.step()
+    assert tokens == [row[0][0] for row in alone]
+    assert len({rounds for _, rounds, _ in alone}) > 1  # the rows differ ...
+    assert state.rounds == max(rounds for _, rounds, _ in alone)  # ... and keep their pace
+    assert int(state.accepted.sum()) == sum(accepted for *_, accepted in alone)
+
+
 def exact_marginals(model, prompt, settings, steps=3):
     """The exact distributions of the first `steps` sampled tokens (plain sampling's
     filtered distributions, enumerated over every earlier token)."""

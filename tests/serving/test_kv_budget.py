@@ -79,8 +79,9 @@ def test_a_prompt_limit_at_the_model_len_is_refused(long_model):
 def test_a_budget_serves_a_163840_position_checkpoint(long_model):
     """A budget: the plan fits it, the cache allocated is the plan, requests
     within the bound are answered and longer ones get a 400 naming it."""
-    srv, app, url = start_server(long_model, None, max_batch=4, kv_cache_memory="8MiB",
-                                 jit_compile=False)
+    srv, app, url = start_server(
+        long_model, None, max_batch=4, kv_cache_memory="8MiB", jit_compile=False
+    )
     try:
         plan = app.cache_plan
         assert 64 <= plan.max_model_len < LONG and plan.bytes <= plan.budget == 8 << 20

@@ -18,10 +18,10 @@ positions whose inputs were drafts. Cache entries written for rejected positions
 beyond every later query until the next round overwrites them. A hybrid block's conv
 state is rewound to the last settled position (`rewind_conv`).
 
-Rows of a batch share one position: each round keeps the fewest drafts any unfinished
-row accepted; a row that accepted more takes its next accepted draft as that round's
-last token (an exact sample too). Batches thus gain less than single sequences. A row
-whose prompt is longer than the shortest is fed its remaining prompt as forced drafts.
+Each row of a batch has its own position: a round settles each row's own accepted
+drafts plus one token, so a batch gains what its rows gain (rows once shared one
+position and kept the fewest drafts any row accepted). A row whose prompt is longer
+than the shortest is fed its remaining prompt as forced drafts.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class SpeculativeDecoder:
             state.sampled,
         )
         state.done = done.numpy().copy()
-        state.position = start
+        state.position = np.full(batch, start, np.int32)  # each row's last settled position
         return state
 
 
@@ -168,7 +168,7 @@ class SpeculativeState:
         row's new tokens (a stop token is included and ends the row)."""
         if not self.finished:
             out = self.decoder.loop.rounds(
-                tf.constant(self.position, tf.int32),
+                tf.constant(self.position),
                 self.ids,
                 self.is_prompt,
                 self.state,
@@ -181,7 +181,7 @@ class SpeculativeState:
                 self.sampled,
             )
             ran, position, self.ids, self.state, self.q, done, proposed, accepted = out
-            self.position, self.done = int(position), done.numpy().copy()
+            self.position, self.done = position.numpy().copy(), done.numpy().copy()
             proposed, accepted = proposed.numpy(), accepted.numpy()
             self.proposed += proposed
             self.accepted += accepted
@@ -195,7 +195,7 @@ class SpeculativeState:
         for row, r in enumerate(self.rows):
             tokens = []
             if not self.closed[row]:
-                last = min(self.position + 1, len(r.prompt) + r.max_new_tokens)
+                last = min(int(self.position[row]) + 1, len(r.prompt) + r.max_new_tokens)
                 for i in range(self.reported[row], last):
                     tokens.append(int(ids[row, i]))
                     if tokens[-1] in self.stop_set:

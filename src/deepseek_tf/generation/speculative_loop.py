@@ -1,10 +1,14 @@
 """The compiled side of speculative decoding (see `generation.speculative`): prefill of
-the model and its MTP chain, and the draft-verify rounds in one XLA while-loop."""
+the model and its MTP chain, and the draft-verify rounds in one XLA while-loop.
+
+Every row of a batch sits at its own position: a round settles each row's accepted
+drafts plus one token, so a row that accepts more moves further (positions are `(B,)`
+vectors; prefill starts all rows at one scalar position). The cache writes and reads
+take per-row positions (`layers.cache_positions`)."""
 
 from __future__ import annotations
 
 import tensorflow as tf
-from keras import ops
 
 from deepseek_tf.generation.decoding import prefill_chunks
 from deepseek_tf.generation.sampler import limit_vocab, sample_tokens
@@ -14,6 +18,7 @@ from deepseek_tf.generation.speculative_sampling import (
     sample_probs,
     token_probs,
 )
+from deepseek_tf.layers.cache_positions import write_cache
 
 
 def rewind_conv(block, old, new, block_input, offset):
@@ -30,15 +35,26 @@ def rewind_conv(block, old, new, block_input, offset):
 
 
 def window(x, start, width: int):
-    """`x[:, start : start + width]` of a `(B, L, ...)` tensor for a traced `start` (a
-    gather: XLA's constant inference aborts on some traced `tf.slice` bounds)."""
+    """`x[:, start : start + width]` of a `(B, L, ...)` tensor for a traced `start`, a
+    scalar or per row `(B,)` (a gather: XLA's constant inference aborts on some traced
+    `tf.slice` bounds)."""
+    start = tf.convert_to_tensor(start, tf.int32)
+    if start.shape.rank == 1:
+        index = start[:, None] + tf.range(width)[None, :]  # (B, W)
+        return tf.gather(x, index, axis=1, batch_dims=1)
     return tf.gather(x, start + tf.range(width), axis=1)
 
 
+def at(x, position):
+    """`x[:, position]` of a `(B, L, ...)` tensor, `position` a scalar or per row `(B,)`."""
+    return window(x, position, 1)[:, 0]
+
+
 def put(ids, position, values):
-    """`ids` `(B, L)` with column `position` set to `values` `(B,)`."""
-    at = tf.range(tf.shape(ids)[1])[None, :] == position  # (1, L)
-    return tf.ensure_shape(tf.where(at, values[:, None], ids), ids.shape)
+    """`ids` `(B, L)` with column `position` (a scalar or per row) set to `values` `(B,)`."""
+    column = tf.reshape(tf.convert_to_tensor(position, tf.int32), (-1, 1))  # (B|1, 1)
+    hit = tf.range(tf.shape(ids)[1])[None, :] == column  # (B|1, L)
+    return tf.ensure_shape(tf.where(hit, values[:, None], ids), ids.shape)
 
 
 class SpeculativeLoop:
@@ -93,11 +109,12 @@ class SpeculativeLoop:
                 module.block, mtp[j - 1], out["cache"], out["block_input"], offset
             )
             if j < self.k:  # (B, L, C) <- (B, length, C) at `begin`
-                outputs[j - 1] = ops.slice_update(outputs[j - 1], (0, begin, 0), out["x"])
+                outputs[j - 1] = write_cache(outputs[j - 1], out["x"], begin)
             hidden = out["x"]
             if not draft:
                 continue
-            last = tf.gather(out["x"], settled - 1 - begin, axis=1)  # (B, C): at settled - 1
+            # (B, C): at settled - 1 (a finished row has not moved: any row will do)
+            last = at(out["x"], tf.maximum(settled - 1 - begin, 0))
             logits = self.model.project(last[:, None])[:, 0] / self.model.logit_temperature
             logits = limit_vocab(logits, self.vocab_limit)  # (B, V)
             position = settled + j
@@ -107,8 +124,7 @@ class SpeculativeLoop:
             else:
                 probs = tf.zeros_like(logits)
                 token = tf.argmax(logits, -1, output_type=tf.int32)
-            column = tf.gather(ids, position, axis=1)
-            token = tf.where(tf.gather(is_prompt, position, axis=1), column, token)
+            token = tf.where(at(is_prompt, position), at(ids, position), token)
             ids = put(ids, position, token)
             q.append(probs)
         q = tf.stack(q, axis=1) if draft else None
@@ -149,7 +165,7 @@ class SpeculativeLoop:
             first = sample_tokens(logits, *sampling, p)  # (B,)
         else:
             first = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        first = tf.where(tf.gather(is_prompt, p, axis=1), tf.gather(ids, p, axis=1), first)
+        first = tf.where(at(is_prompt, p), at(ids, p), first)
         ids = put(ids, p, first)
         done = finish_rows(ids, is_prompt, ends, done, p, 1, 1, stop_ids)
         state = {**state, "cache": cache}
@@ -160,12 +176,13 @@ class SpeculativeLoop:
 
     def _rounds(self, position, ids, is_prompt, state, q, ends, done, sampling, stop_ids, limit,
                 sampled):  # fmt: skip
-        """Runs draft-verify rounds from settled position `position` until every row is
-        done or `limit` rounds ran (`sampled`: see `_draft`). Returns `(rounds,
-        position, ids, state, q, done, proposed (k,), accepted (k,))`: drafts offered
-        (by unfinished rows, prompt positions excluded) and accepted, per position."""
+        """Runs draft-verify rounds from each row's settled position (`position` `(B,)`)
+        until every row is done or `limit` rounds ran (`sampled`: see `_draft`). A row
+        keeps its own accepted drafts; a finished row stays where it is. Returns
+        `(rounds, position, ids, state, q, done, proposed (k,), accepted (k,))`: drafts
+        offered (by unfinished rows, prompt positions excluded) and accepted, per
+        position."""
         k = self.k
-        batch = tf.shape(ids)[0]
         blocks = self.model.blocks
 
         def cond(rounds, position, ids, state, q, done, proposed, accepted):
@@ -182,16 +199,11 @@ class SpeculativeLoop:
                 logits, tokens[:, 1:], q, forced, sampling, position + 1, sampled
             )
             active = tf.logical_not(done)
-            n = tf.reduce_min(tf.where(active, kept, k))  # drafts every row keeps
-            drafts = tf.concat([tokens[:, 1:], tf.zeros((batch, 1), tf.int32)], 1)  # (B, k+1)
-            token = tf.where(
-                kept > n, tf.gather(drafts, n, axis=1), tf.gather(replacement, n, axis=1)
-            )
-            settled = position + n + 1
-            token = tf.where(
-                tf.gather(is_prompt, settled, axis=1), tf.gather(ids, settled, axis=1), token
-            )
-            ids = put(ids, settled, token)
+            n = tf.where(active, kept, 0)  # (B,): drafts each row keeps
+            settled = tf.where(active, position + n + 1, position)  # (B,)
+            token = at(replacement, n)  # the rejected draft's replacement, or the bonus
+            keep = tf.logical_or(done, at(is_prompt, settled))  # finished rows: unchanged
+            ids = put(ids, settled, tf.where(keep, at(ids, settled), token))
             offered = tf.logical_and(active[:, None], tf.logical_not(forced[:, :k]))  # (B, k)
             took = tf.logical_and(offered, kept[:, None] > tf.range(k)[None, :])
             proposed += tf.reduce_sum(tf.cast(offered, tf.int32), axis=0)
@@ -216,13 +228,14 @@ class SpeculativeLoop:
 
 def finish_rows(ids, is_prompt, ends, done, first, count, width, stop_ids):
     """`done` `(B,)` updated for the tokens just settled at positions `first ..
-    first+count-1` (`count <= width`, `width` static): a row ends at a sampled stop
-    token or once it reaches `ends`."""
-    positions = first + tf.range(width)  # (W,)
+    first+count-1` (scalars or per row; `count <= width`, `width` static): a row ends at
+    a sampled stop token or once it reaches `ends`."""
+    offsets = tf.range(width)[None, :]  # (1, W)
+    positions = tf.reshape(first, (-1, 1)) + offsets  # (B|1, W)
     tokens = window(ids, first, width)  # (B, W)
     prompt = window(is_prompt, first, width)  # (B, W)
-    new = tf.logical_and(tf.range(width)[None, :] < count, tf.logical_not(prompt))
-    new = tf.logical_and(new, positions[None, :] < ends[:, None])  # (B, W)
+    new = tf.logical_and(offsets < tf.reshape(count, (-1, 1)), tf.logical_not(prompt))
+    new = tf.logical_and(new, positions < ends[:, None])  # (B, W)
     is_stop = tf.reduce_any(tokens[:, :, None] == stop_ids[None, None, :], axis=-1)  # (B, W)
     stopped = tf.reduce_any(tf.logical_and(new, is_stop), axis=1)
     return done | stopped | (first + count >= ends)

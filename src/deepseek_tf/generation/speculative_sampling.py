@@ -41,7 +41,7 @@ def accept_drafts(logits, drafts, q, forced, sampling, first, sampled=True):
         q: `(B, k, V)` the distributions they were drawn from (unused when greedy).
         forced: `(B, k+1)` bool: prompt positions (always accepted).
         sampling: `(temperature, top_k, top_p, seeds)`, each `(B,)`.
-        first: int32 scalar, the position of the first draft.
+        first: int32, the position of the first draft: a scalar or per row `(B,)`.
         sampled: False when every row is greedy (the argmax rule alone is traced).
 
     Returns:
@@ -62,8 +62,8 @@ def accept_drafts(logits, drafts, q, forced, sampling, first, sampled=True):
         p = tf.reshape(p, tf.shape(logits))  # (B, k+1, V)
         p_d = tf.gather(p[:, :-1], drafts, axis=2, batch_dims=2)  # (B, k)
         q_d = tf.gather(q, drafts, axis=2, batch_dims=2)  # (B, k)
-        positions = first + tf.range(t)  # (k+1,)
-        flat_positions = tf.reshape(tf.tile(positions[None], (b, 1)), (-1,))  # (B*(k+1),)
+        positions = tf.reshape(first, (-1, 1)) + tf.range(t)[None, :]  # (B|1, k+1)
+        flat_positions = tf.reshape(tf.broadcast_to(positions, (b, t)), (-1,))  # (B*(k+1),)
         flat_seeds = tf.repeat(seeds, t)  # (B*(k+1),)
         u = uniform_noise(flat_seeds, flat_positions + ACCEPT_NOISE, 1)
         u = tf.reshape(u, (b, t))[:, :-1]  # (B, k)
