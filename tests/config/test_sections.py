@@ -18,10 +18,10 @@ from deepseek_tf.config.loader import (
     parse_override,
     update_config,
 )
-from deepseek_tf.config.schema import SECTIONS, CalibrationConfig, CompressionConfig
+from deepseek_tf.config.schema import SECTIONS, CalibrationConfig, CompressionConfig, Config
 from deepseek_tf.convert.init_from import init_config
 from deepseek_tf.errors import ConfigError
-from deepseek_tf.models.builder import build_model, inference_dtype
+from deepseek_tf.models.builder import build_model, inference_dtype, native_bfloat16
 from deepseek_tf.rundir import RunDir, load_run
 
 # What `compress` and `calibrate` wrote before the split, under `model:` (tiny: 2 layers,
@@ -104,6 +104,20 @@ def test_a_key_in_both_places_and_bad_old_values_name_the_new_key():
         load_config("tiny", overrides=["model.layer_n_heads=[3,4]"])
     with pytest.raises(ConfigError, match="^calibration.logit_temperature: must be > 0"):
         config_from_yaml(yaml.safe_dump({"model": {"logit_temperature": 0.0}}), "config.yaml")
+
+
+@pytest.mark.parametrize(
+    "flags, accelerators, native",
+    [({"avx2", "fma"}, 0, False), ({"avx2", "avx512_bf16"}, 0, True), ({"amx_bf16"}, 0, True),
+     ({"avx2"}, 1, True)],
+)  # fmt: skip
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(flags, accelerators,
+                                                                       native):  # fmt: skip
+    assert native_bfloat16(flags, accelerators) is native
+    auto = update_config(Config(), model={"dtype": "auto"}, train={"precision": "bfloat16"})
+    assert inference_dtype(auto) == ("bfloat16" if native_bfloat16() else "float32")
+    with pytest.raises(ConfigError, match="model.dtype"):
+        update_config(Config(), model={"dtype": "fast"})
 
 
 def test_model_dtype_is_how_a_run_loads_and_training_keeps_train_precision(trained_run, tmp_path):

@@ -102,7 +102,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     # how the model runs: the variables' dtype policy when a run is loaded (eval, generate,
-    # serve, export), one of PRECISIONS; "": train.precision. Training uses train.precision.
+    # serve, export), one of PRECISIONS; "": train.precision; "auto": bfloat16 where the
+    # hardware multiplies it natively (a GPU/TPU, a CPU with AVX512-BF16 or AMX), else
+    # float32 (faster and, at the peak, smaller on such CPUs: see
+    # benchmarks/decode_kernels.py). Training uses train.precision.
     dtype: str = ""
 
 

@@ -80,7 +80,7 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(m, "model", ("head_samples",))
     _check_positive(config.calibration, "calibration", ("logit_temperature",))
     if m.dtype:  # "": train.precision
-        _check_choice("model.dtype", m.dtype, PRECISIONS)
+        _check_choice("model.dtype", m.dtype, (*PRECISIONS, "auto"))
     _check_positive(m, "model", ("head_kl_weight",), True)
     _check_choice("model.share_adjacent", m.share_adjacent, SHARE_MODES)
     if d.prepared and d.files:

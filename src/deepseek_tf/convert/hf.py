@@ -29,7 +29,7 @@ from deepseek_tf.convert.safetensors_writer import TensorSpec, stream_checkpoint
 from deepseek_tf.convert.weight_map import mtp_prefix, shared_copies, weight_entries
 from deepseek_tf.errors import ConfigError, RunDirError
 from deepseek_tf.layers.deferred_init import initializers_skipped
-from deepseek_tf.models.builder import build_model, inference_dtype
+from deepseek_tf.models.builder import build_model
 from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.models.lora import merge_lora
 from deepseek_tf.rundir import HF_SOURCE_CONFIG, RunDir
@@ -103,7 +103,8 @@ def convert_from_hf(
     Reads `config.json` and `model.safetensors` (or a sharded index; BF16, F16,
     F32 or block-FP8 weights), builds the model in `dtype` (`"bfloat16"` or
     `"float32"`; default: the checkpoint's, bfloat16 for BF16 and FP8 weights;
-    it becomes the run's `model.dtype` and `train.precision`), checks that every expected tensor
+    it becomes the run's `train.precision`, and its `model.dtype` -- `"auto"` for a
+    bfloat16 default: see `models.builder.inference_dtype`), checks that every expected tensor
     is present with its shape and that no unknown tensor is left, assigns the
     weights one variable at a time (FP8 dequantised tensor by tensor; never a
     second copy of the model) and writes `config.yaml`, a checkpoint (step 0),
@@ -135,15 +136,17 @@ def convert_from_hf(
             f"{HF_CONFIG_FILE}: quantization_config.quant_method {method!r} is not supported (fp8)"
         )
     reader = CheckpointReader(hf_dir, fp8_block_size(hf))
-    dtype = dtype or reader.storage_dtype()
+    chosen, dtype = dtype, dtype or reader.storage_dtype()
     config = config_from_hf(hf, precision=dtype)
+    if chosen is None and dtype == "bfloat16":  # as stored; run in what computes fastest
+        config = update_config(config, model={"dtype": "auto"})
     m = config.model
     if m.mtp_depth and not _has_mtp_tensors(reader, m.n_layers):
         config = update_config(config, model={"mtp_depth": 0})
     tokenizer = load_source_tokenizer(hf_dir, config.model.vocab_size)
 
     with initializers_skipped() as skipped:  # no random weights: the checkpoint's replace them
-        model = build_model(config, dtype=inference_dtype(config))
+        model = build_model(config, dtype=dtype)  # the run's weights: as stored or --dtype
     n_tensors = assign_hf_weights(model, reader)
     skipped.run_except(model, [entry.variable for entry in weight_entries(model)])
 
