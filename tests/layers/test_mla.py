@@ -205,6 +205,27 @@ def test_cached_decoding_matches_uncached_forward(absorb, yarn):
     assert per_token == layer.cache_values_per_token()
 
 
+def test_prepared_absorbed_kernels_decode_as_the_kernel_does_and_are_never_saved():
+    """The decode loops' copies of `kv_b_proj` in the absorbed layout give the outputs of
+    the kernel itself, follow a weight change at the next `prepare_decoding`, and are no
+    weight of the layer (so no checkpoint holds them)."""
+    layer = _layer(absorb=True, yarn=True)
+    x = np.random.RandomState(2).randn(2, 7, SMALL["d_model"]).astype("float32")
+    plain, _ = _decode(layer, x, prefill=3)  # kernels derived inside each call
+    weights = len(layer.weights)
+    layer.prepare_decoding()
+    prepared, _ = _decode(layer, x, prefill=3)
+    np.testing.assert_allclose(prepared, plain, atol=1e-6)
+    assert len(layer.weights) == weights and len(layer.trainable_weights) < weights + 1
+    kernel = layer.kv_b_proj.kernel
+    kernel.assign(kernel * 1.5)
+    stale, _ = _decode(layer, x, prefill=3)
+    assert not np.allclose(stale, np.asarray(layer(x)), atol=1e-3)  # until prepared again
+    layer.prepare_decoding()
+    fresh, _ = _decode(layer, x, prefill=3)
+    np.testing.assert_allclose(fresh, np.asarray(layer(x)), atol=1e-5)
+
+
 def test_absorbed_cache_holds_the_normed_latent_and_roped_key_and_masks_the_rest():
     layer = _layer(absorb=True, yarn=True)
     x = np.random.RandomState(3).randn(2, 5, SMALL["d_model"]).astype("float32")

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.generation.sampler import limit_vocab, sample_tokens
+from deepseek_tf.layers.mla import MultiHeadLatentAttention
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer shapes)
 TOP_LOGPROBS = 5  # alternatives reported per generated token (with `logprobs`)
@@ -40,6 +41,15 @@ def prefill_chunks(n: int) -> list[int]:
 def cache_length(total: int, max_seq_len: int) -> int:
     """Cache positions for sequences of up to `total` tokens."""
     return min(-(-int(total) // CACHE_BUCKET) * CACHE_BUCKET, max_seq_len)
+
+
+def prepare_decoding(model) -> None:
+    """Brings the weights that layers derive for decoding up to date (MLA's absorbed
+    kernels, `MultiHeadLatentAttention.prepare_decoding`); every decode loop calls it
+    when it is made."""
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, MultiHeadLatentAttention):
+            layer.prepare_decoding()
 
 
 def pad_batch(n: int) -> int:
@@ -63,6 +73,7 @@ class DecodeLoop:
     """
 
     def __init__(self, model, jit_compile: bool = True, logprobs: bool = False, vocab_limit=None):
+        prepare_decoding(model)
         self.model = model
         self.logprobs = logprobs
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.vocab_size else None

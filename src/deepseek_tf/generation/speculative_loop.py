@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from deepseek_tf.generation.decoding import prefill_chunks
+from deepseek_tf.generation.decoding import prefill_chunks, prepare_decoding
 from deepseek_tf.generation.sampler import limit_vocab, sample_tokens
 from deepseek_tf.generation.speculative_sampling import (
     DRAFT_NOISE,
@@ -68,6 +68,7 @@ class SpeculativeLoop:
     """
 
     def __init__(self, model, draft_tokens: int, jit_compile: bool = True, vocab_limit=None):
+        prepare_decoding(model)
         self.model = model
         self.k = draft_tokens
         self.modules = model.mtp_modules[:draft_tokens]
