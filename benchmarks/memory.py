@@ -45,6 +45,9 @@ VARIANTS = {
 WORKER = r"""
 import json, os, resource, statistics, sys, time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# CPU allocator statistics (get_memory_info) exist only with TensorFlow's BFC allocator
+# off Intel's oneDNN builds (see deepseek_tf.training.autobatch)
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 import numpy as np
 import psutil
 from deepseek_tf.config.loader import load_config

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -264,6 +265,19 @@ def _send(port: int, data: bytes, leave: bool) -> int | None:
     return status
 
 
+def _wait_ready(port: int, timeout: float = 300) -> None:
+    """Polls /health until 200 (503 `{"status": "loading"}` while the server compiles)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        with contextlib.suppress(OSError):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"the server was not ready within {timeout:.0f} s")
+
+
 def http_campaign(run: Path, requests: int, seconds: float) -> dict:
     # the server logs a line per request: into a file, never a pipe that could fill up
     with tempfile.TemporaryFile("w+") as log:
@@ -278,6 +292,7 @@ def _http_campaign(run: Path, requests: int, seconds: float, log) -> dict:
     try:
         line = proc.stdout.readline()
         port = int(line.rsplit(":", 1)[1])
+        _wait_ready(port)  # malformed requests against a server that has compiled
         rng = random.Random(1)
         counts, not_json, started = {}, 0, time.perf_counter()
         sent = 0
