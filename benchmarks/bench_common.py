@@ -25,6 +25,8 @@ RESULTS_DIR = BENCH_DIR / "results"
 CORPUS_FILE = "tinyshakespeare.txt"
 # transformers >= 5.25 defaults to hub kernels (the `kernels` package, fetched at run time)
 os.environ.setdefault("USE_HUB_KERNELS", "NO")
+# cold starts stay cold: no persistent XLA cache (deepseek_tf.xla_cache) unless asked for
+os.environ.setdefault("DEEPSEEK_TF_XLA_CACHE", "off")
 # the few-second `tiny` / `tiny-moe` models are the test suite's presets, not shipped ones
 os.environ.setdefault("DEEPSEEK_TF_PRESETS", str(BENCH_DIR.parent / "tests" / "presets"))
 

@@ -8,6 +8,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # transformers >= 5.25 loads every model with `use_kernels=True` unless told otherwise and
 # then requires the `kernels` package (hub kernels, which cannot be fetched here anyway)
 os.environ.setdefault("USE_HUB_KERNELS", "NO")
+# no persistent XLA cache in ~/.cache from the commands tests run (tests/cli/test_xla_cache.py
+# turns it on in a directory of its own)
+os.environ.setdefault("DEEPSEEK_TF_XLA_CACHE", "off")
 # the suite's own presets (`tiny`, `tiny-moe`: few-second models) are not shipped; the
 # loader finds them here, in this process and in every command a test starts
 os.environ["DEEPSEEK_TF_PRESETS"] = str(Path(__file__).parent / "presets")

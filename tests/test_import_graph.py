@@ -23,7 +23,7 @@ OPTIONAL_MODULES = ("deepseek_tf.federated.flower_app",)  # needs the [federated
 # Each module's layer is that of its top-level package or module (`deepseek_tf.X...`);
 # the package root (`deepseek_tf/__init__.py`, the public names) sits with the API.
 LAYERS = (
-    ("errors", "config", "text_files", "quiet"),  # plain Python: errors, configs, text files
+    ("errors", "config", "text_files", "quiet", "xla_cache"),  # plain Python
     ("layers",),  # Keras layers
     ("models",),  # the model built from a config
     ("tokenizers",),

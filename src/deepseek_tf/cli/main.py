@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from deepseek_tf import __version__
+from deepseek_tf import __version__, xla_cache
 from deepseek_tf.cli import (
     calibrate_cmd,
     compress_cmd,
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # see training.autobatch
     needs = getattr(args, "tensorflow", None)  # a command may not need TensorFlow
     if needs is None or needs(args):
+        xla_cache.enable()  # before TensorFlow reads its flags (see deepseek_tf.xla_cache)
         if args.verbose:  # imported plainly first: its start-up lines show
             import tensorflow  # noqa: F401
         else:
