@@ -59,10 +59,22 @@ def test_bfloat16_checkpoint_converts(hf, tmp_path):
     ids = random_ids(hf.config.vocab_size, seed=7)
     assert rel_err(np.asarray(model(ids)), hf_logits(widened, ids)) < 1e-4
 
-    # By default the run keeps the checkpoint's bfloat16: bf16 variables, bf16 compute
-    # (float32 router, norms and softmax), as transformers runs the same checkpoint.
+    # By default the run keeps the checkpoint's bfloat16 (train.precision) and loads as
+    # `model.dtype: auto` (float32 on a CPU without bf16 arithmetic); loaded in bfloat16:
+    # bf16 variables, bf16 compute (float32 router, norms and softmax), as transformers
+    # runs the same checkpoint.
+    from deepseek_tf.config.loader import update_config
+    from deepseek_tf.models.builder import native_bfloat16
+    from deepseek_tf.rundir import RunDir
+
     convert_from_hf(tmp_path / "hf", tmp_path / "run_bf16")
-    bf16, _ = deepseek_tf.load(tmp_path / "run_bf16")
+    run = RunDir(tmp_path / "run_bf16")
+    config = run.read_config()
+    assert (config.train.precision, config.model.dtype) == ("bfloat16", "auto")
+    auto, _ = deepseek_tf.load(run.path)
+    assert auto.embedding.embeddings.dtype == ("bfloat16" if native_bfloat16() else "float32")
+    run.write_config(update_config(config, model={"dtype": "bfloat16"}))
+    bf16, _ = deepseek_tf.load(run.path)
     assert bf16.embedding.embeddings.dtype == "bfloat16"
     native = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
     ours = np.asarray(bf16(ids), np.float32)
