@@ -55,6 +55,7 @@ def test_serve_subprocess(serve_run):
                 statuses.append((e.code, json.load(e)["status"]))
             time.sleep(0.05)
         assert statuses[0] == (503, "loading") and set(statuses) == {(503, "loading"), (200, "ok")}
+        assert proc.stdout.readline().startswith("KV cache: 1 slots x 48 positions (")
         assert "ready" in proc.stdout.readline()
         req = urllib.request.Request(
             url + "/v1/completions",
