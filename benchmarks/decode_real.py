@@ -26,30 +26,7 @@ from pathlib import Path
 
 import bench_common as bc
 from decode_kernels import read_bandwidth
-from real_checkpoint import CLI, MIB, make_checkpoint, measured
-
-OURS = r"""
-import json, sys, time
-import psutil
-from deepseek_tf.config.loader import update_config
-from deepseek_tf.generation.generate import Generator
-from deepseek_tf.models.builder import inference_dtype
-from deepseek_tf.rundir import RunDir
-run, dtype, n = RunDir(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-config = update_config(run.read_config(), model={"dtype": dtype})
-model, tokenizer = run.load(config)
-loaded = time.time() - psutil.Process().create_time()
-generator = Generator(model, vocab_limit=tokenizer.vocab_size)
-prompt = tokenizer.encode_prompt("Hello, how are you today?")
-generator.generate([prompt], 1, temperature=0)
-first = time.time() - psutil.Process().create_time()
-generator.generate([prompt], n, temperature=0)  # compiles this length
-t = time.perf_counter()
-tokens = generator.generate([prompt], n, temperature=0)[0]
-seconds = time.perf_counter() - t
-print(json.dumps({"loaded_s": loaded, "first_token_s": first, "decode_tok_s": n / seconds,
-                  "dtype": inference_dtype(config), "prompt": len(prompt), "tokens": tokens}))
-"""
+from real_checkpoint import CLI, DECODE, MIB, make_checkpoint, measured
 
 PEER = r"""
 import json, sys, time
@@ -122,9 +99,12 @@ def main() -> None:
     rows = []
     for framework, dtype in sides:
         quiet = bc.maybe_wait_quiet(f"{framework} {dtype}", args.wait_quiet)
-        script, source = (OURS, run) if framework == "deepseek-tf" else (PEER, hf)
+        if framework == "deepseek-tf":  # real_checkpoint's decode step, in `dtype`
+            cmd = [sys.executable, "-c", DECODE, run, args.new_tokens, dtype]
+        else:
+            cmd = [sys.executable, "-c", PEER, hf, dtype, args.new_tokens]
         print(f"[decode] {framework} {dtype}", flush=True)
-        done = measured([sys.executable, "-c", script, source, dtype, args.new_tokens])
+        done = measured(cmd)
         result = json.loads(done["out"].splitlines()[-1]) if done["code"] == 0 else {}
         weight_bytes = active * (4 if result.get("dtype") == "float32" else 2)
         limit = bandwidth / weight_bytes

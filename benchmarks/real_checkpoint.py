@@ -160,10 +160,15 @@ print(json.dumps({"seconds": seconds, "bytes": directory_bytes(out),
 DECODE = """
 import json, sys, time
 import psutil
-from deepseek_tf.api import load
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.generation.generate import Generator
-run, n = sys.argv[1], int(sys.argv[2])
-model, tokenizer = load(run)
+from deepseek_tf.models.builder import inference_dtype
+from deepseek_tf.rundir import RunDir
+run, n = RunDir(sys.argv[1]), int(sys.argv[2])
+config = run.read_config()
+if len(sys.argv) > 3:  # a model.dtype to load in (default: the run's own)
+    config = update_config(config, model={"dtype": sys.argv[3]})
+model, tokenizer = run.load(config)
 loaded = time.time() - psutil.Process().create_time()
 generator = Generator(model, vocab_limit=tokenizer.vocab_size)
 prompt = tokenizer.encode_prompt("Hello, how are you today?")
@@ -171,9 +176,10 @@ generator.generate([prompt], 1, temperature=0)
 first = time.time() - psutil.Process().create_time()
 generator.generate([prompt], n, temperature=0)  # compiles this length
 t = time.perf_counter()
-generator.generate([prompt], n, temperature=0)
+tokens = generator.generate([prompt], n, temperature=0)[0]
 seconds = time.perf_counter() - t
-print(json.dumps({"loaded_s": loaded, "first_token_s": first, "decode_tok_s": n / seconds}))
+print(json.dumps({"loaded_s": loaded, "first_token_s": first, "decode_tok_s": n / seconds,
+                  "dtype": inference_dtype(config), "prompt": len(prompt), "tokens": tokens}))
 """
 
 

@@ -330,9 +330,9 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         a loop made after the weights change sees the new ones."""
         if not self.absorb:
             return
-        kernels = [ops.convert_to_tensor(k) for k in self.absorbed_kernels()]
+        kernels = self.absorbed_kernels()
         held = self._absorbed_kernels
-        if held.values is None or any(v.shape != k.shape for v, k in zip(held.values, kernels)):
+        if held.values is None:
             held.values = [tf.Variable(k, trainable=False) for k in kernels]
         else:
             for v, k in zip(held.values, kernels):

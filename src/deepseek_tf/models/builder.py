@@ -178,8 +178,8 @@ def inference_dtype(config: Config) -> str:
 def native_bfloat16(cpu_flags: set[str] | None = None, accelerators: int | None = None) -> bool:
     """True where bfloat16 matrix products run natively: a GPU/TPU, or a CPU with
     AVX512-BF16 or AMX-BF16. Elsewhere XLA's CPU backend converts every bfloat16 weight
-    to float32 (0.2-1 billion values/s here, against 4-8 for a float32 product of the
-    same weights: `benchmarks/decode_kernels.py`), so float32 weights decode faster.
+    to float32 (0.2-1.1 billion values/s here, against 3.5-7.3 for a float32 product of
+    the same weights: `benchmarks/decode_kernels.py`), so float32 weights decode faster.
 
     Args:
         cpu_flags: the CPU's feature flags (None: read from /proc/cpuinfo; none there:

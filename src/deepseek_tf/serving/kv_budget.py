@@ -122,14 +122,13 @@ def plan_cache(model, max_batch: int, max_model_len: int | None = None,
     per_position, fixed = cache_bytes(model, max_batch)
     fits = (budget - fixed) // max(per_position, 1)
     wanted = context if max_model_len is None else int(max_model_len)
-    length = min(wanted, fits)
-    if length < wanted and (max_model_len is not None or length < min(MIN_MODEL_LEN, wanted)):
-        need = fixed + per_position * (wanted if max_model_len is not None else MIN_MODEL_LEN)
+    floor = wanted if max_model_len is not None else min(MIN_MODEL_LEN, wanted)  # at least
+    if fits < floor:
         raise InputError(
             f"--kv-cache-memory: {_gib(budget)} ({source}) holds {max(fits, 0):,} positions "
-            f"per slot for {max_batch} slots; {_gib(need)} needed for "
-            f"{wanted if max_model_len is not None else MIN_MODEL_LEN:,} "
-            f"(raise --kv-cache-memory, lower --max-model-len or --max-batch)"
+            f"per slot for {max_batch} slots; {_gib(fixed + per_position * floor)} needed for "
+            f"{floor:,} (raise --kv-cache-memory, lower --max-model-len or --max-batch)"
         )
+    length = min(wanted, fits)
     return CachePlan(max_batch, int(length), fixed + per_position * int(length), budget,
                      source, context)  # fmt: skip
