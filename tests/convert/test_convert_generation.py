@@ -109,3 +109,36 @@ def test_deepseek_tokenizer_settings_and_chat_template_travel_both_ways(tmp_path
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "back").config.vocab_size == len(
         reference
     )
+
+
+def test_chat_template_saved_by_transformers_5_travels_both_ways(tmp_path):
+    """transformers 5 saves the template as chat_template.jinja: --from-hf reads it, and
+    the run renders tool turns as transformers renders them; --to-hf writes it back."""
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tokenizers"))
+    from deepseek_style import write_deepseek_tokenizer
+    from test_chat_template import CONVERSATIONS
+
+    reference = AutoTokenizer.from_pretrained(write_deepseek_tokenizer(tmp_path / "src"))
+    hf_dir = tmp_path / "hf"
+    reference.save_pretrained(hf_dir)
+    assert (hf_dir / "chat_template.jinja").is_file()
+    assert "chat_template" not in (hf_dir / "tokenizer_config.json").read_text(encoding="utf-8")
+    hf_model(hf_config(vocab_size=len(reference)), seed=4).save_pretrained(hf_dir)
+    convert_from_hf(hf_dir, tmp_path / "run")
+    _, tokenizer = deepseek_tf.load(tmp_path / "run")
+    convert_to_hf(tmp_path / "run", tmp_path / "back")
+    again = AutoTokenizer.from_pretrained(tmp_path / "back")
+    for messages in CONVERSATIONS:
+        expected = reference.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        assert tokenizer.apply_chat_template(messages) == expected
+        assert (
+            again.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == expected
+        )

@@ -100,8 +100,8 @@ def test_control_characters_are_escaped_in_the_log(server, caplog):
 
 
 def test_a_client_leaving_during_an_error_reply_is_no_traceback(server, caplog):
+    from deepseek_tf.serving.api_errors import ApiError
     from deepseek_tf.serving.handler import Handler
-    from deepseek_tf.serving.protocol import ApiError
 
     class Gone:
         def write(self, data):

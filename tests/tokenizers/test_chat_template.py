@@ -84,6 +84,51 @@ def test_saving_keeps_the_settings(deepseek_dir, tmp_path):
     assert again.apply_chat_template(CONVERSATIONS[2]) == tok.apply_chat_template(CONVERSATIONS[2])
 
 
+def _template_dir(root, files: dict):
+    """`deepseek_dir`'s tokenizer with the chat template taken out of its config and the
+    given template files written beside it."""
+    directory = write_deepseek_tokenizer(root)
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    for name, text in files.items():
+        (directory / name).write_text(text, encoding="utf-8")
+    return directory
+
+
+def test_template_files_of_transformers_4_and_5_are_read(tmp_path):
+    jinja = "J{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    legacy = json.dumps({"chat_template": "L{{ messages | length }}"})
+    hello = [{"role": "user", "content": "Hi"}]
+    only_jinja = load_tokenizer(_template_dir(tmp_path / "a", {"chat_template.jinja": jinja}))
+    assert only_jinja.apply_chat_template(hello) == "JHi"
+    only_json = load_tokenizer(_template_dir(tmp_path / "b", {"chat_template.json": legacy}))
+    assert only_json.apply_chat_template(hello) == "L1"
+    both = {"chat_template.jinja": jinja, "chat_template.json": legacy}
+    assert load_tokenizer(_template_dir(tmp_path / "c", both)).apply_chat_template(hello) == "JHi"
+    over_config = write_deepseek_tokenizer(tmp_path / "d")  # a template in the config too
+    (over_config / "chat_template.jinja").write_text(jinja, encoding="utf-8")
+    assert load_tokenizer(over_config).apply_chat_template(hello) == "JHi"
+    saved = tmp_path / "saved"
+    only_jinja.save(saved)  # written back into tokenizer_config.json, which every version reads
+    assert load_tokenizer(saved).apply_chat_template(hello) == "JHi"
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("chat_template.json", "{not json", "cannot read"),
+        ("chat_template.json", '{"template": "x"}', "'chat_template'"),
+        ("chat_template.jinja", "{% for %}", "does not compile"),
+    ],
+)
+def test_bad_template_files_name_the_file(tmp_path, name, text, message):
+    directory = _template_dir(tmp_path, {name: text})
+    with pytest.raises(TokenizerError, match=message) as e:
+        load_tokenizer(directory)
+    assert name in str(e.value)
+
+
 def test_plain_template_without_settings():
     tok = CharTokenizer.train(["system: Be brief.\nuser: Hello\nassistant:"])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]

@@ -34,10 +34,11 @@ from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.models.lora import merge_lora
 from deepseek_tf.rundir import HF_SOURCE_CONFIG, RunDir
 from deepseek_tf.tokenizers import BPE_FILE, BPETokenizer
-from deepseek_tf.tokenizers.tokenizer_settings import TOKENIZER_CONFIG_FILE
+from deepseek_tf.tokenizers.tokenizer_settings import SETTINGS_FILES
 
 TOKENIZER_FILE = BPE_FILE  # Hugging Face's tokenizer.json
-TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
+# with tokenizer_config.json and the chat template files transformers 4.4x/5 write
+TOKENIZER_FILES = (TOKENIZER_FILE, *SETTINGS_FILES)
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 EXPORT_DTYPES = NUMPY_DTYPES  # the dtypes a run's weights and an export can have
 FLOAT32_ONLY = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # as transformers keeps
@@ -154,7 +155,7 @@ def convert_from_hf(
     run.checkpoint(model).save(0)
     run.copy_in(hf_dir / HF_CONFIG_FILE, HF_SOURCE_CONFIG)
     if tokenizer is not None:
-        for name in TOKENIZER_FILES:  # tokenizer_config.json: special tokens, chat template
+        for name in TOKENIZER_FILES:  # special tokens, the chat template (in its own file)
             if (hf_dir / name).is_file():
                 run.copy_in(hf_dir / name, name)
     run.write_config(config)  # last: a run directory is complete once it has its config

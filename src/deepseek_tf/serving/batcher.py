@@ -49,6 +49,8 @@ class Batcher:
             shapes compile on first use.
     """
 
+    constrains = False  # whole generations per batch: no per-token masks
+
     def __init__(
         self,
         model,

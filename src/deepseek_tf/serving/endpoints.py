@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from importlib import resources
 
-from deepseek_tf.serving.protocol import ApiError, bad, chat_messages, prompt_ids
+from deepseek_tf.serving.api_errors import ApiError, bad
+from deepseek_tf.serving.messages import chat_messages
+from deepseek_tf.serving.protocol import prompt_ids
 
 ROUTES = {
     "/health": ("GET",),

@@ -29,8 +29,9 @@ import uuid
 from http.server import BaseHTTPRequestHandler
 
 from deepseek_tf.serving import endpoints
+from deepseek_tf.serving.api_errors import ApiError, bad
 from deepseek_tf.serving.job import Job
-from deepseek_tf.serving.protocol import ApiError, bad, finalize_prompt, parse_generation
+from deepseek_tf.serving.protocol import finalize_prompt, parse_generation
 from deepseek_tf.serving.responses import StreamChunks, completion_body
 
 log = logging.getLogger("deepseek_tf.serving")

@@ -52,7 +52,7 @@ class Job:
         self.last_delivery: float | None = None  # when the scheduler last fed it tokens
         self.prompt_tokens = len(req.prompt_ids)
         self.cached_tokens = 0  # prompt tokens served from the prefix cache
-        self.constraint = None  # a `JsonConstraint` under `response_format: json_object`
+        self.constraint = None  # a `GrammarConstraint` under a schema (`serving.structured`)
         self._hold = max((len(s) for s in req.stop), default=1) - 1
 
     def decode(self, ids) -> str:
@@ -121,10 +121,13 @@ class Scheduler(Protocol):
             `/health` answers 503 until then.
         rows: rows admitted so far (statistics).
         prefix: the prefix cache, or None for a scheduler without one.
+        constrains: whether it holds replies to a grammar (structured output, forced
+            tool calls); the server refuses such requests otherwise.
     """
 
     ready: threading.Event
     rows: int
+    constrains: bool
 
     @property
     def prefix(self) -> PrefixCache | None: ...

@@ -15,45 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deepseek_tf.generation.sampler import SamplingError, check_sampling
-from deepseek_tf.serving.json_constraint import JsonConstraint
+from deepseek_tf.serving.api_errors import ApiError, bad
+from deepseek_tf.serving.messages import chat_messages
+from deepseek_tf.serving.structured import compile_reply_grammar, reply_schema
+from deepseek_tf.serving.tool_calls import ToolError, ToolSet, tool_set
 
-CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_STOP_STRINGS = 4
-
-
-class ApiError(Exception):
-    """A client error: HTTP `status`, OpenAI error `type` and `code`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = (
-            status,
-            message,
-            type_,
-            code,
-            param,
-        )
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "code": self.code,
-                "param": self.param,
-            }
-        }
-
-
-def bad(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, "invalid_request_error", code, param)
 
 
 @dataclass
@@ -86,7 +53,10 @@ class GenRequest:
     echo: bool = False
     include_usage: bool = False
     messages: list[dict] | None = None  # a chat's validated messages (rendered later)
-    json_mode: bool = False  # response_format {"type": "json_object"}: output one JSON object
+    tools: ToolSet | None = None  # a chat's `tools` and `tool_choice`
+    schema: dict | None = None  # JSON Schema the reply is held to (`serving.structured`)
+    schema_param: str = "response_format"  # the field the schema came from
+    grammar: str | None = None  # `schema` compiled for the tokenizer (`finalize_prompt`)
 
 
 def _typed(body: dict, key: str, types, default, name: str):
@@ -98,29 +68,6 @@ def _typed(body: dict, key: str, types, default, name: str):
     if not isinstance(value, types):
         raise bad(f"'{key}' must be {name}, got {type(value).__name__}", key, "invalid_type")
     return value
-
-
-def chat_messages(messages) -> list[dict]:
-    """Validated OpenAI chat `messages` as `[{"role", "content": str}, ...]` (text parts
-    joined), ready for the tokenizer's chat template."""
-    if not isinstance(messages, list) or not messages:
-        raise bad("'messages' must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise bad(f"messages[{i}] must be an object", "messages", "invalid_type")
-        role, content = m.get("role"), m.get("content")
-        if role not in CHAT_ROLES:
-            raise bad(f"messages[{i}].role must be one of {list(CHAT_ROLES)}", "messages")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            parts = [p.get("text") for p in content if isinstance(p, dict)]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
-                raise bad(f"messages[{i}].content parts must be text", "messages")
-            content = "".join(parts)
-        if not isinstance(content, str):
-            raise bad(f"messages[{i}].content must be a string", "messages", "invalid_type")
-        out.append({"role": role, "content": content})
-    return out
 
 
 def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenRequest:
@@ -144,6 +91,10 @@ def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenR
     req = GenRequest(kind=kind, model=model, prompt=None)
     if kind == "chat":
         req.messages = chat_messages(body.get("messages"))
+        try:
+            req.tools = tool_set(body.get("tools"), body.get("tool_choice"))
+        except ToolError as e:
+            raise bad(str(e), e.param) from None
         if _typed(body, "logprobs", (bool,), False, "a boolean"):
             req.logprobs = _typed(body, "top_logprobs", (int,), 0, "an integer")
             if not 0 <= req.logprobs <= 5:
@@ -205,34 +156,25 @@ def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenR
     req.stream = _typed(body, "stream", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")
     req.include_usage = bool(options.get("include_usage", False))
-    req.json_mode = json_mode(body.get("response_format"))
+    req.schema, req.schema_param = reply_schema(body.get("response_format"), req.tools)
     return req
 
 
-def json_mode(response_format) -> bool:
-    """`response_format`: absent or `{"type": "text"}` -> False, `{"type": "json_object"}`
-    -> True (the output is constrained to one JSON object); anything else is a 400."""
-    if response_format is None:
-        return False
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind in ("text", "json_object"):
-        return kind == "json_object"
-    raise bad(
-        '\'response_format\' must be {"type": "text"} or {"type": "json_object"}',
-        "response_format",
-    )
-
-
-def prompt_ids(tokenizer, prompt=None, messages=None, special=None, generation_prompt=True):
+def prompt_ids(
+    tokenizer, prompt=None, messages=None, special=None, generation_prompt=True, tools=None
+):
     """`(text, ids)` of a completion `prompt` (str) or a chat's validated `messages`, as the
     completion and chat endpoints tokenize them: a prompt with the tokenizer's BOS/EOS
     settings (`encode_prompt`), a chat through its template (the template writes its special
-    tokens). `special` overrides whether those settings' special tokens are added."""
+    tokens; `tools`, a list of OpenAI tools, is passed to it). `special` overrides whether
+    those settings' special tokens are added."""
     if messages is not None:
         if tokenizer is None:
             raise bad("this model has no tokenizer: use /v1/completions with token ids", "messages")
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=generation_prompt, tools=tools
+            )
             return text, tokenizer.encode_prompt(text) if special else tokenizer.encode(text)
         except Exception as e:  # the template refused the conversation, or an unknown char
             raise bad(f"the conversation cannot be rendered: {e}", "messages") from None
@@ -245,24 +187,15 @@ def prompt_ids(tokenizer, prompt=None, messages=None, special=None, generation_p
         raise bad(f"the prompt cannot be tokenized: {e}", "prompt") from None
 
 
-def _check_json_vocabulary(tokenizer) -> None:
-    """400 unless the vocabulary can open a JSON object (a character vocabulary may lack
-    `{`); the token texts are computed once per tokenizer."""
-    if tokenizer is None:
-        raise bad("JSON mode needs the model's tokenizer (token texts)", "response_format")
-    constraint = JsonConstraint.for_tokenizer(tokenizer)
-    if not (constraint.allowed() & ~constraint.vocab.whitespace).any():
-        raise bad("this model's vocabulary cannot write a JSON object ('{')", "response_format")
-
-
 def finalize_prompt(req: GenRequest, tokenizer, limits: Limits, vocab_size: int) -> None:
     """Tokenizes the prompt and resolves `max_tokens` against the context (in place)."""
     if req.messages is not None:
-        req.prompt, req.prompt_ids = prompt_ids(tokenizer, messages=req.messages)
+        tools = list(req.tools.tools) if req.tools and req.tools.parses else None
+        req.prompt, req.prompt_ids = prompt_ids(tokenizer, messages=req.messages, tools=tools)
     elif req.prompt is not None:
         _, req.prompt_ids = prompt_ids(tokenizer, req.prompt)
-    if req.json_mode:
-        _check_json_vocabulary(tokenizer)
+    if req.schema is not None:
+        req.grammar = compile_reply_grammar(req.schema, tokenizer, req.schema_param)
     ids = req.prompt_ids
     if not ids:
         raise bad("the prompt is empty (no tokens)", "prompt")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 
 from deepseek_tf.serving.job import Job
+from deepseek_tf.serving.tool_calls import ToolCallStream, forced_calls, parse_tool_calls
 
 
 def logprobs_completion(entries, offset: int) -> dict:
@@ -90,17 +91,29 @@ def timings(job: Job) -> dict:
     }
 
 
+def chat_message(job: Job, text: str, reason):
+    """`(message, finish_reason)` of a whole chat reply: its text, or with tools its content
+    and `tool_calls` (the reason becomes `"tool_calls"` when the model called one)."""
+    tools = job.req.tools
+    if tools is None or not tools.parses:
+        return {"role": "assistant", "content": text}, reason
+    if tools.forced:
+        content, calls = None, forced_calls(tools, text)
+    else:
+        content, calls = parse_tool_calls(text)
+    if not calls:
+        return {"role": "assistant", "content": text}, reason
+    message = {"role": "assistant", "content": content, "tool_calls": calls}
+    return message, "tool_calls" if reason == "stop" else reason
+
+
 def choice(job: Job, text: str, entries, reason, offset: int = 0) -> dict:
     """One (non-delta) choice: a completion's `text` or a chat's `message`."""
     req = job.req
     if req.kind == "chat":
         lp = logprobs_chat(entries) if req.logprobs is not None else None
-        return {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": lp,
-            "finish_reason": reason,
-        }
+        message, reason = chat_message(job, text, reason)
+        return {"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}
     lp = logprobs_completion(entries, offset) if req.logprobs is not None else None
     return {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
 
@@ -125,7 +138,9 @@ class StreamChunks:
     `opening` (chat: the assistant role; completion with `echo`: the prompt; else
     None), one `delta(text, entries)` per batch of new tokens, then `closing(reason)`:
     the finish reason with `timings`, the usage and timings (with
-    `stream_options.include_usage`), `[DONE]`.
+    `stream_options.include_usage`), `[DONE]`. A chat with tools streams its content as
+    it comes and each tool call whole once complete (`ToolCallStream`); a forced call
+    (`tool_choice` required or named) goes out at the close.
     """
 
     def __init__(self, job: Job, rid: str, model: str):
@@ -137,6 +152,10 @@ class StreamChunks:
             "model": model,
         }
         self.offset = 0
+        tools = job.req.tools if self.chat else None
+        self.tools = tools if tools is not None and tools.parses else None
+        self.calls = ToolCallStream() if self.tools is not None else None
+        self.forced_text = ""
         self.opening = None
         if self.chat:
             self.opening = self._chat_chunk({"role": "assistant", "content": ""}, None, None)
@@ -150,12 +169,37 @@ class StreamChunks:
     def delta(self, text: str, entries) -> dict:
         if self.chat:
             lp = logprobs_chat(entries) if self.job.req.logprobs is not None else None
-            return self._chat_chunk({"content": text}, lp, None)
+            if self.tools is None:
+                return self._chat_chunk({"content": text}, lp, None)
+            if self.tools.forced:
+                self.forced_text += text
+                return self._chat_chunk({}, lp, None)
+            content, calls = self.calls.feed(text)
+            delta = {"content": content} if content else {}
+            return self._chat_chunk({**delta, "tool_calls": calls} if calls else delta, lp, None)
         item = choice(self.job, text, entries, None, self.offset)
         self.offset += len(text)
         return {**self.base, "choices": [item]}
 
+    def _tool_tail(self) -> tuple[list, bool]:
+        """Chunks still owed at the close of a chat with tools, and whether it called one."""
+        if self.tools.forced:
+            calls = forced_calls(self.tools, self.forced_text)
+            items = [{"index": i, **c} for i, c in enumerate(calls)]
+            if items:
+                return [self._chat_chunk({"tool_calls": items}, None, None)], True
+            tail = self.forced_text
+        else:
+            tail = self.calls.close()
+        return ([self._chat_chunk({"content": tail}, None, None)] if tail else []), (
+            not self.tools.forced and self.calls.called
+        )
+
     def closing(self, reason: str) -> list:
+        owed = []
+        if self.tools is not None:
+            owed, called = self._tool_tail()
+            reason = "tool_calls" if called and reason == "stop" else reason
         if self.chat:
             last = self._chat_chunk({}, None, reason)
         else:
@@ -164,4 +208,4 @@ class StreamChunks:
         out = [{**last, "timings": spent}]
         if self.job.req.include_usage:
             out.append({**self.base, "choices": [], "usage": usage(self.job), "timings": spent})
-        return [*out, "[DONE]"]
+        return [*owed, *out, "[DONE]"]

@@ -14,7 +14,7 @@ compiled steps update it in place: no copy of the cache per call). A worker thre
    `step_ms` (joining requests wait at most that long), at most `stream_interval`
    while a request streams (its client sees tokens that often: a compiled call has a
    fixed cost of about a millisecond, so one call per token would halve throughput),
-   and 1 while a request needs a decision per token (`response_format: json_object`);
+   and 1 while a request needs a decision per token (structured output: `serving.grammar`);
 3. hand each job its new tokens (text, stop strings, limits, streaming); finished and
    abandoned (disconnected, timed out) rows free their slots at once.
 """
@@ -30,8 +30,8 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.generation.decoding import TOP_LOGPROBS, DecodeLoop, prefill_chunks
+from deepseek_tf.serving.grammar import GrammarConstraint, GrammarVocab
 from deepseek_tf.serving.job import Job
-from deepseek_tf.serving.json_constraint import JsonConstraint
 from deepseek_tf.serving.metrics import ServerMetrics
 from deepseek_tf.serving.prefix_cache import PrefixCache
 from deepseek_tf.serving.protocol import GenRequest
@@ -57,6 +57,8 @@ class ContinuousScheduler:
         warm_up: compile every serving shape before `ready` is set (False: shapes compile
             on first use).
     """
+
+    constrains = True  # structured output: one step per call while a row is constrained
 
     def __init__(self, model, tokenizer, metrics: ServerMetrics | None = None, *,
                  max_batch: int = 16, step_ms: float = 20.0, stream_interval: int = 4,
@@ -237,8 +239,9 @@ class ContinuousScheduler:
         settings = (req.temperature, req.top_k, req.top_p, job.seed)
         for array, value in zip(self.sampling, settings):
             array[slot] = value
-        if req.json_mode and self.tokenizer is not None:
-            job.constraint = JsonConstraint.for_tokenizer(self.tokenizer)
+        if req.grammar is not None:  # compiled and checked when the request was read
+            vocab = GrammarVocab.for_tokenizer(self.tokenizer)
+            job.constraint = GrammarConstraint(vocab, req.grammar)
         self.rows += 1
 
     def _call(self, done, steps: int, bias=None):

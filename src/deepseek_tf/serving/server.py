@@ -40,12 +40,13 @@ import tensorflow as tf
 
 from deepseek_tf.errors import InputError
 from deepseek_tf.generation.speculative import check_draft_tokens
+from deepseek_tf.serving.api_errors import ApiError, bad
 from deepseek_tf.serving.batcher import Batcher
 from deepseek_tf.serving.handler import DISCONNECTS, Handler
 from deepseek_tf.serving.job import Job, Scheduler
 from deepseek_tf.serving.kv_budget import plan_cache
 from deepseek_tf.serving.metrics import ServerMetrics
-from deepseek_tf.serving.protocol import ApiError, Limits, bad, parse_predict
+from deepseek_tf.serving.protocol import Limits, parse_predict
 from deepseek_tf.serving.scheduler import ContinuousScheduler
 
 log = logging.getLogger("deepseek_tf.serving")
@@ -186,6 +187,11 @@ class ServingApp:
 
     def submit(self, req) -> Job:
         """Queues a generation request, or raises 429 when `max_queue` requests wait."""
+        if req.grammar is not None and not self.batcher.constrains:
+            raise bad(
+                f"'{req.schema_param}': structured output needs --batching continuous",
+                req.schema_param,
+            )
         with self._lock:
             if self.batcher.pending() + self._predicting >= self.max_queue:
                 raise self._busy()

@@ -77,11 +77,17 @@ class Tokenizer(abc.ABC):
         """Special token strings the chat template may read (`bos_token`, ...)."""
         return {}
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools=None
+    ) -> str:
         """The conversation `[{"role", "content"}, ...]` as prompt text, rendered as
-        `transformers`' `apply_chat_template(..., tokenize=False)` renders it."""
+        `transformers`' `apply_chat_template(..., tokenize=False, tools=tools)` renders it
+        (`tools`: OpenAI tool objects, or None)."""
         return self.chat_template.render(
-            messages, add_generation_prompt=add_generation_prompt, **self.special_tokens()
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            **self.special_tokens(),
         )
 
     def encode_prompt(self, text: str) -> list[int]:

@@ -170,12 +170,11 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path: str) -> BPETokenizer:
-        """Read a Hugging Face `tokenizer.json` and the `tokenizer_config.json` beside it
-        (when there is one); unreadable files raise TokenizerError naming them."""
+        """Read a Hugging Face `tokenizer.json` and the settings beside it
+        (`TokenizerSettings.read_dir`: `tokenizer_config.json`, `chat_template.jinja`);
+        unreadable files raise TokenizerError naming them."""
         try:
             tok = HFTokenizer.from_file(path)
         except Exception as e:  # the Rust side raises plain Exception subclasses
             raise TokenizerError(f"{path}: cannot read tokenizer ({e})") from None
-        config_path = os.path.join(os.path.dirname(path), TOKENIZER_CONFIG_FILE)
-        settings = TokenizerSettings.read(config_path) if os.path.isfile(config_path) else None
-        return cls(tok, settings)
+        return cls(tok, TokenizerSettings.read_dir(os.path.dirname(path) or "."))

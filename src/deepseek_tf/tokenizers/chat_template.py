@@ -12,7 +12,8 @@ deepseek-tf; `tests/tokenizers/test_chat_template.py` checks the two render the
 same text.
 
 Runs without a template of their own use `PLAIN_TEMPLATE`: one line
-`"<role>: <content>\\n"` per message, then `"assistant:"`::
+`"<role>: <content>\\n"` per message (an assistant's tool calls as JSON after its
+content; the request's tools, when given, as a first `tools:` line), then `"assistant:"`::
 
     system: Be brief.
     user: Hello
@@ -31,8 +32,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from deepseek_tf.errors import TokenizerError
 
 PLAIN_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    "{% if tools %}tools: {{ tools | tojson }}{{ '\\n' }}{% endif %}"
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
+    "{% if message.get('tool_calls') %}{{ message['tool_calls'] | tojson }}{% endif %}"
+    "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
 

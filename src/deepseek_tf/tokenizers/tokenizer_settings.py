@@ -6,6 +6,10 @@ strings, whether a BOS (`add_bos_token`) or EOS (`add_eos_token`) is added to
 each encoded text, and the Jinja `chat_template`. DeepSeek's checkpoints add a
 BOS, end replies with `<｜end▁of▁sentence｜>` and frame turns with `<｜User｜>` and
 `<｜Assistant｜>`; a converted run keeps all of it.
+
+`transformers` 5 saves the chat template in its own file, `chat_template.jinja`
+(4.4x: `chat_template.json`), beside `tokenizer_config.json`; `read_dir` reads
+all three as `transformers` does: `.jinja` over `.json` over the config's key.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from deepseek_tf.errors import TokenizerError
 from deepseek_tf.tokenizers.chat_template import ChatTemplate
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # highest precedence first
+SETTINGS_FILES = (TOKENIZER_CONFIG_FILE, *CHAT_TEMPLATE_FILES)
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -44,6 +50,32 @@ def _chat_template_text(value, origin: str) -> str | None:
     raise TokenizerError(
         f"{origin}: chat_template must be a string or a list with a 'default' template"
     )
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TokenizerError(f"{path}: cannot read the tokenizer config ({e})") from None
+
+
+def _template_file(directory: Path) -> tuple[Path, str] | None:
+    """`(path, template text)` of the first chat template file in `directory`, or None."""
+    for name in CHAT_TEMPLATE_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name.endswith(".jinja"):
+            try:
+                return path, path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{path}: cannot read the chat template ({e})") from None
+        data = _read_json(path)
+        template = data.get("chat_template") if isinstance(data, dict) else None
+        if not isinstance(template, (str, list)):
+            raise TokenizerError(f"{path}: expected an object with a 'chat_template'")
+        return path, template
+    return None
 
 
 @dataclass(frozen=True)
@@ -87,11 +119,24 @@ class TokenizerSettings:
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> TokenizerSettings:
         """Parses `path`; unreadable or malformed files raise TokenizerError naming it."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise TokenizerError(f"{path}: cannot read the tokenizer config ({e})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(_read_json(Path(path)), str(path))
+
+    @classmethod
+    def read_dir(cls, directory: str | os.PathLike[str]) -> TokenizerSettings | None:
+        """The settings kept in `directory`: `tokenizer_config.json` with the chat template
+        of `chat_template.jinja` or `chat_template.json` when there is one (which then
+        wins, as in `transformers`); None when none of the three files is there."""
+        directory = Path(directory)
+        config_path = directory / TOKENIZER_CONFIG_FILE
+        data = _read_json(config_path) if config_path.is_file() else None
+        template = _template_file(directory)
+        if data is None and template is None:
+            return None
+        data = dict(data or {})
+        if template is not None:
+            data["chat_template"] = template[1]
+        origin = str(template[0] if template else config_path)
+        return cls.from_dict(data, origin)
 
     def to_dict(self) -> dict:
         return {k: json.loads(v) for k, v in self.raw}
