@@ -5,7 +5,8 @@ A run directory holds everything needed to use a model::
     config.yaml          the resolved config (rebuilds the model)
     char_tokenizer.json  or tokenizer.json (Hugging Face format)
     checkpoints/         weights, optimizer state and step (`training.checkpoint`)
-    metrics.jsonl        one JSON object per logged step, evaluation, checkpoint
+    best/                the best validation's weights (`train.keep_best`, `training.best`)
+    metrics.jsonl        one JSON object per logged step, evaluation, checkpoint, best
     logs/                TensorBoard event files
     compression.json     what `deepseek-tf compress` did to it (compressed runs)
     hf_config.json       the source `config.json` (runs converted from Hugging Face)
@@ -37,6 +38,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 HISTORY_FILE = "compression.json"
 CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
 LOG_DIR = "logs"
 HF_SOURCE_CONFIG = "hf_config.json"
 
@@ -123,6 +125,7 @@ class RunLayout:
         self.path = Path(path)
         self.config_path = self.path / CONFIG_FILE
         self.checkpoint_dir = self.path / CHECKPOINT_DIR
+        self.best_dir = self.path / BEST_DIR
         self.logs_dir = self.path / LOG_DIR
         self.metrics = MetricsLog(self.path / METRICS_FILE)
 
@@ -137,6 +140,10 @@ class RunLayout:
     def has_checkpoints(self) -> bool:
         """True when `checkpoints/` holds at least one `ckpt-N`."""
         return bool(checkpoints_on_disk(self.checkpoint_dir))
+
+    def has_best(self) -> bool:
+        """True when `best/` holds the weights of a best validation (`train.keep_best`)."""
+        return bool(checkpoints_on_disk(self.best_dir))
 
     def require(self):
         """Raises `RunDirError` unless the directory holds a run; returns `self`."""
@@ -153,8 +160,10 @@ class RunLayout:
         directory of a run that has checkpoints. Returns `self`."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{option} {self.path} is an existing file; choose a directory")
-        if self.has_checkpoints() or (
-            self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir())
+        if (
+            self.has_checkpoints()
+            or self.has_best()
+            or (self.checkpoint_dir.is_dir() and any(self.checkpoint_dir.iterdir()))
         ):
             raise RunDirError(
                 f"{self.path} already holds checkpoints: pass --resume to continue it, "
@@ -219,6 +228,19 @@ class RunLayout:
     ) -> RunCheckpoint:
         """The run's checkpoints of `model` (and `optimizer`); see `RunCheckpoint`."""
         return RunCheckpoint(self.checkpoint_dir, model, optimizer, keep, chief=chief, extra=extra)
+
+    def best_checkpoint(self, model, *, chief: bool = True, extra=None) -> RunCheckpoint:
+        """The best validation's weights of `model` (`train.keep_best`): one model-only
+        checkpoint in `best/`, replaced by each better one (`training.best`)."""
+        return RunCheckpoint(self.best_dir, model, keep=1, chief=chief, extra=extra)
+
+    def weights_checkpoint(self, model, config: Config) -> RunCheckpoint:
+        """Where the run's model is loaded from (`eval`, `generate`, `export`, `serve`,
+        `compress`): with `train.keep_best`, the best validation's weights once one was
+        saved; otherwise the newest checkpoint (the last weights, which `--resume` reads)."""
+        if config.train.keep_best and self.has_best():
+            return self.best_checkpoint(model)
+        return self.checkpoint(model)
 
     def write_weights_run(self, config: Config, tokenizer, model, history=None) -> None:
         """Writes a run made from weights in memory (compressed, converted): weights at

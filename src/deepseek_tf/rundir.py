@@ -3,8 +3,9 @@
 The directory's files (names, atomic writes, metrics, history, checkpoints) are laid out
 by `deepseek_tf.run_layout`; `RunDir` is that layout plus loading the model. Loading
 builds the model without running its initialisers (`layers.deferred_init`) and restores
-the newest readable checkpoint one variable at a time (`training.restore`), so a run is
-loaded with about one copy of its weights in memory.
+the run's weights -- the best validation's with `train.keep_best`, else the newest
+readable checkpoint (`RunLayout.weights_checkpoint` decides) -- one variable at a time
+(`training.restore`), so a run is loaded with about one copy of its weights in memory.
 
 Examples:
 
@@ -19,6 +20,7 @@ from deepseek_tf.layers.deferred_init import initializers_skipped
 from deepseek_tf.models.builder import build_model, inference_dtype
 from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.run_layout import (
+    BEST_DIR,
     CHECKPOINT_DIR,
     CONFIG_FILE,
     HF_SOURCE_CONFIG,
@@ -33,6 +35,7 @@ from deepseek_tf.run_layout import (
 from deepseek_tf.training.restore import checkpoint_variables, restore_weights
 
 __all__ = [
+    "BEST_DIR",
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
     "HF_SOURCE_CONFIG",
@@ -60,8 +63,9 @@ class RunDir(RunLayout):
     """
 
     def load(self, config: Config | None = None):
-        """`(model, tokenizer)` with the latest readable weights, the model in the run's
-        inference dtype (`model.dtype`, or `train.precision` when that is empty).
+        """`(model, tokenizer)` with the run's weights (`RunLayout.weights_checkpoint`: the
+        best validation's with `train.keep_best`, else the latest readable), the model in
+        the run's inference dtype (`model.dtype`, or `train.precision` when that is empty).
 
         The tokenizer is None for a run that has none (e.g. a converted checkpoint whose
         source shipped no `tokenizer.json`); the model then takes token ids.
@@ -78,15 +82,16 @@ class RunDir(RunLayout):
         with initializers_skipped(zero_fill=config.compression.quantize != "none") as skipped:
             # the config's vocab_size (may exceed the tokenizer's)
             model = build_model(config, dtype=inference_dtype(config))
-        checkpoint = self.checkpoint(model)
+        checkpoint = self.weights_checkpoint(model, config)
         restore_weights(checkpoint)
         skipped.run_except(model, checkpoint_variables(checkpoint.checkpoint))
         return model, tokenizer
 
 
 def load_run(run_dir):
-    """Loads a run directory: `(model, tokenizer)` with its latest readable weights, after
-    checking that the model fits this machine's memory (a one-line error otherwise).
+    """Loads a run directory: `(model, tokenizer)` with its weights (the best validation's
+    with `train.keep_best`, else its latest readable ones), after checking that the model
+    fits this machine's memory (a one-line error otherwise).
 
     The library's one way to open a run (`deepseek_tf.load` re-exports it). The tokenizer
     is None for a run that has none; the model then takes token ids.

@@ -72,6 +72,7 @@ CASES = [
     (["--set", "model.vocab_size=1"], "model.vocab_size: 1 is smaller than the tokenizer's 65"),
     (["--set", "data.seq_len=0"], "data.seq_len: must be > 0"),
     (["--set", "model.kv_lora_rank=8"], "only read with model.attention: mla"),
+    (["--set", "train.keep_best=true", "--set", "train.eval_every=0"], "train.keep_best: "),
 ]
 
 

@@ -35,8 +35,8 @@ def stalled(loaded):
     app.batcher.stop()
     jobs, submit = [], app.submit
 
-    def keep(req):
-        jobs.append(submit(req))
+    def keep(req, events=None, index=0):
+        jobs.append(submit(req, events, index))
         return jobs[-1]
 
     app.submit = keep
@@ -326,7 +326,7 @@ def test_the_time_limit_ends_a_started_stream_cleanly(stalled):
     app.request_timeout = 0.5
     sock = _send_raw(url, {"prompt": "Th", "max_tokens": 5, "stream": True})
     _wait(lambda: len(jobs) == 1)
-    jobs[0].events.put(("delta", "Hello", []))  # the scheduler's first tokens, then nothing
+    jobs[0].put(("delta", "Hello", []))  # the scheduler's first tokens, then nothing
     raw = sock.makefile("rb").read().decode()
     sock.close()
     assert raw.startswith("HTTP/1.1 200")

@@ -45,7 +45,8 @@ BAD = [
     ("/v1/completions", {"prompt": "Th", "max_tokens": "5"}, 400),
     ("/v1/completions", {"prompt": "Th", "temperature": "hot"}, 400),
     ("/v1/completions", {"prompt": "Th", "temperature": 9}, 400),
-    ("/v1/completions", {"prompt": "Th", "n": 3}, 400),
+    ("/v1/completions", {"prompt": "Th", "n": 9}, 400),  # over MAX_CHOICES
+    ("/v1/completions", {"prompt": "Th", "n": 0}, 400),
     ("/v1/completions", {"prompt": "Th", "stream": "yes"}, 400),
     ("/v1/completions", {"prompt": "Th", "stop": 5}, 400),
     ("/v1/completions", {"prompt": "Th " * 40}, 400),  # over the 48-token context

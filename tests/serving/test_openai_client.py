@@ -117,6 +117,31 @@ def test_models_list(client):
 
 def test_bad_request_raises_openai_error(client):
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny", prompt="Th", max_tokens=5, n=2)
+        client.completions.create(
+            model="tiny", prompt="Th", max_tokens=5, n=9
+        )  # over the server's limit of 8
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="Th", max_tokens=5)
+
+
+def test_n_choices_are_the_seeded_single_requests(client):
+    """`n` choices, each sampled as a single request with `seed + index` would be; streamed
+    chunks carry their choice's index; usage counts the prompt once."""
+    kwargs = dict(model="tiny", prompt="Th", max_tokens=8, temperature=0.9)
+    out = client.completions.create(n=3, seed=7, **kwargs)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    singles = [client.completions.create(seed=7 + i, **kwargs).choices[0].text for i in range(3)]
+    assert [c.text for c in out.choices] == singles
+    assert len(set(singles)) > 1  # different seeds, different samples
+    assert out.usage.prompt_tokens == 2 and out.usage.completion_tokens == 24
+    stream = client.completions.create(n=3, seed=7, stream=True, **kwargs)
+    texts, reasons = ["", "", ""], [None] * 3
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            reasons[c.index] = c.finish_reason or reasons[c.index]
+    assert texts == singles and reasons == ["length"] * 3
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Th"}], max_tokens=4, n=2, seed=1
+    )
+    assert [c.index for c in chat.choices] == [0, 1]

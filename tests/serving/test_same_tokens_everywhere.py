@@ -57,3 +57,40 @@ def test_generate_serve_and_savedmodel_agree(paths, loaded, capsys, s):
     exported = tokenizer.decode(new.tolist())
 
     assert len(cli) == NEW and cli == served == exported, (cli, served, exported)
+
+
+def test_logit_bias_gives_the_same_tokens_in_generate_and_both_schedulers(paths, loaded):
+    """`logit_bias` and penalties through the Python API and the continuous and dynamic
+    servers: a -100 bias bans the greedy reply's first tokens, +5 favours a character, the
+    penalties discourage repeats; all three agree."""
+    from deepseek_tf.generation.generate import Generator
+
+    model, tokenizer = loaded
+    _, _, url = paths
+    ids = tokenizer.encode(PROMPT)
+    plain = Generator(model).generate([ids], NEW)[0]
+    favoured = next(t for t in tokenizer.encode("ezq") if t not in plain[:2])
+    bias = {str(plain[0]): -100, str(plain[1]): -100, str(favoured): 5}
+    settings = {"temperature": 0.9, "seed": 3, "presence_penalty": 0.5, "repetition_penalty": 1.3}
+    biased = Generator(model).generate([ids], NEW, logit_bias=bias, **settings)[0]
+    assert plain[0] not in biased and plain[1] not in biased
+    srv, app, dynamic = start_server(model, tokenizer, batching="dynamic")
+    try:
+        for base in (url, dynamic):
+            body = {"prompt": PROMPT, "max_tokens": NEW, "logit_bias": bias, **settings}
+            status, answer = request(base, "POST", "/v1/completions", body)
+            assert status == 200, answer
+            assert answer["choices"][0]["text"] == tokenizer.decode(biased), base
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        app.batcher.stop()
+    for bad in ({"x": 1}, {"-1": 1}, {"10000": 1}, {"3": 101}, {"3": "1"}, [1]):
+        body = {"prompt": PROMPT, "max_tokens": 2, "logit_bias": bad}
+        status, answer = request(url, "POST", "/v1/completions", body)
+        assert status == 400 and answer["error"]["param"] == "logit_bias", (bad, answer)
+    for key, value in [("presence_penalty", 3), ("frequency_penalty", "1"),
+                       ("repetition_penalty", 0)]:  # fmt: skip
+        body = {"prompt": PROMPT, "max_tokens": 2, key: value}
+        status, answer = request(url, "POST", "/v1/completions", body)
+        assert status == 400 and answer["error"]["param"] == key, (key, answer)

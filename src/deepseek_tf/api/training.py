@@ -234,7 +234,9 @@ def train(
     Returns:
         The run's summary, a dict: `step`, `steps`, `run_dir`, `checkpoint`,
         `wall_seconds`, `train_seconds`, `train_tokens_per_sec`, `best_val_loss` and
-        `best_val_step` (None without evaluation), `loss_curves` (a path or None),
+        `best_val_step` (None without evaluation), `weights` (which are the run's model:
+        "best", the best validation's in `best_checkpoint` with `train.keep_best`, or
+        "last"), `loss_curves` (a path or None),
         `chief` (False on a non-chief worker), `stopped` (why a run ended early, when it
         did), `already_complete` (a resumed run that was done), plus `sample` (the
         sampled text or None), `sample_note` (why there is no sample) and

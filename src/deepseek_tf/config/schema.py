@@ -188,6 +188,9 @@ class TrainConfig:
     eval_batches: int = 0  # 0: the whole validation split
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    # save the weights of each validation that beats the best so far (RUN/best/); eval,
+    # generate, export and serve then load them; checkpoints/ keep the last for --resume
+    keep_best: bool = False
     log_every: int = 10
     monitor_window: int = 50  # steps in the loss-variance window
     sparsity_threshold: float = 1e-2  # |activation| below this counts as inactive

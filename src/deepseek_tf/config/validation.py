@@ -49,6 +49,7 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     """Cross-field checks; raises `ConfigError` naming the key. `explicit`: see
     `config_from_dict`."""
     m, d, t, r = config.model, config.data, config.train, config.runtime
+    explicit = set(explicit)
     _check_positive(m, "model", ("d_model", "n_layers", "n_heads", "max_seq_len", "rope_theta"))
     _check_positive(m, "model", ("vocab_size", "n_kv_heads", "head_dim", "ffn_dim"), True)
     _check_choice("model.position", m.position, POSITION_TYPES)
@@ -73,7 +74,7 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
     _check_positive(d, "data", ("seq_len", "vocab_size"))
     _validate_mla_moe_mtp(m, d)
-    _refuse_unused(config, set(explicit))
+    _refuse_unused(config, explicit)
     _validate_compression(m, config.compression)
     _check_choice("model.remat", m.remat, REMAT_MODES)
     _check_choice("model.head", m.head, HEAD_TYPES)
@@ -108,6 +109,11 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
     _check_positive(t, "train", ("warmup_steps", "weight_decay", "clip_norm", "eval_every"), True)
     _check_positive(t, "train", ("eval_batches", "checkpoint_every", "min_learning_rate"), True)
     _check_positive(t, "train", ("keep_checkpoints",))
+    if t.keep_best and not t.eval_every and "train.keep_best" in explicit:  # a preset's: inert
+        raise ConfigError(
+            "train.keep_best: keeps the best validation's weights, but train.eval_every=0 "
+            "runs no validation; set train.eval_every > 0 or train.keep_best=false"
+        )
     _check_positive(t, "train", ("time_limit_minutes",), True)
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1) (0: off), got {t.ema_decay}")

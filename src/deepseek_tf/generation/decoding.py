@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.generation.sampler import limit_vocab, sample_tokens
+from deepseek_tf.generation import penalties as pen
+from deepseek_tf.generation.sampler import bias_matrix, limit_vocab, sample_tokens
 from deepseek_tf.layers.mla import MultiHeadLatentAttention
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer shapes)
@@ -100,7 +101,7 @@ class DecodeLoop:
         return limit_vocab(logits, self.vocab_limit)
 
     def token_step(self, cache, logits, positions, forced, forced_ids, done, sampling, stop_ids,
-                   bias=None):  # fmt: skip
+                   bias=None, penalties=None):  # fmt: skip
         """One position of every row: choose its token, then run it through the model.
 
         Args:
@@ -111,20 +112,29 @@ class DecodeLoop:
             done: `(B,)` bool rows that are finished (their token is 0).
             sampling: `(temperature (B,), top_k (B,), top_p (B,), seeds (B,))`.
             stop_ids: `(K,)` int32 tokens that end a row (after being emitted).
-            bias: optional `(B, V)` float32 added to the logits (a grammar's mask).
+            bias: optional `(B, V)` float32 added to the logits (`logit_bias`, a grammar's
+                mask).
+            penalties: optional `(presence, frequency, repetition, counts, seen)`
+                (`generation.penalties`), applied after `bias`; updated with the token.
 
         Returns:
-            `(token, stopped, logprob, top_ids, top_logprobs, entropy, logits, cache)`:
-            `(B,)` tokens, whether each sampled a stop id, their statistics (`(B,)`,
-            `(B, TOP_LOGPROBS)`; zeros without `logprobs`), the next logits `(B, V)`.
+            `(token, stopped, logprob, top_ids, top_logprobs, entropy, logits, cache,
+            penalties)`: `(B,)` tokens, whether each sampled a stop id, their statistics
+            (`(B,)`, `(B, TOP_LOGPROBS)`; zeros without `logprobs`), the next logits
+            `(B, V)`, the penalty state (None without).
         """
         batch = tf.shape(logits)[0]
         top = TOP_LOGPROBS if self.logprobs else 0
         if bias is not None:
             logits = logits + tf.cast(bias, logits.dtype)
+        if penalties is not None:
+            logits = pen.apply_penalties(logits, penalties)
         sampled = sample_tokens(logits, *sampling, positions)  # (B,)
         token = tf.where(forced, forced_ids, sampled)
         token = tf.where(done, tf.zeros_like(token), token)
+        if penalties is not None:
+            drawn = tf.logical_not(tf.logical_or(forced, done))
+            penalties = pen.record(penalties, token, drawn)
         logprob, entropy = tf.zeros((batch,)), tf.zeros((batch,))
         top_ids, top_lps = tf.zeros((batch, top), tf.int32), tf.zeros((batch, top))
         if self.logprobs:
@@ -136,10 +146,10 @@ class DecodeLoop:
         stopped = tf.logical_and(tf.logical_not(forced), is_stop)
         step_logits, cache = self.model.call_with_cache(token[:, None], cache, positions)
         logits = self._limit(step_logits[:, -1, :])
-        return token, stopped, logprob, top_ids, top_lps, entropy, logits, cache
+        return token, stopped, logprob, top_ids, top_lps, entropy, logits, cache, penalties
 
     def _decode(self, ids, is_prompt, cache, logits, positions, steps, ends, done, sampling,
-                stop_ids):  # fmt: skip
+                stop_ids, bias=None, penalties=None):  # fmt: skip
         """Decodes up to `steps` positions of every row (fewer when every row is done).
 
         Args:
@@ -153,11 +163,14 @@ class DecodeLoop:
             done: `(B,)` bool: rows already finished (padding, cancelled).
             sampling: `(temperature (B,), top_k (B,), top_p (B,), seeds (B,))`.
             stop_ids: `(K,)` int32 tokens that end a row (after being emitted).
+            bias: optional `(B, V)` float32 logit biases (`logit_bias`).
+            penalties: optional penalty settings and state (see `token_step`).
 
         Returns:
             `(steps_run, positions, ids, cache, logits, done, logprobs, top_ids,
-            top_logprobs, entropy)`; `logprobs` and `entropy` are `(B, S)`, the tops
-            `(B, S, TOP_LOGPROBS)`, all zeros without `logprobs`.
+            top_logprobs, entropy, penalties)`; `logprobs` and `entropy` are `(B, S)`, the
+            tops `(B, S, TOP_LOGPROBS)`, all zeros without `logprobs`; `penalties` the
+            updated state (`()` without).
         """
         batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
         top = TOP_LOGPROBS if self.logprobs else 0
@@ -167,16 +180,15 @@ class DecodeLoop:
         top_lps = tf.zeros((batch, length, top), tf.float32)
         rows = tf.range(batch)
 
-        def cond(j, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy):
+        def cond(j, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy, state):
             return tf.logical_and(j < steps, tf.logical_not(tf.reduce_all(done)))
 
-        def body(j, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy):
+        def body(j, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy, state):
             index = tf.stack([rows, i], axis=1)  # (B, 2)
             forced = tf.gather_nd(is_prompt, index)  # (B,)
-            out = self.token_step(
-                cache, logits, i, forced, tf.gather_nd(ids, index), done, sampling, stop_ids
-            )
-            token, stopped, logprob, best_ids, best_lps, spread, logits, cache = out
+            out = self.token_step(cache, logits, i, forced, tf.gather_nd(ids, index), done,
+                                  sampling, stop_ids, bias, state or None)  # fmt: skip
+            token, stopped, logprob, best_ids, best_lps, spread, logits, cache, state = out
             ids = tf.tensor_scatter_nd_update(ids, index, token)
             if self.logprobs:
                 logprobs = tf.tensor_scatter_nd_update(logprobs, index, logprob)
@@ -185,10 +197,12 @@ class DecodeLoop:
                 entropy = tf.tensor_scatter_nd_update(entropy, index, spread)
             done = tf.logical_or(done, tf.logical_or(stopped, i + 1 >= ends))
             i = tf.minimum(i + 1, length - 1)  # a finished row stays inside its cache
-            return j + 1, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy
+            state = state or ()
+            return j + 1, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy, state
 
-        state = (0, positions, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy)
-        return tf.while_loop(cond, body, state)
+        loop = (0, positions, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy,
+                tuple(penalties or ()))  # fmt: skip
+        return tf.while_loop(cond, body, loop)
 
 
 @dataclass
@@ -202,6 +216,8 @@ class Row:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    logit_bias: tuple = ()  # `(token, bias)` pairs (`sampler.check_logit_bias`)
+    penalties: pen.Penalties = pen.Penalties()  # presence, frequency, repetition
 
 
 class Decoder:
@@ -237,6 +253,14 @@ class Decoder:
         state = DecodeState(self, rows, stop_ids)
         state.ids, state.is_prompt = tf.constant(ids), tf.constant(is_prompt)
         state.cache, state.logits, state.position = cache, logits, start
+        vocab = self.model.vocab_size
+        biases = bias_matrix([r.logit_bias for r in rows], batch, vocab)
+        state.bias = None if biases is None else tf.constant(biases)
+        state.penalties = None
+        if any(r.penalties.active for r in rows):
+            settings = pen.settings_arrays([r.penalties for r in rows], batch)
+            counts, seen = pen.initial_state([r.prompt for r in rows], batch, vocab)
+            state.penalties = tuple(map(tf.constant, (*settings, counts, seen)))
         state.ends = np.asarray(ends + [1] * pad, np.int32)
         state.done = np.asarray([False] * n + [True] * pad)
         state.sampling = (
@@ -284,8 +308,11 @@ class DecodeState:
             tf.constant(self.done),
             self.sampling,
             self.stop_ids,
+            self.bias,
+            self.penalties,
         )
-        steps, _, self.ids, self.cache, self.logits, done, logprobs, top_ids, top_lps, ent = out
+        steps, _, self.ids, self.cache, self.logits, done, logprobs, top_ids, top_lps = out[:9]
+        ent, self.penalties = out[9], out[10] or None
         self.position = before + int(steps)
         self.done = done.numpy().copy()
         ids = self.ids.numpy()

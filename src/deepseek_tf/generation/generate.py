@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from deepseek_tf.errors import InputError
 from deepseek_tf.generation.decoding import Decoder, Row
-from deepseek_tf.generation.sampler import SEED_MODULUS, SamplingParams, check_sampling
+from deepseek_tf.generation.penalties import Penalties, check_penalties
+from deepseek_tf.generation.sampler import (
+    SEED_MODULUS,
+    SamplingParams,
+    check_logit_bias,
+    check_sampling,
+)
 from deepseek_tf.generation.speculative import SpeculativeDecoder
 
 
@@ -99,15 +105,17 @@ class Generator:
             "rounds": spec.rounds,
         }
 
-    def _run_window(self, prompts, max_new, sampling: SamplingParams, seeds, stop_ids, details):
+    def _run_window(self, prompts, max_new, sampling: SamplingParams, seeds, stop_ids, details,
+                    bias=(), penalties: Penalties | None = None):  # fmt: skip
         """Decodes `max_new` tokens after each prompt, all within the context."""
-        rows = [
-            Row(p, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed)
-            for p, seed in zip(prompts, seeds)
-        ]
+        s, penalties = sampling, penalties or Penalties()
+        rows = [Row(p, max_new, s.temperature, s.top_k, s.top_p, seed, bias, penalties)
+                for p, seed in zip(prompts, seeds)]  # fmt: skip
         if self.speculative is not None:
             if details:
                 raise InputError("speculative decoding does not report log-probabilities")
+            if bias or penalties.active:
+                raise InputError("speculative decoding does not take logit_bias or penalties")
             new = self.speculative.start(rows, stop_ids).step()
             new = [[(t, 0.0, [], 0.0) for t in row] for row in new]
             return [(row, bool(row) and row[-1][0] in set(stop_ids)) for row in new]
@@ -129,17 +137,27 @@ class Generator:
         seed: int = 0,
         stop_ids: Sequence[int] = (),
         details: bool = False,
+        logit_bias: Mapping | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
     ) -> list:
         """Returns the new tokens of each prompt (a stop token ends a row, and is kept).
 
         Sampling settings follow `sampler.check_sampling` (the server's rules); row `i`
-        samples with seed `seed + i`. With `details`, each prompt gets a dict instead:
-        `"tokens"`, and arrays `"logprob"` (of each chosen token under the model) and
-        `"entropy"` (nats, of the distribution it was drawn from: its uncertainty).
+        samples with seed `seed + i`. `logit_bias` (`{token id: bias in [-100, 100]}`, as
+        the server takes it) is added to every row's logits before sampling, then the
+        penalties (`generation.penalties`: OpenAI's presence/frequency, vLLM's repetition;
+        a window slid past the context forgets what it dropped). With
+        `details`, each prompt gets a dict instead: `"tokens"`, and arrays `"logprob"` (of
+        each chosen token under the model) and `"entropy"` (nats, of the distribution it
+        was drawn from: its uncertainty).
         """
         model = self.model
         _check_prompts(prompts, model.vocab_size, model.max_seq_len)
         sampling = check_sampling(temperature, top_k, top_p, seed)
+        bias = check_logit_bias(logit_bias, model.vocab_size)
+        penalties = check_penalties(presence_penalty, frequency_penalty, repetition_penalty)
         if isinstance(max_new_tokens, bool) or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise InputError(
                 f"max_new_tokens must be between 0 and {MAX_NEW_TOKENS:,} (a sliding window "
@@ -155,7 +173,9 @@ class Generator:
                 sequences = [s[-max(context // 2, 1) :] for s in sequences]  # sliding window
             n = min(remaining, context - max(len(s) for s in sequences))
             seeds = row_seeds(sampling.seed, len(sequences), round_index)
-            window = self._run_window(sequences, n, sampling, seeds, list(stop_ids), details)
+            window = self._run_window(
+                sequences, n, sampling, seeds, list(stop_ids), details, bias, penalties
+            )
             for row, (entries, stopped) in enumerate(window):
                 if finished[row]:
                     continue

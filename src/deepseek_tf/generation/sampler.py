@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.errors import InputError
@@ -21,6 +23,8 @@ from deepseek_tf.errors import InputError
 NEG_INF = -1e9
 MAX_TEMPERATURE = 2.0  # OpenAI's bound; above it text is noise
 SEED_MODULUS = 2**31  # seeds are reduced to an int32
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for `logit_bias` values
+MAX_BIASED_TOKENS = 300  # OpenAI's limit on `logit_bias` entries
 
 
 class SamplingError(InputError):
@@ -48,7 +52,7 @@ class SamplingParams:
     seed: int = 0
 
 
-def _number(value, name: str, low: float, high: float) -> float:
+def checked_number(value, name: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SamplingError(f"{name} must be a number, got {value!r}", name)
     if isinstance(value, int):  # an int of any size: compare without converting to float
@@ -78,8 +82,8 @@ def check_sampling(temperature=0.0, top_k=0, top_p=1.0, seed=0) -> SamplingParam
     Raises:
         SamplingError: naming the setting.
     """
-    temperature = _number(temperature, "temperature", 0.0, MAX_TEMPERATURE)
-    top_p = _number(top_p, "top_p", 0.0, 1.0)
+    temperature = checked_number(temperature, "temperature", 0.0, MAX_TEMPERATURE)
+    top_p = checked_number(top_p, "top_p", 0.0, 1.0)
     top_k = _integer(top_k, "top_k")
     if top_k < 0:
         raise SamplingError(f"top_k must be >= 0 (0: no top-k filter), got {top_k}", "top_k")
@@ -87,6 +91,42 @@ def check_sampling(temperature=0.0, top_k=0, top_p=1.0, seed=0) -> SamplingParam
     if top_p == 0.0:
         temperature = 0.0  # an empty nucleus: greedy
     return SamplingParams(temperature, min(top_k, 2**31 - 1), top_p, seed)
+
+
+def check_logit_bias(logit_bias, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` (`{token id (int or decimal string): bias in [-100, 100]}`, as OpenAI
+    takes it) as sorted `(id, bias)` pairs; None or `{}` gives `()`.
+
+    Raises:
+        SamplingError: a malformed map, an id outside `[0, vocab_size)`, a bias out of range.
+    """
+    if logit_bias is None:
+        return ()
+    if not isinstance(logit_bias, Mapping):
+        raise SamplingError("logit_bias must map token ids to biases", "logit_bias")
+    if len(logit_bias) > MAX_BIASED_TOKENS:
+        raise SamplingError(f"logit_bias may hold at most {MAX_BIASED_TOKENS} tokens", "logit_bias")
+    pairs = {}
+    for key, value in logit_bias.items():
+        text = str(key)
+        if isinstance(key, bool) or not text.isdigit() or not 0 <= int(text) < vocab_size:
+            raise SamplingError(
+                f"logit_bias: {key!r} is not a token id in [0, {vocab_size})", "logit_bias"
+            )
+        pairs[int(text)] = checked_number(value, "logit_bias", -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+    return tuple(sorted(pairs.items()))
+
+
+def bias_matrix(biases: Sequence[tuple], batch: int, vocab: int) -> np.ndarray | None:
+    """`(batch, vocab)` float32 logit biases of rows' `check_logit_bias` pairs (rows past
+    `len(biases)` unbiased), or None when no row has any."""
+    if not any(biases):
+        return None
+    out = np.zeros((batch, vocab), np.float32)
+    for row, pairs in enumerate(biases):
+        for token, value in pairs:
+            out[row, token] = value
+    return out
 
 
 def uniform_noise(seeds, position, vocab):

@@ -103,8 +103,8 @@ class Batcher:
         """Jobs of the batch being decoded."""
         return self._running
 
-    def submit(self, req: GenRequest) -> Job:
-        job = Job(req, self.tokenizer, self.eos_id)
+    def submit(self, req: GenRequest, events: queue.Queue | None = None, index: int = 0) -> Job:
+        job = Job(req, self.tokenizer, self.eos_id, events, index)
         self._queue.put(job)
         return job
 
@@ -152,7 +152,7 @@ class Batcher:
                 for job in jobs:
                     if not job.finished:
                         job.finished = True
-                        job.events.put(("error", f"generation failed: {type(e).__name__}"))
+                        job.put(("error", f"generation failed: {type(e).__name__}"))
             finally:
                 self._running = 0
 
@@ -167,6 +167,8 @@ class Batcher:
                 j.req.top_k,
                 j.req.top_p,
                 j.seed,
+                j.req.logit_bias,
+                j.req.penalties,
             )
             for j in jobs
         ]

@@ -258,15 +258,19 @@ class Handler(BaseHTTPRequestHandler):
         limit = self.app.request_timeout
         self._deadline = None if limit is None else time.perf_counter() + limit
         self._checked = time.perf_counter()
-        job = self.app.submit(req)  # 429 when the queue is full
-        rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        events: queue.Queue = queue.Queue()  # the choices' events, tagged with their index
+        jobs = []
         try:
+            for i in range(req.n):
+                jobs.append(self.app.submit(req, events, i))  # 429 when the queue is full
+            rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
             if req.stream:
-                self._stream(job, rid)
+                self._stream(jobs, events, rid)
             else:
-                self._complete(job, rid)
+                self._complete(jobs, events, rid)
         finally:
-            job.cancelled = True  # no-op when finished; frees the slot when the client left
+            for job in jobs:  # no-op when finished; frees the slots when the client left
+                job.cancelled = True
 
     def _client_gone(self) -> bool:
         """The client closed its side (a readable socket with nothing to read)."""
@@ -276,12 +280,14 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def _next_event(self, job: Job):
-        """The job's next event; cancels it when the client leaves or time runs out."""
+    def _next_event(self, jobs: list[Job], events: queue.Queue):
+        """The next `(index, event)` of the request's jobs; cancels them when the client
+        leaves or time runs out."""
         while True:
             now = time.perf_counter()
             if self._deadline is not None and now > self._deadline:
-                job.cancelled = True
+                for job in jobs:
+                    job.cancelled = True
                 raise ApiError(
                     408,
                     f"the request ran past this server's limit of {self.app.request_timeout:g} s",
@@ -291,56 +297,65 @@ class Handler(BaseHTTPRequestHandler):
             if now - self._checked >= POLL_S:  # at most every POLL_S while tokens flow
                 self._checked = now
                 if self._client_gone():
-                    job.cancelled = True
+                    for job in jobs:
+                        job.cancelled = True
                     raise ClientGone("the client closed the connection")
             try:
-                return job.events.get(timeout=POLL_S)
+                return events.get(timeout=POLL_S)
             except queue.Empty:
                 pass
 
-    def _complete(self, job: Job, rid: str) -> None:
-        text, entries = "", []
-        while True:
-            event = self._next_event(job)
+    def _complete(self, jobs: list[Job], events: queue.Queue, rid: str) -> None:
+        texts, entries, reasons = [""] * len(jobs), [[] for _ in jobs], [None] * len(jobs)
+        while None in reasons:
+            index, event = self._next_event(jobs, events)
             if event[0] == "delta":
-                text += event[1]
-                entries += event[2]
+                texts[index] += event[1]
+                entries[index] += event[2]
             elif event[0] == "error":
                 raise RuntimeError(event[1])
             else:
-                break
-        self._send_json(
-            200, completion_body(job, rid, self.app.model_name, text, entries, event[1])
-        )
+                reasons[index] = event[1]
+        results = list(zip(jobs, texts, entries, reasons))
+        self._send_json(200, completion_body(results, rid, self.app.model_name))
 
     def _sse(self, payload) -> None:
         data = payload if isinstance(payload, str) else json.dumps(payload)
         self.wfile.write(f"data: {data}\n\n".encode())
         self.wfile.flush()
 
-    def _stream(self, job: Job, rid: str) -> None:
-        first = self._next_event(job)  # wait for the first tokens: errors can still be JSON
-        if first[0] == "error":
-            raise RuntimeError(first[1])
+    def _stream(self, jobs: list[Job], events: queue.Queue, rid: str) -> None:
+        first = self._next_event(jobs, events)  # wait for tokens: errors can still be JSON
+        if first[1][0] == "error":
+            raise RuntimeError(first[1][1])
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.close_connection = True
         self.end_headers()
-        chunks = StreamChunks(job, rid, self.app.model_name)
-        if chunks.opening is not None:
-            self._sse(chunks.opening)
-        event = first
+        chunks = [StreamChunks(job, rid, self.app.model_name) for job in jobs]
+        for c in chunks:
+            if c.opening is not None:
+                self._sse(c.opening)
+        (index, event), ended = first, 0
         try:
-            while event[0] == "delta":
-                self._sse(chunks.delta(event[1], event[2]))  # raises when the client has gone
-                event = self._next_event(job)
+            while True:
+                if event[0] == "delta":
+                    self._sse(chunks[index].delta(event[1], event[2]))  # raises if client left
+                elif event[0] == "error":
+                    return  # headers are sent: end the stream without [DONE]
+                else:
+                    ended += 1
+                    for payload in chunks[index].closing(event[1]):
+                        self._sse(payload)
+                    if ended == len(jobs):
+                        break
+                index, event = self._next_event(jobs, events)
         except ApiError as e:  # past the time limit: say so, then end the stream
             self._sse(e.body())
             self._sse("[DONE]")
             return
-        if event[0] == "error":
-            return  # headers are sent: end the stream without [DONE]
-        for payload in chunks.closing(event[1]):
-            self._sse(payload)
+        if jobs[0].req.include_usage:
+            self._sse(chunks[0].usage_chunk(jobs))
+        self._sse("[DONE]")

@@ -2,10 +2,12 @@
 scheduler offers the server (`Scheduler`).
 
 HTTP handler threads submit a `Job` (`ContinuousScheduler.submit` or `Batcher.submit`)
-and read its `events` queue: `("delta", text, tokens)` where `tokens` is a list of
+and read its `events` queue: `(index, ("delta", text, tokens))` where `tokens` is a list of
 `(token_id, token_text, logprob, [(alt_text, alt_logprob), ...], entropy)`, then one
-`("end", finish_reason)` or `("error", message)`. The scheduler feeds each job the tokens
-decoded for it; the job turns them into text, checks its stop strings and limits.
+`(index, ("end", finish_reason))` or `(index, ("error", message))`; `index` is the job's
+choice of its request (a request with `n` choices runs `n` jobs on one queue). The
+scheduler feeds each job the tokens decoded for it; the job turns them into text, checks
+its stop strings and limits.
 
 Two schedulers implement `Scheduler`: `ContinuousScheduler` (`serving.scheduler`, the
 default) and the dynamic `Batcher` (`serving.batcher`).
@@ -30,14 +32,20 @@ class Job:
         req: the validated request.
         tokenizer: decodes its tokens (None: ids as text).
         eos_id: the token that ends it (None: none).
+        events: the queue its events go to (None: a queue of its own).
+        index: its choice of the request (`n` > 1); with a `seed`, choice `i` samples
+            with `seed + i`.
     """
 
-    def __init__(self, req: GenRequest, tokenizer, eos_id: int | None):
+    def __init__(self, req: GenRequest, tokenizer, eos_id: int | None,
+                 events: queue.Queue | None = None, index: int = 0):  # fmt: skip
         self.req = req
         self.tokenizer = tokenizer
         self.eos_id = eos_id
-        self.seed = req.seed if req.seed is not None else random.getrandbits(31)  # < 2**31
-        self.events: queue.Queue = queue.Queue()
+        self.index = index
+        seed = req.seed if req.seed is not None else random.getrandbits(31)
+        self.seed = (seed + index) % 2**31
+        self.events: queue.Queue = queue.Queue() if events is None else events
         self.cancelled = False  # set by the handler when its client goes away
         self.finished = False
         self.finish_reason: str | None = None
@@ -54,6 +62,10 @@ class Job:
         self.cached_tokens = 0  # prompt tokens served from the prefix cache
         self.constraint = None  # a `GrammarConstraint` under a schema (`serving.structured`)
         self._hold = max((len(s) for s in req.stop), default=1) - 1
+
+    def put(self, event: tuple) -> None:
+        """Sends `event` to the handler, tagged with this job's choice index."""
+        self.events.put((self.index, event))
 
     def decode(self, ids) -> str:
         if self.tokenizer is None:
@@ -97,10 +109,10 @@ class Job:
         if entries and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if delta or entries:
-            self.events.put(("delta", delta, entries))
+            self.put(("delta", delta, entries))
         if self.finished:
             self.finished_at = time.perf_counter()
-            self.events.put(("end", self.finish_reason))
+            self.put(("end", self.finish_reason))
 
     def finish(self, reason: str = "length") -> None:
         if not self.finished:
@@ -108,8 +120,8 @@ class Job:
             self.finished_at = time.perf_counter()
             tail = self.text[self.sent :]
             if tail:
-                self.events.put(("delta", tail, []))
-            self.events.put(("end", reason))
+                self.put(("delta", tail, []))
+            self.put(("end", reason))
 
 
 @runtime_checkable
@@ -140,8 +152,8 @@ class Scheduler(Protocol):
         """Stops the worker thread (jobs still running are abandoned)."""
         ...
 
-    def submit(self, req: GenRequest) -> Job:
-        """Queues a request; its `Job` receives the events."""
+    def submit(self, req: GenRequest, events: queue.Queue | None = None, index: int = 0) -> Job:
+        """Queues a request; its `Job` receives the events (see `Job`)."""
         ...
 
     def pending(self) -> int:

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from deepseek_tf.generation.sampler import SamplingError, check_sampling
+from deepseek_tf.generation.penalties import Penalties, check_penalties
+from deepseek_tf.generation.sampler import SamplingError, check_logit_bias, check_sampling
 from deepseek_tf.serving.api_errors import ApiError, bad
 from deepseek_tf.serving.messages import chat_messages
 from deepseek_tf.serving.structured import compile_reply_grammar, reply_schema
 from deepseek_tf.serving.tool_calls import ToolError, ToolSet, tool_set
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 8  # `n`: choices per request, each a row of the batch
 
 
 @dataclass
@@ -42,6 +44,7 @@ class GenRequest:
     model: str
     prompt: str | None  # text prompt (None when token ids were given)
     prompt_ids: list[int] = field(default_factory=list)
+    n: int = 1  # choices, sampled independently (choice i with seed + i when seeded)
     max_tokens: int = 16
     temperature: float = 1.0
     top_k: int = 0  # an extension (as vLLM's): keep the k most likely tokens; 0: all
@@ -54,6 +57,9 @@ class GenRequest:
     include_usage: bool = False
     messages: list[dict] | None = None  # a chat's validated messages (rendered later)
     tools: ToolSet | None = None  # a chat's `tools` and `tool_choice`
+    logit_bias: tuple = ()  # `(token, bias)` pairs (`sampler.check_logit_bias`)
+    penalties: Penalties = field(default_factory=Penalties)  # presence, frequency, repetition
+    raw_logit_bias: object = None  # as sent; checked against the vocabulary with the prompt
     schema: dict | None = None  # JSON Schema the reply is held to (`serving.structured`)
     schema_param: str = "response_format"  # the field the schema came from
     grammar: str | None = None  # `schema` compiled for the tokenizer (`finalize_prompt`)
@@ -84,11 +90,11 @@ def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenR
             "model",
         )
     n = _typed(body, "n", (int,), 1, "an integer")
-    if n != 1:
-        raise bad("only n=1 is supported", "n")
+    if not 1 <= n <= MAX_CHOICES:
+        raise bad(f"'n' must be between 1 and {MAX_CHOICES}, got {n}", "n")
     if _typed(body, "best_of", (int,), 1, "an integer") != 1:
         raise bad("only best_of=1 is supported", "best_of")
-    req = GenRequest(kind=kind, model=model, prompt=None)
+    req = GenRequest(kind=kind, model=model, prompt=None, n=n)
     if kind == "chat":
         req.messages = chat_messages(body.get("messages"))
         try:
@@ -139,6 +145,11 @@ def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenR
             _typed(body, "top_p", (int, float), 1.0, "a number"),
             0 if seed is None else seed,
         )
+        req.penalties = check_penalties(
+            _typed(body, "presence_penalty", (int, float), 0.0, "a number"),
+            _typed(body, "frequency_penalty", (int, float), 0.0, "a number"),
+            _typed(body, "repetition_penalty", (int, float), 1.0, "a number"),
+        )
     except SamplingError as e:
         raise bad(f"'{e.param}': {e}", e.param) from None
     req.temperature, req.top_k, req.top_p = sampling.temperature, sampling.top_k, sampling.top_p
@@ -153,6 +164,7 @@ def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenR
     if stop and len(stop) > MAX_STOP_STRINGS:
         raise bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed", "stop")
     req.stop = list(stop or [])
+    req.raw_logit_bias = body.get("logit_bias")
     req.stream = _typed(body, "stream", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")
     req.include_usage = bool(options.get("include_usage", False))
@@ -196,6 +208,10 @@ def finalize_prompt(req: GenRequest, tokenizer, limits: Limits, vocab_size: int)
         _, req.prompt_ids = prompt_ids(tokenizer, req.prompt)
     if req.schema is not None:
         req.grammar = compile_reply_grammar(req.schema, tokenizer, req.schema_param)
+    try:
+        req.logit_bias = check_logit_bias(req.raw_logit_bias, vocab_size)
+    except SamplingError as e:
+        raise bad(str(e), e.param) from None
     ids = req.prompt_ids
     if not ids:
         raise bad("the prompt is empty (no tokens)", "prompt")

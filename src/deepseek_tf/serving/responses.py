@@ -58,14 +58,14 @@ def logprobs_chat(entries) -> dict:
     }
 
 
-def usage(job: Job) -> dict:
-    """Token counts of a finished job."""
-    p, c = len(job.req.prompt_ids), len(job.tokens)
+def usage(jobs: list[Job]) -> dict:
+    """Token counts of a request's finished jobs (its `n` choices share the prompt)."""
+    p, c = len(jobs[0].req.prompt_ids), sum(len(job.tokens) for job in jobs)
     return {
         "prompt_tokens": p,
         "completion_tokens": c,
         "total_tokens": p + c,
-        "prompt_tokens_details": {"cached_tokens": int(job.cached_tokens)},
+        "prompt_tokens_details": {"cached_tokens": int(jobs[0].cached_tokens)},
     }
 
 
@@ -113,22 +113,26 @@ def choice(job: Job, text: str, entries, reason, offset: int = 0) -> dict:
     if req.kind == "chat":
         lp = logprobs_chat(entries) if req.logprobs is not None else None
         message, reason = chat_message(job, text, reason)
-        return {"index": 0, "message": message, "logprobs": lp, "finish_reason": reason}
+        return {"index": job.index, "message": message, "logprobs": lp, "finish_reason": reason}
     lp = logprobs_completion(entries, offset) if req.logprobs is not None else None
-    return {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
+    return {"index": job.index, "text": text, "logprobs": lp, "finish_reason": reason}
 
 
-def completion_body(job: Job, rid: str, model: str, text: str, entries, reason: str) -> dict:
-    """The whole (non-streamed) response of a completion or chat request."""
-    prefix = job.req.prompt if job.req.echo and job.req.prompt else ""
+def completion_body(results, rid: str, model: str) -> dict:
+    """The whole (non-streamed) response of a completion or chat request from its choices'
+    `(job, text, entries, finish_reason)`; `timings` are the first choice's."""
+    first = results[0][0]
+    prefix = first.req.prompt if first.req.echo and first.req.prompt else ""
+    choices = [choice(job, prefix + text, entries, reason, len(prefix))
+               for job, text, entries, reason in results]  # fmt: skip
     return {
         "id": rid,
-        "object": "chat.completion" if job.req.kind == "chat" else "text_completion",
+        "object": "chat.completion" if first.req.kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice(job, prefix + text, entries, reason, len(prefix))],
-        "usage": usage(job),
-        "timings": timings(job),
+        "choices": choices,
+        "usage": usage([job for job, *_ in results]),
+        "timings": timings(first),
     }
 
 
@@ -137,10 +141,11 @@ class StreamChunks:
 
     `opening` (chat: the assistant role; completion with `echo`: the prompt; else
     None), one `delta(text, entries)` per batch of new tokens, then `closing(reason)`:
-    the finish reason with `timings`, the usage and timings (with
-    `stream_options.include_usage`), `[DONE]`. A chat with tools streams its content as
-    it comes and each tool call whole once complete (`ToolCallStream`); a forced call
-    (`tool_choice` required or named) goes out at the close.
+    the finish reason with `timings`. One per choice of a request (`n`); after the
+    last, `usage_chunk` (with `stream_options.include_usage`) and `[DONE]`. A chat with
+    tools streams its content as it comes and each tool call whole once complete
+    (`ToolCallStream`); a forced call (`tool_choice` required or named) goes out at the
+    close.
     """
 
     def __init__(self, job: Job, rid: str, model: str):
@@ -163,7 +168,8 @@ class StreamChunks:
             self.opening = {**self.base, "choices": [choice(job, job.req.prompt, [], None)]}
 
     def _chat_chunk(self, delta: dict, logprobs, reason) -> dict:
-        item = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        item = {"index": self.job.index, "delta": delta, "logprobs": logprobs,
+                "finish_reason": reason}  # fmt: skip
         return {**self.base, "choices": [item]}
 
     def delta(self, text: str, entries) -> dict:
@@ -204,8 +210,8 @@ class StreamChunks:
             last = self._chat_chunk({}, None, reason)
         else:
             last = {**self.base, "choices": [choice(self.job, "", [], reason, self.offset)]}
-        spent = timings(self.job)
-        out = [{**last, "timings": spent}]
-        if self.job.req.include_usage:
-            out.append({**self.base, "choices": [], "usage": usage(self.job), "timings": spent})
-        return [*owed, *out, "[DONE]"]
+        return [*owed, {**last, "timings": timings(self.job)}]
+
+    def usage_chunk(self, jobs: list[Job]) -> dict:
+        """The usage of all of the request's choices (`stream_options.include_usage`)."""
+        return {**self.base, "choices": [], "usage": usage(jobs), "timings": timings(jobs[0])}

@@ -25,10 +25,12 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import astuple
 
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.generation import penalties as pen
 from deepseek_tf.generation.decoding import TOP_LOGPROBS, DecodeLoop, prefill_chunks
 from deepseek_tf.serving.grammar import GrammarConstraint, GrammarVocab
 from deepseek_tf.serving.job import Job
@@ -77,6 +79,12 @@ class ContinuousScheduler:
         b, s = self.slots, self.length
         self.cache = tf.nest.map_structure(tf.Variable, model.init_cache(b, s))  # (B, S, ...)
         self.logits = tf.Variable(tf.zeros((b, model.vocab_size), tf.float32))  # (B, V)
+        self.bias = np.zeros((b, model.vocab_size), np.float32)  # each slot's `logit_bias`
+        self.biased = np.zeros(b, bool)
+        # repetition penalties (`generation.penalties`): settings per slot, state in variables
+        self.penalty_settings = pen.settings_arrays([], b)
+        self.counts = tf.Variable(tf.zeros((b, model.vocab_size), tf.float32))  # (B, V)
+        self.seen = tf.Variable(tf.zeros((b, model.vocab_size), tf.bool))  # (B, V)
         stateful = any(t.shape[1] != s for t in tf.nest.flatten(self.cache))  # conv state
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20), exact_only=stateful)
         self.jobs: list[Job | None] = [None] * b
@@ -104,39 +112,47 @@ class ContinuousScheduler:
             var.scatter_nd_update(index, tf.cast(row, var.dtype))
         self.logits.scatter_nd_update(index, tf.cast(row_logits, tf.float32))
 
-    def _advance_fn(self, positions, done, ends, sampling, steps, bias=None):
+    def _advance_fn(self, positions, done, ends, sampling, steps, bias=None, penalties=None):
         """Up to `steps` positions of every row not `done` -> `(steps_run, tokens (B, K),
         logprobs (B, K), top_ids (B, K, TOP), top_logprobs (B, K, TOP), entropies (B, K))`
-        with `K = MAX_CHUNK`; the cache and logits variables are updated in place."""
+        with `K = MAX_CHUNK`; the cache and logits variables (and, with the `penalties`
+        settings, the penalty state) are updated in place."""
         b = self.slots
         cache = tf.nest.map_structure(lambda v: v.read_value(), self.cache)
         logits = self.logits.read_value()
+        state = ()
+        if penalties is not None:
+            state = (*penalties, self.counts.read_value(), self.seen.read_value())
         none = tf.zeros((b,), tf.bool)
         out = (tf.zeros((b, MAX_CHUNK), tf.int32), tf.zeros((b, MAX_CHUNK)),
                tf.zeros((b, MAX_CHUNK, TOP_LOGPROBS), tf.int32),
                tf.zeros((b, MAX_CHUNK, TOP_LOGPROBS)), tf.zeros((b, MAX_CHUNK)))  # fmt: skip
 
-        def body(j, positions, done, cache, logits, out):
-            step = self.loop.token_step(cache, logits, positions, none, tf.zeros((b,), tf.int32),
-                                        done, sampling, self.stop_ids, bias)  # fmt: skip
-            token, stopped, logprob, top_ids, top_lps, entropy, logits, cache = step
+        def body(j, positions, done, cache, logits, out, state):
+            zero = tf.zeros((b,), tf.int32)
+            step = self.loop.token_step(cache, logits, positions, none, zero, done, sampling,
+                                        self.stop_ids, bias, state or None)  # fmt: skip
+            token, stopped, logprob, top_ids, top_lps, entropy, logits, cache, state = step
             column = tf.stack([tf.range(b), tf.fill((b,), j)], axis=1)  # (B, 2)
             values = (token, logprob, top_ids, top_lps, entropy)
             out = tuple(tf.tensor_scatter_nd_update(o, column, v) for o, v in zip(out, values))
             moving = tf.logical_not(done)
             done = tf.logical_or(done, tf.logical_or(stopped, positions + 1 >= ends))
             positions = tf.where(moving, tf.minimum(positions + 1, self.length - 1), positions)
-            return j + 1, positions, done, cache, logits, out
+            return j + 1, positions, done, cache, logits, out, state or ()
 
         def cond(j, positions, done, *_):
             return tf.logical_and(j < steps, tf.logical_not(tf.reduce_all(done)))
 
-        j, _, _, cache, logits, out = tf.while_loop(
-            cond, body, (tf.constant(0), positions, done, cache, logits, out)
+        j, _, _, cache, logits, out, state = tf.while_loop(
+            cond, body, (tf.constant(0), positions, done, cache, logits, out, state)
         )
         for var, value in zip(tf.nest.flatten(self.cache), tf.nest.flatten(cache)):
             var.assign(value)
         self.logits.assign(logits)
+        if state:
+            self.counts.assign(state[3])
+            self.seen.assign(state[4])
         return (j, *out)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -171,8 +187,8 @@ class ContinuousScheduler:
     def running(self) -> int:
         return sum(j is not None for j in self.jobs)
 
-    def submit(self, req: GenRequest) -> Job:
-        job = Job(req, self.tokenizer, self.eos_id)
+    def submit(self, req: GenRequest, events: queue.Queue | None = None, index: int = 0) -> Job:
+        job = Job(req, self.tokenizer, self.eos_id, events, index)
         self._queue.put(job)
         self.metrics.queue_depth.set(self._queue.qsize())
         return job
@@ -196,7 +212,7 @@ class ContinuousScheduler:
                 for slot, job in enumerate(self.jobs):
                     if job is not None and not job.finished:
                         job.finished = True
-                        job.events.put(("error", f"generation failed: {type(e).__name__}"))
+                        job.put(("error", f"generation failed: {type(e).__name__}"))
                     self.jobs[slot] = None
             self.metrics.running_rows.set(self.running())
             self.metrics.queue_depth.set(self._queue.qsize())
@@ -217,7 +233,7 @@ class ContinuousScheduler:
             except Exception as e:
                 log.exception("prefill failed")
                 job.finished = True
-                job.events.put(("error", f"generation failed: {type(e).__name__}"))
+                job.put(("error", f"generation failed: {type(e).__name__}"))
 
     def _prefill(self, slot: int, job: Job) -> None:
         req, prompt = job.req, list(job.req.prompt_ids)
@@ -239,32 +255,45 @@ class ContinuousScheduler:
         settings = (req.temperature, req.top_k, req.top_p, job.seed)
         for array, value in zip(self.sampling, settings):
             array[slot] = value
+        for token, value in req.logit_bias:
+            self.bias[slot, token] = value
+        self.biased[slot] = bool(req.logit_bias)
+        for array, value in zip(self.penalty_settings, astuple(req.penalties)):
+            array[slot] = value
+        if req.penalties.active:  # a clean state: nothing generated, the prompt seen
+            seen = np.zeros((1, self.model.vocab_size), bool)
+            seen[0, np.asarray(prompt, np.int64)] = True
+            index = tf.constant([[slot]])
+            self.counts.scatter_nd_update(index, tf.zeros((1, self.model.vocab_size)))
+            self.seen.scatter_nd_update(index, tf.constant(seen))
         if req.grammar is not None:  # compiled and checked when the request was read
             vocab = GrammarVocab.for_tokenizer(self.tokenizer)
             job.constraint = GrammarConstraint(vocab, req.grammar)
         self.rows += 1
 
-    def _call(self, done, steps: int, bias=None):
+    def _call(self, done, steps: int, bias=None, penalties: bool = False):
         sampling = tuple(tf.constant(a) for a in self.sampling)
         args = (tf.constant(self.positions), tf.constant(done), tf.constant(self.ends), sampling,
                 tf.constant(steps, tf.int32))  # fmt: skip
+        extra = {}
         if bias is not None:
-            return self._advance(*args, tf.constant(bias))
-        return self._advance(*args)
+            extra["bias"] = tf.constant(bias)
+        if penalties:
+            extra["penalties"] = tuple(map(tf.constant, self.penalty_settings))
+        return self._advance(*args, **extra)
 
     def _decode(self) -> None:
         constrained = [s for s, j in enumerate(self.jobs) if j is not None and j.constraint]
-        bias = None
+        bias = self.bias.copy() if constrained or self.biased.any() else None  # (B, V)
         if constrained:
-            bias = np.zeros((self.slots, self.model.vocab_size), np.float32)
             for s in constrained:
                 allowed = self.jobs[s].constraint.allowed()  # (V_tokenizer,)
-                if not allowed.any():  # the vocabulary cannot continue the object
+                if not allowed.any():  # the vocabulary cannot continue the document
                     self.jobs[s].finish("stop")
                     self._release(s, store=False)
                     continue
-                bias[s] = -1e9
-                bias[s, : len(allowed)] = np.where(allowed, 0.0, -1e9)
+                bias[s, : len(allowed)] += np.where(allowed, 0.0, -1e9)
+                bias[s, len(allowed) :] = -1e9
             steps = 1
             if self.running() == 0:
                 return
@@ -273,8 +302,9 @@ class ContinuousScheduler:
             if any(j is not None and j.req.stream for j in self.jobs):
                 steps = min(steps, self.stream_interval)
         done = np.asarray([j is None for j in self.jobs])
+        penalised = any(j is not None and j.req.penalties.active for j in self.jobs)
         began = time.perf_counter()
-        out = self._call(done, steps, bias)
+        out = self._call(done, steps, bias, penalised)
         ran, tokens, logprobs, top_ids, top_lps, entropy = (np.asarray(t) for t in out)
         ran = int(ran)
         if ran:
@@ -328,6 +358,9 @@ class ContinuousScheduler:
     def _release(self, slot: int, store: bool) -> None:
         job = self.jobs[slot]
         self.jobs[slot] = None
+        self.bias[slot], self.biased[slot] = 0.0, False
+        for array, neutral in zip(self.penalty_settings, astuple(pen.Penalties())):
+            array[slot] = neutral
         if job.finished:
             self.metrics.finish(job.finish_reason or "length")
             self.metrics.e2e.observe((job.finished_at or time.perf_counter()) - job.started)

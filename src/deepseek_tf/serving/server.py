@@ -29,6 +29,7 @@ import contextlib
 import errno
 import logging
 import math
+import queue
 import socket
 import sys
 import threading
@@ -158,6 +159,7 @@ class ServingApp:
         self.max_queue = max_queue
         self.max_connections = max_connections
         self.request_timeout = request_timeout
+        self.speculative = bool(speculative)
         self.metrics = ServerMetrics(model_name)
         self.batcher: Scheduler
         if batching == "continuous" and not speculative:
@@ -185,17 +187,21 @@ class ServingApp:
             "server_busy",
         )
 
-    def submit(self, req) -> Job:
-        """Queues a generation request, or raises 429 when `max_queue` requests wait."""
+    def submit(self, req, events: queue.Queue | None = None, index: int = 0) -> Job:
+        """Queues a generation request (choice `index` of it, its events to `events`: see
+        `Job`), or raises 429 when `max_queue` requests wait."""
         if req.grammar is not None and not self.batcher.constrains:
             raise bad(
                 f"'{req.schema_param}': structured output needs --batching continuous",
                 req.schema_param,
             )
+        if self.speculative and (req.logit_bias or req.penalties.active):
+            param = "logit_bias" if req.logit_bias else "presence_penalty"
+            raise bad(f"'{param}' (and penalties) are not supported with --speculative", param)
         with self._lock:
             if self.batcher.pending() + self._predicting >= self.max_queue:
                 raise self._busy()
-            return self.batcher.submit(req)
+            return self.batcher.submit(req, events, index)
 
     @contextlib.contextmanager
     def _predict_slot(self):

@@ -112,6 +112,12 @@ class RunRecorder:
         """A checkpoint written at `step` in `seconds`."""
         self.metrics.write(step=step, event="checkpoint", path=path, seconds=round(seconds, 3))
 
+    def best(self, step: int, val_loss: float, path: str, seconds: float) -> None:
+        """The weights of `step` saved as the best so far (`train.keep_best`)."""
+        self.metrics.write(step=step, event="best", best_val_loss=val_loss, path=path,
+                           seconds=round(seconds, 3))  # fmt: skip
+        self.log(f"step {step}: best validation so far, weights kept in {path}")
+
     def close(self, checkpoint: str | None, done: bool) -> None:
         """Ends the session's output; the trackers get the checkpoint of a finished run."""
         if self.monitor is not None:
@@ -124,12 +130,13 @@ class RunRecorder:
 
     def summary(self, summary: dict) -> dict:
         """Writes the summary to `metrics.jsonl`; returns it with the run's best validation
-        and the loss curves (a plot that fails is a log line, never a failed run)."""
+        (from the metrics unless `summary` gives it: the kept best weights') and the loss
+        curves (a plot that fails is a log line, never a failed run)."""
         t = self.config.train
         self.metrics.write(event="summary", **summary)
         summary = {**summary, "steps": t.steps, "run_dir": str(self.run.path), "loss_curves": None}
         best = best_validation(self.metrics.read())
-        summary.update(best_val_loss=best and best[0], best_val_step=best and best[1])
+        summary = {"best_val_loss": best and best[0], "best_val_step": best and best[1], **summary}
         if self.chief:
             try:
                 path = write_loss_curves(self.run, t.log_every)

@@ -134,8 +134,8 @@ def write_loss_curves(run, window: int) -> Path | None:
 
 
 def summary_lines(summary: dict, example_prompt: str = "ROMEO:") -> list[str]:
-    """The end of `deepseek-tf train`: time, best validation loss, where it all is, and
-    what to run next."""
+    """The end of `deepseek-tf train`: time, best validation loss, where it all is, which
+    weights are the run's model, and what to run next."""
     run = summary["run_dir"]
     lines = [
         f"[train] done: step {summary['step']} of {summary['steps']} in "
@@ -150,6 +150,7 @@ def summary_lines(summary: dict, example_prompt: str = "ROMEO:") -> list[str]:
     else:
         lines.append("  no validation (train.eval_every=0)")
     lines.append(f"  run directory  {run}")
+    lines.append(f"  model          {model_line(summary)}")
     lines.append(f"  checkpoint     {summary['checkpoint']}")
     if summary.get("loss_curves"):
         lines.append(f"  loss curves    {summary['loss_curves']}")
@@ -160,6 +161,17 @@ def summary_lines(summary: dict, example_prompt: str = "ROMEO:") -> list[str]:
         f"  deepseek-tf serve {run}",
     ]
     return lines
+
+
+def model_line(summary: dict) -> str:
+    """Which weights `eval`, `generate`, `export` and `serve` load: the best validation's
+    (`train.keep_best`) or the last."""
+    if summary.get("weights") != "best":
+        return "the last weights (the checkpoint below)"
+    return (
+        f"best at step {summary['best_val_step']}, val loss {summary['best_val_loss']:.4f} "
+        f"({summary['best_checkpoint']}; the checkpoint below keeps the last for --resume)"
+    )
 
 
 def _duration(seconds: float) -> str:

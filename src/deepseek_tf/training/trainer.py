@@ -4,7 +4,8 @@
 anything is written), prepare the run directory, run the one training loop
 (`training.loop.run_steps`) with this run's stop rules (the step count, the time limit,
 a signal), summarise. A step that is due both a checkpoint and an evaluation saves first:
-a failing evaluation never costs the trained weights.
+a failing evaluation never costs the trained weights (a new best is kept after it:
+`train.keep_best`, `training.best`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from deepseek_tf.models.lora import apply_lora, describe_lora
 from deepseek_tf.run_layout import RunLayout
 from deepseek_tf.training import batches
 from deepseek_tf.training import expert_parallel as ep
+from deepseek_tf.training.best import BestWeights
 from deepseek_tf.training.evaluate import evaluate, make_eval_step
 from deepseek_tf.training.loop import LoopResult, NonFiniteLoss, run_steps
 from deepseek_tf.training.optim import (
@@ -50,11 +52,6 @@ from deepseek_tf.training.weight_average import WeightAverage, check_same_averag
 __all__ = ["Trainer"]
 
 
-def warn(message: str) -> None:
-    """A one-line warning on stderr (shown whatever the verbosity)."""
-    print(f"[train] warning: {message}", file=sys.stderr, flush=True)
-
-
 class Trainer:
     """Trains the model of `config` on its data, writing everything to `run_dir`.
 
@@ -64,7 +61,8 @@ class Trainer:
     Args:
         config: the resolved configuration (saved as `run_dir/config.yaml`).
         run_dir: output directory (config, tokenizer, checkpoints, metrics, logs; at the
-            end `loss_curves.png`; `tensorboard/`, `wandb/` with `train.loggers`).
+            end `loss_curves.png`; `tensorboard/`, `wandb/` with `train.loggers`; `best/`
+            with `train.keep_best`).
         tokenizer: the run's tokenizer (saved into `run_dir`).
         resume: continue from the newest readable checkpoint of `run_dir`.
         verbose: 0 silent, 1 progress (a bar on a terminal, else a line every
@@ -164,7 +162,8 @@ class Trainer:
         return ep.shard_model_experts(self.model, self.config.runtime, self.replicas)
 
     def _open_checkpoint(self) -> None:
-        """The run's checkpoint; a resumed run restores its newest readable one."""
+        """The run's checkpoint; a resumed run restores its newest readable one (and reads
+        back its best so far, `train.keep_best`)."""
         extra = {**ep.checkpoint_objects(self.expert_update), **self.average.checkpoint_objects()}
         self.checkpoint = self.run.checkpoint(
             self.model,
@@ -179,6 +178,8 @@ class Trainer:
             self.start_step = self.checkpoint.restore()
             self.restored = f"ckpt-{self.start_step}"  # checkpoints are numbered by step
             self.average.restore_trained()  # the model restored the average
+        self.best = BestWeights(self.run, self.model, self.config.train.keep_best, chief=self.chief,
+                                averaged=self.average.averaged, record=self.record)  # fmt: skip
 
     # -- data -------------------------------------------------------------------------------
     def train_batches(self):
@@ -236,7 +237,7 @@ class Trainer:
             self.record.log(describe_lora(self.model, t.lora_rank, t.lora_targets))
         short = warmup_warning(t)
         if short and self.start_step < t.steps:
-            warn(short)
+            print(f"[train] warning: {short}", file=sys.stderr, flush=True)  # whatever verbose
 
     def _save(self, step: int) -> None:
         """Checkpoints `step` (the weight average as the model's weights); refuses
@@ -280,6 +281,7 @@ class Trainer:
             "already_complete": True,
             "chief": self.chief,
             "checkpoint": self.checkpoint.latest,
+            **self.best.summary(),
             "train_tokens_per_sec": 0.0,
             "train_seconds": 0.0,
         }
@@ -344,7 +346,13 @@ class Trainer:
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
             self._save(step)
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-            self.record.evaluation(step, self.validate())
+            self._evaluate(step)
+
+    def _evaluate(self, step: int) -> None:
+        """Validates `step`; keeps its weights when they are the best so far (`keep_best`)."""
+        result = self.validate()
+        self.record.evaluation(step, result)
+        self.best.offer(step, result["loss"])
 
     def _time_is_up(self, step: int) -> str | None:
         """The stop rule of `train.time_limit_minutes`."""
@@ -360,7 +368,7 @@ class Trainer:
         if step != self.checkpoint.step.numpy():
             self._save(step)
         if t.eval_every and step % t.eval_every:
-            self.record.evaluation(step, self.validate())
+            self._evaluate(step)
 
     def _save_on_interrupt(self) -> None:
         # A multi-worker save is collective: the other workers may be gone.
@@ -383,6 +391,7 @@ class Trainer:
             "train_seconds": seconds,
             "checkpoint": self.last_saved,
             "chief": self.chief,
+            **self.best.summary(),
         }
         if loop.stopped:
             summary["stopped"] = loop.stopped
