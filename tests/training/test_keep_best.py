@@ -106,6 +106,18 @@ def test_the_model_is_the_best_validations_weights(best_run):
     assert f"model          best at step {best_step}, val loss {vals[best_step]:.4f}" in lines
 
 
+def test_init_from_starts_from_the_best(best_run):
+    """`train --init-from RUN` fine-tunes the weights the run's `eval` uses: the best."""
+    from deepseek_tf.convert.init_from import load_initial_weights
+    from deepseek_tf.models.builder import build_model
+
+    config, run, summary = best_run
+    model = build_model(RunDir(run).read_config())
+    line = load_initial_weights(model, run)
+    assert line == f"{run} (step {summary['best_val_step']})"
+    np.testing.assert_array_equal(_flat(model), _flat(load(run)[0]))
+
+
 def test_resume_keeps_the_best_so_far(best_run, tmp_path):
     config, source, first = best_run
     run = tmp_path / "run"

@@ -119,8 +119,8 @@ def load_initial_weights(model, source) -> str:
         RunDirError / ConversionError: the weights do not fit the model (named).
     """
     if source_kind(source) == "run":
-        run = RunDir(source)
-        step = run.checkpoint(model).restore(weights_only=True)
+        run = RunDir(source)  # the weights `eval`/`generate` of it use (the best, if kept)
+        step = run.weights_checkpoint(model, run.read_config()).restore(weights_only=True)
         return f"{source} (step {step})"
     hf = read_hf_config(Path(source))
     n = assign_hf_weights(model, CheckpointReader(source, fp8_block_size(hf)))
