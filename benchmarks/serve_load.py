@@ -53,7 +53,11 @@ def serve_child(args) -> None:
 
     cfg = load_config(PRESET, overrides=[f"model.max_seq_len={args.max_seq_len}"])
     model = build_model(cfg, vocab_size=VOCAB, seed=0)
-    app = ServingApp(model, None, "bench", max_batch=args.max_batch, batching=args.batching)
+    extra = {} if args.stream_interval is None else {"stream_interval": args.stream_interval}
+    if args.step_ms is not None:
+        extra["step_ms"] = args.step_ms
+    app = ServingApp(model, None, "bench", max_batch=args.max_batch, batching=args.batching,
+                     **extra)  # fmt: skip
     server = make_server(app, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     if args.batching == "dynamic":  # compile every batch bucket the load can produce
@@ -115,6 +119,10 @@ class Server:
         cmd = [sys.executable, __file__, "--serve-child", "--batching", batching,
                "--max-new-tokens", str(args.max_new_tokens), "--max-batch", str(CLIENTS),
                "--max-seq-len", str(max_seq_len)]  # fmt: skip
+        if args.stream_interval is not None:
+            cmd += ["--stream-interval", str(args.stream_interval)]
+        if args.step_ms is not None:
+            cmd += ["--step-ms", str(args.step_ms)]
         self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         began = time.perf_counter()
         self.port = next((int(x.split()[1]) for x in self.child.stdout if x.startswith("PORT")), 0)
@@ -150,17 +158,20 @@ def summarise(results, wall: float) -> dict:
     }
 
 
-def run_load(port: int, args, rate: float | None, seed: int = 0) -> dict:
+def run_load(port: int, args, rate: float | None, seed: int = 0, varied: bool = False) -> dict:
     """`args.requests` requests: back to back from 16 clients (rate None), or arriving as
-    a Poisson process of `rate` per second with at most 16 in flight."""
+    a Poisson process of `rate` per second with at most 16 in flight. Each asks for
+    `args.max_new_tokens` tokens, or with `varied` a uniform draw from 8 to that."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(VOCAB) for _ in range(rng.randrange(16, 32))]
                for _ in range(args.requests)]  # fmt: skip
+    lengths = [rng.randint(8, args.max_new_tokens) if varied else args.max_new_tokens
+               for _ in prompts]  # fmt: skip
     offsets, t = [], 0.0
     for _ in prompts:
         offsets.append(t)
         t += rng.expovariate(rate) if rate else 0.0
-    results, lock, cursor = [], threading.Lock(), iter(zip(offsets, prompts))
+    results, lock, cursor = [], threading.Lock(), iter(zip(offsets, prompts, lengths))
     start = time.perf_counter()
 
     def client():
@@ -170,7 +181,7 @@ def run_load(port: int, args, rate: float | None, seed: int = 0) -> dict:
             if item is None:
                 return
             time.sleep(max(0.0, start + item[0] - time.perf_counter()))
-            r = one_request(port, item[1], args.max_new_tokens)
+            r = one_request(port, item[1], item[2])
             with lock:
                 results.append(r)
 
@@ -204,6 +215,15 @@ def main() -> None:
     parser.add_argument("--batching", default="continuous", help=argparse.SUPPRESS)
     parser.add_argument("--max-batch", type=int, default=CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--max-seq-len", type=int, default=MAX_SEQ_LEN, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=None,
+        help="the continuous server's --stream-interval (default: serve's)",
+    )
+    parser.add_argument(
+        "--step-ms", type=float, default=None, help="the continuous server's --step-ms"
+    )
     parser.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=bc.default_out(NAME), help="result JSON path")
     args = parser.parse_args()
@@ -227,6 +247,9 @@ def main() -> None:
             for batching, server in servers.items():
                 run = run_load(server.port, args, share * rps, seed=int(share * 10))
                 result["runs"].append({"batching": batching, "load": share, **run})
+        for batching, server in servers.items():  # 2x, reply lengths 8..max drawn per request
+            run = run_load(server.port, args, 2.0 * rps, seed=21, varied=True)
+            result["varied"] = {**result.get("varied", {}), batching: run}
     finally:
         for server in servers.values():
             server.__exit__()
@@ -245,6 +268,14 @@ def main() -> None:
         spread = bc.ratio(on["ttft_p99_s"], on["ttft_p50_s"])
         print(f"{share}x capacity: continuous / dynamic throughput {bc.fmt(ratio, '.2f')}x, "
               f"continuous TTFT p99 / p50 {bc.fmt(spread, '.2f')}")  # fmt: skip
+    varied = result["varied"]
+    ratio = bc.ratio(varied["continuous"]["tokens_per_s"], varied["dynamic"]["tokens_per_s"])
+    result["throughput_ratio_2.0_varied"] = ratio
+    print(
+        f"2.0x capacity, reply lengths 8-{args.max_new_tokens}: continuous "
+        f"{bc.fmt(varied['continuous']['tokens_per_s'], '.0f')} tok/s, dynamic "
+        f"{bc.fmt(varied['dynamic']['tokens_per_s'], '.0f')} tok/s: {bc.fmt(ratio, '.2f')}x"
+    )
     firsts = [f"{b} {bc.fmt(result[f'{b}_first_request_s'] * 1e3, '.0f')} ms" for b in servers]
     print("first request after ready: " + ", ".join(firsts))
     p = result["prefix_cache"]

@@ -123,7 +123,7 @@ def serve(
     no_batching: bool = False,
     batching: str = "continuous",
     step_ms: float = 20.0,
-    stream_interval: int = 4,
+    stream_interval: int = 16,
     prefix_cache_mb: float = 256,
     request_timeout: float | None = None,
     speculative: str | None = None,

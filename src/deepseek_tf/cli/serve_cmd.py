@@ -43,8 +43,9 @@ def add_parser(subparsers) -> None:
         "--step-ms", type=float, default=20.0, help="continuous: target time of one decode call"
     )
     parser.add_argument(
-        "--stream-interval", type=int, default=4, help="continuous: most tokens per call "
-        "while a request streams (1: every token as it is decoded, at some throughput)",
+        "--stream-interval", type=int, default=16, help="continuous: most tokens per call "
+        "while a request streams (a call lasts about --step-ms, so streams see tokens that "
+        "often; 1: every token as it is decoded, at some throughput)",
     )  # fmt: skip
     parser.add_argument(
         "--prefix-cache-mb", type=float, default=256, help="continuous: prefix cache (0: off)"

@@ -45,6 +45,7 @@ class PrefixCache:
         self.exact_only = exact_only
         self.min_tokens = max(int(min_tokens), 1)
         self._entries: OrderedDict[tuple, tuple[np.ndarray, list, int]] = OrderedDict()
+        self._by_head: dict[tuple, set] = {}  # entries by their first `min_tokens` tokens
         self.bytes = 0
         self.queried_tokens = 0  # statistics: prompt tokens looked up / found
         self.hit_tokens = 0
@@ -72,9 +73,11 @@ class PrefixCache:
         if size > self.budget_bytes:
             return
         while self.bytes + size > self.budget_bytes:
-            _, (_, _, freed) = self._entries.popitem(last=False)
+            old, (_, _, freed) = self._entries.popitem(last=False)
+            self._by_head[old[: self.min_tokens]].discard(old)
             self.bytes -= freed
         self._entries[key] = (np.asarray(key, np.int64), cache, size)
+        self._by_head.setdefault(key[: self.min_tokens], set()).add(key)
         self.bytes += size
 
     def lookup(self, prompt) -> tuple[int, list | None]:
@@ -86,7 +89,9 @@ class PrefixCache:
         limit = len(prompt) - 1
         self.queried_tokens += len(prompt)
         best, best_key = 0, None
-        for key, (tokens, _, _) in self._entries.items():
+        head = tuple(int(t) for t in prompt[: self.min_tokens])
+        for key in self._by_head.get(head, ()):  # a hit shares at least these tokens
+            tokens = self._entries[key][0]
             n = min(len(tokens), limit)
             if n <= best:
                 continue

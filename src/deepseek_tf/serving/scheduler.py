@@ -63,7 +63,7 @@ class ContinuousScheduler:
     constrains = True  # structured output: one step per call while a row is constrained
 
     def __init__(self, model, tokenizer, metrics: ServerMetrics | None = None, *,
-                 max_batch: int = 16, step_ms: float = 20.0, stream_interval: int = 4,
+                 max_batch: int = 16, step_ms: float = 20.0, stream_interval: int = 16,
                  prefix_cache_mb: float = 256, max_len: int | None = None,
                  jit_compile: bool = True, warm_up: bool = True):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
@@ -96,6 +96,9 @@ class ContinuousScheduler:
         self.stop_ids = tf.constant(stops or [-1], tf.int32)
         self._advance = tf.function(self._advance_fn, jit_compile=jit_compile)
         self._insert = tf.function(self._insert_fn, jit_compile=jit_compile)
+        self._read_row = tf.function(  # one call, not one eager slice per cache tensor
+            lambda slot: tf.nest.map_structure(lambda v: v[slot : slot + 1], self.cache)
+        )
         self._queue: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
         self.ready = threading.Event()
@@ -319,13 +322,16 @@ class ContinuousScheduler:
                 self.abandoned += 1
                 self._release(slot, store=False)
                 continue
-            new = []
-            for k in range(n):
-                alts = list(zip(top_ids[slot, k].tolist(), top_lps[slot, k].tolist()))
-                new.append((int(tokens[slot, k]), float(logprobs[slot, k]), alts,
-                            float(entropy[slot, k])))  # fmt: skip
-                if new[-1][0] == self.eos_id:
-                    break
+            row = tokens[slot, :n].tolist()
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id) + 1]
+            lps, ents = logprobs[slot, : len(row)].tolist(), entropy[slot, : len(row)].tolist()
+            if job.req.logprobs:  # alternatives only for a request that reports them
+                ids, alt_lps = top_ids[slot, : len(row)], top_lps[slot, : len(row)]
+                alts = [list(zip(i, a)) for i, a in zip(ids.tolist(), alt_lps.tolist())]
+            else:
+                alts = [[]] * len(row)
+            new = list(zip(row, lps, alts, ents))
             self.positions[slot] += len(new)
             self._deliver(job, new, now)
             if job.constraint is not None and new and not job.finished:
@@ -370,5 +376,4 @@ class ContinuousScheduler:
             # the row now holds the prompt and the reply: a chat's next turn starts with both
             tokens = list(job.req.prompt_ids) + job.tokens
             n = min(len(tokens), int(self.positions[slot]))
-            row = tf.nest.map_structure(lambda v: v[slot : slot + 1], self.cache)
-            self.prefix.store(tokens[:n], row)
+            self.prefix.store(tokens[:n], self._read_row(tf.constant(slot)))

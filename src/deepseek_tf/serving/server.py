@@ -109,7 +109,7 @@ class ServingApp:
         window_s: float = 0.005,
         chunk: int = 8,
         step_ms: float = 20.0,
-        stream_interval: int = 4,
+        stream_interval: int = 16,
         prefix_cache_mb: float = 256,
         request_timeout: float | None = None,
         speculative: str | None = None,
