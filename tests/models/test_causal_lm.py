@@ -77,3 +77,62 @@ def test_adjacent_layers_share_weights(tiny_config, tmp_path, share):
     RunDir(tmp_path).checkpoint(clone).restore(weights_only=True)
     ids = np.arange(10, dtype="int32")[None] % 13
     np.testing.assert_allclose(np.asarray(clone(ids)), np.asarray(model(ids)), atol=1e-6)
+
+
+@pytest.mark.parametrize("fraction, attention", [(0.3, "mha"), (1.0, "mha"), (0.5, "mla")])
+def test_a_fraction_of_adjacent_projections_is_shared(tiny_config, tmp_path, fraction, attention):
+    """`model.share_fraction`: the first round(f * n) of each pair's projections (attention
+    then FFN, in declaration order) are one layer; counts, training state and
+    checkpoints see one set of weights."""
+    from deepseek_tf.models.sharing import shareable_projections
+    from deepseek_tf.rundir import RunDir
+
+    base = ["model.n_layers=4", "model.blocks=[attention]", f"model.attention={attention}"]
+    if attention == "mla":
+        base += ["model.position=rope", "model.kv_lora_rank=16", "model.qk_rope_head_dim=4",
+                 "model.qk_nope_head_dim=4", "model.v_head_dim=8"]  # fmt: skip
+    config = apply_overrides(tiny_config, [*base, f"model.share_fraction={fraction}"])
+    plain = apply_overrides(tiny_config, base)
+    model = build_model(config, vocab_size=13, seed=0)
+    names = shareable_projections(model.blocks[0], model.blocks[1])
+    shared = names[: round(fraction * len(names))]
+    assert shared and len(names) == (7 if attention == "mha" else len(names))
+    for first, second in ((0, 1), (2, 3)):
+        for sub, proj in names:
+            a = getattr(getattr(model.blocks[first], sub), proj)
+            b = getattr(getattr(model.blocks[second], sub), proj)
+            assert (a is b) == ((sub, proj) in shared), (sub, proj)
+    assert getattr(model.blocks[1].attention, names[0][1]) is not getattr(
+        model.blocks[2].attention, names[0][1]
+    )  # only within a pair
+    unique = {id(w): int(np.prod(w.shape)) for w in model.weights}
+    counts = parameter_count(config, 13)
+    saved = sum(
+        int(np.prod(getattr(getattr(model.blocks[0], s), p).kernel.shape)) for s, p in shared
+    )
+    assert counts["total"] == sum(unique.values())
+    assert counts["shared_saving"] == 2 * saved  # two pairs
+    assert counts["total"] == parameter_count(plain, 13)["total"] - counts["shared_saving"]
+    RunDir(tmp_path).checkpoint(model).save(0)
+    clone = build_model(config, vocab_size=13, seed=1)
+    RunDir(tmp_path).checkpoint(clone).restore(weights_only=True)
+    ids = np.arange(10, dtype="int32")[None] % 13
+    np.testing.assert_allclose(np.asarray(clone(ids)), np.asarray(model(ids)), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.share_fraction=1.5"], r"^model\.share_fraction: must be in \[0, 1\]"),
+        (["model.share_fraction=-0.1"], r"^model\.share_fraction: must be in \[0, 1\]"),
+        (
+            ["model.share_fraction=0.3", "model.share_adjacent=ffn"],
+            r"^model\.share_fraction: .*not both",
+        ),
+    ],
+)
+def test_bad_share_fraction_names_the_key(tiny_config, overrides, message):
+    from deepseek_tf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(tiny_config, overrides)

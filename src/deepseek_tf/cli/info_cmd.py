@@ -37,8 +37,10 @@ def run(args) -> int:
     counts = result["parameters"]
     print(yaml.safe_dump(result["config"], sort_keys=False).rstrip())
     print(json.dumps({"parameters": counts, "vocab_size": result["vocab_size"]}))
+    saved = counts["shared_saving"]
+    shared = f" ({human(saved)} saved by sharing adjacent layers)" if saved else ""
     print(f"parameters: {human(counts['total'])} total, {human(counts['activated'])} "
-          "activated per token")  # fmt: skip
+          f"activated per token{shared}")  # fmt: skip
     if result["training"] is not None:
         print(training_line(result["training"]))
     for entry in result["compression"]:  # what `deepseek-tf compress` did to the run

@@ -49,6 +49,11 @@ def check_options(config, targets, rank, energy) -> None:
             f"compression.quantize={quantized}: quantized weights cannot be factorised; "
             "factorise the float run, then quantize"
         )
+    if m.share_fraction:
+        raise CompressionError(
+            f"model.share_fraction={m.share_fraction}: adjacent layers share projections; "
+            "cannot factorise shared projections"
+        )
     for target in targets:
         if m.share_adjacent in SHARED[target]:
             raise CompressionError(

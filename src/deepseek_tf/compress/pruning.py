@@ -70,10 +70,10 @@ def plan(config, sparsity: float, targets, strict: bool = True) -> dict:
         raise CompressionError(f"--targets: choose from {', '.join(TARGETS)}, got {targets}")
     if not 0.0 <= sparsity < 1.0:
         raise CompressionError(f"--sparsity: must be in [0, 1), got {sparsity}")
-    if m.share_adjacent != "none":
+    if m.share_adjacent != "none" or m.share_fraction:
         raise CompressionError(
-            f"model.share_adjacent={m.share_adjacent}: adjacent layers share sublayers, "
-            "which cannot be pruned separately"
+            f"model.share_adjacent={m.share_adjacent}, model.share_fraction={m.share_fraction}: "
+            "adjacent layers share weights, which cannot be pruned separately"
         )
     if config.compression.lowrank or config.compression.quantize != "none":
         raise CompressionError(

@@ -91,6 +91,7 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3  # lambda
     # parameter efficiency (the brief: share projections between neighbouring layers)
     share_adjacent: str = "none"  # none | ffn | attention | both: layers 2i and 2i+1 share it
+    share_fraction: float = 0.0  # 0-1: that fraction of each adjacent pair's projections shared
     # memory
     remat: str = "none"  # none | blocks (recompute each block's activations in backward)
     # output head (uncertainty, the brief's section 8.1)

@@ -84,6 +84,12 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
         _check_choice("model.dtype", m.dtype, (*PRECISIONS, "auto"))
     _check_positive(m, "model", ("head_kl_weight",), True)
     _check_choice("model.share_adjacent", m.share_adjacent, SHARE_MODES)
+    if not 0.0 <= m.share_fraction <= 1.0:
+        raise ConfigError(f"model.share_fraction: must be in [0, 1], got {m.share_fraction}")
+    if m.share_fraction and m.share_adjacent != "none":
+        raise ConfigError(
+            "model.share_fraction: give it or model.share_adjacent (whole sublayers), not both"
+        )
     if d.prepared and d.files:
         raise ConfigError(
             "data.prepared: the prepared directory is the training text; leave data.files empty"

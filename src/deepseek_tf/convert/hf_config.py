@@ -248,6 +248,7 @@ def _check_exportable(config: Config) -> None:
             m.share_adjacent != "none",
             "DeepSeek shares no weights across layers",
         ),
+        "model.share_fraction": (m.share_fraction > 0, "DeepSeek shares no weights across layers"),
         "model.head": (m.head != "categorical", "transformers' DeepSeek has a plain output head"),
         "calibration.logit_temperature": (
             temperature != 1.0,

@@ -164,9 +164,10 @@ class DecoderBlock(keras.layers.Layer):
     def parameter_counts(self, counted: set | None = None) -> tuple[int, int]:
         """`(total, activated)` parameters, from the constructor arguments alone.
 
-        A sublayer whose id is in `counted` (shared with an earlier block, see
-        `CausalLM.share_adjacent`) still runs, so it adds to `activated` but not to
-        `total`; the ids of this block's attention and feed-forward are added to `counted`.
+        A sublayer or projection whose id is in `counted` (shared with an earlier block,
+        see `models.sharing`) still runs, so it adds to `activated` but not to `total`;
+        the ids of this block's attention and feed-forward and their projection layers
+        are added to `counted`.
         """
         counted = set() if counted is None else counted
         norms = 2 * self.d_model  # attn_norm + ffn_norm
@@ -176,9 +177,16 @@ class DecoderBlock(keras.layers.Layer):
         for sublayer in (self.attention, self.ffn):
             sub_total, sub_active = sublayer.parameter_counts()
             active += sub_active
-            if id(sublayer) not in counted:
-                total += sub_total
-                counted.add(id(sublayer))
+            if id(sublayer) in counted:
+                continue
+            total += sub_total
+            counted.add(id(sublayer))
+            for proj in getattr(sublayer, "projections", list)():
+                layer = getattr(sublayer, proj.name, None)
+                if id(layer) in counted:  # one of an earlier block's (`share_fraction`)
+                    total -= proj.parameters()
+                elif layer is not None:
+                    counted.add(id(layer))
         return total, active
 
     def projection_layers(self) -> list[tuple[str, Projection, keras.layers.Layer]]:

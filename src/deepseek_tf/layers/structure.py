@@ -146,10 +146,13 @@ def make_projections(layer) -> None:
 
 
 def build_projections(layer, input_shape) -> None:
-    """Builds each declared projection of `layer` for inputs `(..., in_dim)`."""
+    """Builds each declared projection of `layer` for inputs `(..., in_dim)` (one shared
+    with an adjacent block's, `models.sharing`, is built once)."""
     lead = tuple(input_shape[:-1])
     for p in layer.projections():
-        getattr(layer, p.name).build((*lead, p.in_dim))
+        proj = getattr(layer, p.name)
+        if not proj.built:
+            proj.build((*lead, p.in_dim))
 
 
 def projection_parameters(layer) -> int:

@@ -142,6 +142,7 @@ def model_kwargs(config: Config, vocab_size: int | None = None) -> dict:
         "mtp_depth": m.mtp_depth,
         "remat": m.remat,
         "share_adjacent": m.share_adjacent,
+        "share_fraction": m.share_fraction,
         "conv_kernel_size": m.conv_kernel_size,
         "tie_embeddings": m.tie_embeddings,
         "scale_embeddings": m.scale_embeddings,

@@ -16,6 +16,7 @@ from deepseek_tf.layers.mtp import MTPModule
 from deepseek_tf.layers.relative_position_bias import RelativePositionBias
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.serialization import init_config
+from deepseek_tf.models import sharing
 from deepseek_tf.models.model_structure import ModelStructure
 from deepseek_tf.models.remat import run_block
 
@@ -58,6 +59,8 @@ class CausalLM(ModelStructure, keras.Model):
             `2i + 1` use the same sublayer (weights shared, the brief's
             cross-layer sharing) when both blocks have the same kind of it;
             `"none"` shares nothing.
+        share_fraction: share the first `round(f * n)` of each adjacent pair's `n`
+            projection matrices (`models.sharing`; 0: none).
         remat: `"blocks"` recomputes each decoder block's activations during
             the backward pass (`tf.recompute_grad`) instead of keeping them:
             less memory for more compute; `"none"` keeps them.
@@ -117,6 +120,7 @@ class CausalLM(ModelStructure, keras.Model):
         mtp_depth: int = 0,
         remat: str = "none",
         share_adjacent: str = "none",
+        share_fraction: float = 0.0,
         conv_kernel_size: int = 3,
         tie_embeddings: bool = True,
         scale_embeddings: bool = True,
@@ -151,6 +155,7 @@ class CausalLM(ModelStructure, keras.Model):
         self.mtp_depth = mtp_depth
         self.remat = remat
         self.share_adjacent = share_adjacent
+        self.share_fraction = share_fraction
         self.conv_kernel_size = conv_kernel_size
         self.tie_embeddings = tie_embeddings
         self.scale_embeddings = scale_embeddings
@@ -182,7 +187,7 @@ class CausalLM(ModelStructure, keras.Model):
             DecoderBlock(d_model=d_model, dtype=policy, name=f"block_{i}", **self._block_config(i))
             for i in range(n_layers)
         ]
-        self._share_adjacent_sublayers()
+        sharing.share_adjacent(self.blocks, share_adjacent, share_fraction)
         for i, block in enumerate(self.blocks):  # attributes, so tf.train.Checkpoint tracks them
             setattr(self, f"block_{i}", block)
         self.mtp_modules = [
@@ -209,16 +214,6 @@ class CausalLM(ModelStructure, keras.Model):
             )
         # Weights are allocated by `build` (`models.builder.build_model` calls it); an
         # unbuilt model still describes itself (`parameter_counts`, `prunable_units`).
-
-    def _share_adjacent_sublayers(self) -> None:
-        """Points block `2i + 1`'s feed-forward and/or attention at block `2i`'s."""
-        if self.share_adjacent == "none":
-            return
-        names = {"ffn": ("ffn",), "attention": ("attention",), "both": ("ffn", "attention")}
-        for first, second in zip(self.blocks[0::2], self.blocks[1::2]):
-            for name in names[self.share_adjacent]:
-                if type(getattr(first, name)) is type(getattr(second, name)):
-                    setattr(second, name, getattr(first, name))
 
     def _block_config(self, i: int, overrides: bool = True) -> dict:
         """Block `i`'s kwargs: the shared ones, with `layer_overrides[i]` (pruned widths,
