@@ -21,3 +21,4 @@ def test_readable_counts_and_training_state(trained_run, capsys):
     out = capsys.readouterr().out
     assert "parameters: " in out and " total, " in out
     assert "training: step 20 of 20; last val loss " in out
+    assert out.rstrip().endswith("; the model is the last weights")  # no train.keep_best

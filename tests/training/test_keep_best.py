@@ -102,6 +102,9 @@ def test_the_model_is_the_best_validations_weights(best_run):
     assert (run / "checkpoints" / "ckpt-6.index").exists() and summary["checkpoint"].endswith(
         "ckpt-6"
     )
+    from deepseek_tf.api.info import training_state
+
+    assert training_state(RunDir(run))["weights"] == "best"  # what `info` says
     lines = "\n".join(summary_lines(summary))
     assert f"model          best at step {best_step}, val loss {vals[best_step]:.4f}" in lines
 
@@ -156,6 +159,9 @@ def test_without_keep_best_the_run_loads_its_last_weights(best_run, tmp_path):
     assert summary["weights"] == "last" and "best_checkpoint" not in summary
     assert not (run / "best").exists() and not _best_events(run)
     np.testing.assert_array_equal(_flat(load(run)[0]), _checkpoint_weights(run, 6))
+    from deepseek_tf.api.info import training_state
+
+    assert training_state(RunDir(run))["weights"] == "last"  # what `info` says
     lines = "\n".join(summary_lines(summary))
     assert "model          the last weights" in lines
     # the one place that decides: a keep_best run whose config turns it off loads the last

@@ -46,11 +46,15 @@ def vocab_from_data(config: Config) -> int:
 def training_state(run: RunDir) -> dict:
     """The run's progress from its metrics: `step` (the last logged; None before any),
     `steps` (the config's), `last_val_loss` / `last_val_step` and `best_val_loss` /
-    `best_val_step` (None without evaluations)."""
+    `best_val_step` (None without evaluations), and `weights`: `"best"` when the run's
+    model is its best validation's weights (`train.keep_best`), else `"last"`."""
     entries = run.metrics.read()
     steps = [e["step"] for e in entries if "step" in e]
     evals = [e for e in entries if "val_loss" in e and "step" in e]
-    state = {"step": max(steps) if steps else None, "steps": run.read_config().train.steps}
+    config = run.read_config()
+    kept = config.train.keep_best and run.has_best()
+    state = {"step": max(steps) if steps else None, "steps": config.train.steps,
+             "weights": "best" if kept else "last"}  # fmt: skip
     last = evals[-1] if evals else {}
     best = min(evals, key=lambda e: e["val_loss"]) if evals else {}
     state.update(last_val_loss=last.get("val_loss"), last_val_step=last.get("step"),

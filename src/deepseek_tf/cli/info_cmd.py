@@ -64,4 +64,4 @@ def training_line(state: dict) -> str:
     if state["last_val_loss"] is not None:
         line += f"; last val loss {state['last_val_loss']:.4f} (step {state['last_val_step']})"
         line += f", best {state['best_val_loss']:.4f} (step {state['best_val_step']})"
-    return line
+    return line + f"; the model is the {state['weights']} weights"
