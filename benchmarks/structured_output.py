@@ -1,0 +1,136 @@
+"""Structured output's cost: tokens/s of JSON-Schema-constrained replies against free text.
+
+The continuous scheduler (`serving.scheduler`, in process, no HTTP) decodes `--requests`
+requests, `--concurrency` at a time, with the shakespeare-char model shape (random
+weights) and a byte-level BPE tokenizer trained here on the bundled corpus (512 tokens):
+once as free text, once under `response_format: json_schema` with a schema of enums,
+booleans, small integers, a short array and a nested object (llguidance masks,
+`serving.grammar`). Greedy; each request asks for `--max-new-tokens` (a constrained reply
+ends at its EOS once the document is complete). Reported: generated tokens/s of each,
+their ratio (issue 25's goal: >= 0.8x), and the mask time per step. This compares two
+modes of deepseek-tf, not a peer.
+
+Usage:
+    python benchmarks/structured_output.py           # ~2 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import bench_common as bc
+
+NAME = "structured_output"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "ok": {"type": "boolean"},
+        "days": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0, "maximum": 9},
+            "minItems": 1,
+            "maxItems": 3,
+        },  # fmt: skip
+        "where": {
+            "type": "object",
+            "properties": {
+                "zone": {"enum": ["north", "south"]},
+                "n": {"type": "integer", "minimum": 0, "maximum": 99},
+            },  # fmt: skip
+            "required": ["zone", "n"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["unit", "ok", "days", "where"],
+    "additionalProperties": False,
+}
+
+
+def run(scheduler, requests: list, concurrency: int) -> dict:
+    """Decodes `requests` (GenRequests), `concurrency` in flight: tokens, wall seconds."""
+    gate, tokens, lock = threading.Semaphore(concurrency), [], threading.Lock()
+
+    def one(req):
+        with gate:
+            job = scheduler.submit(req)
+            while job.events.get()[1][0] not in ("end", "error"):
+                pass
+            with lock:
+                tokens.append(len(job.tokens))
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in requests]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    return {"tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--out", default=bc.default_out(NAME), help="result JSON path")
+    bc.add_wait_quiet_arg(parser)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from deepseek_tf.config.loader import load_config
+    from deepseek_tf.models.builder import build_model
+    from deepseek_tf.serving.grammar import GrammarConstraint, GrammarVocab
+    from deepseek_tf.serving.protocol import GenRequest
+    from deepseek_tf.serving.scheduler import ContinuousScheduler
+    from deepseek_tf.serving.structured import compile_reply_grammar
+    from deepseek_tf.tokenizers import BPETokenizer
+
+    text = bc.corpus_path().read_text(encoding="utf-8")
+    tokenizer = BPETokenizer.train([text + ' {"unit": "celsius", "ok": true} ' * 50], 512)
+    cfg = load_config("shakespeare-char", overrides=["model.max_seq_len=128"])
+    model = build_model(cfg, vocab_size=tokenizer.vocab_size, seed=0)
+    grammar = compile_reply_grammar(SCHEMA, tokenizer, "response_format")
+    prompts = [tokenizer.encode(line)[:24] for line in text.splitlines()[: args.requests * 3]
+               if len(line) > 20][: args.requests]  # fmt: skip
+
+    def requests(constrained: bool):
+        return [GenRequest("completion", "m", None, p, max_tokens=args.max_new_tokens,
+                           temperature=0.0, grammar=grammar if constrained else None)
+                for p in prompts]  # fmt: skip
+
+    scheduler = ContinuousScheduler(model, tokenizer, max_batch=args.concurrency).start()
+    scheduler.ready.wait()
+    run(scheduler, requests(False)[: args.concurrency], args.concurrency)  # warm both paths
+    run(scheduler, requests(True)[: args.concurrency], args.concurrency)
+    meter = bc.maybe_wait_quiet(NAME, args.wait_quiet)
+    free = run(scheduler, requests(False), args.concurrency)
+    constrained = run(scheduler, requests(True), args.concurrency)
+    scheduler.stop()
+    constraint = GrammarConstraint(GrammarVocab.for_tokenizer(tokenizer), grammar)
+    began, steps = time.perf_counter(), 0
+    for token in tokenizer.encode('{"unit":"celsius","ok":true,"days":[1],"where":{"zone"'):
+        constraint.allowed()
+        constraint.advance(token)
+        steps += 1
+    mask_us = (time.perf_counter() - began) / steps * 1e6
+    ratio = bc.ratio(constrained["tokens_per_s"], free["tokens_per_s"])
+    result = {"benchmark": NAME, "machine": bc.machine_info(["tensorflow", "keras", "llguidance"]),
+              "settings": vars(args), "quiet": meter, "free": free,
+              "constrained": constrained, "ratio": ratio, "mask_us_per_step": mask_us}  # fmt: skip
+    bc.print_machine(result["machine"])
+    bc.print_table(["reply", "tokens", "wall s", "tok/s"], [
+        [name, str(r["tokens"]), bc.fmt(r["wall_s"], ".1f"), bc.fmt(r["tokens_per_s"], ".0f")]
+        for name, r in (("free text", free), ("json_schema", constrained))])  # fmt: skip
+    print(
+        f"json_schema / free text: {bc.fmt(ratio, '.2f')}x (goal >= 0.8x); "
+        f"mask + advance {mask_us:.0f} us per token (vocabulary {tokenizer.vocab_size})"
+    )
+    print(f"result -> {bc.write_json(args.out, result)}")
+
+
+if __name__ == "__main__":
+    main()
