@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from deepseek_tf.generation import penalties as pen
 from deepseek_tf.generation.decoding import TOP_LOGPROBS, DecodeLoop, prefill_chunks
+from deepseek_tf.generation.sampler import bias_matrix
 from deepseek_tf.serving.grammar import GrammarConstraint, GrammarVocab
 from deepseek_tf.serving.job import Job
 from deepseek_tf.serving.metrics import ServerMetrics
@@ -258,16 +259,14 @@ class ContinuousScheduler:
         settings = (req.temperature, req.top_k, req.top_p, job.seed)
         for array, value in zip(self.sampling, settings):
             array[slot] = value
-        for token, value in req.logit_bias:
-            self.bias[slot, token] = value
-        self.biased[slot] = bool(req.logit_bias)
+        row = bias_matrix([req.logit_bias], 1, self.model.vocab_size)  # (1, V) or None
+        self.bias[slot], self.biased[slot] = (0.0, False) if row is None else (row[0], True)
         for array, value in zip(self.penalty_settings, astuple(req.penalties)):
             array[slot] = value
         if req.penalties.active:  # a clean state: nothing generated, the prompt seen
-            seen = np.zeros((1, self.model.vocab_size), bool)
-            seen[0, np.asarray(prompt, np.int64)] = True
+            counts, seen = pen.initial_state([prompt], 1, self.model.vocab_size)
             index = tf.constant([[slot]])
-            self.counts.scatter_nd_update(index, tf.zeros((1, self.model.vocab_size)))
+            self.counts.scatter_nd_update(index, tf.constant(counts))
             self.seen.scatter_nd_update(index, tf.constant(seen))
         if req.grammar is not None:  # compiled and checked when the request was read
             vocab = GrammarVocab.for_tokenizer(self.tokenizer)
