@@ -173,7 +173,7 @@ def test_the_stop_button_cancels_the_generation(loaded):
     srv, app, url = start_server(*loaded, max_tokens=32, warm_up=False)
     app.batcher.stop()  # nothing is generated: the reply waits until stopped
     jobs, submit = [], app.submit
-    app.submit = lambda req: jobs.append(submit(req)) or jobs[-1]
+    app.submit = lambda *args: jobs.append(submit(*args)) or jobs[-1]
     driver = _browser()
     try:
         driver.get(url + "/chat")
