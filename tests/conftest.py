@@ -28,13 +28,49 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_config):
-    """A tiny run trained for 20 steps on the bundled corpus (shared, read-only)."""
-    from deepseek_tf.api import train
+def shared_dir(tmp_path_factory):
+    """`shared_dir(name, make)`: the directory `name` made once by `make(path)` for the whole
+    test run, however many xdist workers it has (the workers share the parent of their
+    temporary directories; a file lock lets one make it while the others wait). What it
+    holds is read-only for tests: copy it (`shutil.copytree`) to change it."""
+    from filelock import FileLock
 
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    train(tiny_config, out=run_dir, verbose=0, sample_tokens=0)
-    return run_dir
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    root = root / "shared"
+    root.mkdir(exist_ok=True)
+
+    def get(name: str, make) -> Path:
+        path = root / name
+        with FileLock(str(path) + ".lock"):
+            if not (root / f"{name}.done").exists():
+                make(path)
+                (root / f"{name}.done").touch()
+        return path
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def shared_run(shared_dir):
+    """`shared_run(preset, overrides=())`: a run of `preset` with `overrides` trained once
+    for the whole test run (see `shared_dir`): read-only, copy it to change it."""
+    from deepseek_tf.api import train
+    from deepseek_tf.config.loader import load_config
+
+    def get(preset: str, overrides=()) -> Path:
+        name = "-".join([preset, *overrides]).replace("/", "_").replace("=", "_")
+        config = load_config(preset, overrides=list(overrides))
+        return shared_dir(name, lambda p: train(config, out=p, verbose=0, sample_tokens=0))
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained_run(shared_run):
+    """A tiny run trained for 20 steps on the bundled corpus (shared, read-only)."""
+    return shared_run("tiny")
 
 
 @pytest.fixture(scope="session")

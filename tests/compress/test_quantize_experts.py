@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from compress_helpers import train_run
 
 from deepseek_tf.cli.main import main
 from deepseek_tf.compress.quantization import quantize_model
@@ -13,10 +12,8 @@ from deepseek_tf.rundir import RunDir, load_run
 
 
 @pytest.fixture(scope="module")
-def moe_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("qexperts") / "moe"
-    train_run(run, "tiny-moe", ["train.steps=4", "train.eval_every=0"])
-    return run
+def moe_run(shared_run):
+    return shared_run("tiny-moe")  # read-only
 
 
 def _routed_bytes(model):

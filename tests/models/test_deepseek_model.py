@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from deepseek_tf.api import load, train
+from deepseek_tf.api import load
 from deepseek_tf.config.loader import apply_overrides, load_config
 from deepseek_tf.generation.generate import Generator, generate_uncached
 from deepseek_tf.models.builder import build_model, parameter_count
@@ -63,9 +63,8 @@ def test_cached_decoding_matches_full_forward(moe_config, absorb):
     assert Generator(model).generate([prompt], 10) == [generate_uncached(model, prompt, 10)]
 
 
-def test_moe_mtp_training_moves_biases_and_logs_balance(tmp_path, moe_config):
-    run = tmp_path / "moe"
-    train(moe_config, out=run, verbose=0, sample_tokens=0)
+def test_moe_mtp_training_moves_biases_and_logs_balance(shared_run):
+    run = shared_run("tiny-moe")  # trained as `moe_config` says
     entries = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [e for e in entries if "loss" in e]
     assert all(np.isfinite(e["mtp_loss"]) and e["aux_loss"] > 0 for e in steps)

@@ -12,11 +12,8 @@ STEPS = ["--set", "train.steps=4", "--set", "train.eval_every=0", "--sample-toke
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    config = apply_overrides(load_config("tiny-moe"), ["train.steps=6", "train.eval_every=0"])
-    run = tmp_path_factory.mktemp("init") / "source"
-    train(config, out=run, verbose=0, sample_tokens=0)
-    return run
+def source(shared_run):
+    return shared_run("tiny-moe")  # read-only
 
 
 def _base_weights(model):
@@ -29,7 +26,7 @@ def test_lora_trains_only_the_adapters(source, tmp_path, capsys):
     lora = ["--set", "train.lora_rank=4", "--set", "train.lora_targets=[attention,experts]"]
     assert main(["train", "--init-from", str(source), "--out", str(out), *STEPS, *lora]) == 0
     log = capsys.readouterr().out
-    assert f"[init] weights from {source} (step 6)" in log
+    assert f"[init] weights from {source} (step {load_config('tiny-moe').train.steps})" in log
     assert "[lora] rank 4 on attention, experts:" in log
     before, _ = load(source)
     after, tokenizer = load(out)

@@ -6,12 +6,13 @@ a kill, a full disk or a user does.
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
 
 from deepseek_tf.api import train
-from deepseek_tf.config.loader import apply_overrides
+from deepseek_tf.config.loader import apply_overrides, load_config
 from deepseek_tf.errors import ConfigError, RunDirError
 from deepseek_tf.rundir import RunDir
 
@@ -19,12 +20,12 @@ FAST = ["train.eval_every=0", "train.log_every=1", "train.checkpoint_every=2"]
 
 
 @pytest.fixture()
-def short_run(tmp_path, tiny_config):
-    """A finished 6-step run with checkpoints at steps 2, 4, 6."""
-    config = apply_overrides(tiny_config, [*FAST, "train.steps=6", "train.keep_checkpoints=5"])
+def short_run(tmp_path, shared_run):
+    """A finished 6-step run with checkpoints at steps 2, 4, 6 (a copy of one trained once)."""
+    overrides = [*FAST, "train.steps=6", "train.keep_checkpoints=5"]
     run = tmp_path / "run"
-    train(config, out=run, verbose=0, sample_tokens=0)
-    return config, run
+    shutil.copytree(shared_run("tiny", overrides), run)
+    return load_config("tiny", overrides=overrides), run
 
 
 def _snapshot(run):
