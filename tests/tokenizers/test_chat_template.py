@@ -129,6 +129,22 @@ def test_bad_template_files_name_the_file(tmp_path, name, text, message):
     assert name in str(e.value)
 
 
+def test_each_files_errors_name_that_file(tmp_path):
+    """With a chat_template.jinja beside it, a bad token in tokenizer_config.json is
+    reported as the config's, and a bad template as the .jinja's only."""
+    good = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    directory = _template_dir(tmp_path / "a", {"chat_template.jinja": good})
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": 7}))
+    with pytest.raises(TokenizerError, match="eos_token must be a string") as e:
+        load_tokenizer(directory)
+    assert "tokenizer_config.json" in str(e.value) and ".jinja" not in str(e.value)
+    directory = _template_dir(tmp_path / "b", {"chat_template.jinja": "{% for %}"})
+    with pytest.raises(TokenizerError, match="does not compile") as e:
+        load_tokenizer(directory)
+    assert "chat_template.jinja" in str(e.value) and "tokenizer_config" not in str(e.value)
+
+
 def test_plain_template_without_settings():
     tok = CharTokenizer.train(["system: Be brief.\nuser: Hello\nassistant:"])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
@@ -142,7 +158,7 @@ def test_plain_template_without_settings():
     ("settings", "message"),
     [
         ({"chat_template": "{% for m in messages %}"}, "does not compile"),
-        ({"chat_template": 3}, "chat_template must be a string"),
+        ({"chat_template": 3}, "chat_template: must be a string"),
         ({"add_bos_token": "yes"}, "add_bos_token must be true or false"),
         ({"bos_token": "<never-seen>"}, "bos_token '<never-seen>' is not in the vocabulary"),
         ({"eos_token": 7}, "eos_token must be a string"),

@@ -56,6 +56,10 @@ class ModelConfig:
     # dynamic attention (relative-distance buckets -> per-head bias)
     bias_buckets: int = 32
     bias_max_distance: int = 128
+    # calls with more queries than this (training, prefill) attend one block of keys at a
+    # time, in memory linear in the length (layers/blocked_attention.py); 0: never
+    attention_blocked_above: int = 2048
+    attention_block_size: int = 512  # keys per block
     # blocks
     blocks: tuple[str, ...] = ("attention",)  # cycled over layers: attention | hybrid
     conv_kernel_size: int = 3  # hybrid blocks: causal Conv1D width

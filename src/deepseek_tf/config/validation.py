@@ -71,7 +71,12 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if m.rope_scaling_factor < 1.0:
         raise ConfigError(f"model.rope_scaling_factor: must be >= 1, got {m.rope_scaling_factor}")
-    _check_positive(m, "model", ("conv_kernel_size", "bias_buckets", "bias_max_distance"))
+    _check_positive(
+        m,
+        "model",
+        ("conv_kernel_size", "bias_buckets", "bias_max_distance", "attention_block_size"),
+    )
+    _check_positive(m, "model", ("attention_blocked_above",), allow_zero=True)  # 0: never
     _check_positive(d, "data", ("seq_len", "vocab_size"))
     _validate_mla_moe_mtp(m, d)
     _refuse_unused(config, explicit)

@@ -7,6 +7,7 @@ import math
 import keras
 from keras import ops
 
+from deepseek_tf.layers.blocked_attention import blocked_attention
 from deepseek_tf.layers.cache_positions import query_positions, visible, write_cache
 from deepseek_tf.layers.relative_position_bias import RelativePositionBias
 from deepseek_tf.layers.rotary import RotarySettings
@@ -54,6 +55,24 @@ def causal_attention(q, k, v, q_positions, k_positions, scale, bias=None):
     return ops.reshape(out, (b, t, h, ops.shape(v)[-1]))  # (B, T, H, Dv)
 
 
+def attend(q, k, v, q_positions, k_positions, scale, *, relative_bias=None, blocked_above=0,
+           block_size=512):  # fmt: skip
+    """`causal_attention`, or `blocked_attention` (the same function in memory linear in
+    `S`) when more than `blocked_above` queries attend (`0`: never; an unknown query
+    count: never). `relative_bias`: the layer's `RelativePositionBias`, or None."""
+    t = q.shape[1]
+    if blocked_above and t is not None and t > blocked_above:
+        table, buckets = None, None
+        if relative_bias is not None:  # looked up per block from its table
+            table = relative_bias.table
+            buckets = (relative_bias.num_buckets, relative_bias.max_distance)
+        return blocked_attention(
+            q, k, v, q_positions, k_positions, scale, table, buckets, block_size
+        )
+    bias = None if relative_bias is None else relative_bias(q_positions, k_positions)
+    return causal_attention(q, k, v, q_positions, k_positions, scale, bias)  # (B, T, H, Dv)
+
+
 @keras.saving.register_keras_serializable(package="deepseek_tf")
 class CausalSelfAttention(keras.layers.Layer):
     """Causal MHA/GQA with RoPE and/or a learned relative bias, and a KV cache.
@@ -69,6 +88,8 @@ class CausalSelfAttention(keras.layers.Layer):
         yarn_beta_fast, yarn_beta_slow: see `RotaryEmbedding`.
         yarn_mscale, yarn_mscale_all_dim: YaRN attention-temperature terms.
         bias_buckets, bias_max_distance: see `RelativePositionBias`.
+        blocked_above, block_size: calls with more queries than `blocked_above` (0:
+            never) attend `block_size` keys at a time (`blocked_attention`).
         init_std: std of the normal initialiser of the projections.
         output_init_std: std of the output projection's initialiser.
         projection_ranks: `{projection name: rank}`: those projections are
@@ -108,6 +129,8 @@ class CausalSelfAttention(keras.layers.Layer):
         yarn_mscale_all_dim: float = 0.0,
         bias_buckets: int = 32,
         bias_max_distance: int = 128,
+        blocked_above: int = 2048,
+        block_size: int = 512,
         init_std: float = 0.02,
         output_init_std: float = 0.02,
         projection_ranks: dict | None = None,
@@ -127,6 +150,8 @@ class CausalSelfAttention(keras.layers.Layer):
         rotary.copy_to(self)
         self.bias_buckets = bias_buckets
         self.bias_max_distance = bias_max_distance
+        self.blocked_above = blocked_above
+        self.block_size = block_size
         self.init_std = init_std
         self.output_init_std = output_init_std
         self.projection_ranks = dict(projection_ranks or {})
@@ -206,10 +231,10 @@ class CausalSelfAttention(keras.layers.Layer):
             k_positions = ops.arange(ops.shape(k)[1], dtype="int32")  # (S,)
         else:
             k_positions = q_positions  # (T,): without a cache, keys are the new tokens
-        bias = None
-        if self.relative_bias is not None:
-            bias = self.relative_bias(q_positions, k_positions)  # (H, T, S)
-        out = causal_attention(q, k, v, q_positions, k_positions, self.scale, bias)
+        out = attend(
+            q, k, v, q_positions, k_positions, self.scale, relative_bias=self.relative_bias,
+            blocked_above=self.blocked_above, block_size=self.block_size,
+        )  # (B, T, H, D)  # fmt: skip
         out = self.o_proj(ops.reshape(out, (b, t, self.n_heads * self.head_dim)))  # (B, T, C)
         return out if cache is None else (out, cache)
 

@@ -6,7 +6,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from deepseek_tf.layers.attention import NEG_INF, causal_attention
+from deepseek_tf.layers.attention import NEG_INF, attend
+from deepseek_tf.layers.blocked_attention import blocked_attention
 from deepseek_tf.layers.cache_positions import query_positions, visible, write_cache
 from deepseek_tf.layers.rms_norm import RMSNorm
 from deepseek_tf.layers.rotary import RotarySettings
@@ -94,6 +95,9 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         norm_eps: epsilon of the two latent RMSNorms.
         absorb: decode from the compressed latent cache (True) or from a cache
             of full keys and values (False).
+        blocked_above, block_size: calls with more queries than `blocked_above` (0:
+            never) attend `block_size` keys at a time (`blocked_attention`), on either
+            path.
         init_std: std of the normal initialiser of the projections.
         output_init_std: std of the output projection's initialiser.
         projection_ranks: `{projection name: rank}`: those projections are
@@ -145,6 +149,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         yarn_mscale_all_dim: float = 0.0,
         norm_eps: float = 1e-6,
         absorb: bool = True,
+        blocked_above: int = 2048,
+        block_size: int = 512,
         init_std: float = 0.02,
         output_init_std: float = 0.02,
         projection_ranks: dict | None = None,
@@ -166,6 +172,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         rotary.copy_to(self)
         self.norm_eps = norm_eps
         self.absorb = absorb
+        self.blocked_above = blocked_above
+        self.block_size = block_size
         self.init_std = init_std
         self.output_init_std = output_init_std
         self.projection_ranks = dict(projection_ranks or {})
@@ -290,7 +298,10 @@ class MultiHeadLatentAttention(keras.layers.Layer):
             k_positions = ops.arange(ops.shape(k)[1], dtype="int32")  # (S,)
         else:
             k_positions = q_positions  # (T,)
-        out = causal_attention(q, k, v, q_positions, k_positions, self.scale)  # (B, T, H, Dv)
+        out = attend(
+            q, k, v, q_positions, k_positions, self.scale,
+            blocked_above=self.blocked_above, block_size=self.block_size,
+        )  # (B, T, H, Dv)  # fmt: skip
         return out, cache
 
     def _absorbed(self, q_nope, q_pe, latent, k_pe, q_positions, cache, cache_index):
@@ -301,6 +312,17 @@ class MultiHeadLatentAttention(keras.layers.Layer):
 
         w_uk, w_uv = self._absorbed_kernels.values or self.absorbed_kernels()
         q_latent = ops.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, R)
+        t = q_latent.shape[1]
+        if self.blocked_above and t is not None and t > self.blocked_above:  # long prefill
+            # one key head (MQA): queries [q_latent, q_pe], keys [latent, pe], values latent
+            q = ops.concatenate([q_latent, q_pe], axis=-1)  # (B, T, H, R + Dr)
+            k = ops.concatenate([kv, pe], axis=-1)[:, :, None]  # (B, S, 1, R + Dr)
+            k_positions = ops.arange(ops.shape(kv)[1], dtype="int32")  # (S,)
+            context = blocked_attention(
+                q, k, kv[:, :, None], q_positions, k_positions, self.scale,
+                block_size=self.block_size,
+            )  # (B, T, H, R)  # fmt: skip
+            return ops.einsum("bthr,hrd->bthd", context, w_uv), cache  # (B, T, H, Dv)
         scores = ops.einsum("bthr,bsr->bths", q_latent, kv)  # (B, T, H, S)
         scores = scores + ops.einsum("bthd,bsd->bths", q_pe, pe)  # (B, T, H, S)
         scores = ops.cast(scores, "float32") * self.scale

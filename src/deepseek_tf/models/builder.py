@@ -30,6 +30,8 @@ def head_dim(m: ModelConfig) -> int:
 def attention_config(m: ModelConfig) -> dict:
     """Keyword arguments of the attention layer (mha or mla) of every block."""
     yarn = {
+        "blocked_above": m.attention_blocked_above,
+        "block_size": m.attention_block_size,
         "rope_theta": m.rope_theta,
         "rope_scaling_factor": m.rope_scaling_factor,
         "rope_original_max_len": m.rope_original_max_len,

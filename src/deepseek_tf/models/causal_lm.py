@@ -190,15 +190,9 @@ class CausalLM(ModelStructure, keras.Model):
         sharing.share_adjacent(self.blocks, share_adjacent, share_fraction)
         for i, block in enumerate(self.blocks):  # attributes, so tf.train.Checkpoint tracks them
             setattr(self, f"block_{i}", block)
+        mtp_block = self._block_config(n_layers - 1, overrides=False)  # unpruned shapes
         self.mtp_modules = [
-            MTPModule(
-                d_model,
-                self._block_config(n_layers - 1, overrides=False),
-                norm_eps,
-                init_std,
-                dtype=policy,
-                name=f"mtp_{k}",
-            )
+            MTPModule(d_model, mtp_block, norm_eps, init_std, dtype=policy, name=f"mtp_{k}")
             for k in range(mtp_depth)
         ]
         for k, module in enumerate(self.mtp_modules):

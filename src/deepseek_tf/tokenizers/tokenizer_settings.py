@@ -47,9 +47,7 @@ def _chat_template_text(value, origin: str) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         if isinstance(named.get("default"), str):
             return named["default"]
-    raise TokenizerError(
-        f"{origin}: chat_template must be a string or a list with a 'default' template"
-    )
+    raise TokenizerError(f"{origin}: must be a string or a list with a 'default' template")
 
 
 def _read_json(path: Path):
@@ -100,7 +98,11 @@ class TokenizerSettings:
     raw: tuple = ()  # sorted (key, json text) pairs, kept hashable
 
     @classmethod
-    def from_dict(cls, data: dict, origin: str = TOKENIZER_CONFIG_FILE) -> TokenizerSettings:
+    def from_dict(
+        cls, data: dict, origin: str = TOKENIZER_CONFIG_FILE, template_origin: str | None = None
+    ) -> TokenizerSettings:
+        """Validates `data` (errors name `origin`; a chat template's name `template_origin`,
+        the file it came from when that is not `origin`)."""
         if not isinstance(data, dict):
             raise TokenizerError(f"{origin}: expected a JSON object")
         tokens = {k: _token_text(data.get(k), k, origin) for k in SPECIAL_TOKEN_KEYS}
@@ -110,9 +112,10 @@ class TokenizerSettings:
             if not isinstance(value, bool):
                 raise TokenizerError(f"{origin}: {key} must be true or false, got {value!r}")
             flags[key] = value
-        template = _chat_template_text(data.get("chat_template"), origin)
+        template_origin = template_origin or f"{origin}: chat_template"
+        template = _chat_template_text(data.get("chat_template"), template_origin)
         if template is not None:
-            ChatTemplate(template, f"{origin}: chat_template")  # compiles, or names the file
+            ChatTemplate(template, template_origin)  # compiles, or names the file
         raw = tuple(sorted((k, json.dumps(v, ensure_ascii=False)) for k, v in data.items()))
         return cls(**tokens, **flags, chat_template=template, raw=raw)
 
@@ -135,8 +138,7 @@ class TokenizerSettings:
         data = dict(data or {})
         if template is not None:
             data["chat_template"] = template[1]
-        origin = str(template[0] if template else config_path)
-        return cls.from_dict(data, origin)
+        return cls.from_dict(data, str(config_path), str(template[0]) if template else None)
 
     def to_dict(self) -> dict:
         return {k: json.loads(v) for k, v in self.raw}
