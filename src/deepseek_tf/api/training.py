@@ -369,6 +369,11 @@ def federated(
                  min_clients=min_clients, round_timeout=round_timeout, eval_every=eval_every,
                  engine=engine, secure_aggregation=secure_aggregation)  # fmt: skip
     config = _federated_config(config, preset, overrides, resume, out, flags)
+    if config.train.stages:
+        raise ConfigError(
+            "train.stages: progressive training is `train`'s; a federated client trains "
+            "federated.local_steps steps a round on data.seq_len sequences"
+        )
     flower = config.federated.engine == "flower"
     if flower and not prepare_only:
         require_flower()  # a one-line install hint before anything is written

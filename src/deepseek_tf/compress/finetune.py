@@ -29,6 +29,7 @@ def finetune_schedule(config, steps: int, learning_rate: float) -> TrainConfig:
         "learning_rate": learning_rate,
         "min_learning_rate": learning_rate * 0.1,
         "warmup_steps": max(1, steps // 10),
+        "stages": (),  # a staged run's stages were its training's, not this fine-tune's
     }
     return update_config(config, train=changes).train
 

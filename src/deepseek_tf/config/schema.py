@@ -180,6 +180,9 @@ class TrainConfig:
     # and serves an exponential moving average of them, updated with this decay per step
     ema_decay: float = 0.0
     time_limit_minutes: float = 0.0  # stop (evaluate, checkpoint) after this wall time; 0: none
+    # progressive training (config/stages.py): "steps=N[,seq_len=T][,batch_size=B]" phases
+    # in order, their steps adding up to steps; one run, one optimizer, one schedule
+    stages: tuple[str, ...] = ()
     # float32 | bfloat16 (bf16 variables: converted checkpoints, inference, LoRA on a frozen
     # base) | mixed_bfloat16 | mixed_float16 (float32 variables, 16-bit compute)
     precision: str = "float32"

@@ -29,6 +29,7 @@ from deepseek_tf.config.schema import (
     TOPK_METHODS,
     Config,
 )
+from deepseek_tf.config.stages import parse_stages
 from deepseek_tf.errors import ConfigError
 
 
@@ -126,6 +127,7 @@ def validate(config: Config, explicit: Iterable[str] = ()) -> None:
             "runs no validation; set train.eval_every > 0 or train.keep_best=false"
         )
     _check_positive(t, "train", ("time_limit_minutes",), True)
+    parse_stages(t, d, m.max_seq_len)  # each stage names its fault
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1) (0: off), got {t.ema_decay}")
     if t.ema_decay and t.precision == "bfloat16":

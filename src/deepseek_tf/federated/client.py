@@ -43,7 +43,8 @@ class LocalTrainer:
     def __init__(self, config, tokenizer, proximal_mu: float = 0.0):
         f, t = config.federated, config.train
         self.config, self.tokenizer = config, tokenizer
-        constant = {"steps": f.local_steps, "warmup_steps": 0, "min_learning_rate": t.learning_rate}
+        constant = {"steps": f.local_steps, "warmup_steps": 0, "min_learning_rate": t.learning_rate,
+                    "stages": ()}  # fmt: skip
         self.train = update_config(config, train=constant).train  # a constant learning rate
         self.model = build_model(config, seed=t.seed)
         self.weights = float_weights(self.model)

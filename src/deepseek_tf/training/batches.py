@@ -3,13 +3,57 @@ distribution strategy) and its validation split."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import tensorflow as tf
 
+from deepseek_tf.config.loader import update_config
 from deepseek_tf.config.schema import Config
+from deepseek_tf.config.stages import parse_stages, stage_at
 from deepseek_tf.data.pipeline import make_eval_dataset, make_step_dataset
 from deepseek_tf.tokenizers.base import Tokenizer
+
+
+def staged_batches(config: Config, tokenizer: Tokenizer, strategy, start_step=0, log=None):
+    """`train_batches` over `train.stages` (progressive training): each stage's batches,
+    of its own shape, for its steps, from step `start_step` on; without stages, the run's
+    one pipeline. A stage's pipeline starts where the run stands (a later stage reads
+    past the blocks the steps before it used, in its own block length) and is built
+    when the run reaches it."""
+    stages = parse_stages(config.train, config.data, config.model.max_seq_len)
+    if not stages:
+        return train_batches(config, tokenizer, strategy, start_step, log)
+
+    def chained():
+        for stage in stages:
+            if stage.last <= start_step:
+                continue
+            first = max(start_step, stage.first)
+            shaped = update_config(
+                config,
+                data={"seq_len": stage.seq_len},
+                train={"batch_size": stage.batch_size, "stages": ()},
+            )
+            if log is not None:
+                log(
+                    f"[stage] steps {first + 1}-{stage.last}: batch {stage.batch_size} x "
+                    f"{stage.seq_len} tokens"
+                )
+            yield from itertools.islice(
+                train_batches(shaped, tokenizer, strategy, first, log), stage.last - first
+            )
+
+    return chained()
+
+
+def tokens_per_step(config: Config, step: int) -> int:
+    """Tokens the optimizer step after `step` steps trains on (`train.stages` aware)."""
+    t, seq_len, batch_size = config.train, config.data.seq_len, config.train.batch_size
+    stage = stage_at(parse_stages(t, config.data, config.model.max_seq_len), step)
+    if stage is not None:
+        seq_len, batch_size = stage.seq_len, stage.batch_size
+    return batch_size * t.gradient_accumulation_steps * seq_len
 
 
 def train_batches(

@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from deepseek_tf.config.schema import Config
+from deepseek_tf.config.stages import parse_stages
 from deepseek_tf.data.pipeline import check_validation_data
 from deepseek_tf.errors import ConfigError, TrainingError
 from deepseek_tf.models.builder import build_model
@@ -136,11 +137,15 @@ class Trainer:
     def _check_run(self):
         """One-line errors before any work; returns a resumed run's previous config."""
         t = self.config.train
-        if t.batch_size % self.replicas:
-            raise ConfigError(
-                f"train.batch_size {t.batch_size} is not divisible by the {self.replicas} "
-                "replicas in sync (each replica gets an equal share)"
-            )
+        stages = parse_stages(t, self.config.data, self.config.model.max_seq_len)
+        for key, size in (("train.batch_size", t.batch_size),
+                          *((f"train.stages[{i}]'s batch_size", s.batch_size)
+                            for i, s in enumerate(stages))):  # fmt: skip
+            if size % self.replicas:
+                raise ConfigError(
+                    f"{key} {size} is not divisible by the {self.replicas} replicas in sync "
+                    "(each replica gets an equal share)"
+                )
         previous = self.run.read_config() if self.resume else None
         ep.check_same_shards(previous, self.config)
         check_same_averaging(previous, self.config)
@@ -183,8 +188,8 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------------
     def train_batches(self):
-        """The iterator of training batches from `start_step` on (`training.batches`)."""
-        return batches.train_batches(
+        """The iterator of training batches from `start_step` on (`batches.staged_batches`)."""
+        return batches.staged_batches(
             self.config, self.tokenizer, self.strategy, self.start_step, log=self.record.log
         )
 
@@ -276,15 +281,9 @@ class Trainer:
             f"[train] already complete (step {self.start_step} of {t.steps}): "
             f"{self.run_dir}; pass --set train.steps=N to train further"
         )
-        return {
-            "step": self.start_step,
-            "already_complete": True,
-            "chief": self.chief,
-            "checkpoint": self.checkpoint.latest,
-            **self.best.summary(),
-            "train_tokens_per_sec": 0.0,
-            "train_seconds": 0.0,
-        }
+        done = {"step": self.start_step, "already_complete": True, "chief": self.chief}
+        return {**done, "checkpoint": self.checkpoint.latest, **self.best.summary(),
+                "train_tokens_per_sec": 0.0, "train_seconds": 0.0}  # fmt: skip
 
     def _log_plan(self) -> None:
         t = self.config.train
@@ -342,6 +341,8 @@ class Trainer:
         """The run's rules after each step: record, checkpoint, then evaluate."""
         t = self.config.train
         self.current_step = step
+        if t.stages:  # this step's tokens (the stage's batch shape)
+            self.record.tokens_per_step = batches.tokens_per_step(self.config, step - 1)
         self.record.step(step, out, learning_rate=lambda: current_learning_rate(self.optimizer))
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
             self._save(step)
@@ -382,12 +383,11 @@ class Trainer:
         self.record.log(f"[train] interrupted at step {step}; saved {self.last_saved}")
 
     def _summarize(self, loop: LoopResult, wall_started: float) -> dict:
-        seconds = loop.timed_seconds
+        seconds, timed = loop.timed_seconds, range(loop.step - loop.timed_steps, loop.step)
+        tokens = sum(batches.tokens_per_step(self.config, s) for s in timed)
         summary = {
             "step": loop.step,
-            "train_tokens_per_sec": self.tokens_per_step * loop.timed_steps / seconds
-            if seconds
-            else 0,
+            "train_tokens_per_sec": tokens / seconds if seconds else 0,
             "train_seconds": seconds,
             "checkpoint": self.last_saved,
             "chief": self.chief,
