@@ -3,17 +3,19 @@
 `attention.causal_attention` forms every `(T, S)` score at once, `(B, H, T, S)` floats
 (and the dynamic-attention bias an `(H, T, S)` tensor): at 32k tokens that is 4 GiB per
 head and layer before the backward pass keeps it. `blocked_attention` computes the same
-function one block of keys at a time (FlashAttention's online softmax: Dao et al. 2022,
-Rabe & Staats 2021): a running maximum, normaliser and output per query, so the largest
-temporary is `(B, H, T, block)`. The dynamic-attention bias is looked up per block from
-its `(buckets, H)` table, never whole.
+function one `(query block, key block)` tile at a time (FlashAttention's online softmax:
+Dao et al. 2022, Rabe & Staats 2021): a running maximum, normaliser and output per
+query, so the largest temporary is `(B, H, block, block)`; tiles wholly in a query
+block's future are skipped (about half of them in training). The dynamic-attention bias
+is looked up per tile from its `(buckets, H)` table, never whole.
 
 Its gradient is FlashAttention's backward, written out (`tf.custom_gradient`): the
 forward keeps only the output and each query's log-sum-exp; the backward recomputes each
-block's probabilities from them. Autodiff through the loop would keep every block's
-probabilities, i.e. the `(B, H, T, S)` tensor again. TensorFlow has no fused
-memory-efficient attention on CPU, and Keras 3's `ops.dot_product_attention` takes a
-whole `(T, S)` mask and bias, so none serves here.
+tile's probabilities from them, once for the keys' and values' gradients (key blocks
+outside, their query blocks inside) and once for the queries'. Autodiff through the
+loops would keep every tile's probabilities, i.e. the `(B, H, T, S)` tensor again.
+TensorFlow has no fused memory-efficient attention on CPU, and Keras 3's
+`ops.dot_product_attention` takes a whole `(T, S)` mask and bias, so none serves here.
 
 The plain path stays the reference: tests check this one against it in values and in
 gradients (queries, keys, values and the bias table).
@@ -64,7 +66,7 @@ def blocked_attention(
     bias_buckets: tuple[int, int] | None = None,
     block_size: int = 512,
 ):
-    """`causal_attention` one block of keys at a time (memory linear in `S`).
+    """`causal_attention` one tile of queries and keys at a time (memory linear in `T`, `S`).
 
     Args:
         q: `(B, T, H, D)` queries.
@@ -76,7 +78,10 @@ def blocked_attention(
             (`RelativePositionBias.table`): the bias of query `t` and key `s` is
             `table[bucket(q_t - k_s), h]`, as `RelativePositionBias` computes it whole.
         bias_buckets: `(num_buckets, max_distance)` of the table.
-        block_size: keys per block (the largest temporary is `(B, H, T, block_size)`).
+        block_size: queries and keys per block (the largest temporary is
+            `(B, H, block_size, block_size)`). Positions must rise along each row (as
+            in training, prefill and a KV cache) for the skipped tiles to be the masked
+            ones.
 
     Returns:
         `(B, T, H, Dv)` in the dtype of `v`; differentiable in `q`, `k`, `v` and
@@ -88,81 +93,119 @@ def blocked_attention(
     >>> blocked_attention(q, k, v, pos, pos, 0.5, block_size=4).shape
     TensorShape([1, 6, 2, 4])
     """
-    out_dtype = v.dtype
-    b, t, h, d = (tf.shape(q)[i] for i in range(4))
-    hkv, dv = k.shape[2], v.shape[3]
+    out_dtype, hkv, dv = v.dtype, k.shape[2], v.shape[3]
     groups = q.shape[2] // hkv
-    s = tf.shape(k)[1]
-    n_blocks = (s + block_size - 1) // block_size
-    pad = n_blocks * block_size - s
-    # (B, Hkv, G, T, D) queries; (n, B, Hkv, blk, D) key and value blocks
-    q5 = tf.transpose(tf.reshape(tf.cast(q, tf.float32), (b, t, hkv, groups, d)), (0, 2, 3, 1, 4))
+    b, t, d, s = tf.shape(q)[0], tf.shape(q)[1], tf.shape(q)[3], tf.shape(k)[1]
+    n_q, n_k = (t + block_size - 1) // block_size, (s + block_size - 1) // block_size
 
-    def blocks(x, depth):
-        x = tf.pad(tf.cast(x, tf.float32), [[0, 0], [0, pad], [0, 0], [0, 0]])
-        x = tf.reshape(x, (b, n_blocks, block_size, hkv, depth))
-        return tf.transpose(x, (1, 0, 3, 2, 4))  # (n, B, Hkv, blk, depth)
+    def padded(x, length, n, values=0):  # (B, L, ...) -> (B, n * block, ...)
+        pads = [[0, 0], [0, n * block_size - length]] + [[0, 0]] * (len(x.shape) - 2)
+        return tf.pad(x, pads, constant_values=values)
 
-    k_pos = tf.reshape(
-        tf.concat([tf.cast(k_positions, tf.int32), tf.fill((pad,), FAR)], 0), (n_blocks, block_size)
-    )
-    q_pos = tf.cast(q_positions, tf.int32)
+    def blocks(x, n, order):  # (B, n * block, Hkv, [G,] depth) -> (n, ...) in `order`
+        x = tf.reshape(x, (b, n, block_size, *x.shape[2:]))
+        return tf.transpose(x, order)
+
+    q6 = tf.reshape(tf.cast(q, tf.float32), (b, t, hkv, groups, d))  # (B, T, Hkv, G, D)
+    q_blocks = blocks(padded(q6, t, n_q), n_q, (1, 0, 3, 4, 2, 5))  # (nq, B, Hkv, G, blk, D)
+    k_blocks = blocks(padded(tf.cast(k, tf.float32), s, n_k), n_k, (1, 0, 3, 2, 4))
+    v_blocks = blocks(padded(tf.cast(v, tf.float32), s, n_k), n_k, (1, 0, 3, 2, 4))
+    # positions: a padding key after every query; a padding query repeats the last one
+    k_pos = tf.reshape(padded(tf.cast(k_positions, tf.int32)[None], s, n_k, FAR), (n_k, -1))
+    rows = tf.cast(q_positions, tf.int32)
+    rows = rows if len(rows.shape) == 2 else rows[None]  # (B|1, T)
+    rows = tf.concat([rows, tf.repeat(rows[:, -1:], n_q * block_size - t, axis=1)], 1)
+    q_pos = tf.transpose(tf.reshape(rows, (-1, n_q, block_size)), (1, 0, 2))  # (nq, B|1, blk)
+    if len(q_positions.shape) == 1:
+        q_pos = q_pos[:, 0]  # (nq, blk): shared by every row
+    # causal blocks: query block i sees key blocks [0, seen[i]); key block j is seen by
+    # query blocks [first[j], nq) (positions rise along a row)
+    last_q = tf.reduce_max(tf.reshape(q_pos, (n_q, -1)), axis=1)  # (nq,)
+    seen = tf.reduce_sum(tf.cast(k_pos[None, :, 0] <= last_q[:, None], tf.int32), axis=1)
+    first = tf.reduce_sum(tf.cast(last_q[None, :] < k_pos[:, :1], tf.int32), axis=1)
     has_bias = bias_table is not None
-    table = tf.cast(bias_table, tf.float32) if has_bias else tf.zeros((1, h), tf.float32)
+    table = tf.cast(bias_table, tf.float32) if has_bias else tf.zeros((1, 1), tf.float32)
 
-    def scores(q5, k_blk, table, i):
-        """One block's masked scores `(B, Hkv, G, T, blk)` and its bucket ids."""
-        x = tf.einsum("bkgtd,bksd->bkgts", q5, k_blk) * scale
+    def scores(q_blk, i, j, table):
+        """Query block i's masked scores against key block j, `(B, Hkv, G, blk, blk)`,
+        and the bucket ids of its bias."""
+        x = tf.einsum("bkgtd,bksd->bkgts", q_blk, k_blocks[j]) * scale
         ids = None
         if has_bias:
-            bias, ids = _bias_block(table, bias_buckets, q_pos, k_pos[i], hkv, groups)
+            bias, ids = _bias_block(table, bias_buckets, q_pos[i], k_pos[j], hkv, groups)
             x = x + bias
-        rows = q_pos if len(q_pos.shape) == 2 else q_pos[None]  # (B|1, T)
-        mask = k_pos[i][None, None, :] <= rows[:, :, None]  # (B|1, T, blk)
+        mine = q_pos[i] if len(q_pos.shape) == 3 else q_pos[i][None]  # (B|1, blk)
+        mask = k_pos[j][None, None, :] <= mine[:, :, None]  # (B|1, blk, blk)
         return tf.where(mask[:, None, None], x, NEG_INF), ids
 
-    @tf.custom_gradient
-    def attend(q5, k_blocks, v_blocks, table):
-        def step(i, m, norm, o):
-            x, _ = scores(q5, k_blocks[i], table, i)
-            m_new = tf.maximum(m, tf.reduce_max(x, axis=-1))  # (B, Hkv, G, T)
-            p = tf.exp(x - m_new[..., None])
-            alpha = tf.exp(m - m_new)
-            o = o * alpha[..., None] + tf.einsum("bkgts,bksd->bkgtd", p, v_blocks[i])
-            return i + 1, m_new, norm * alpha + tf.reduce_sum(p, axis=-1), o
+    def loop(n, body, state):
+        return tf.while_loop(lambda j, *_: j < n, body, (0, *state))[1:]
 
-        stats = tf.shape(q5)[:4]  # (B, Hkv, G, T)
-        start = (
-            0,
-            tf.fill(stats, -float("inf")),
-            tf.zeros(stats),
-            tf.zeros(tf.concat([stats, [dv]], 0)),
-        )
-        _, m, norm, o = tf.while_loop(lambda i, *_: i < n_blocks, step, start)
-        out = o / norm[..., None]  # (B, Hkv, G, T, Dv)
-        lse = m + tf.math.log(norm)  # (B, Hkv, G, T)
+    @tf.custom_gradient
+    def attend(q_blocks, _k_blocks, _v_blocks, table):  # (scores reads k, v blocks)
+        def query_block(i, outs, lses):
+            q_blk = q_blocks[i]
+            stats = tf.shape(q_blk)[:4]  # (B, Hkv, G, blk)
+
+            def key_block(j, m, norm, o):
+                x, _ = scores(q_blk, i, j, table)
+                m_new = tf.maximum(m, tf.reduce_max(x, axis=-1))  # (B, Hkv, G, blk)
+                p = tf.exp(x - m_new[..., None])
+                alpha = tf.exp(m - m_new)
+                o = o * alpha[..., None] + tf.einsum("bkgts,bksd->bkgtd", p, v_blocks[j])
+                return j + 1, m_new, norm * alpha + tf.reduce_sum(p, axis=-1), o
+
+            start = (tf.fill(stats, -float("inf")), tf.zeros(stats),
+                     tf.zeros(tf.concat([stats, [dv]], 0)))  # fmt: skip
+            m, norm, o = loop(seen[i], key_block, start)
+            return i + 1, outs.write(i, o / norm[..., None]), lses.write(i, m + tf.math.log(norm))
+
+        arrays = [tf.TensorArray(tf.float32, size=n_q) for _ in range(2)]
+        outs, lses = loop(n_q, query_block, arrays)
+        out, lse = outs.stack(), lses.stack()  # (nq, B, Hkv, G, blk, Dv), (nq, B, Hkv, G, blk)
 
         def grad(d_out):
-            delta = tf.reduce_sum(d_out * out, axis=-1)  # (B, Hkv, G, T)
+            delta = tf.reduce_sum(d_out * out, axis=-1)  # (nq, B, Hkv, G, blk)
 
-            def back(i, dq, dk, dv_, dtable):
-                x, ids = scores(q5, k_blocks[i], table, i)
-                p = tf.exp(x - lse[..., None])  # this block's probabilities
-                dv_ = dv_.write(i, tf.einsum("bkgts,bkgtd->bksd", p, d_out))
-                ds = p * (tf.einsum("bkgtd,bksd->bkgts", d_out, v_blocks[i]) - delta[..., None])
-                dq = dq + tf.einsum("bkgts,bksd->bkgtd", ds, k_blocks[i]) * scale
-                dk = dk.write(i, tf.einsum("bkgts,bkgtd->bksd", ds, q5) * scale)
-                if has_bias:
-                    dtable = dtable + _bias_table_grad(ds, ids, bias_buckets[0])
-                return i + 1, dq, dk, dv_, dtable
+            def probs(i, j):  # block (i, j)'s probabilities and their bucket ids
+                x, ids = scores(q_blocks[i], i, j, table)
+                return tf.exp(x - lse[i][..., None]), ids
 
-            arrays = [tf.TensorArray(tf.float32, size=n_blocks) for _ in range(2)]
-            start = (0, tf.zeros_like(q5), *arrays, tf.zeros_like(table))
-            _, dq, dk, dv_, dtable = tf.while_loop(lambda i, *_: i < n_blocks, back, start)
-            return dq, dk.stack(), dv_.stack(), dtable
+            def score_grad(p, i, j):  # d loss / d score of block (i, j)
+                dp = tf.einsum("bkgtd,bksd->bkgts", d_out[i], v_blocks[j])
+                return p * (dp - delta[i][..., None])
+
+            def keys(j, dks, dvs, dtable):  # key block j's gradients, over its query blocks
+                def query(i, dk, dv_, dtable):
+                    p, ids = probs(i, j)
+                    ds = score_grad(p, i, j)
+                    dv_ = dv_ + tf.einsum("bkgts,bkgtd->bksd", p, d_out[i])
+                    dk = dk + tf.einsum("bkgts,bkgtd->bksd", ds, q_blocks[i]) * scale
+                    if has_bias:
+                        dtable = dtable + _bias_table_grad(ds, ids, bias_buckets[0])
+                    return i + 1, dk, dv_, dtable
+
+                init = (first[j], tf.zeros_like(k_blocks[j]), tf.zeros_like(v_blocks[j]), dtable)
+                _, dk, dv_, dtable = tf.while_loop(lambda i, *_: i < n_q, query, init)
+                return j + 1, dks.write(j, dk), dvs.write(j, dv_), dtable
+
+            def queries(i, dqs):  # query block i's gradient, over the key blocks it sees
+                def key(j, dq):
+                    p, _ = probs(i, j)
+                    return j + 1, dq + tf.einsum(
+                        "bkgts,bksd->bkgtd", score_grad(p, i, j), k_blocks[j]
+                    ) * scale
+
+                (dq,) = loop(seen[i], key, (tf.zeros_like(q_blocks[i]),))
+                return i + 1, dqs.write(i, dq)
+
+            arrays = [tf.TensorArray(tf.float32, size=n_k) for _ in range(2)]
+            dks, dvs, dtable = loop(n_k, keys, (*arrays, tf.zeros_like(table)))
+            (dqs,) = loop(n_q, queries, (tf.TensorArray(tf.float32, size=n_q),))
+            return dqs.stack(), dks.stack(), dvs.stack(), dtable
 
         return out, grad
 
-    out = attend(q5, blocks(k, d), blocks(v, dv), table)  # (B, Hkv, G, T, Dv)
-    out = tf.reshape(tf.transpose(out, (0, 3, 1, 2, 4)), (b, t, h, dv))  # (B, T, H, Dv)
-    return tf.cast(out, out_dtype)
+    out = attend(q_blocks, k_blocks, v_blocks, table)  # (nq, B, Hkv, G, blk, Dv)
+    out = tf.reshape(tf.transpose(out, (1, 0, 4, 2, 3, 5)), (b, n_q * block_size, -1, dv))
+    return tf.cast(out[:, :t], out_dtype)  # (B, T, H, Dv)
