@@ -31,11 +31,14 @@ NEG_INF = -1e9  # as `attention.NEG_INF`: a masked score (exp underflows to 0)
 FAR = 2**30  # the position of a padding key: after every query, so always masked
 
 
-def _bias_block(table, buckets: tuple[int, int], q_positions, k_positions, hkv: int, groups: int):
-    """The dynamic-attention bias of one key block, `(B|1, Hkv, G, T, blk)` float32."""
+def _bias_block(by_distance, q_positions, k_positions, hkv: int, groups: int):
+    """The dynamic-attention bias of one tile, `(B|1, Hkv, G, T, blk)` float32, and the
+    distances it was read at, `([B,] T, blk)`. `by_distance` `(M + 1, H)` is the bias of
+    each causal distance `0 ... M` (`M`: the table's `max_distance`, beyond which every
+    distance shares the last bucket)."""
     distance = q_positions[..., :, None] - k_positions[None, :]  # ([B,] T, blk)
-    ids = relative_buckets(distance, *buckets)
-    bias = tf.gather(table, ids)  # ([B,] T, blk, H)
+    ids = tf.clip_by_value(distance, 0, tf.shape(by_distance)[0] - 1)
+    bias = tf.gather(by_distance, ids)  # ([B,] T, blk, H)
     if len(ids.shape) == 2:
         bias = bias[None]  # (1, T, blk, H)
     t, blk = tf.shape(bias)[1], tf.shape(bias)[2]
@@ -43,16 +46,16 @@ def _bias_block(table, buckets: tuple[int, int], q_positions, k_positions, hkv: 
     return tf.reshape(bias, (-1, hkv, groups, t, blk)), ids
 
 
-def _bias_table_grad(ds, ids, n_buckets: int):
-    """`d loss / d table` `(buckets, H)` from one block's score gradient `ds`
-    `(B, Hkv, G, T, blk)` and its bucket ids `([B,] T, blk)`."""
+def _bias_grad(ds, ids, n: int):
+    """`d loss / d by_distance` `(n, H)` from one tile's score gradient `ds`
+    `(B, Hkv, G, T, blk)` and the distances its bias was read at `([B,] T, blk)`."""
     b, hkv, g, t, blk = (tf.shape(ds)[i] for i in range(5))
     ds = tf.reshape(ds, (b, hkv * g, t, blk))  # (B, H, T, blk)
-    if len(ids.shape) == 2:  # shared positions: one bucket map for every row
+    if len(ids.shape) == 2:  # shared positions: one distance map for every row
         ds = tf.reduce_sum(ds, axis=0)[None]  # (1, H, T, blk)
         ids = ids[None]  # (1, T, blk)
     data = tf.transpose(ds, (0, 2, 3, 1))  # (B|1, T, blk, H)
-    return tf.math.unsorted_segment_sum(data, ids, n_buckets)  # (buckets, H)
+    return tf.math.unsorted_segment_sum(data, ids, n)  # (n, H)
 
 
 def blocked_attention(
@@ -125,14 +128,17 @@ def blocked_attention(
     first = tf.reduce_sum(tf.cast(last_q[None, :] < k_pos[:, :1], tf.int32), axis=1)
     has_bias = bias_table is not None
     table = tf.cast(bias_table, tf.float32) if has_bias else tf.zeros((1, 1), tf.float32)
+    # each causal distance's bucket, once: a tile then gathers its bias by distance
+    n_buckets, max_distance = bias_buckets if has_bias else (1, 0)
+    bucket_of = relative_buckets(tf.range(max_distance + 1), n_buckets, max_distance)
 
-    def scores(q_blk, i, j, table):
+    def scores(q_blk, i, j, by_distance):
         """Query block i's masked scores against key block j, `(B, Hkv, G, blk, blk)`,
         and the bucket ids of its bias."""
         x = tf.einsum("bkgtd,bksd->bkgts", q_blk, k_blocks[j]) * scale
         ids = None
         if has_bias:
-            bias, ids = _bias_block(table, bias_buckets, q_pos[i], k_pos[j], hkv, groups)
+            bias, ids = _bias_block(by_distance, q_pos[i], k_pos[j], hkv, groups)
             x = x + bias
         mine = q_pos[i] if len(q_pos.shape) == 3 else q_pos[i][None]  # (B|1, blk)
         mask = k_pos[j][None, None, :] <= mine[:, :, None]  # (B|1, blk, blk)
@@ -143,12 +149,14 @@ def blocked_attention(
 
     @tf.custom_gradient
     def attend(q_blocks, _k_blocks, _v_blocks, table):  # (scores reads k, v blocks)
+        by_distance = tf.gather(table, bucket_of)  # (M + 1, H)
+
         def query_block(i, outs, lses):
             q_blk = q_blocks[i]
             stats = tf.shape(q_blk)[:4]  # (B, Hkv, G, blk)
 
             def key_block(j, m, norm, o):
-                x, _ = scores(q_blk, i, j, table)
+                x, _ = scores(q_blk, i, j, by_distance)
                 m_new = tf.maximum(m, tf.reduce_max(x, axis=-1))  # (B, Hkv, G, blk)
                 p = tf.exp(x - m_new[..., None])
                 alpha = tf.exp(m - m_new)
@@ -168,26 +176,26 @@ def blocked_attention(
             delta = tf.reduce_sum(d_out * out, axis=-1)  # (nq, B, Hkv, G, blk)
 
             def probs(i, j):  # block (i, j)'s probabilities and their bucket ids
-                x, ids = scores(q_blocks[i], i, j, table)
+                x, ids = scores(q_blocks[i], i, j, by_distance)
                 return tf.exp(x - lse[i][..., None]), ids
 
             def score_grad(p, i, j):  # d loss / d score of block (i, j)
                 dp = tf.einsum("bkgtd,bksd->bkgts", d_out[i], v_blocks[j])
                 return p * (dp - delta[i][..., None])
 
-            def keys(j, dks, dvs, dtable):  # key block j's gradients, over its query blocks
-                def query(i, dk, dv_, dtable):
+            def keys(j, dks, dvs, dbias):  # key block j's gradients, over its query blocks
+                def query(i, dk, dv_, dbias):
                     p, ids = probs(i, j)
                     ds = score_grad(p, i, j)
                     dv_ = dv_ + tf.einsum("bkgts,bkgtd->bksd", p, d_out[i])
                     dk = dk + tf.einsum("bkgts,bkgtd->bksd", ds, q_blocks[i]) * scale
                     if has_bias:
-                        dtable = dtable + _bias_table_grad(ds, ids, bias_buckets[0])
-                    return i + 1, dk, dv_, dtable
+                        dbias = dbias + _bias_grad(ds, ids, max_distance + 1)
+                    return i + 1, dk, dv_, dbias
 
-                init = (first[j], tf.zeros_like(k_blocks[j]), tf.zeros_like(v_blocks[j]), dtable)
-                _, dk, dv_, dtable = tf.while_loop(lambda i, *_: i < n_q, query, init)
-                return j + 1, dks.write(j, dk), dvs.write(j, dv_), dtable
+                init = (first[j], tf.zeros_like(k_blocks[j]), tf.zeros_like(v_blocks[j]), dbias)
+                _, dk, dv_, dbias = tf.while_loop(lambda i, *_: i < n_q, query, init)
+                return j + 1, dks.write(j, dk), dvs.write(j, dv_), dbias
 
             def queries(i, dqs):  # query block i's gradient, over the key blocks it sees
                 def key(j, dq):
@@ -200,7 +208,8 @@ def blocked_attention(
                 return i + 1, dqs.write(i, dq)
 
             arrays = [tf.TensorArray(tf.float32, size=n_k) for _ in range(2)]
-            dks, dvs, dtable = loop(n_k, keys, (*arrays, tf.zeros_like(table)))
+            dks, dvs, d_by_distance = loop(n_k, keys, (*arrays, tf.zeros_like(by_distance)))
+            dtable = tf.math.unsorted_segment_sum(d_by_distance, bucket_of, n_buckets)
             (dqs,) = loop(n_q, queries, (tf.TensorArray(tf.float32, size=n_q),))
             return dqs.stack(), dks.stack(), dvs.stack(), dtable
 
