@@ -102,7 +102,9 @@ def test_no_reference_yet_only_checks_finiteness():
 # -- Flower not installed ---------------------------------------------------------------------
 @pytest.fixture
 def no_flower(monkeypatch):
-    monkeypatch.setitem(sys.modules, "flwr", None)  # `import flwr` fails as if not installed
+    # `import flwr` (and of any submodule already imported) fails as if not installed
+    for name in ["flwr", *(m for m in sys.modules if m.startswith("flwr."))]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "deepseek_tf.federated.flower_app", raising=False)
 
 
