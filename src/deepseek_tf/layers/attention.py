@@ -55,13 +55,19 @@ def causal_attention(q, k, v, q_positions, k_positions, scale, bias=None):
     return ops.reshape(out, (b, t, h, ops.shape(v)[-1]))  # (B, T, H, Dv)
 
 
+def runs_blocked(q, blocked_above: int) -> bool:
+    """Whether a call with queries `q` `(B, T, ...)` attends in blocks: more than
+    `blocked_above` queries (`0`: never; a query count unknown when traced: never)."""
+    t = q.shape[1]
+    return bool(blocked_above) and t is not None and t > blocked_above
+
+
 def attend(q, k, v, q_positions, k_positions, scale, *, relative_bias=None, blocked_above=0,
            block_size=512):  # fmt: skip
     """`causal_attention`, or `blocked_attention` (the same function in memory linear in
     `S`) when more than `blocked_above` queries attend (`0`: never; an unknown query
     count: never). `relative_bias`: the layer's `RelativePositionBias`, or None."""
-    t = q.shape[1]
-    if blocked_above and t is not None and t > blocked_above:
+    if runs_blocked(q, blocked_above):
         table, buckets = None, None
         if relative_bias is not None:  # looked up per block from its table
             table = relative_bias.table

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from deepseek_tf.layers.attention import NEG_INF, attend
+from deepseek_tf.layers.attention import NEG_INF, attend, runs_blocked
 from deepseek_tf.layers.blocked_attention import blocked_attention
 from deepseek_tf.layers.cache_positions import query_positions, visible, write_cache
 from deepseek_tf.layers.rms_norm import RMSNorm
@@ -312,8 +312,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
 
         w_uk, w_uv = self._absorbed_kernels.values or self.absorbed_kernels()
         q_latent = ops.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, R)
-        t = q_latent.shape[1]
-        if self.blocked_above and t is not None and t > self.blocked_above:  # long prefill
+        if runs_blocked(q_latent, self.blocked_above):  # a long prefill
             # one key head (MQA): queries [q_latent, q_pe], keys [latent, pe], values latent
             q = ops.concatenate([q_latent, q_pe], axis=-1)  # (B, T, H, R + Dr)
             k = ops.concatenate([kv, pe], axis=-1)[:, :, None]  # (B, S, 1, R + Dr)

@@ -47,10 +47,11 @@ def staged_batches(config: Config, tokenizer: Tokenizer, strategy, start_step=0,
     return chained()
 
 
-def tokens_per_step(config: Config, step: int) -> int:
-    """Tokens the optimizer step after `step` steps trains on (`train.stages` aware)."""
+def tokens_per_step(config: Config, stages, step: int) -> int:
+    """Tokens the optimizer step after `step` steps trains on, with `stages` the run's
+    parsed `train.stages` (`config.stages.parse_stages`; empty: none)."""
     t, seq_len, batch_size = config.train, config.data.seq_len, config.train.batch_size
-    stage = stage_at(parse_stages(t, config.data, config.model.max_seq_len), step)
+    stage = stage_at(stages, step)
     if stage is not None:
         seq_len, batch_size = stage.seq_len, stage.batch_size
     return batch_size * t.gradient_accumulation_steps * seq_len

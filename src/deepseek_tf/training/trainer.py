@@ -137,10 +137,10 @@ class Trainer:
     def _check_run(self):
         """One-line errors before any work; returns a resumed run's previous config."""
         t = self.config.train
-        stages = parse_stages(t, self.config.data, self.config.model.max_seq_len)
+        self.stages = parse_stages(t, self.config.data, self.config.model.max_seq_len)
         for key, size in (("train.batch_size", t.batch_size),
                           *((f"train.stages[{i}]'s batch_size", s.batch_size)
-                            for i, s in enumerate(stages))):  # fmt: skip
+                            for i, s in enumerate(self.stages))):  # fmt: skip
             if size % self.replicas:
                 raise ConfigError(
                     f"{key} {size} is not divisible by the {self.replicas} replicas in sync "
@@ -341,8 +341,8 @@ class Trainer:
         """The run's rules after each step: record, checkpoint, then evaluate."""
         t = self.config.train
         self.current_step = step
-        if t.stages:  # this step's tokens (the stage's batch shape)
-            self.record.tokens_per_step = batches.tokens_per_step(self.config, step - 1)
+        if self.stages:  # this step's tokens (the stage's batch shape)
+            self.record.tokens_per_step = batches.tokens_per_step(self.config, self.stages, step - 1)  # noqa: E501  # fmt: skip
         self.record.step(step, out, learning_rate=lambda: current_learning_rate(self.optimizer))
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
             self._save(step)
@@ -384,7 +384,7 @@ class Trainer:
 
     def _summarize(self, loop: LoopResult, wall_started: float) -> dict:
         seconds, timed = loop.timed_seconds, range(loop.step - loop.timed_steps, loop.step)
-        tokens = sum(batches.tokens_per_step(self.config, s) for s in timed)
+        tokens = sum(batches.tokens_per_step(self.config, self.stages, s) for s in timed)
         summary = {
             "step": loop.step,
             "train_tokens_per_sec": tokens / seconds if seconds else 0,
