@@ -1,5 +1,6 @@
 """Shared fixtures: quiet TensorFlow, tiny configs, a trained tiny run."""
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -60,7 +61,11 @@ def shared_run(shared_dir):
     from deepseek_tf.config.loader import load_config
 
     def get(preset: str, overrides=()) -> Path:
-        name = "-".join([preset, *overrides]).replace("/", "_").replace("=", "_")
+        name = "-".join([preset, *overrides])
+        for char in "/=[],":  # TensorFlow reads checkpoint paths as glob patterns
+            name = name.replace(char, "_")
+        if len(name) > 120:  # file names end at 255 bytes
+            name = f"{preset}-{hashlib.sha1(name.encode()).hexdigest()[:16]}"
         config = load_config(preset, overrides=list(overrides))
         return shared_dir(name, lambda p: train(config, out=p, verbose=0, sample_tokens=0))
 

@@ -17,7 +17,17 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "src" / "deepseek_tf"
 PACKAGE = "deepseek_tf"
 # optional extras, and matplotlib (heavy: loaded only when a plot is written)
-OPTIONAL = ("ai_edge_litert", "onnxruntime", "tf2onnx", "flwr", "wandb", "matplotlib", "pyarrow")
+OPTIONAL = (
+    "ai_edge_litert",
+    "onnxruntime",
+    "tf2onnx",
+    "flwr",
+    "wandb",
+    "matplotlib",
+    "pyarrow",
+    "gguf",
+    "llama_cpp",
+)
 OPTIONAL_MODULES = ("deepseek_tf.federated.flower_app",)  # needs the [federated] extra
 
 # Each module's layer is that of its top-level package or module (`deepseek_tf.X...`);

@@ -1,4 +1,4 @@
-"""Deploying a run: `export` (SavedModel, LiteRT, ONNX, verified) and `serve` (the
+"""Deploying a run: `export` (SavedModel, LiteRT, ONNX, GGUF, verified) and `serve` (the
 OpenAI-compatible HTTP server, returned running as a `Served`).
 
 `deepseek-tf export` and `deepseek-tf serve` call these; their flags are the keywords
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from deepseek_tf.export import check_export_options
 from deepseek_tf.export import export as export_model
-from deepseek_tf.rundir import load_run
+from deepseek_tf.rundir import RunDir, load_run
 from deepseek_tf.serving.kv_budget import parse_size
 from deepseek_tf.serving.server import ServingApp, ServingHTTPServer, check_port, make_server
 
@@ -36,6 +36,7 @@ def export(
     out,
     prefill_len: int | None = None,
     int8: bool = False,
+    quant: str | None = None,
     verify: bool = True,
     overwrite: bool = False,
 ) -> dict:
@@ -45,12 +46,13 @@ def export(
     Args:
         run_dir: the run.
         format: "savedmodel" (a directory for TF Serving / saved_model_cli), "litert" (a
-            .tflite file; `prefill_len`, `int8`) or "onnx" (a .onnx file); the last two
-            need the `[export]` extra.
-        out: the directory (savedmodel) or file (.tflite, .onnx) to write.
+            .tflite file; `prefill_len`, `int8`), "onnx" (a .onnx file) or "gguf" (a .gguf
+            file for llama.cpp / Ollama; `quant`); the last three need the `[export]` extra.
+        out: the directory (savedmodel) or file (.tflite, .onnx, .gguf) to write.
         prefill_len: litert: fixed prompt length of the prefill signature (None:
             min(16, context)).
         int8: litert: dynamic-range int8 weight quantisation.
+        quant: gguf: "bf16" (None), "q8_0", "q4_0" or "f32" (`deepseek_tf.export.gguf`).
         verify: reload the artefact and compare its logits with Keras'.
         overwrite: replace an existing `out`.
 
@@ -62,10 +64,14 @@ def export(
         InputError: an existing `out` without `overwrite`, an unknown format, a
             LiteRT-only option with another format, an artefact that cannot be verified.
     """
-    check_export_options(out, format, prefill_len=prefill_len, int8=int8, overwrite=overwrite)
+    check_export_options(
+        out, format, prefill_len=prefill_len, int8=int8, quant=quant, overwrite=overwrite
+    )
     model, tokenizer = load_run(run_dir)  # slow: after the checks
+    config = RunDir(run_dir).read_config()
     return export_model(model, out, format, tokenizer=tokenizer, prefill_len=prefill_len,
-                        int8=int8, verify=verify, overwrite=overwrite)  # fmt: skip
+                        int8=int8, quant=quant, config=config, verify=verify,
+                        overwrite=overwrite)  # fmt: skip
 
 
 class Served:

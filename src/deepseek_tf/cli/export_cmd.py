@@ -1,16 +1,16 @@
-"""`deepseek-tf export RUN_DIR --format savedmodel|litert|onnx --out PATH`."""
+"""`deepseek-tf export RUN_DIR --format savedmodel|litert|onnx|gguf --out PATH`."""
 
 from __future__ import annotations
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export", help="export a trained run (SavedModel, LiteRT or ONNX), verified"
+        "export", help="export a trained run (SavedModel, LiteRT, ONNX or GGUF), verified"
     )
     parser.add_argument("run_dir")
-    parser.add_argument("--format", required=True, choices=["savedmodel", "litert", "onnx"])
+    parser.add_argument("--format", required=True, choices=["savedmodel", "litert", "onnx", "gguf"])
     parser.add_argument(
-        "--out", required=True, help="output directory (savedmodel) or file (.tflite, .onnx)"
+        "--out", required=True, help="output directory (savedmodel) or file (.tflite, .onnx, .gguf)"
     )
     parser.add_argument(
         "--prefill-len",
@@ -20,6 +20,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--int8", action="store_true", help="litert: dynamic-range int8 weight quantisation"
+    )
+    parser.add_argument(
+        "--quant",
+        default=None,
+        help="gguf: tensor type, bf16 (default), q8_0, q4_0 or f32",
     )
     parser.add_argument(
         "--no-verify",
@@ -40,6 +45,7 @@ def run(args) -> int:
         out=args.out,
         prefill_len=args.prefill_len,
         int8=args.int8,
+        quant=args.quant,
         verify=args.verify,
         overwrite=args.overwrite,
     )
