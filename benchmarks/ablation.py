@@ -156,11 +156,7 @@ def main(argv=None) -> int:
         "table": table,
         "runs": runs,
     }
-    note = bc.contention_note(NAME, meter.result)
-    if note:
-        print(note)
-    print(f"wrote {bc.write_json(args.out, result)}")
-    return 0
+    return bc.finish(NAME, meter.result, args.out, result)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,16 @@ def contention_note(label: str, meter_result: dict | None, limit: float = 0.1) -
     )
 
 
+def finish(label: str, meter_result: dict | None, out, result: dict) -> int:
+    """The end of a benchmark: the contention warning (if any), the JSON result written
+    to `out`; returns 0 (the exit status)."""
+    note = contention_note(label, meter_result)
+    if note:
+        print(note)
+    print(f"wrote {write_json(out, result)}")
+    return 0
+
+
 def package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)

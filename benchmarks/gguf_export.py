@@ -127,11 +127,7 @@ def main(argv=None) -> int:
              f"{f.get('greedy_equal_tokens', '-')}/{n}"] for q, f in files.items()]  # fmt: skip
     rows.append(["deepseek-tf (f32)", "-", f"{speed['deepseek-tf']:.0f}", "1.00", "-"])
     bc.print_table(["file", "MB", "tok/s", "x deepseek-tf", "greedy = ours"], rows)
-    note = bc.contention_note(NAME, meter.result)
-    if note:
-        print(note)
-    print(f"wrote {bc.write_json(args.out, result)}")
-    return 0
+    return bc.finish(NAME, meter.result, args.out, result)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,10 @@ def serve_child(args) -> None:
     threading.Event().wait()
 
 
-def one_request(port: int, prompt: list[int], max_new: int, stream: bool = True) -> dict:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_new, "temperature": 0}
+def one_request(
+    port: int, prompt: list[int], max_new: int, stream: bool = True, model: str = "bench"
+) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_new, "temperature": 0}
     start = time.perf_counter()
     first, arrivals = None, []  # (time, tokens) of each chunk carrying text
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
@@ -158,10 +160,12 @@ def summarise(results, wall: float) -> dict:
     }
 
 
-def run_load(port: int, args, rate: float | None, seed: int = 0, varied: bool = False) -> dict:
+def run_load(port: int, args, rate: float | None, seed: int = 0, varied: bool = False,
+             models: tuple[str, ...] = ("bench",)) -> dict:  # fmt: skip
     """`args.requests` requests: back to back from 16 clients (rate None), or arriving as
     a Poisson process of `rate` per second with at most 16 in flight. Each asks for
-    `args.max_new_tokens` tokens, or with `varied` a uniform draw from 8 to that."""
+    `args.max_new_tokens` tokens, or with `varied` a uniform draw from 8 to that; request
+    `i` names `models[i % len(models)]`."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(VOCAB) for _ in range(rng.randrange(16, 32))]
                for _ in range(args.requests)]  # fmt: skip
@@ -171,7 +175,8 @@ def run_load(port: int, args, rate: float | None, seed: int = 0, varied: bool = 
     for _ in prompts:
         offsets.append(t)
         t += rng.expovariate(rate) if rate else 0.0
-    results, lock, cursor = [], threading.Lock(), iter(zip(offsets, prompts, lengths))
+    names = [models[i % len(models)] for i in range(len(prompts))]
+    results, lock, cursor = [], threading.Lock(), iter(zip(offsets, prompts, lengths, names))
     start = time.perf_counter()
 
     def client():
@@ -181,7 +186,7 @@ def run_load(port: int, args, rate: float | None, seed: int = 0, varied: bool = 
             if item is None:
                 return
             time.sleep(max(0.0, start + item[0] - time.perf_counter()))
-            r = one_request(port, item[1], item[2])
+            r = one_request(port, item[1], item[2], model=item[3])
             with lock:
                 results.append(r)
 

@@ -41,6 +41,7 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 LOG_DIR = "logs"
 HF_SOURCE_CONFIG = "hf_config.json"
+GLOB_CHARS = ("[", "]", "*", "?")  # TensorFlow's checkpoint reader matches paths as patterns
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -157,7 +158,14 @@ class RunLayout:
 
     def check_new(self, option: str = "--out"):
         """Refuses a path a new run must not be written to: an existing file, the
-        directory of a run that has checkpoints. Returns `self`."""
+        directory of a run that has checkpoints, a path with glob characters (TensorFlow
+        reads checkpoint paths as patterns: such a run would train and never load).
+        Returns `self`."""
+        if any(c in str(self.path.absolute()) for c in GLOB_CHARS):
+            raise RunDirError(
+                f"{option} {self.path}: a run directory's path cannot contain any of "
+                f"{' '.join(GLOB_CHARS)} (TensorFlow reads checkpoint paths as glob patterns)"
+            )
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{option} {self.path} is an existing file; choose a directory")
         if (

@@ -93,6 +93,9 @@ def test_train_out_and_resume(capsys, files):
     one_line_error(capsys, [*TRAIN, "--out", files["out"], "--batch-size", "0"], "--batch-size")
     one_line_error(capsys, [*TRAIN, "--out", files["out"], "--memory-budget", "64"], "auto")
     assert not files["out"].exists()
+    globbed = files["empty_dir"] / "run[1]"  # trained, it could never be loaded
+    one_line_error(capsys, [*TRAIN, "--out", globbed], "cannot contain any of [ ] * ?")
+    assert not globbed.exists()
 
 
 FEDERATED = ["federated", "--preset", "tiny", "--rounds", "1", "--local-steps", "1"]

@@ -18,12 +18,15 @@ http://127.0.0.1:50123
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from deepseek_tf.export import check_export_options
 from deepseek_tf.export import export as export_model
+from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.rundir import RunDir, load_run
 from deepseek_tf.serving.kv_budget import parse_size
+from deepseek_tf.serving.lora_adapters import load_adapters, parse_lora, serving_config
 from deepseek_tf.serving.server import ServingApp, ServingHTTPServer, check_port, make_server
 
 __all__ = ["Served", "export", "serve"]
@@ -143,6 +146,7 @@ def serve(
     max_body_bytes: int = 1 << 20,
     max_queue: int = 256,
     max_connections: int = 256,
+    lora: Sequence[str] | Mapping[str, str] | None = None,
     block: bool = False,
 ) -> Served:
     """Serves a run over HTTP: POST /v1/completions, /v1/chat/completions,
@@ -173,18 +177,27 @@ def serve(
         max_tokens, max_prompt_tokens: request limits (None: `max_model_len`).
         max_body_bytes, max_queue, max_connections: beyond these a request gets 413,
             429, 503.
+        lora: LoRA runs served beside this one, "NAME=RUN_DIR" strings or `{NAME:
+            RUN_DIR}` (`serving.lora_adapters`): a request's `model` picks one by name;
+            each must be trained (`train.lora_rank`) from this run's weights.
         block: serve until interrupted, then close (as the command does).
 
     Returns:
         The running `Served` (closed already when `block`).
 
     Raises:
-        InputError: an option out of range, an address that cannot be bound.
+        InputError: an option out of range, an address that cannot be bound, an adapter
+            that is not a LoRA run of this model.
     """
     check_port(port)  # before the (slow) model load
     if kv_cache_memory is not None:
         parse_size(kv_cache_memory)
-    model, tokenizer = load_run(run_dir)
+    specs = parse_lora(lora)
+    run = RunDir(run_dir)
+    config = serving_config(run.require().read_config(), specs)
+    check_fits(config, purpose="inference")
+    model, tokenizer = run.load(config)
+    adapters = load_adapters(specs, model)
     app = ServingApp(
         model, tokenizer, model_name or Path(run_dir).resolve().name, api_key=api_key,
         max_batch=1 if no_batching else max_batch, batching=batching, step_ms=step_ms,
@@ -194,6 +207,7 @@ def serve(
         max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
         max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
         max_queue=max_queue, max_connections=max_connections, warm_up=warm_up,
+        adapters=adapters,
     )  # fmt: skip
     server = make_server(app, host, port)
     served = Served(app, server, f"http://{host}:{server.server_port}")

@@ -77,6 +77,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--max-connections", type=int, default=256, help="open connections beyond this get 503"
     )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=RUN_DIR",
+        help="serve a LoRA run (trained with train.lora_rank from this run) beside it; a "
+        "request's model field picks it by NAME (repeatable)",
+    )
     parser.set_defaults(func=run, api="deepseek_tf.api.deployment:serve")
 
 
@@ -85,7 +92,7 @@ OPTIONS = (  # the flags' dests, each a keyword of `deepseek_tf.api.deployment.s
     "batching", "step_ms", "stream_interval", "prefix_cache_mb", "request_timeout",
     "speculative", "draft_tokens", "max_model_len", "kv_cache_memory", "batch_window_ms",
     "chunk", "max_tokens", "max_prompt_tokens", "max_body_bytes", "max_queue",
-    "max_connections",
+    "max_connections", "lora",
 )  # fmt: skip
 
 
@@ -98,7 +105,8 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     served = serve(args.run_dir, **{name: getattr(args, name) for name in OPTIONS})
-    print(f"serving {served.app.model_name} on {served.url}", flush=True)
+    names = ", ".join((served.app.model_name, *served.app.adapter_names))
+    print(f"serving {names} on {served.url}", flush=True)
     print(served.app.cache_plan.describe(), flush=True)
     began = time.perf_counter()
 

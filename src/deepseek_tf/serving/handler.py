@@ -230,7 +230,9 @@ class Handler(BaseHTTPRequestHandler):
                 name = path[len("/v1/models/") : -len(":predict")]
                 return self._send_json(200, self.app.predict(name, request))
             kind = "chat" if path == "/v1/chat/completions" else "completion"
-            req = parse_generation(request, kind, self.app.limits, self.app.model_name)
+            req = parse_generation(
+                request, kind, self.app.limits, self.app.model_name, self.app.adapter_names
+            )
             finalize_prompt(req, self.app.tokenizer, self.app.limits, self.app.model.vocab_size)
             self._generate(req)
         except ApiError as e:
@@ -317,7 +319,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 reasons[index] = event[1]
         results = list(zip(jobs, texts, entries, reasons))
-        self._send_json(200, completion_body(results, rid, self.app.model_name))
+        self._send_json(200, completion_body(results, rid, jobs[0].req.model))
 
     def _sse(self, payload) -> None:
         data = payload if isinstance(payload, str) else json.dumps(payload)
@@ -334,7 +336,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.close_connection = True
         self.end_headers()
-        chunks = [StreamChunks(job, rid, self.app.model_name) for job in jobs]
+        chunks = [StreamChunks(job, rid, job.req.model) for job in jobs]
         for c in chunks:
             if c.opening is not None:
                 self._sse(c.opening)

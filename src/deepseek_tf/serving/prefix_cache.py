@@ -61,11 +61,13 @@ class PrefixCache:
     def _size(cache) -> int:
         return sum(int(np.prod(t.shape)) * t.dtype.size for t in tf.nest.flatten(cache))
 
-    def store(self, tokens, cache) -> None:
-        """Keeps `cache` (batch 1) as the state after `tokens`."""
+    def store(self, tokens, cache, namespace: int = 0) -> None:
+        """Keeps `cache` (batch 1) as the state after `tokens`; only lookups in the same
+        `namespace` (a served LoRA adapter: its keys and values differ) find it."""
         if not self.enabled or len(tokens) < self.min_tokens:
             return
-        key = tuple(int(t) for t in tokens)
+        tokens = tuple(int(t) for t in tokens)
+        key = (namespace, tokens)
         if key in self._entries:
             self._entries.move_to_end(key)
             return
@@ -74,22 +76,23 @@ class PrefixCache:
             return
         while self.bytes + size > self.budget_bytes:
             old, (_, _, freed) = self._entries.popitem(last=False)
-            self._by_head[old[: self.min_tokens]].discard(old)
+            self._by_head[(old[0], old[1][: self.min_tokens])].discard(old)
             self.bytes -= freed
-        self._entries[key] = (np.asarray(key, np.int64), cache, size)
-        self._by_head.setdefault(key[: self.min_tokens], set()).add(key)
+        self._entries[key] = (np.asarray(tokens, np.int64), cache, size)
+        self._by_head.setdefault((namespace, tokens[: self.min_tokens]), set()).add(key)
         self.bytes += size
 
-    def lookup(self, prompt) -> tuple[int, list | None]:
-        """`(length, cache)`: the longest stored prefix of `prompt` shorter than the
-        prompt (its last token must still run to give the next logits), or `(0, None)`."""
+    def lookup(self, prompt, namespace: int = 0) -> tuple[int, list | None]:
+        """`(length, cache)`: the longest prefix of `prompt` stored in `namespace` shorter
+        than the prompt (its last token must still run to give the next logits), or
+        `(0, None)`."""
         if not self.enabled:
             return 0, None
         prompt = np.asarray(prompt, np.int64)
         limit = len(prompt) - 1
         self.queried_tokens += len(prompt)
         best, best_key = 0, None
-        head = tuple(int(t) for t in prompt[: self.min_tokens])
+        head = (namespace, tuple(int(t) for t in prompt[: self.min_tokens]))
         for key in self._by_head.get(head, ()):  # a hit shares at least these tokens
             tokens = self._entries[key][0]
             n = min(len(tokens), limit)

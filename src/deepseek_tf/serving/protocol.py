@@ -63,6 +63,7 @@ class GenRequest:
     schema: dict | None = None  # JSON Schema the reply is held to (`serving.structured`)
     schema_param: str = "response_format"  # the field the schema came from
     grammar: str | None = None  # `schema` compiled for the tokenizer (`finalize_prompt`)
+    adapter: int = 0  # the served LoRA adapter `model` names (0: the base model)
 
 
 def _typed(body: dict, key: str, types, default, name: str):
@@ -76,15 +77,20 @@ def _typed(body: dict, key: str, types, default, name: str):
     return value
 
 
-def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenRequest:
-    """Validates a `/v1/completions` (`kind="completion"`) or chat request body."""
+def parse_generation(
+    body, kind: str, limits: Limits, served_model: str, adapters: tuple[str, ...] = ()
+) -> GenRequest:
+    """Validates a `/v1/completions` (`kind="completion"`) or chat request body; `model`
+    names the served model or one of its LoRA `adapters` (`GenRequest.adapter`)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", None, "invalid_type")
     model = _typed(body, "model", (str,), served_model, "a string")
-    if model != served_model:
+    served = (served_model, *adapters)
+    if model not in served:
         raise ApiError(
             404,
-            f"model '{model}' does not exist; this server serves '{served_model}'",
+            f"model '{model[:80]}' does not exist; this server serves "
+            + ", ".join(f"'{m}'" for m in served),
             "invalid_request_error",
             "model_not_found",
             "model",
@@ -94,7 +100,7 @@ def parse_generation(body, kind: str, limits: Limits, served_model: str) -> GenR
         raise bad(f"'n' must be between 1 and {MAX_CHOICES}, got {n}", "n")
     if _typed(body, "best_of", (int,), 1, "an integer") != 1:
         raise bad("only best_of=1 is supported", "best_of")
-    req = GenRequest(kind=kind, model=model, prompt=None, n=n)
+    req = GenRequest(kind=kind, model=model, prompt=None, n=n, adapter=served.index(model))
     if kind == "chat":
         req.messages = chat_messages(body.get("messages"))
         try:

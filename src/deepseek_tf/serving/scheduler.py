@@ -21,6 +21,7 @@ compiled steps update it in place: no copy of the cache per call). A worker thre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -59,6 +60,8 @@ class ContinuousScheduler:
         jit_compile: compile with XLA.
         warm_up: compile every serving shape before `ready` is set (False: shapes compile
             on first use).
+        lora: the served LoRA adapters (`models.multi_lora.MultiLora`), selected per slot
+            by each request's `adapter` (None: the base alone).
     """
 
     constrains = True  # structured output: one step per call while a row is constrained
@@ -66,8 +69,8 @@ class ContinuousScheduler:
     def __init__(self, model, tokenizer, metrics: ServerMetrics | None = None, *,
                  max_batch: int = 16, step_ms: float = 20.0, stream_interval: int = 16,
                  prefix_cache_mb: float = 256, max_len: int | None = None,
-                 jit_compile: bool = True, warm_up: bool = True):  # fmt: skip
-        self.model, self.tokenizer = model, tokenizer
+                 jit_compile: bool = True, warm_up: bool = True, lora=None):  # fmt: skip
+        self.model, self.tokenizer, self.lora = model, tokenizer, lora
         self.metrics = metrics or ServerMetrics("model")
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
         vocab = None if tokenizer is None else tokenizer.vocab_size  # never an undecodable id
@@ -91,6 +94,7 @@ class ContinuousScheduler:
         self.jobs: list[Job | None] = [None] * b
         self.positions = np.zeros(b, np.int32)
         self.ends = np.ones(b, np.int32)
+        self.adapters = np.zeros(b, np.int32)  # each slot's LoRA adapter (0: the base)
         self.sampling = [np.zeros(b, np.float32), np.zeros(b, np.int32),
                          np.ones(b, np.float32), np.zeros(b, np.int32)]  # fmt: skip
         stops = [] if self.eos_id is None else [self.eos_id]
@@ -242,7 +246,7 @@ class ContinuousScheduler:
     def _prefill(self, slot: int, job: Job) -> None:
         req, prompt = job.req, list(job.req.prompt_ids)
         job.admitted_at = time.perf_counter()
-        shared, row = self.prefix.lookup(prompt)
+        shared, row = self.prefix.lookup(prompt, namespace=req.adapter)
         self.metrics.prefix_queried.inc(len(prompt))
         self.metrics.prefix_hit.inc(shared)
         self.metrics.prompt_tokens.inc(len(prompt))
@@ -250,12 +254,14 @@ class ContinuousScheduler:
         if row is None:
             row = self.model.init_cache(1, self.length)
         rest = tf.constant([prompt[shared:]], tf.int32)  # (1, P - shared)
-        logits, row = self.loop.prefill(rest, row, start=shared)
-        self.prefix.store(prompt, row)
+        with self._adapters([req.adapter]):
+            logits, row = self.loop.prefill(rest, row, start=shared)
+        self.prefix.store(prompt, row, namespace=req.adapter)
         self._insert(tf.constant(slot), row, logits)
         self.jobs[slot] = job
         self.positions[slot] = len(prompt)
         self.ends[slot] = len(prompt) + req.max_tokens
+        self.adapters[slot] = req.adapter
         settings = (req.temperature, req.top_k, req.top_p, job.seed)
         for array, value in zip(self.sampling, settings):
             array[slot] = value
@@ -282,7 +288,12 @@ class ContinuousScheduler:
             extra["bias"] = tf.constant(bias)
         if penalties:
             extra["penalties"] = tuple(map(tf.constant, self.penalty_settings))
-        return self._advance(*args, **extra)
+        with self._adapters(self.adapters):
+            return self._advance(*args, **extra)
+
+    def _adapters(self, ids):
+        """The LoRA adapters of the next call's rows (nothing to set without adapters)."""
+        return contextlib.nullcontext() if self.lora is None else self.lora.rows(ids)
 
     def _decode(self) -> None:
         constrained = [s for s, j in enumerate(self.jobs) if j is not None and j.constraint]
@@ -364,6 +375,7 @@ class ContinuousScheduler:
         job = self.jobs[slot]
         self.jobs[slot] = None
         self.bias[slot], self.biased[slot] = 0.0, False
+        self.adapters[slot] = 0
         for array, neutral in zip(self.penalty_settings, astuple(pen.Penalties())):
             array[slot] = neutral
         if job.finished:
@@ -375,4 +387,5 @@ class ContinuousScheduler:
             # the row now holds the prompt and the reply: a chat's next turn starts with both
             tokens = list(job.req.prompt_ids) + job.tokens
             n = min(len(tokens), int(self.positions[slot]))
-            self.prefix.store(tokens[:n], self._read_row(tf.constant(slot)))
+            row = self._read_row(tf.constant(slot))
+            self.prefix.store(tokens[:n], row, namespace=job.req.adapter)

@@ -9,7 +9,7 @@ waiting (completions and predictions alike; beyond that 429 with `Retry-After`).
 Endpoints:
     GET  /health                      -> {"status": "ok", ...} (never needs the API key);
                                          503 {"status": "loading"} while compiling
-    GET  /v1/models                   -> the one served model
+    GET  /v1/models                   -> the served model and its LoRA adapters
     GET  /v1/models/NAME              -> OpenAI's model object + TF-Serving's version status
     POST /v1/completions              -> OpenAI text completion (stream, logprobs, stop, ...)
     POST /v1/chat/completions         -> OpenAI chat completion (the run's chat template)
@@ -34,6 +34,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from http.server import ThreadingHTTPServer
 
 import numpy as np
@@ -41,6 +42,7 @@ import tensorflow as tf
 
 from deepseek_tf.errors import InputError
 from deepseek_tf.generation.speculative import check_draft_tokens
+from deepseek_tf.models.multi_lora import Adapter, MultiLora
 from deepseek_tf.serving.api_errors import ApiError, bad
 from deepseek_tf.serving.batcher import Batcher
 from deepseek_tf.serving.handler import DISCONNECTS, Handler
@@ -95,6 +97,8 @@ class ServingApp:
         max_queue: requests waiting (or predicting) beyond this get 429.
         max_connections: open connections beyond this get 503.
         jit_compile: compile the decode loop with XLA.
+        adapters: LoRA adapters served beside the model (`models.multi_lora.read_adapter`),
+            each selected by a request's `model` naming it (continuous batching only).
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class ServingApp:
         max_connections: int = 256,
         jit_compile: bool = True,
         warm_up: bool = True,
+        adapters: Sequence[Adapter] = (),
     ):
         _check_options(
             max_batch=(max_batch, 1),
@@ -143,6 +148,15 @@ class ServingApp:
         if speculative not in (None, "mtp"):
             raise InputError(f"--speculative: mtp (or off), got {speculative!r}")
         drafts = check_draft_tokens(model, draft_tokens) if speculative else None
+        if adapters and (speculative or batching != "continuous"):
+            flag = "--speculative" if speculative else "--batching dynamic"
+            raise InputError(f"--lora: adapters are served by continuous batching, not {flag}")
+        names = [a.name for a in adapters]
+        if model_name in names or len(set(names)) < len(names):
+            raise InputError(f"--lora: adapter names must differ from each other and from "
+                             f"the model's name {model_name!r}")  # fmt: skip
+        self.adapter_names = tuple(names)
+        self.lora = MultiLora(model, list(adapters), max_batch) if adapters else None
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.api_key = api_key
         self.cache_plan = plan_cache(model, max_batch, max_model_len, kv_cache_memory)
@@ -167,7 +181,7 @@ class ServingApp:
                 model, tokenizer, self.metrics, max_batch=max_batch, step_ms=step_ms,
                 stream_interval=stream_interval,
                 prefix_cache_mb=prefix_cache_mb, max_len=context, jit_compile=jit_compile,
-                warm_up=warm_up,
+                warm_up=warm_up, lora=self.lora,
             )  # fmt: skip
         else:
             self.batcher = Batcher(model, tokenizer, max_batch, window_s, chunk, jit_compile,
@@ -243,7 +257,8 @@ class ServingApp:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r  # right padding: causal, so it cannot change earlier logits
         lengths = np.asarray([len(r) for r in rows], np.int32)
-        with self._predict_slot():
+        base = contextlib.nullcontext() if self.lora is None else self.lora.rows([])
+        with self._predict_slot(), base:
             logits = self._last_logits(tf.constant(ids), tf.constant(lengths)).numpy()
         if signature == "logits":
             out = [[float(v) for v in row] for row in logits]
@@ -252,24 +267,22 @@ class ServingApp:
         return {"outputs": out} if columnar else {"predictions": out}
 
     def models(self) -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": self.created,
-                    "owned_by": "deepseek-tf",
-                    "max_model_len": self.limits.context,
-                }
-            ],
-        }
+        """The served model, then its LoRA adapters (`parent`: the model, as vLLM lists)."""
+        entry = {"object": "model", "created": self.created, "owned_by": "deepseek-tf",
+                 "max_model_len": self.limits.context}  # fmt: skip
+        data = [{"id": self.model_name, **entry, "root": self.model_name, "parent": None}]
+        for name in self.adapter_names:
+            data.append({"id": name, **entry, "root": self.model_name,
+                         "parent": self.model_name})  # fmt: skip
+        return {"object": "list", "data": data}
 
     def model_status(self, name: str) -> dict:
         """`GET /v1/models/NAME`: OpenAI's model object plus TF-Serving's status fields."""
-        self._check_name(name)
+        entries = {m["id"]: m for m in self.models()["data"]}  # the model and its adapters
+        if name not in entries:
+            self._check_name(name)
         status = {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK"}}
-        return {**self.models()["data"][0], "model_version_status": [status]}
+        return {**entries[name], "model_version_status": [status]}
 
     @property
     def ready(self) -> bool:
