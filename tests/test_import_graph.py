@@ -27,6 +27,10 @@ OPTIONAL = (
     "pyarrow",
     "gguf",
     "llama_cpp",
+    # heavy, loaded on first use: about 1.5 s each at every start (tests/cli/test_quiet.py
+    # checks that the API does not load them)
+    "tensorflow_probability",
+    "dp_accounting",
 )
 OPTIONAL_MODULES = ("deepseek_tf.federated.flower_app",)  # needs the [federated] extra
 

@@ -51,11 +51,16 @@ def _no_tf_log_env() -> dict:
 
 def test_the_python_api_is_as_quiet_as_the_command_line():
     """A script importing deepseek_tf and calling the API shows no C++ start-up lines."""
-    script = "import deepseek_tf as ds\nprint(ds.info(preset='tiny')['parameters']['total'])\n"
+    script = (
+        "import sys\nimport deepseek_tf as ds\nimport deepseek_tf.api\n"
+        "print(ds.info(preset='tiny')['parameters']['total'])\n"
+        "print(sorted({'tensorflow_probability', 'dp_accounting'} & set(sys.modules)))\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300, env=_no_tf_log_env())  # fmt: skip
     assert done.returncode == 0, done.stderr[-500:]
-    assert done.stdout.strip() == "23840"
+    # and fast: TensorFlow Probability and dp_accounting load only when a model uses them
+    assert done.stdout.split() == ["23840", "[]"]
     assert "absl::InitializeLog" not in done.stderr and "I0000" not in done.stderr, done.stderr
     assert "cuInit" not in done.stderr, done.stderr
 

@@ -19,9 +19,11 @@ def model_and_tokenizer(trained_run):
 
 def reference_greedy(model, prompt, n, presence, frequency, repetition, bias=None):
     """Greedy decoding by full recomputation, penalties applied in numpy as documented."""
+    last_logits = tf.function(lambda ids: model(ids)[0, -1], autograph=False,
+                              input_signature=[tf.TensorSpec((1, None), tf.int32)])  # fmt: skip
     ids, new = list(prompt), []
     for _ in range(n):
-        logits = np.asarray(model(np.asarray([ids], np.int32))[0, -1], np.float64)  # (V,)
+        logits = np.asarray(last_logits(tf.constant([ids], tf.int32)), np.float64)  # (V,)
         if bias:
             for token, value in bias.items():
                 logits[token] += value
@@ -41,14 +43,15 @@ def reference_greedy(model, prompt, n, presence, frequency, repetition, bias=Non
 def test_penalised_greedy_decoding_equals_the_reference(model_and_tokenizer):
     model, tok = model_and_tokenizer
     prompts = [tok.encode("ROMEO:\nWhat is"), tok.encode("Th")]
-    plain = Generator(model).generate(prompts, 20)
+    plain = [reference_greedy(model, prompt, 20, 0.0, 0.0, 1.0) for prompt in prompts]
     settings = dict(presence_penalty=0.8, frequency_penalty=0.6, repetition_penalty=1.4)
-    penalised = Generator(model).generate(prompts, 20, **settings)
+    generator = Generator(model)
+    penalised = generator.generate(prompts, 20, **settings)
     for prompt, row in zip(prompts, penalised):
         assert row == reference_greedy(model, prompt, 20, 0.8, 0.6, 1.4)
     assert penalised != plain  # the penalties change what is written
     bias = {tok.encode("e")[0]: 3.0}
-    both = Generator(model).generate(prompts[:1], 12, logit_bias=bias, repetition_penalty=1.2)
+    both = generator.generate(prompts[:1], 12, logit_bias=bias, repetition_penalty=1.2)
     assert both[0] == reference_greedy(model, prompts[0], 12, 0.0, 0.0, 1.2, bias)
 
 

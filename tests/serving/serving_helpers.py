@@ -40,3 +40,25 @@ def request(base_url, method, path, body=None, headers=None, raw=None):
         return resp.status, json.loads(text)
     except json.JSONDecodeError:
         return resp.status, text
+
+
+def forward_greedy(model, prompts, n: int, vocab: int | None = None) -> list[list[int]]:
+    """The plain reference of greedy decoding: for every new token the whole prefix runs
+    through `model` (no cache) and the argmax of its last position (over the first `vocab`
+    ids) is appended. One graph (no XLA) serves every length: cheaper than compiling a
+    `Generator` when a test only needs the expected tokens. Returns each prompt's `n` ids."""
+    import numpy as np
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((1, None), tf.int32)], autograph=False)
+    def last_logits(ids):
+        return model(ids, training=False)[0, -1]  # (V,)
+
+    out = []
+    for prompt in prompts:
+        ids = list(prompt)
+        for _ in range(n):
+            logits = last_logits(tf.constant([ids], tf.int32)).numpy()[:vocab]
+            ids.append(int(np.argmax(logits)))
+        out.append(ids[len(prompt) :])
+    return out

@@ -7,12 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from serving_helpers import forward_greedy
 
 from deepseek_tf.api import load, train
 from deepseek_tf.api.deployment import serve
 from deepseek_tf.config.loader import load_config
 from deepseek_tf.errors import InputError
-from deepseek_tf.generation.generate import Generator
 from deepseek_tf.models.multi_lora import read_adapter
 from deepseek_tf.rundir import RunDir
 
@@ -40,20 +40,22 @@ def lora_runs(trained_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(trained_run, lora_runs):
     specs = [f"{name}={path}" for name, path in lora_runs.items()]
-    with serve(trained_run, port=0, model_name="tiny", max_batch=8, lora=specs) as served:
+    with serve(
+        trained_run, port=0, model_name="tiny", max_batch=8, lora=specs, warm_up=False
+    ) as served:  # shapes compile on first use
         assert served.wait_ready(300)
         yield served
 
 
 @functools.cache
-def _generator(run):
-    model, tok = load(run)
-    return Generator(model), tok  # compiled once per run for the whole file
+def _loaded(run):
+    return load(run)  # once per run for the whole file
 
 
 def _expected(run, n: int, prompts=PROMPTS) -> list[str]:
-    generator, tok = _generator(run)
-    out = generator.generate([tok.encode(p) for p in prompts], n)
+    """What greedy decoding of the run (the merged model) gives: the plain reference."""
+    model, tok = _loaded(run)
+    out = forward_greedy(model, [tok.encode(p) for p in prompts], n, tok.vocab_size)
     return [tok.decode(ids) for ids in out]
 
 
@@ -149,8 +151,8 @@ def test_mla_adapters_on_kv_b_proj_decode_from_the_naive_cache(shared_run, tmp_p
         *moe, "train.lora_rank=4", "train.lora_targets=[attention]", "train.learning_rate=0.05",
     ])  # fmt: skip
     train(config, out=tmp_path / "mla", verbose=0, init_from=base_run, sample_tokens=0)
-    model, tok = load(tmp_path / "mla")  # absorbed decoding of the merged kernels
-    expected = tok.decode(Generator(model).generate([tok.encode(PROMPTS[0])], 8)[0])
+    model, tok = load(tmp_path / "mla")  # the merged kernels
+    expected = tok.decode(forward_greedy(model, [tok.encode(PROMPTS[0])], 8, tok.vocab_size)[0])
     with serve(base_run, port=0, model_name="base", lora=[f"mla={tmp_path / 'mla'}"],
                warm_up=False, max_batch=2) as s:  # fmt: skip
         assert not s.app.model.blocks[0].attention.absorb  # kv_b_proj has an adapter

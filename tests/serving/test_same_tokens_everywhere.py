@@ -4,7 +4,7 @@ SavedModel `generate` signature give the same tokens for the same prompt and set
 import numpy as np
 import pytest
 import tensorflow as tf
-from serving_helpers import request, start_server
+from serving_helpers import forward_greedy, request, start_server
 
 from deepseek_tf.cli.main import main
 from deepseek_tf.export.savedmodel import export_savedmodel
@@ -68,7 +68,7 @@ def test_logit_bias_gives_the_same_tokens_in_generate_and_both_schedulers(paths,
     model, tokenizer = loaded
     _, _, url = paths
     ids = tokenizer.encode(PROMPT)
-    plain = Generator(model).generate([ids], NEW)[0]
+    plain = forward_greedy(model, [ids], NEW, tokenizer.vocab_size)[0]  # the unbiased reply
     favoured = next(t for t in tokenizer.encode("ezq") if t not in plain[:2])
     bias = {str(plain[0]): -100, str(plain[1]): -100, str(favoured): 5}
     settings = {"temperature": 0.9, "seed": 3, "presence_penalty": 0.5, "repetition_penalty": 1.3}

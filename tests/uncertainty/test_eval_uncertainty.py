@@ -74,6 +74,8 @@ def test_calibrate_refuses_its_source_and_bad_samples(trained_run, tmp_path):
         calibrate(trained_run, out=trained_run)
     with pytest.raises(InputError, match="--samples: must be >= 1"):
         calibrate(trained_run, out=tmp_path / "new", samples=0)
+    with pytest.raises(InputError, match=r"--max-batches: must be >= 0 \(0: all\), got -1"):
+        calibrate(trained_run, out=tmp_path / "new", max_batches=-1)
     assert not (tmp_path / "new").exists()
 
 
@@ -120,8 +122,11 @@ def test_mc_dropout_and_ensembles_have_epistemic_uncertainty(dropout_runs, capsy
 
 def test_temperature_scaling_lowers_held_out_nll(trained_run, tmp_path, capsys):
     out = tmp_path / "calibrated"
-    assert main(["calibrate", str(trained_run), "--out", str(out)]) == 0
+    args = ["calibrate", str(trained_run), "--out", str(out), "--max-batches", "64"]
+    assert main(args) == 0
     record = _json(capsys)
+    assert record["options"]["max_batches"] == 64
+    assert record["fit_tokens"] + record["held_out_tokens"] == 64 * 4 * 16  # 64 batches of 4 x 16
     assert record["held_out_nll_after"] < record["held_out_nll_before"]
     assert record["temperature_factor"] != pytest.approx(1.0, abs=1e-3)
     assert main(["eval", str(out), "--uncertainty", "--max-batches", "2"]) == 0

@@ -18,11 +18,17 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--samples", type=int, default=8, help="gaussian head: latent samples per token"
     )
+    parser.add_argument(
+        "--max-batches", type=int, default=0, help="validation batches to read (0: all)"
+    )
     parser.set_defaults(func=run, api="deepseek_tf.api.evaluation:calibrate")
 
 
 def run(args) -> int:
     from deepseek_tf.api.evaluation import calibrate
 
-    print(json.dumps(calibrate(args.run_dir, out=args.out, samples=args.samples)))
+    record = calibrate(
+        args.run_dir, out=args.out, samples=args.samples, max_batches=args.max_batches
+    )
+    print(json.dumps(record))
     return 0

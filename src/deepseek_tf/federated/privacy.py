@@ -16,10 +16,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
-from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from deepseek_tf.errors import ConfigError
 
@@ -72,6 +69,12 @@ def epsilon(dp: DPConfig, sampling_rate: float, rounds: int) -> dict:
         return {"epsilon": 0.0 if rounds == 0 else math.inf, "delta": dp.delta}
     if dp.noise_multiplier == 0:
         return {"epsilon": math.inf, "delta": dp.delta}
+    # imported here: dp_accounting (and the SciPy it loads) adds about 1.5 s to every
+    # process start, and only a differentially private run needs it
+    import dp_accounting
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+    from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+
     event = dp_accounting.PoissonSampledDpEvent(
         sampling_rate, dp_accounting.GaussianDpEvent(dp.noise_multiplier)
     )

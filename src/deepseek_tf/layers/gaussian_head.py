@@ -16,14 +16,22 @@ models reject).
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import tensorflow as tf
-import tensorflow_probability as tfp
 from keras import ops
 
 from deepseek_tf.layers.serialization import init_config
 
-tfd = tfp.distributions
+
+@functools.cache
+def _tfd():
+    """`tfp.distributions`, imported on first use: TensorFlow Probability adds about 1.5 s
+    to every process start, and only a model with this head needs it."""
+    import tensorflow_probability as tfp
+
+    return tfp.distributions
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -84,18 +92,18 @@ class GaussianHead(keras.layers.Layer):
         return loc, log_var
 
     @staticmethod
-    def distribution(loc, log_var) -> tfd.MultivariateNormalDiag:
+    def distribution(loc, log_var):
         """The brief's `tfd.MultivariateNormalDiag(loc, scale_diag=exp(0.5 * log_var))`."""
-        return tfd.MultivariateNormalDiag(loc=loc, scale_diag=tf.exp(0.5 * log_var))
+        return _tfd().MultivariateNormalDiag(loc=loc, scale_diag=tf.exp(0.5 * log_var))
 
     @staticmethod
-    def prior(loc) -> tfd.MultivariateNormalDiag:
+    def prior(loc):
         """The standard normal prior over the latent (see the module docstring)."""
-        return tfd.MultivariateNormalDiag(loc=tf.zeros_like(loc), scale_diag=tf.ones_like(loc))
+        return _tfd().MultivariateNormalDiag(loc=tf.zeros_like(loc), scale_diag=tf.ones_like(loc))
 
     def kl_to_prior(self, loc, log_var):
         """`KL(q(z | h) || N(0, I))` per position, in closed form (TFP)."""
-        return tfd.kl_divergence(self.distribution(loc, log_var), self.prior(loc))
+        return _tfd().kl_divergence(self.distribution(loc, log_var), self.prior(loc))
 
     def sample(self, loc, log_var, samples: int, seed=None):
         """`(S, ..., d)` reparameterised samples; `seed` a `(2,)` int32 stateless seed

@@ -58,12 +58,16 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, iterations: int = 6
     return math.exp((lo + hi) / 2)
 
 
-def validation_logits(model, config, tokenizer, samples: int = 1, seed: int = 0):
-    """`(S, N, V)` logits and `(N,)` targets of the validation split's tokens, halved:
-    `(fit part, held-out part)` by block -- even blocks to fit, odd blocks held out, so
-    both halves come from the same text (the split's first and second halves are
-    different plays) -- tokens subsampled to at most `MAX_VALUES`."""
+def validation_logits(model, config, tokenizer, samples: int = 1, seed: int = 0,
+                      max_batches: int = 0):  # fmt: skip
+    """`(S, N, V)` logits and `(N,)` targets of the validation split's tokens (its first
+    `max_batches` batches; 0: all), halved: `(fit part, held-out part)` by block -- even
+    blocks to fit, odd blocks held out, so both halves come from the same text (the
+    split's first and second halves are different plays) -- tokens subsampled to at most
+    `MAX_VALUES`."""
     ds = make_eval_dataset(config.data, tokenizer, config.train.batch_size, split="val")
+    if max_batches:
+        ds = ds.take(max_batches)
 
     @tf.function(reduce_retracing=True)
     def sampled(inputs, index):
@@ -106,7 +110,7 @@ def _check_out(run_dir, out) -> Path:
     return Path(out)
 
 
-def calibrate(run_dir, *, out, samples: int = 8) -> dict:
+def calibrate(run_dir, *, out, samples: int = 8, max_batches: int = 0) -> dict:
     """Fits a logit temperature on `run_dir`'s validation split and writes the calibrated
     run to `out` (`deepseek-tf calibrate RUN_DIR --out OUT`).
 
@@ -114,6 +118,7 @@ def calibrate(run_dir, *, out, samples: int = 8) -> dict:
         run_dir: the run to calibrate (it needs a tokenizer: its validation split is read).
         out: the new run directory (not the source, not a run with checkpoints).
         samples: latent samples per token of a gaussian head (other heads take one).
+        max_batches: validation batches read (0: the whole split).
 
     Returns:
         The record appended to `out`'s `compression.json`: `method` ("calibrate"),
@@ -122,8 +127,8 @@ def calibrate(run_dir, *, out, samples: int = 8) -> dict:
         `seconds`.
 
     Raises:
-        InputError: `samples` below 1, a run without tokenizer or with fewer than two
-            validation blocks.
+        InputError: `samples` below 1, `max_batches` below 0, a run without tokenizer or
+            with fewer than two validation blocks.
         RunDirError: `out` is the source run or holds another run's checkpoints.
 
     Examples:
@@ -134,6 +139,8 @@ def calibrate(run_dir, *, out, samples: int = 8) -> dict:
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InputError(f"--samples: must be >= 1, got {samples!r}")
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 0:
+        raise InputError(f"--max-batches: must be >= 0 (0: all), got {max_batches!r}")
     out = _check_out(run_dir, out)
     config = RunDir(run_dir).read_config()
     model, tokenizer = load_run(run_dir)
@@ -142,13 +149,13 @@ def calibrate(run_dir, *, out, samples: int = 8) -> dict:
     started = time.perf_counter()
     samples = samples if model.gaussian_head is not None else 1
     (fit_logits, fit_targets), (held_logits, held_targets) = validation_logits(
-        model, config, tokenizer, samples
+        model, config, tokenizer, samples, max_batches=max_batches
     )
     t = fit_temperature(fit_logits, fit_targets)
     temperature = config.calibration.logit_temperature * t
     record = {
         "method": "calibrate",
-        "options": {"samples": samples},
+        "options": {"samples": samples, "max_batches": max_batches},
         "temperature_factor": t,
         "logit_temperature": temperature,
         "fit_tokens": int(len(fit_targets)),

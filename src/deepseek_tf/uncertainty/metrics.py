@@ -15,12 +15,22 @@ the model's sampled softmaxes) and its target:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 ECE_BINS = 15
 TINY = 1e-30
+
+
+@functools.cache
+def _tfp_stats():
+    """`tfp.stats`, imported on first use: TensorFlow Probability adds about 1.5 s to every
+    process start (the API imports this module for `calibrate`)."""
+    import tensorflow_probability as tfp
+
+    return tfp.stats
 
 
 def entropy(probs):
@@ -59,7 +69,7 @@ def brier(log_probs, targets):
     positions are flattened first.
     """
     vocab = tf.shape(log_probs)[-1]
-    flat = tfp.stats.brier_score(tf.reshape(targets, [-1]), tf.reshape(log_probs, [-1, vocab]))
+    flat = _tfp_stats().brier_score(tf.reshape(targets, [-1]), tf.reshape(log_probs, [-1, vocab]))
     return tf.reshape(flat, tf.shape(targets)) + 1.0
 
 
@@ -68,7 +78,7 @@ def expected_calibration_error(confidence, correct, bins: int = ECE_BINS) -> flo
     confidence = np.asarray(confidence, np.float64)
     correct = np.asarray(correct, np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    index = tfp.stats.find_bins(confidence, edges, dtype=tf.int64).numpy()  # 1.0: last bin
+    index = _tfp_stats().find_bins(confidence, edges, dtype=tf.int64).numpy()  # 1.0: last bin
     gap = np.bincount(index, correct - confidence, minlength=bins)  # per bin: sum (acc - conf)
     return float(np.abs(gap).sum() / max(len(confidence), 1))
 
@@ -78,7 +88,7 @@ def reliability_bins(confidence, correct, bins: int = ECE_BINS) -> dict:
     confidence = np.asarray(confidence, np.float64)
     correct = np.asarray(correct, np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    index = tfp.stats.find_bins(confidence, edges, dtype=tf.int64).numpy()
+    index = _tfp_stats().find_bins(confidence, edges, dtype=tf.int64).numpy()
     count = np.bincount(index, minlength=bins).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {
