@@ -39,8 +39,9 @@ def attention_model(tiny_config):
 
 @pytest.fixture(scope="module")
 def scheduler(attention_model):
-    s = ContinuousScheduler(attention_model, None, max_batch=4, step_ms=5).start()
-    assert s.ready.wait(300)
+    # min_span 16: decode calls read 16, 32 or all 48 positions, as the rows grow
+    s = ContinuousScheduler(attention_model, None, max_batch=4, step_ms=5, min_span=16).start()
+    assert s.ready.wait(300) and s.rows_cache.spans() == [16, 32, 48]
     yield s
     s.stop()
 
@@ -82,6 +83,8 @@ def test_requests_join_a_running_batch_and_get_generates_tokens(scheduler, atten
         wait(job)
     # ... and the second got its first token before the first request ended
     assert first_of_second is not None and first_of_second < 40
+    # every row, through every span it crossed (the first ends at position 44), decodes
+    # what `generate` (its cache sized to the request) gives
     generator = Generator(attention_model)
     for job, prompt, (temperature, seed) in zip(jobs, prompts, settings):
         n = job.req.max_tokens
@@ -94,10 +97,14 @@ def test_prefix_cache_reuses_a_shared_prefix_with_the_same_tokens(attention_mode
     rng = np.random.RandomState(1)
     system = rng.randint(0, VOCAB, 20).tolist()
     cold = ContinuousScheduler(attention_model, None, max_batch=2, prefix_cache_mb=0).start()
-    warm = ContinuousScheduler(attention_model, None, max_batch=2, warm_up=False).start()
+    # spans of 16, 32, 48 positions: entries are rows of the span that held them
+    warm = ContinuousScheduler(attention_model, None, max_batch=2, warm_up=False,
+                               min_span=16).start()  # fmt: skip
     try:
-        first = wait(warm.submit(request(system + [1, 2], 6)))
-        assert first.cached_tokens == 0
+        wait(warm.submit(request(system[:12], 3)))  # leaves a 16-position entry ...
+        first = wait(warm.submit(request(system + [1, 2], 6)))  # ... grown to 32 for this
+        assert first.cached_tokens >= 12
+        assert first.tokens == wait(cold.submit(request(system + [1, 2], 6))).tokens
         for tail in ([3, 4, 5], [7]):
             hit = wait(warm.submit(request(system + tail, 6)))
             plain = wait(cold.submit(request(system + tail, 6)))
@@ -145,10 +152,10 @@ def test_cancelled_row_frees_its_slot_within_one_call(scheduler):
 
 
 def test_warm_up_compiles_every_shape_before_ready(scheduler):
-    traces = scheduler._advance.experimental_get_tracing_count()
+    traces = scheduler.rows_cache.traces()
     prefill = scheduler.loop.prefill_chunk.experimental_get_tracing_count()
     rng = np.random.RandomState(2)
     for n in (1, 6, 17, 40):  # prompts of many lengths, greedy and sampled
         wait(scheduler.submit(request(rng.randint(0, VOCAB, n).tolist(), 5, 0.8)))
-    assert scheduler._advance.experimental_get_tracing_count() == traces
+    assert scheduler.rows_cache.traces() == traces
     assert scheduler.loop.prefill_chunk.experimental_get_tracing_count() == prefill

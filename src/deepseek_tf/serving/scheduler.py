@@ -14,7 +14,9 @@ compiled steps update it in place: no copy of the cache per call). A worker thre
    `step_ms` (joining requests wait at most that long), at most `stream_interval`
    while a request streams (its client sees tokens that often: a compiled call has a
    fixed cost of about a millisecond, so one call per token would halve throughput),
-   and 1 while a request needs a decision per token (structured output: `serving.grammar`);
+   and 1 while a request needs a decision per token (structured output: `serving.grammar`).
+   A call reads only the cache positions its rows can reach (`serving.slot_cache`: the
+   smallest of its spans above every running row's last position);
 3. hand each job its new tokens (text, stop strings, limits, streaming); finished and
    abandoned (disconnected, timed out) rows free their slots at once.
 """
@@ -32,16 +34,17 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.generation import penalties as pen
-from deepseek_tf.generation.decoding import TOP_LOGPROBS, DecodeLoop, prefill_chunks
+from deepseek_tf.generation.decoding import DecodeLoop, prefill_chunks
 from deepseek_tf.generation.sampler import bias_matrix
 from deepseek_tf.serving.grammar import GrammarConstraint, GrammarVocab
 from deepseek_tf.serving.job import Job
 from deepseek_tf.serving.metrics import ServerMetrics
 from deepseek_tf.serving.prefix_cache import PrefixCache
 from deepseek_tf.serving.protocol import GenRequest
+from deepseek_tf.serving.slot_cache import MAX_CHUNK, MIN_SPAN, SlotCache
 
 log = logging.getLogger("deepseek_tf.serving")
-MAX_CHUNK = 32  # most positions one decode call advances
+WARM_SPANS = 4096  # spans up to this (and the whole cache) compile before `ready`
 
 
 class ContinuousScheduler:
@@ -62,6 +65,8 @@ class ContinuousScheduler:
             on first use).
         lora: the served LoRA adapters (`models.multi_lora.MultiLora`), selected per slot
             by each request's `adapter` (None: the base alone).
+        min_span: fewest cache positions a decode call attends over (see the module
+            docstring; `max_len` or more: always the whole cache).
     """
 
     constrains = True  # structured output: one step per call while a row is constrained
@@ -69,7 +74,8 @@ class ContinuousScheduler:
     def __init__(self, model, tokenizer, metrics: ServerMetrics | None = None, *,
                  max_batch: int = 16, step_ms: float = 20.0, stream_interval: int = 16,
                  prefix_cache_mb: float = 256, max_len: int | None = None,
-                 jit_compile: bool = True, warm_up: bool = True, lora=None):  # fmt: skip
+                 jit_compile: bool = True, warm_up: bool = True, lora=None,
+                 min_span: int = MIN_SPAN):  # fmt: skip
         self.model, self.tokenizer, self.lora = model, tokenizer, lora
         self.metrics = metrics or ServerMetrics("model")
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
@@ -81,29 +87,21 @@ class ContinuousScheduler:
         self.stream_interval = max(1, int(stream_interval))
         self.warm = warm_up
         b, s = self.slots, self.length
-        self.cache = tf.nest.map_structure(tf.Variable, model.init_cache(b, s))  # (B, S, ...)
-        self.logits = tf.Variable(tf.zeros((b, model.vocab_size), tf.float32))  # (B, V)
+        stops = [] if self.eos_id is None else [self.eos_id]
+        self.rows_cache = SlotCache(model, self.loop, b, s, tf.constant(stops or [-1], tf.int32),
+                                    jit_compile=jit_compile, min_span=min_span)  # fmt: skip
+        self.cache = self.rows_cache.cache  # (B, S, ...)
         self.bias = np.zeros((b, model.vocab_size), np.float32)  # each slot's `logit_bias`
         self.biased = np.zeros(b, bool)
         # repetition penalties (`generation.penalties`): settings per slot, state in variables
         self.penalty_settings = pen.settings_arrays([], b)
-        self.counts = tf.Variable(tf.zeros((b, model.vocab_size), tf.float32))  # (B, V)
-        self.seen = tf.Variable(tf.zeros((b, model.vocab_size), tf.bool))  # (B, V)
-        stateful = any(t.shape[1] != s for t in tf.nest.flatten(self.cache))  # conv state
-        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20), exact_only=stateful)
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20), exact_only=self.rows_cache.stateful)
         self.jobs: list[Job | None] = [None] * b
         self.positions = np.zeros(b, np.int32)
         self.ends = np.ones(b, np.int32)
         self.adapters = np.zeros(b, np.int32)  # each slot's LoRA adapter (0: the base)
         self.sampling = [np.zeros(b, np.float32), np.zeros(b, np.int32),
                          np.ones(b, np.float32), np.zeros(b, np.int32)]  # fmt: skip
-        stops = [] if self.eos_id is None else [self.eos_id]
-        self.stop_ids = tf.constant(stops or [-1], tf.int32)
-        self._advance = tf.function(self._advance_fn, jit_compile=jit_compile)
-        self._insert = tf.function(self._insert_fn, jit_compile=jit_compile)
-        self._read_row = tf.function(  # one call, not one eager slice per cache tensor
-            lambda slot: tf.nest.map_structure(lambda v: v[slot : slot + 1], self.cache)
-        )
         self._queue: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
         self.ready = threading.Event()
@@ -111,57 +109,6 @@ class ContinuousScheduler:
         self._per_token_s = 0.002  # running estimate of one position's decode time
         self.rows = 0  # statistics: rows admitted, rows abandoned by their client
         self.abandoned = 0
-
-    # -- compiled parts --------------------------------------------------------------------
-    def _insert_fn(self, slot, row_cache, row_logits):
-        """Writes a batch-1 cache and its last logits into row `slot`."""
-        index = tf.reshape(slot, (1, 1))
-        for var, row in zip(tf.nest.flatten(self.cache), tf.nest.flatten(row_cache)):
-            var.scatter_nd_update(index, tf.cast(row, var.dtype))
-        self.logits.scatter_nd_update(index, tf.cast(row_logits, tf.float32))
-
-    def _advance_fn(self, positions, done, ends, sampling, steps, bias=None, penalties=None):
-        """Up to `steps` positions of every row not `done` -> `(steps_run, tokens (B, K),
-        logprobs (B, K), top_ids (B, K, TOP), top_logprobs (B, K, TOP), entropies (B, K))`
-        with `K = MAX_CHUNK`; the cache and logits variables (and, with the `penalties`
-        settings, the penalty state) are updated in place."""
-        b = self.slots
-        cache = tf.nest.map_structure(lambda v: v.read_value(), self.cache)
-        logits = self.logits.read_value()
-        state = ()
-        if penalties is not None:
-            state = (*penalties, self.counts.read_value(), self.seen.read_value())
-        none = tf.zeros((b,), tf.bool)
-        out = (tf.zeros((b, MAX_CHUNK), tf.int32), tf.zeros((b, MAX_CHUNK)),
-               tf.zeros((b, MAX_CHUNK, TOP_LOGPROBS), tf.int32),
-               tf.zeros((b, MAX_CHUNK, TOP_LOGPROBS)), tf.zeros((b, MAX_CHUNK)))  # fmt: skip
-
-        def body(j, positions, done, cache, logits, out, state):
-            zero = tf.zeros((b,), tf.int32)
-            step = self.loop.token_step(cache, logits, positions, none, zero, done, sampling,
-                                        self.stop_ids, bias, state or None)  # fmt: skip
-            token, stopped, logprob, top_ids, top_lps, entropy, logits, cache, state = step
-            column = tf.stack([tf.range(b), tf.fill((b,), j)], axis=1)  # (B, 2)
-            values = (token, logprob, top_ids, top_lps, entropy)
-            out = tuple(tf.tensor_scatter_nd_update(o, column, v) for o, v in zip(out, values))
-            moving = tf.logical_not(done)
-            done = tf.logical_or(done, tf.logical_or(stopped, positions + 1 >= ends))
-            positions = tf.where(moving, tf.minimum(positions + 1, self.length - 1), positions)
-            return j + 1, positions, done, cache, logits, out, state or ()
-
-        def cond(j, positions, done, *_):
-            return tf.logical_and(j < steps, tf.logical_not(tf.reduce_all(done)))
-
-        j, _, _, cache, logits, out, state = tf.while_loop(
-            cond, body, (tf.constant(0), positions, done, cache, logits, out, state)
-        )
-        for var, value in zip(tf.nest.flatten(self.cache), tf.nest.flatten(cache)):
-            var.assign(value)
-        self.logits.assign(logits)
-        if state:
-            self.counts.assign(state[3])
-            self.seen.assign(state[4])
-        return (j, *out)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> ContinuousScheduler:
@@ -176,16 +123,23 @@ class ContinuousScheduler:
         """Compiles every shape the server uses (each prefill chunk, the decode call, the
         slot write); returns the seconds it took."""
         began = time.perf_counter()
-        row = self.model.init_cache(1, self.length)
-        logits = None
-        for n in prefill_chunks((1 << self.length.bit_length()) - 1):
-            if n <= self.length:
-                logits, row = self.loop.prefill(tf.zeros((1, n), tf.int32), row)
-        self._insert(tf.constant(0), row, logits)
+        spans = self.rows_cache.spans()
+        for span in sorted({spans[0], self.length}):  # prompts of other spans: on first use
+            row, logits = self.model.init_cache(1, span), None
+            for n in prefill_chunks((1 << span.bit_length()) - 1):
+                if n <= span:
+                    logits, row = self.loop.prefill(tf.zeros((1, n), tf.int32), row)
+            self.rows_cache.insert(tf.constant(0), row, logits)
         done = np.ones(self.slots, bool)
         done[0] = False
-        self._call(done, steps=1)
-        self._call(done, steps=1, bias=np.zeros((self.slots, self.model.vocab_size), np.float32))
+        bias = np.zeros((self.slots, self.model.vocab_size), np.float32)
+        for span in self.rows_cache.spans():
+            if span > WARM_SPANS and span != self.length:
+                continue  # compiled on first use
+            self.positions[0] = span - 1
+            self._call(done, steps=1)
+            self._call(done, steps=1, bias=bias)
+        self.positions[0] = 0
         return time.perf_counter() - began
 
     def pending(self) -> int:
@@ -251,13 +205,13 @@ class ContinuousScheduler:
         self.metrics.prefix_hit.inc(shared)
         self.metrics.prompt_tokens.inc(len(prompt))
         job.cached_tokens = shared
-        if row is None:
-            row = self.model.init_cache(1, self.length)
+        span = self.rows_cache.span_for(len(prompt) - 1)  # a row just long enough
+        row = self.model.init_cache(1, span) if row is None else self.rows_cache.fit(row, span)
         rest = tf.constant([prompt[shared:]], tf.int32)  # (1, P - shared)
         with self._adapters([req.adapter]):
             logits, row = self.loop.prefill(rest, row, start=shared)
         self.prefix.store(prompt, row, namespace=req.adapter)
-        self._insert(tf.constant(slot), row, logits)
+        self.rows_cache.insert(tf.constant(slot), row, logits)
         self.jobs[slot] = job
         self.positions[slot] = len(prompt)
         self.ends[slot] = len(prompt) + req.max_tokens
@@ -271,25 +225,29 @@ class ContinuousScheduler:
             array[slot] = value
         if req.penalties.active:  # a clean state: nothing generated, the prompt seen
             counts, seen = pen.initial_state([prompt], 1, self.model.vocab_size)
-            index = tf.constant([[slot]])
-            self.counts.scatter_nd_update(index, tf.constant(counts))
-            self.seen.scatter_nd_update(index, tf.constant(seen))
+            self.rows_cache.reset_penalties(slot, counts, seen)
         if req.grammar is not None:  # compiled and checked when the request was read
             vocab = GrammarVocab.for_tokenizer(self.tokenizer)
             job.constraint = GrammarConstraint(vocab, req.grammar)
         self.rows += 1
 
+    def _span(self, done, steps: int) -> int:
+        """The span that holds every running row's next `steps` positions."""
+        live = self.positions[~done]
+        return self.rows_cache.span_for(int(live.max()) + steps - 1 if live.size else 0)
+
     def _call(self, done, steps: int, bias=None, penalties: bool = False):
         sampling = tuple(tf.constant(a) for a in self.sampling)
-        args = (tf.constant(self.positions), tf.constant(done), tf.constant(self.ends), sampling,
-                tf.constant(steps, tf.int32))  # fmt: skip
+        positions = np.where(done, 0, self.positions)  # a free slot's stays inside the span
+        args = (tf.constant(positions), tf.constant(done), tf.constant(self.ends), sampling,
+                tf.constant(steps, tf.int32), self._span(done, steps))  # fmt: skip
         extra = {}
         if bias is not None:
             extra["bias"] = tf.constant(bias)
         if penalties:
             extra["penalties"] = tuple(map(tf.constant, self.penalty_settings))
         with self._adapters(self.adapters):
-            return self._advance(*args, **extra)
+            return self.rows_cache.advance(*args, **extra)
 
     def _adapters(self, ids):
         """The LoRA adapters of the next call's rows (nothing to set without adapters)."""
@@ -387,5 +345,5 @@ class ContinuousScheduler:
             # the row now holds the prompt and the reply: a chat's next turn starts with both
             tokens = list(job.req.prompt_ids) + job.tokens
             n = min(len(tokens), int(self.positions[slot]))
-            row = self._read_row(tf.constant(slot))
+            row = self.rows_cache.read_row(slot, self.rows_cache.span_for(n - 1))
             self.prefix.store(tokens[:n], row, namespace=job.req.adapter)
