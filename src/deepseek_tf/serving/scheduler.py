@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -269,7 +270,9 @@ class ContinuousScheduler:
             if self.running() == 0:
                 return
         else:
-            steps = int(np.clip(self.step_ms / 1e3 / self._per_token_s, 1, MAX_CHUNK))
+            # rounded up: a call's fixed cost is in the estimate, so rounding down could
+            # settle on 1 step per call, whose estimate then justifies only 1 step
+            steps = int(np.clip(math.ceil(self.step_ms / 1e3 / self._per_token_s), 1, MAX_CHUNK))
             if any(j is not None and j.req.stream for j in self.jobs):
                 steps = min(steps, self.stream_interval)
         done = np.asarray([j is None for j in self.jobs])
