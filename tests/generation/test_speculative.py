@@ -12,7 +12,11 @@ from deepseek_tf.errors import InputError
 from deepseek_tf.generation.decoding import Row
 from deepseek_tf.generation.generate import Generator
 from deepseek_tf.generation.sampler import filter_logits
-from deepseek_tf.generation.speculative import SpeculativeDecoder
+from deepseek_tf.generation.speculative import (
+    SpeculativeDecoder,
+    cannot_gain,
+    last_level_cache_bytes,
+)
 from deepseek_tf.generation.speculative_sampling import (
     DRAFT_NOISE,
     accept_drafts,
@@ -277,9 +281,21 @@ def test_cli_errors(trained_run, capsys):
 def test_cli_speculative_greedy_text_equals_plain(trained_mtp, capsys):
     from deepseek_tf.cli.main import main
 
-    texts = []
+    texts, errs = [], []
     for extra in ([], ["--speculative", "mtp", "--draft-tokens", "1"]):
         args = ["generate", str(trained_mtp), "--prompt", "KING", "--max-new-tokens", "40"]
         assert main([*args, "--temperature", "0", *extra]) == 0
-        texts.append(capsys.readouterr().out)
+        out = capsys.readouterr()
+        texts.append(out.out)
+        errs.append(out.err)
     assert texts[0] == texts[1] and texts[0].startswith("KING")
+    if last_level_cache_bytes():  # this tiny model fits in any CPU's cache: it says so
+        assert "speculation cannot gain here" in errs[1] and "cannot gain" not in errs[0]
+
+
+def test_speculation_says_when_it_cannot_gain(trained_mtp):
+    model, _ = load(trained_mtp)
+    weights = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in model.weights)
+    note = cannot_gain(model, cache_bytes=weights)  # the weights just fit
+    assert note.startswith("--speculative mtp:") and "cannot gain" in note
+    assert cannot_gain(model, cache_bytes=weights - 1) is None  # a step reads memory

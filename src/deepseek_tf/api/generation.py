@@ -15,11 +15,13 @@ Examples:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from deepseek_tf.errors import InputError
 from deepseek_tf.generation.generate import MAX_NEW_TOKENS, Generator
 from deepseek_tf.generation.sampler import SamplingError, check_sampling
+from deepseek_tf.generation.speculative import cannot_gain
 from deepseek_tf.rundir import load_run
 
 __all__ = ["check_generation_options", "generate", "generate_texts"]
@@ -93,6 +95,9 @@ def generate_texts(
     """The continuations of `prompts` by a loaded `model` and its `tokenizer` (what
     `generate` does once the run is loaded; the options are `generate`'s, `details` is its
     `show_uncertainty`, and they are not checked again here)."""
+    note = cannot_gain(model) if speculative else None
+    if note:  # said, not refused: the output is the same, only slower
+        print(f"[generate] warning: {note}", file=sys.stderr, flush=True)
     generator = Generator(
         model, vocab_limit=tokenizer.vocab_size, speculative=speculative, draft_tokens=draft_tokens
     )

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.errors import InputError
-from deepseek_tf.generation.speculative import check_draft_tokens
+from deepseek_tf.generation.speculative import cannot_gain, check_draft_tokens
 from deepseek_tf.models.multi_lora import Adapter, MultiLora
 from deepseek_tf.serving.api_errors import ApiError, bad
 from deepseek_tf.serving.batcher import Batcher
@@ -148,6 +148,9 @@ class ServingApp:
         if speculative not in (None, "mtp"):
             raise InputError(f"--speculative: mtp (or off), got {speculative!r}")
         drafts = check_draft_tokens(model, draft_tokens) if speculative else None
+        note = cannot_gain(model) if speculative else None
+        if note:  # said, not refused: the replies are the same, only slower
+            log.warning(note)
         if adapters and (speculative or batching != "continuous"):
             flag = "--speculative" if speculative else "--batching dynamic"
             raise InputError(f"--lora: adapters are served by continuous batching, not {flag}")
