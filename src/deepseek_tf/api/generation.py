@@ -95,12 +95,12 @@ def generate_texts(
     """The continuations of `prompts` by a loaded `model` and its `tokenizer` (what
     `generate` does once the run is loaded; the options are `generate`'s, `details` is its
     `show_uncertainty`, and they are not checked again here)."""
+    generator = Generator(
+        model, vocab_limit=tokenizer.vocab_size, speculative=speculative, draft_tokens=draft_tokens
+    )  # (refuses a model without MTP modules)
     note = cannot_gain(model) if speculative else None
     if note:  # said, not refused: the output is the same, only slower
         print(f"[generate] warning: {note}", file=sys.stderr, flush=True)
-    generator = Generator(
-        model, vocab_limit=tokenizer.vocab_size, speculative=speculative, draft_tokens=draft_tokens
-    )
     prompts = list(prompts)
     if chat:
         encoded = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
