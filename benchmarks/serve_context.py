@@ -17,34 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
-import time
 
 import bench_common as bc
 
 NAME = "serve_context"
-
-
-def run(scheduler, requests: list, concurrency: int) -> dict:
-    """Decodes `requests` (GenRequests), `concurrency` in flight: tokens, wall seconds."""
-    gate, tokens, lock = threading.Semaphore(concurrency), [], threading.Lock()
-
-    def one(req):
-        with gate:
-            job = scheduler.submit(req)
-            while job.events.get()[1][0] not in ("end", "error"):
-                pass
-            with lock:
-                tokens.append(len(job.tokens))
-
-    threads = [threading.Thread(target=one, args=(r,)) for r in requests]
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
-    return {"tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall}
 
 
 def main() -> None:
@@ -82,8 +58,9 @@ def main() -> None:
         scheduler = ContinuousScheduler(model, None, max_batch=args.concurrency,
                                         min_span=min_span).start()  # fmt: skip
         scheduler.ready.wait()
-        run(scheduler, requests[: args.concurrency], args.concurrency)  # every shape used
-        results[name] = run(scheduler, requests, args.concurrency)
+        # a first round uses every shape
+        bc.drive_scheduler(scheduler, requests[: args.concurrency], args.concurrency)
+        results[name] = bc.drive_scheduler(scheduler, requests, args.concurrency)
         scheduler.stop()
     spans, whole, short = (r["tokens_per_s"] for r in results.values())
     result = {"benchmark": NAME, "machine": bc.machine_info(["tensorflow", "keras"]),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import time
 
 import bench_common as bc
@@ -48,28 +47,6 @@ SCHEMA = {
     "required": ["unit", "ok", "days", "where"],
     "additionalProperties": False,
 }
-
-
-def run(scheduler, requests: list, concurrency: int) -> dict:
-    """Decodes `requests` (GenRequests), `concurrency` in flight: tokens, wall seconds."""
-    gate, tokens, lock = threading.Semaphore(concurrency), [], threading.Lock()
-
-    def one(req):
-        with gate:
-            job = scheduler.submit(req)
-            while job.events.get()[1][0] not in ("end", "error"):
-                pass
-            with lock:
-                tokens.append(len(job.tokens))
-
-    threads = [threading.Thread(target=one, args=(r,)) for r in requests]
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
-    return {"tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall}
 
 
 def main() -> None:
@@ -104,11 +81,12 @@ def main() -> None:
 
     scheduler = ContinuousScheduler(model, tokenizer, max_batch=args.concurrency).start()
     scheduler.ready.wait()
-    run(scheduler, requests(False)[: args.concurrency], args.concurrency)  # warm both paths
-    run(scheduler, requests(True)[: args.concurrency], args.concurrency)
+    # warm both paths
+    bc.drive_scheduler(scheduler, requests(False)[: args.concurrency], args.concurrency)
+    bc.drive_scheduler(scheduler, requests(True)[: args.concurrency], args.concurrency)
     meter = bc.maybe_wait_quiet(NAME, args.wait_quiet)
-    free = run(scheduler, requests(False), args.concurrency)
-    constrained = run(scheduler, requests(True), args.concurrency)
+    free = bc.drive_scheduler(scheduler, requests(False), args.concurrency)
+    constrained = bc.drive_scheduler(scheduler, requests(True), args.concurrency)
     scheduler.stop()
     constraint = GrammarConstraint(GrammarVocab.for_tokenizer(tokenizer), grammar)
     began, steps = time.perf_counter(), 0

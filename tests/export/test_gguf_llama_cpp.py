@@ -11,6 +11,8 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from serving_helpers import forward_greedy  # noqa: E402  (the plain greedy reference)
+
 from deepseek_tf.api import convert_from_hf, convert_to_hf, load  # noqa: E402
 from deepseek_tf.api.deployment import export  # noqa: E402
 from deepseek_tf.export.gguf_verify import llama_greedy, llama_logits, open_llama  # noqa: E402
@@ -41,15 +43,6 @@ V2 = (
 )
 
 
-def keras_greedy(model, ids, n: int) -> list[int]:
-    """The plain reference: the whole prefix re-run for every token, argmax of the last."""
-    ids = list(ids)
-    for _ in range(n):
-        logits = model(np.asarray([ids], np.int32), training=False)
-        ids.append(int(np.argmax(logits[0, -1])))
-    return ids[-n:]
-
-
 @pytest.fixture(scope="module")
 def moe_run(shared_run):
     return shared_run("shakespeare-moe", MOE)
@@ -70,7 +63,7 @@ def _greedy_matches(run, tmp_path, prompt: str, n: int):
     ids = tokenizer.encode(prompt)
     llm = open_llama(path, n_ctx=model.max_seq_len)
     assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids
-    return report, llama_greedy(llm, ids, n), keras_greedy(model, ids, n)
+    return report, llama_greedy(llm, ids, n), forward_greedy(model, [ids], n)[0]
 
 
 def test_llama_cpp_greedy_equals_deepseek_tf_on_a_shakespeare_moe_run(moe_run, tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from deepseek_tf.data.corpus import resolve_files
 from deepseek_tf.data.pipeline import make_eval_dataset
-from deepseek_tf.errors import InputError, RunDirError
+from deepseek_tf.errors import InputError, RunDirError, check_count
 from deepseek_tf.rundir import RunDir, load_run
 from deepseek_tf.training.evaluate import evaluate as evaluate_model
 from deepseek_tf.uncertainty.calibrate import calibrate
@@ -46,11 +46,8 @@ def _check_options(batch_size, max_batches, uncertainty, samples, mc_samples, **
     """`evaluate`'s rules, checked before the (slow) model load."""
     for flag, value, low in (("batch-size", batch_size, 1), ("max-batches", max_batches, 0),
                              ("samples", samples, 1), ("mc-samples", mc_samples, 1)):  # fmt: skip
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            zero = " (0: all)" if flag == "max-batches" else ""
-            raise InputError(f"--{flag}: must be >= {low}{zero}, got {value!r}")
+        if value is not None:
+            check_count(flag, value, low, "(0: all)" if flag == "max-batches" else "")
     given = [name for name, value in {"mc_samples": mc_samples, **extras}.items() if value]
     if given and not uncertainty:
         raise InputError(f"--{given[0].replace('_', '-')} needs --uncertainty")

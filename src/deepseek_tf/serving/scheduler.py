@@ -91,7 +91,6 @@ class ContinuousScheduler:
         stops = [] if self.eos_id is None else [self.eos_id]
         self.rows_cache = SlotCache(model, self.loop, b, s, tf.constant(stops or [-1], tf.int32),
                                     jit_compile=jit_compile, min_span=min_span)  # fmt: skip
-        self.cache = self.rows_cache.cache  # (B, S, ...)
         self.bias = np.zeros((b, model.vocab_size), np.float32)  # each slot's `logit_bias`
         self.biased = np.zeros(b, bool)
         # repetition penalties (`generation.penalties`): settings per slot, state in variables
@@ -110,6 +109,11 @@ class ContinuousScheduler:
         self._per_token_s = 0.002  # running estimate of one position's decode time
         self.rows = 0  # statistics: rows admitted, rows abandoned by their client
         self.abandoned = 0
+
+    @property
+    def cache(self):
+        """The slots' cache variables, `(B, S, ...)` (held by `rows_cache`)."""
+        return self.rows_cache.cache
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> ContinuousScheduler:

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from deepseek_tf.config.loader import update_config
 from deepseek_tf.data.pipeline import make_eval_dataset
-from deepseek_tf.errors import InputError, RunDirError
+from deepseek_tf.errors import InputError, RunDirError, check_count
 from deepseek_tf.rundir import RunDir, load_run
 from deepseek_tf.uncertainty.metrics import expected_calibration_error
 
@@ -137,10 +137,8 @@ def calibrate(run_dir, *, out, samples: int = 8, max_batches: int = 0) -> dict:
     >>> record["held_out_nll_after"] < record["held_out_nll_before"]  # doctest: +SKIP
     True
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InputError(f"--samples: must be >= 1, got {samples!r}")
-    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 0:
-        raise InputError(f"--max-batches: must be >= 0 (0: all), got {max_batches!r}")
+    check_count("samples", samples, 1)
+    check_count("max-batches", max_batches, 0, "(0: all)")
     out = _check_out(run_dir, out)
     config = RunDir(run_dir).read_config()
     model, tokenizer = load_run(run_dir)
