@@ -73,7 +73,7 @@ class SpeculativeLoop:
         self.k = draft_tokens
         self.modules = model.mtp_modules[:draft_tokens]
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.vocab_size else None
-        compiled = dict(jit_compile=jit_compile, reduce_retracing=True)
+        compiled = dict(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
         self.prefill_chunk = tf.function(self._prefill_chunk, **compiled)
         self.prefill_last = tf.function(self._prefill_last, **compiled)
         self.rounds = tf.function(self._rounds, **compiled)

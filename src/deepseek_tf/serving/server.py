@@ -193,7 +193,9 @@ class ServingApp:
         self.created = int(time.time())
         self._predicting = 0
         self._lock = threading.Lock()
-        self._last_logits = tf.function(self._last_logits_fn, reduce_retracing=True)
+        self._last_logits = tf.function(
+            self._last_logits_fn, reduce_retracing=True, autograph=False
+        )
 
     # -- admission -------------------------------------------------------------------------
     def _busy(self) -> ApiError:

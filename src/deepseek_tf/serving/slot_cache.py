@@ -51,7 +51,7 @@ class SlotCache:
         self.stateful = not all(map(self._positional, tf.nest.flatten(self.cache)))  # conv
         self.jit_compile = jit_compile
         self._programs: dict[int, tf.types.experimental.PolymorphicFunction] = {}  # by span
-        self.insert = tf.function(self._insert_fn, jit_compile=jit_compile)
+        self.insert = tf.function(self._insert_fn, jit_compile=jit_compile, autograph=False)
         self._read_row = tf.function(self._read_row_fn)  # one call, not a slice per tensor
 
     def advance(self, positions, done, ends, sampling, steps, span: int, bias=None,
@@ -61,7 +61,9 @@ class SlotCache:
         program = self._programs.get(span)
         if program is None:
             step = functools.partial(self._advance_fn, span=span)
-            program = self._programs[span] = tf.function(step, jit_compile=self.jit_compile)
+            program = self._programs[span] = tf.function(
+                step, jit_compile=self.jit_compile, autograph=False
+            )
         return program(positions, done, ends, sampling, steps, bias=bias, penalties=penalties)
 
     def traces(self) -> int:

@@ -25,7 +25,7 @@ def make_eval_step(model, jit_compile: bool):
             ops.sum(weights),
         )
 
-    return tf.function(step, jit_compile=jit_compile, reduce_retracing=True)
+    return tf.function(step, jit_compile=jit_compile, reduce_retracing=True, autograph=False)
 
 
 def evaluate(model, dataset, *, max_batches: int = 0, jit_compile: bool = False, step_fn=None):

@@ -64,7 +64,9 @@ class Predictor:
         )
         if method == "mc_dropout":
             _seed_dropout(models[0], seed)
-        self._fn = tf.function(self._probs, jit_compile=jit_compile, reduce_retracing=True)
+        self._fn = tf.function(
+            self._probs, jit_compile=jit_compile, reduce_retracing=True, autograph=False
+        )
 
     def _probs(self, token_ids, batch_index):
         if self.method == "ensemble":
