@@ -9,7 +9,8 @@ bfloat16, and Keras' int8 (int8 codes times a per-column scale) -- compiled with
 the decode loop is, and beside them the same products in PyTorch (its CPU bfloat16 and
 float32 kernels, a peer in the same invocation, in a subprocess), plus this machine's
 read bandwidth (numpy summing 1 GiB, one thread per core). A kernel's "fraction of
-bandwidth" is its weight bytes per second over that figure.
+bandwidth" is its weight bytes per second over that figure. Last, one token's routed
+experts (6 of 64 per stack) picked three ways (`expert_pick_rows`).
 
     python benchmarks/decode_kernels.py              # ~2 min on 2 cores
     python benchmarks/decode_kernels.py --skip-peer  # deepseek-tf's kernels only
@@ -101,6 +102,47 @@ def tensorflow_rows(repeat: int) -> list[dict]:
     return rows
 
 
+def expert_pick_rows(repeat: int, layers: int = 4) -> list[dict]:
+    """One decoded token's routed experts: 6 of a `(64, 1024, 512)` stack per projection
+    (gate, up, down; `layers` stacks of each, 1.6 GB in all): XLA gathering the 6 as the
+    decode step does, XLA reading 6 experts held as their own `(6, 1024, 512)` variable
+    (no selection: the floor), and a TensorFlow graph without XLA slicing each expert
+    out of the stack (a slice of a stack's leading axis shares its buffer)."""
+    import tensorflow as tf
+
+    e, d, h, k = 64, 1024, 512, 6
+    rng = np.random.default_rng(0)
+    stacks = [tf.Variable(rng.standard_normal((e, d, h), np.float32)) for _ in range(3 * layers)]
+    own = [tf.Variable(s[:k]) for s in stacks]  # (6, d, h)
+    x = tf.constant(rng.standard_normal((1, d)), tf.float32)
+    picks = [tf.constant(rng.choice(e, k, replace=False), tf.int32) for _ in range(8)]
+
+    def batched(x, ws):  # (k, 1, d) x (k, d, h) per stack
+        xs = tf.broadcast_to(x[None], (k, 1, d))
+        return tf.add_n([tf.reduce_sum(tf.matmul(xs, w)) for w in ws])
+
+    def sliced(x, idx):
+        return tf.add_n([tf.reduce_sum(tf.matmul(x, w[idx[j]])) for w in stacks for j in range(k)])
+
+    def gathered(x, idx):
+        return batched(x, [tf.gather(w, idx) for w in stacks])  # (k, d, h) copies
+
+    variants = {
+        "XLA: gather 6 of 64": tf.function(gathered, jit_compile=True),
+        "XLA: 6 own (no pick)": tf.function(lambda x, idx: batched(x, own), jit_compile=True),
+        "TF graph: slice 6 of 64": tf.function(sliced),
+    }
+    rows = []
+    for name, fn in variants.items():
+        calls = iter(range(10**9))  # a different pick each call (never a constant)
+        seconds = timed(lambda fn=fn, calls=calls: fn(x, picks[next(calls) % 8]), repeat)
+        shape = f"6 of 64 experts 1024x512 (x{3 * layers})"
+        rows.append(
+            _row(f"deepseek-tf ({name})", shape, "float32", 3 * layers * k * d * h, seconds)
+        )
+    return rows
+
+
 PEER = r"""
 import json, sys, time
 import numpy as np, torch
@@ -146,7 +188,7 @@ def main() -> None:
     quiet = maybe_wait_quiet("decode_kernels", args.wait_quiet)
     info = machine_info(["tensorflow", "torch", "numpy"])
     bandwidth = read_bandwidth(info.get("cores", 2))
-    rows = tensorflow_rows(args.repeat)
+    rows = tensorflow_rows(args.repeat) + expert_pick_rows(args.repeat)
     if not args.skip_peer:
         rows += torch_rows(args.repeat, info.get("cores", 2))
     for row in rows:

@@ -32,7 +32,7 @@ PEER = r"""
 import json, sys, time
 import psutil, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-hf, dtype, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+hf, dtype, n = sys.argv[1], sys.argv[2], int(sys.argv[3])  # argv[4]: long prompt
 torch.set_num_threads(psutil.cpu_count(logical=False) or 2)
 model = AutoModelForCausalLM.from_pretrained(hf, dtype=getattr(torch, dtype)).eval()
 tokenizer = AutoTokenizer.from_pretrained(hf)
@@ -48,8 +48,18 @@ run(n)
 t = time.perf_counter()
 out = run(n)
 seconds = time.perf_counter() - t
+t = time.perf_counter()
+run(1)  # the prompt's prefill and one token
+one = time.perf_counter() - t
+long = torch.tensor([[(7 * i) % (len(tokenizer) - 3) + 3 for i in range(int(sys.argv[4]))]])
+with torch.inference_mode():
+    model.generate(long, max_new_tokens=1, do_sample=False)  # as deepseek-tf: once untimed
+    t = time.perf_counter()
+    model.generate(long, max_new_tokens=1, do_sample=False)
+    prefill = long.shape[1] / (time.perf_counter() - t)
 new = out[0, ids.shape[1]:].tolist()
 print(json.dumps({"loaded_s": loaded, "first_token_s": first, "decode_tok_s": n / seconds,
+                  "step_tok_s": (n - 1) / max(seconds - one, 1e-9), "prefill_tok_s": prefill,
                   "dtype": dtype, "prompt": ids.shape[1], "tokens": new}))
 """
 
@@ -77,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", help="checkpoint directory to reuse (hf/, run/) or create")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prefill", type=int, default=512, help="long prompt's length")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--out", default=bc.default_out("decode_real"))
     bc.add_wait_quiet_arg(parser)
@@ -100,9 +111,9 @@ def main() -> None:
     for framework, dtype in sides:
         quiet = bc.maybe_wait_quiet(f"{framework} {dtype}", args.wait_quiet)
         if framework == "deepseek-tf":  # real_checkpoint's decode step, in `dtype`
-            cmd = [sys.executable, "-c", DECODE, run, args.new_tokens, dtype]
+            cmd = [sys.executable, "-c", DECODE, run, args.new_tokens, dtype, args.prefill]
         else:
-            cmd = [sys.executable, "-c", PEER, hf, dtype, args.new_tokens]
+            cmd = [sys.executable, "-c", PEER, hf, dtype, args.new_tokens, args.prefill]
         print(f"[decode] {framework} {dtype}", flush=True)
         done = measured(cmd)
         result = json.loads(done["out"].splitlines()[-1]) if done["code"] == 0 else {}
@@ -110,7 +121,7 @@ def main() -> None:
         limit = bandwidth / weight_bytes
         rows.append({"framework": framework, "asked": dtype, **result,
                      "peak_mib": done["peak_mib"], "limit_tok_s": limit, "quiet": quiet,
-                     "of_limit": result.get("decode_tok_s", 0) / limit})  # fmt: skip
+                     "of_limit": result.get("step_tok_s", 0) / limit})  # fmt: skip
     reference = rows[0].get("tokens")
     for row in rows:
         row["same_tokens_as_auto"] = row.get("tokens") == reference
@@ -118,14 +129,20 @@ def main() -> None:
     bc.print_machine(info)
     print(f"active weights per token: {active / 1e6:,.0f}M; read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s; checkpoint {weights_mib:,.0f} MiB")  # fmt: skip
-    best_peer = max((r.get("decode_tok_s", 0) for r in rows if r["framework"] != "deepseek-tf"),
-                    default=None)  # fmt: skip
+
+    def best(key):
+        peers = [r.get(key, 0) for r in rows if r["framework"] != "deepseek-tf"]
+        return max(peers, default=None)
+
     bc.print_table(
-        ["side", "runs in", "first token", "decode tok/s", "of limit", "vs best peer",
-         "peak RSS", "tokens = auto's"],
+        ["side", "runs in", "first token", "decode tok/s", "vs best peer", "per step",
+         "of limit", f"prefill {args.prefill}", "vs best peer", "peak RSS", "tokens = auto's"],
         [[f"{r['framework']} {r['asked']}", r.get("dtype", "-"),
           f"{bc.fmt(r.get('first_token_s'), '.1f')} s", bc.fmt(r.get("decode_tok_s"), ".2f"),
-          f"{r['of_limit']:.2f}", bc.fmt(bc.ratio(r.get("decode_tok_s"), best_peer), ".2f"),
+          bc.fmt(bc.ratio(r.get("decode_tok_s"), best("decode_tok_s")), ".2f"),
+          bc.fmt(r.get("step_tok_s"), ".2f"), f"{r['of_limit']:.2f}",
+          bc.fmt(r.get("prefill_tok_s"), ".1f"),
+          bc.fmt(bc.ratio(r.get("prefill_tok_s"), best("prefill_tok_s")), ".2f"),
           f"{r['peak_mib']:,.0f} MiB", "yes" if r["same_tokens_as_auto"] else "no"]
          for r in rows],
     )  # fmt: skip

@@ -178,8 +178,19 @@ generator.generate([prompt], n, temperature=0)  # compiles this length
 t = time.perf_counter()
 tokens = generator.generate([prompt], n, temperature=0)[0]
 seconds = time.perf_counter() - t
-print(json.dumps({"loaded_s": loaded, "first_token_s": first, "decode_tok_s": n / seconds,
-                  "dtype": inference_dtype(config), "prompt": len(prompt), "tokens": tokens}))
+t = time.perf_counter()
+generator.generate([prompt], 1, temperature=0)  # the prompt's prefill and one token
+one = time.perf_counter() - t
+result = {"loaded_s": loaded, "first_token_s": first, "decode_tok_s": n / seconds,
+          "step_tok_s": (n - 1) / max(seconds - one, 1e-9),
+          "dtype": inference_dtype(config), "prompt": len(prompt), "tokens": tokens}
+if len(sys.argv) > 4:  # a long prompt's prefill: 1 new token after `argv[4]` tokens
+    long = [(7 * i) % (tokenizer.vocab_size - 3) + 3 for i in range(int(sys.argv[4]))]
+    generator.generate([long], 1, temperature=0)  # compiles its chunks
+    t = time.perf_counter()
+    generator.generate([long], 1, temperature=0)
+    result["prefill_tok_s"] = len(long) / (time.perf_counter() - t)
+print(json.dumps(result))
 """
 
 
