@@ -168,6 +168,10 @@ def test_train_tokenizer(tmp_path):
         ds.train_tokenizer(out=corpus)
     with pytest.raises(InputError, match="--kind"):
         ds.train_tokenizer(out=tmp_path / "x", kind="wordpiece")
+    for bad in (0, True, 2.5):
+        with pytest.raises(InputError, match=r"--vocab-size: must be >= 1, got"):
+            ds.train_tokenizer(out=tmp_path / "x", files=[str(corpus)], kind="bpe", vocab_size=bad)
+    assert not (tmp_path / "x").exists()
 
 
 def test_prepare_data(tmp_path):

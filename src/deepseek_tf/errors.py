@@ -37,9 +37,11 @@ class CompressionError(DeepSeekTFError):
     """A compression request the model cannot take; raised before any work starts."""
 
 
-def check_count(flag: str, value, low: int, note: str = "") -> None:
-    """Raises `InputError` (`--FLAG: must be >= LOW NOTE, got VALUE`) unless `value` is an
+def check_count(
+    flag: str, value, low: int, note: str = "", error: type[DeepSeekTFError] = InputError
+) -> None:
+    """Raises `error` (`--FLAG: must be >= LOW NOTE, got VALUE`) unless `value` is an
     integer (not a bool) of at least `low`; `note` explains a special value ("(0: all)")."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         note = f" {note}" if note else ""
-        raise InputError(f"--{flag}: must be >= {low}{note}, got {value!r}")
+        raise error(f"--{flag}: must be >= {low}{note}, got {value!r}")

@@ -23,7 +23,7 @@ from pathlib import Path
 from deepseek_tf.config.schema import TOKENIZER_TYPES
 from deepseek_tf.data.corpus import read_texts, resolve_files
 from deepseek_tf.data.prepare import prepare
-from deepseek_tf.errors import InputError
+from deepseek_tf.errors import InputError, check_count
 from deepseek_tf.tokenizers import train_tokenizer as fit_tokenizer
 
 BAD_RECORD_CHOICES = ("fail", "skip")
@@ -121,8 +121,7 @@ def train_tokenizer(
     """
     if kind not in TOKENIZER_TYPES:
         raise InputError(f"--kind: one of {', '.join(TOKENIZER_TYPES)}, got {kind!r}")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise InputError(f"--vocab-size: a positive integer, got {vocab_size!r}")
+    check_count("vocab-size", vocab_size, 1)
     if Path(out).exists() and not Path(out).is_dir():
         raise InputError(f"--out {out} is an existing file; choose a directory")
     paths = resolve_files(_patterns(files, "--files"))

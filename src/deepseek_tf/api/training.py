@@ -32,7 +32,7 @@ from deepseek_tf.config.schema import TOKENIZER_TYPES, Config
 from deepseek_tf.convert.init_from import init_config, load_initial_weights, source_config
 from deepseek_tf.data.corpus import read_texts, resolve_files
 from deepseek_tf.data.prepared import read_manifest
-from deepseek_tf.errors import ConfigError, RunDirError, TokenizerError
+from deepseek_tf.errors import ConfigError, RunDirError, TokenizerError, check_count
 from deepseek_tf.federated import require_flower
 from deepseek_tf.federated.engine import FederatedRun, prepare_clients
 from deepseek_tf.models.footprint import check_fits
@@ -174,8 +174,7 @@ def _auto_batch_size(config, tokenizer, replicas: int, memory_budget: float, ver
 
 
 def _check_train_options(batch_size, memory_budget: float, sample_tokens: int) -> None:
-    if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 0:
-        raise ConfigError(f"--sample-tokens: must be an integer >= 0, got {sample_tokens!r}")
+    check_count("sample-tokens", sample_tokens, 0, error=ConfigError)
     if not memory_budget >= 0:  # also NaN
         raise ConfigError(f"--memory-budget: must be >= 0 MiB, got {memory_budget}")
     if memory_budget and batch_size != "auto":

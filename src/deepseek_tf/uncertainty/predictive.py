@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from deepseek_tf.errors import InputError
+from deepseek_tf.errors import InputError, check_count
 from deepseek_tf.rundir import load_run
 
 METHODS = ("model", "mc_dropout", "ensemble")
@@ -46,8 +46,7 @@ class Predictor:
         models = list(models) if isinstance(models, (list, tuple)) else [models]
         if method not in METHODS:
             raise InputError(f"unknown uncertainty method {method!r} ({', '.join(METHODS)})")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise InputError(f"samples: must be an integer >= 1, got {samples!r}")
+        check_count("samples", samples, 1)
         if method == "ensemble" and len(models) < 2:
             raise InputError("an ensemble needs at least two runs")
         if method != "ensemble" and len(models) != 1:
