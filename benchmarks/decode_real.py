@@ -7,13 +7,17 @@ Then, each in its own process, one after the other: deepseek-tf loading it as `a
 (float32 on a CPU without native bfloat16) and as `bfloat16`, and `transformers`
 loading the same safetensors in bfloat16 and float32. Each process: load, one greedy
 token (compiles), one untimed and one timed greedy decode of `--new-tokens` tokens
-after the same ~8-token prompt. Reported: seconds from process start to the first
-token, decode tokens/s, peak RSS (`getrusage` of the process), and decode speed as a
-fraction of this machine's limit: read bandwidth (`decode_kernels.read_bandwidth`)
-over the bytes of the weights one token multiplies (attention, shared and 6 routed
-experts, the output head; not the embedding, which is gathered).
+after the same short prompt, one 1-token call (the prompt's prefill and its token), and
+a `--prefill`-token prompt for 1 new token (once untimed, once timed). Reported: seconds
+from process start to the first token; decode tokens/s with the prompt's prefill and
+per step without it ((n - 1) tokens over the n-token call minus the 1-token call); the
+long prompt's prefill tokens/s; peak RSS (`getrusage` of the process); and the per-step
+speed as a fraction of this machine's limit: read bandwidth
+(`decode_kernels.read_bandwidth`) over the bytes of the weights one token multiplies
+(attention, shared and 6 routed experts, the output head; not the embedding, which is
+gathered).
 
-    python benchmarks/decode_real.py --keep /tmp/rc    # ~10 min; reuses /tmp/rc/hf
+    python benchmarks/decode_real.py --keep /tmp/rc    # ~15 min; reuses /tmp/rc/hf
 """
 
 from __future__ import annotations
