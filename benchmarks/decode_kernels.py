@@ -19,6 +19,7 @@ experts (6 of 64 per stack) picked three ways (`expert_pick_rows`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -134,8 +135,8 @@ def expert_pick_rows(repeat: int, layers: int = 4) -> list[dict]:
     }
     rows = []
     for name, fn in variants.items():
-        calls = iter(range(10**9))  # a different pick each call (never a constant)
-        seconds = timed(lambda fn=fn, calls=calls: fn(x, picks[next(calls) % 8]), repeat)
+        pick = itertools.cycle(picks)  # a different pick each call (never a constant)
+        seconds = timed(lambda fn=fn, pick=pick: fn(x, next(pick)), repeat)
         shape = f"6 of 64 experts 1024x512 (x{3 * layers})"
         rows.append(
             _row(f"deepseek-tf ({name})", shape, "float32", 3 * layers * k * d * h, seconds)
