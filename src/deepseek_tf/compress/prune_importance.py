@@ -46,7 +46,7 @@ class Scorer:
                 total, _ = objective(inputs, targets, weights, training=False)
             return tape.gradient(total, variables)
 
-        return variables, tf.function(grads)
+        return variables, tf.function(grads, autograph=False)
 
     def _load_fn(self):
         def loads(inputs):
@@ -58,7 +58,7 @@ class Scorer:
                     out[str(i)] = result["expert_load"]  # (E,)
             return out
 
-        return tf.function(loads)
+        return tf.function(loads, autograph=False)
 
     def __call__(self) -> list[np.ndarray]:
         if self.mode == "random":

@@ -52,7 +52,8 @@ class SlotCache:
         self.jit_compile = jit_compile
         self._programs: dict[int, tf.types.experimental.PolymorphicFunction] = {}  # by span
         self.insert = tf.function(self._insert_fn, jit_compile=jit_compile, autograph=False)
-        self._read_row = tf.function(self._read_row_fn)  # one call, not a slice per tensor
+        # one call, not a slice per tensor
+        self._read_row = tf.function(self._read_row_fn, autograph=False)
 
     def advance(self, positions, done, ends, sampling, steps, span: int, bias=None,
                 penalties=None):  # fmt: skip

@@ -113,13 +113,21 @@ class TrainStep:
         """`(parts averaged, grads summed)` over the `(A, B, T)` micro-batches (A > 1)."""
         if self.accumulation == 1:
             return self.loss_and_grads(inputs, targets, weights)
-        out, grads = self.loss_and_grads(inputs[0], targets[0], weights[0])
-        # (unrolled with sharded experts: no collectives inside a while loop)
-        micro = range(1, self.accumulation) if self.shards else tf.range(1, self.accumulation)
-        for i in micro:
-            micro_out, micro_grads = self.loss_and_grads(inputs[i], targets[i], weights[i])
-            out = {k: v + micro_out[k] for k, v in out.items()}
-            grads = [g + mg for g, mg in zip(grads, micro_grads)]
+        first = self.loss_and_grads(inputs[0], targets[0], weights[0])
+
+        def add(i, total):
+            micro = self.loss_and_grads(inputs[i], targets[i], weights[i])
+            return tf.nest.map_structure(tf.add, total, micro)
+
+        if self.shards:  # unrolled with sharded experts: no collectives inside a while loop
+            total = first
+            for i in range(1, self.accumulation):
+                total = add(i, total)
+        else:  # an explicit loop: the step is traced without autograph (see `compile`)
+            _, total = tf.while_loop(
+                lambda i, _: i < self.accumulation, lambda i, t: (i + 1, add(i, t)), (1, first)
+            )
+        out, grads = total
         return {k: v / self.accumulation for k, v in out.items()}, grads
 
     # -- norm, clipping, update -----------------------------------------------------------
@@ -201,15 +209,19 @@ class TrainStep:
     def compile(self, *, jit_compile: bool, strategy=None):
         """The step as one `tf.function`: `single_device`, or `replica` on every replica."""
         if strategy is None or self.replicas == 1:
-            return tf.function(self.single_device, jit_compile=jit_compile)
+            # autograph=False: the step has no tensor-valued Python branch or loop, and
+            # converting the model, the objective and the optimizer cost ~3.5 s per process
+            return tf.function(self.single_device, jit_compile=jit_compile, autograph=False)
         # Several replicas: the optimizer's cross-replica reduction cannot live inside
         # an XLA cluster, so only forward/backward is compiled.
         # The expert-parallel dispatch's collectives can be neither, nor inside a nested
         # tf.function (their merge_call): then forward/backward is traced with the step.
         if not self.shards:
-            self.replica_grads = tf.function(self.accumulate, jit_compile=jit_compile)
+            self.replica_grads = tf.function(
+                self.accumulate, jit_compile=jit_compile, autograph=False
+            )
 
-        @tf.function
+        @tf.function(autograph=False)
         def distributed_step(inputs, targets, weights):
             out = strategy.run(self.replica, args=(inputs, targets, weights))
             mean = tf.distribute.ReduceOp.MEAN

@@ -69,7 +69,7 @@ def validation_logits(model, config, tokenizer, samples: int = 1, seed: int = 0,
     if max_batches:
         ds = ds.take(max_batches)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def sampled(inputs, index):
         hidden = model.hidden_states(inputs, training=False)
         key = tf.stack([tf.constant(seed, tf.int32), index])

@@ -34,7 +34,7 @@ SEQUENCE_SCORES = ("entropy", "mutual_information", "nll")
 
 
 # one traced function for every call (a new one per call would retrace each time)
-_token_stats = tf.function(token_stats, reduce_retracing=True)
+_token_stats = tf.function(token_stats, reduce_retracing=True, autograph=False)
 
 
 def collect(predictor: Predictor, dataset, max_batches: int = 0) -> dict:
