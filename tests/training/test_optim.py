@@ -131,3 +131,31 @@ def test_a_warm_up_longer_than_half_the_run_is_named():
     )
     assert "never" in warmup_warning(_config("train.steps=50", "train.warmup_steps=100").train)
     assert warmup_warning(_config("train.steps=200", "train.warmup_steps=100").train) is None
+
+
+def test_a_traced_step_computes_the_learning_rate_once_and_as_the_schedule_says():
+    """AdamW reads its learning rate once per decayed variable: the traced update holds
+    one cosine, and the rate it applies equals Keras' warm-up + cosine at every step."""
+    import tensorflow as tf
+
+    config = _model_config("train.warmup_steps=3", "train.steps=10")
+    model = build_model(config)
+    optimizer = make_optimizer(config.train, model)
+    variables = model.trainable_variables
+    grads = [tf.zeros_like(v) for v in variables]
+    apply = tf.function(lambda g: optimizer.apply(g, variables), autograph=False)
+    graph = apply.get_concrete_function(grads).graph.as_graph_def()
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    cosines = [n for n in nodes if n.op == "Cos"]  # the schedule's (in its warm-up cond)
+    decayed = len(variables) - len(no_decay_variables(variables, model.weight_roles()["tables"]))
+    assert decayed > 1 and len(cosines) == 1
+    t = config.train
+    want = keras.optimizers.schedules.CosineDecay(
+        0.0, t.steps - t.warmup_steps, alpha=t.min_learning_rate / t.learning_rate,
+        warmup_target=t.learning_rate, warmup_steps=t.warmup_steps,
+    )  # fmt: skip
+    traced = tf.function(lambda: optimizer.learning_rate)
+    for step in range(10):
+        optimizer.iterations.assign(step)
+        np.testing.assert_allclose(float(traced()), float(want(step)), rtol=1e-6)
+        np.testing.assert_allclose(float(optimizer.learning_rate), float(want(step)), rtol=1e-6)
