@@ -101,7 +101,8 @@ def test_sparse_equals_dense_forward_and_gradients(kwargs, shape):
 @pytest.mark.parametrize("jit", [False, True])
 def test_capacity_overflow_rounds_are_exact(jit):
     # Every token routed to experts 0 and 1: 64 assignments each against a capacity of 24
-    # rows, so the capacity dispatch adds 5 overflow rounds of 8 rows. Nothing is dropped.
+    # rows, so the capacity dispatch adds one whole overflow round of 24 rows and two of 8
+    # (both overflow loops run). Nothing is dropped.
     from deepseek_tf.layers.moe_capacity import capacity_rows
 
     rng = np.random.RandomState(3)

@@ -6,9 +6,11 @@ load), and the three SwiGLU projections run as batched matmuls against the
 stacked expert weights in place -- no per-tile weight gathers, which is what
 makes the tiled dispatch (`moe_tiles.dispatch_plan`) cost ~2.5x a dense SwiGLU of the
 same active width on CPU. Assignments past an expert's first `C` rows are not
-dropped: they run in overflow rounds of `(E, C/8, d)` in a `tf.while_loop` whose
-trip count is the measured overflow (zero when the load is balanced, the usual
-case with DeepSeek-V3's bias balancing). One `tf.custom_gradient` covers all
+dropped: they run in overflow rounds in `tf.while_loop`s whose trip counts come
+from the measured overflow (zero when the load is balanced, the usual case with
+DeepSeek-V3's bias balancing): whole rounds of `C` rows while an expert's excess
+fills them (one sequence's routing, as in a prefill, is often that skewed), then
+rounds of `C/8` rows (at least 8) for the rest. One `tf.custom_gradient` covers all
 rounds with a hand-written SwiGLU backward: round 0 reuses its forward
 activations, overflow rounds are recomputed inside the backward loop, and
 every round accumulates into the same gradient buffers, so an empty overflow
@@ -126,18 +128,34 @@ def capacity_dispatch(
     if n is None:
         raise ValueError("capacity_dispatch needs a static token count")
     capacity = min(capacity_rows(n * k, n_experts, capacity_factor), n)
-    spill = min(max(8, capacity // 8 // 8 * 8), n)  # rows per expert in an overflow round
+    spill = min(max(8, capacity // 8 // 8 * 8), n)  # rows per expert in a small round
     rank, counts = assignment_ranks(topk_idx, n_experts)
     flat_e, flat_rank = tf.reshape(topk_idx, [-1]), tf.reshape(rank, [-1])  # (A,)
     excess = tf.maximum(tf.reduce_max(counts) - capacity, 0)
-    n_rounds = 1 + (excess + spill - 1) // spill  # round 0 plus the overflow rounds
+    # overflow loops `(rows, first rank, trips)`: whole rounds of `capacity` rows while the
+    # excess fills them, then rounds of `spill` rows for the rest (fewer, fuller rounds:
+    # each costs a plan and three batched matmuls over every expert)
+    whole = excess // capacity
+    rest = excess - whole * capacity
+    loops = [
+        (capacity, capacity, whole),
+        (spill, capacity * (1 + whole), (rest + spill - 1) // spill),
+    ]
 
     def plan(lo, rows):
         slots = _round_slots(flat_e, flat_rank, rows, n_experts, lo)  # (A,)
         return slots, _slot_assignments(slots, n * k, n_experts * rows)
 
-    def overflow_lo(r):
-        return capacity + (r - 1) * spill  # round r >= 1 takes ranks [lo, lo + spill)
+    def overflow(body, carried):
+        """`carried` through `body(slots, table, rows, *carried)` for every overflow round."""
+        for rows, lo, trips in loops:
+
+            def step(r, *acc, rows=rows, lo=lo):
+                slots, table = plan(lo + r * rows, rows)  # ranks [lo + r rows, + rows)
+                return (r + 1, *body(slots, table, rows, *acc))
+
+            _, *carried = tf.while_loop(lambda r, *_, trips=trips: r < trips, step, (0, *carried))
+        return carried
 
     @tf.custom_gradient
     def dispatch(tokens, w_gate, w_up, w_down):
@@ -147,26 +165,22 @@ def capacity_dispatch(
             tokens, weights, slots0, table0, k, n_experts, capacity, return_hidden
         )
 
-        def step(r, out, *hid):
-            slots, table = plan(overflow_lo(r), spill)
-            o, h, _ = _forward(tokens, weights, slots, table, k, n_experts, spill, return_hidden)
-            return (r + 1, out + o, *((hid[0] + h,) if return_hidden else ()))
+        def add_round(slots, table, rows, out, *hid):
+            o, h, _ = _forward(tokens, weights, slots, table, k, n_experts, rows, return_hidden)
+            return (out + o, *((hid[0] + h,) if return_hidden else ()))
 
-        carried = (1, out0, *((hid0,) if return_hidden else ()))
-        _, out, *hid = tf.while_loop(lambda r, *_: r < n_rounds, step, carried)
+        out, *hid = overflow(add_round, (out0, *((hid0,) if return_hidden else ())))
 
         def grad(d_out, *d_hid):
             del d_hid  # statistics only
             first = _backward(d_out, weights, slots0, table0, saved0, k, n_experts, capacity)
 
-            def back(r, *acc):
-                slots, table = plan(overflow_lo(r), spill)
-                _, _, saved = _forward(tokens, weights, slots, table, k, n_experts, spill)
-                g = _backward(d_out, weights, slots, table, saved, k, n_experts, spill)
-                return (r + 1, *(a + b for a, b in zip(acc, g)))
+            def add_grads(slots, table, rows, *acc):
+                _, _, saved = _forward(tokens, weights, slots, table, k, n_experts, rows)
+                g = _backward(d_out, weights, slots, table, saved, k, n_experts, rows)
+                return tuple(a + b for a, b in zip(acc, g))
 
-            _, *grads = tf.while_loop(lambda r, *_: r < n_rounds, back, (1, *first))
-            return grads
+            return overflow(add_grads, first)
 
         if return_hidden:
             return (out, tf.stop_gradient(hid[0])), grad
