@@ -66,3 +66,34 @@ def test_logprobs_are_the_models_log_softmax(loaded, decoder):
     assert token == int(np.argmax(logits))
     assert logprob == pytest.approx(log_probs[token], abs=1e-4)
     assert [a for a, _ in alts] == list(np.argsort(-log_probs)[:5])
+
+
+def test_one_padded_prefill_equals_the_chunked_prefill():
+    """A positional cache (attention / MLA only) prefills 13 tokens as one padded call of
+    16: the same last logits and cache positions as the chunks 8, 4, 1, and generation
+    from it gives the plain greedy reference's tokens. A convolution state is not padded."""
+    import numpy as np
+    import tensorflow as tf
+    from serving_helpers import forward_greedy
+
+    from deepseek_tf.config.loader import load_config
+    from deepseek_tf.generation.decoding import DecodeLoop, positional_cache, prefill_bucket
+    from deepseek_tf.models.builder import build_model
+
+    assert [prefill_bucket(n) for n in (1, 2, 3, 13, 16, 17)] == [1, 2, 4, 16, 16, 32]
+    config = load_config("tiny-moe", overrides=["model.blocks=[attention]"])
+    model = build_model(config, 40, seed=1)
+    assert positional_cache(model)
+    loop = DecodeLoop(model, jit_compile=False)
+    ids = tf.constant(np.random.RandomState(0).randint(1, 40, (2, 13)), tf.int32)
+    padded, cache_p = loop.prefill(ids, model.init_cache(2, 48), room=48)
+    assert loop.prefill_chunk.experimental_get_tracing_count() == 1  # one call (of 16)
+    chunked, cache_c = loop.prefill(ids, model.init_cache(2, 48))
+    np.testing.assert_allclose(padded, chunked, rtol=1e-5, atol=1e-5)
+    for p, c in zip(tf.nest.flatten(cache_p), tf.nest.flatten(cache_c)):
+        np.testing.assert_allclose(p[:, :13], c[:, :13], rtol=1e-5, atol=1e-5)
+    prompt = ids.numpy()[0].tolist()
+    got = Generator(model, jit_compile=False).generate([prompt], 12)
+    assert got == forward_greedy(model, [prompt], 12)
+    hybrid = build_model(load_config("tiny-moe"), 40, seed=1)
+    assert not positional_cache(hybrid)

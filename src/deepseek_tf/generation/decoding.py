@@ -39,6 +39,16 @@ def prefill_chunks(n: int) -> list[int]:
     return [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1]
 
 
+def prefill_bucket(n: int) -> int:
+    """The one padded prefill call's length for `n` prompt tokens: the power of two at or
+    above `n` (`DecodeLoop.prefill` with `room`).
+
+    >>> prefill_bucket(13)
+    16
+    """
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
 def cache_length(total: int, max_seq_len: int) -> int:
     """Cache positions for sequences of up to `total` tokens."""
     return min(-(-int(total) // CACHE_BUCKET) * CACHE_BUCKET, max_seq_len)
@@ -51,6 +61,14 @@ def prepare_decoding(model) -> None:
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, MultiHeadLatentAttention):
             layer.prepare_decoding()
+
+
+def positional_cache(model) -> bool:
+    """True when every layer's cache is indexed by position (attention keys and values,
+    MLA latents), with no running state (a hybrid block's convolution keeps its last
+    inputs): then a call may write past the positions it needs, for later tokens to
+    overwrite."""
+    return all(getattr(block, "conv", None) is None for block in model.blocks)
 
 
 def pad_batch(n: int) -> int:
@@ -86,19 +104,36 @@ class DecodeLoop:
         self.step = tf.function(self.token_step, **compiled)
         self.decode = tf.function(self._decode, **compiled)
 
-    def prefill(self, ids, cache, start: int = 0):
-        """`(B, P)` ids at positions `start..start+P-1`, in `prefill_chunks(P)` calls ->
-        the last position's logits `(B, V)` and the cache."""
+    def prefill(self, ids, cache, start: int = 0, room: int | None = None):
+        """`(B, P)` ids at positions `start..start+P-1` -> the last position's logits
+        `(B, V)` and the cache.
+
+        In `prefill_chunks(P)` calls; or, given `room` (the cache's positions) when the
+        model's cache is positional (`positional_cache`) and
+        `start + prefill_bucket(P) <= room`, in one call of `prefill_bucket(P)` ids, padded
+        with id 0: one pass over the weights and one compiled program instead of up to
+        `log2(P)`. The padded positions' keys are overwritten, in order, by the tokens
+        decoded there before any query can see them (the attention masks by position).
+        """
+        p = ids.shape[1]
+        bucket = prefill_bucket(p)
+        if room is not None and positional_cache(self.model) and start + bucket <= room:
+            padded = tf.pad(ids, [[0, 0], [0, bucket - p]])  # (B, bucket)
+            at, last = tf.constant(start, tf.int32), tf.constant(p - 1, tf.int32)
+            return self.prefill_chunk(padded, cache, at, last)
         logits, at = None, int(start)
-        for n in prefill_chunks(ids.shape[1]):
+        for n in prefill_chunks(p):
             chunk = ids[:, at - start : at - start + n]  # (B, n)
             logits, cache = self.prefill_chunk(chunk, cache, tf.constant(at, tf.int32))
             at += n
         return logits, cache
 
-    def _prefill_chunk(self, ids, cache, start):
-        logits, cache = self.model.call_with_cache(ids, cache, start)
-        return self._limit(logits[:, -1, :]), cache
+    def _prefill_chunk(self, ids, cache, start, last=None):
+        """`(B, n)` ids at `start...` -> the logits `(B, V)` of chunk position `last`
+        (None: the last) and the cache."""
+        logits, cache = self.model.call_with_cache(ids, cache, start)  # (B, n, V)
+        logits = logits[:, -1, :] if last is None else tf.gather(logits, last, axis=1)
+        return self._limit(logits), cache
 
     def _limit(self, logits):
         return limit_vocab(logits, self.vocab_limit)
@@ -251,7 +286,7 @@ class Decoder:
             is_prompt[i, : len(r.prompt)] = True
         start = min(len(r.prompt) for r in rows)  # prefilled; the rest forced in the loop
         cache = self.model.init_cache(batch, cache_len)
-        logits, cache = self.loop.prefill(tf.constant(ids[:, :start]), cache)
+        logits, cache = self.loop.prefill(tf.constant(ids[:, :start]), cache, room=cache_len)
         pad = batch - n
         state = DecodeState(self, rows, stop_ids)
         state.ids, state.is_prompt = tf.constant(ids), tf.constant(is_prompt)
