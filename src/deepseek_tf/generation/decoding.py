@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.generation import penalties as pen
+from deepseek_tf.generation.memory_bound import accelerated, fits_in_cache
 from deepseek_tf.generation.sampler import bias_matrix, limit_vocab, sample_tokens
 from deepseek_tf.layers.mla import MultiHeadLatentAttention
 
@@ -71,13 +72,18 @@ def positional_cache(model) -> bool:
     return all(getattr(block, "conv", None) is None for block in model.blocks)
 
 
-def xla_prefill(jit_compile: bool) -> bool:
-    """Whether prefill programs are compiled with XLA: as `jit_compile` where a GPU or TPU
-    is present; never on a CPU-only machine, where TensorFlow's own kernels prefill the
-    1.46B demonstration 1.9-2.2x faster than XLA's CPU backend does (its gathers of expert
-    weights and its small batched matmuls are slow; `benchmarks/README.md`, decode_real)
-    and the program is ready in a third of the time. The token steps stay compiled."""
-    return jit_compile and any(tf.config.list_physical_devices(k) for k in ("GPU", "TPU"))
+def xla_prefill(model, jit_compile: bool, cache_bytes: int | None = None) -> bool:
+    """Whether `model`'s prefill programs are compiled with XLA: as `jit_compile`, except
+    on a CPU-only machine for a model whose weights do not fit in the CPU's cache
+    (`memory_bound.fits_in_cache`; `cache_bytes` as there). There TensorFlow's own kernels
+    prefilled the 1.46B demonstration 1.9-2.2x faster than XLA's CPU backend (its gathers
+    of expert weights and small batched matmuls are slow) and were ready in a third of the
+    time, while a model held in cache prefills faster with XLA (the shakespeare-char
+    server: `benchmarks/README.md`, decode_real and serve_load). Token steps stay compiled.
+    """
+    if not jit_compile or accelerated():
+        return jit_compile
+    return fits_in_cache(model, cache_bytes) is not False
 
 
 def pad_batch(n: int) -> int:
@@ -110,7 +116,7 @@ class DecodeLoop:
         # each function the model calls cost ~8% of the tracing time of the decode tests
         compiled = dict(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
         self.prefill_chunk = tf.function(
-            self._prefill_chunk, **{**compiled, "jit_compile": xla_prefill(jit_compile)}
+            self._prefill_chunk, **{**compiled, "jit_compile": xla_prefill(model, jit_compile)}
         )
         self.step = tf.function(self.token_step, **compiled)
         self.decode = tf.function(self._decode, **compiled)

@@ -27,13 +27,13 @@ than the shortest is fed its remaining prompt as forced drafts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.errors import InputError
 from deepseek_tf.generation.decoding import CACHE_BUCKET, Row, pad_batch
+from deepseek_tf.generation.memory_bound import fits_in_cache, last_level_cache_bytes, weight_bytes
 from deepseek_tf.generation.speculative_loop import SpeculativeLoop
 
 MAX_ROUNDS = 1 << 30  # `step()` without a limit
@@ -64,18 +64,6 @@ def check_draft_tokens(model, draft_tokens: int | None) -> int:
     return int(draft_tokens)
 
 
-def last_level_cache_bytes() -> int | None:
-    """The CPU's largest cache (Linux sysfs), or None where it cannot be read."""
-    sizes = []
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = entry.read_text().strip().upper()
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        digits = text.rstrip("KMG")
-        if digits.isdigit():
-            sizes.append(int(digits) * scale)
-    return max(sizes) if sizes else None
-
-
 def cannot_gain(model, cache_bytes: int | None = None) -> str | None:
     """Why speculative decoding cannot pay for `model` on this machine, or None.
 
@@ -89,9 +77,9 @@ def cannot_gain(model, cache_bytes: int | None = None) -> str | None:
     if tf.config.list_logical_devices("GPU"):
         return None
     cache_bytes = last_level_cache_bytes() if cache_bytes is None else cache_bytes
-    weights = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in model.weights)
-    if not cache_bytes or weights > cache_bytes:
+    if not fits_in_cache(model, cache_bytes):
         return None
+    weights = weight_bytes(model)
     return (
         f"--speculative mtp: the model's {weights / 2**20:.1f} MiB of weights fit in this "
         f"CPU's {cache_bytes / 2**20:.0f} MiB cache, so a pass that verifies drafts costs "

@@ -74,7 +74,7 @@ class SpeculativeLoop:
         self.modules = model.mtp_modules[:draft_tokens]
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.vocab_size else None
         compiled = dict(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
-        prefill = {**compiled, "jit_compile": xla_prefill(jit_compile)}  # as plain decoding's
+        prefill = {**compiled, "jit_compile": xla_prefill(model, jit_compile)}  # as plain
         self.prefill_chunk = tf.function(self._prefill_chunk, **prefill)
         self.prefill_last = tf.function(self._prefill_last, **prefill)
         self.rounds = tf.function(self._rounds, **compiled)
