@@ -100,7 +100,7 @@ def test_one_padded_prefill_equals_the_chunked_prefill():
 
 
 def test_prefill_leaves_xla_where_the_weights_do_not_fit_the_cpus_cache(loaded):
-    """XLA's CPU backend prefilled the 1.46B demonstration 1.9-2.2x slower than
+    """XLA's CPU backend prefilled the 1.46B demonstration 1.3-2.1x slower than
     TensorFlow's kernels, and a cache-resident model faster (decode_real, serve_load): on
     a CPU-only machine the prefill leaves XLA exactly when the weights exceed the cache."""
     from deepseek_tf.generation.decoding import xla_prefill

@@ -76,9 +76,9 @@ def xla_prefill(model, jit_compile: bool, cache_bytes: int | None = None) -> boo
     """Whether `model`'s prefill programs are compiled with XLA: as `jit_compile`, except
     on a CPU-only machine for a model whose weights do not fit in the CPU's cache
     (`memory_bound.fits_in_cache`; `cache_bytes` as there). There TensorFlow's own kernels
-    prefilled the 1.46B demonstration 1.9-2.2x faster than XLA's CPU backend (its gathers
-    of expert weights and small batched matmuls are slow) and were ready in a third of the
-    time, while a model held in cache prefills faster with XLA (the shakespeare-char
+    prefilled 512 tokens of the 1.46B demonstration 1.3-2.1x faster than XLA's CPU backend
+    (its gathers of expert weights and small batched matmuls are slow) and the first token
+    came sooner, while a model held in cache prefills faster with XLA (the shakespeare-char
     server: `benchmarks/README.md`, decode_real and serve_load). Token steps stay compiled.
     """
     if not jit_compile or accelerated():
