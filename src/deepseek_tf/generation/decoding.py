@@ -72,6 +72,11 @@ def positional_cache(model) -> bool:
     return all(getattr(block, "conv", None) is None for block in model.blocks)
 
 
+def _memory_bound_on_cpu(model, cache_bytes: int | None) -> bool:
+    """A CPU-only machine, and `model`'s weights exceed its cache (`fits_in_cache`)."""
+    return not accelerated() and fits_in_cache(model, cache_bytes) is False
+
+
 def xla_prefill(model, jit_compile: bool, cache_bytes: int | None = None) -> bool:
     """Whether `model`'s prefill programs are compiled with XLA: as `jit_compile`, except
     on a CPU-only machine for a model whose weights do not fit in the CPU's cache
@@ -79,11 +84,23 @@ def xla_prefill(model, jit_compile: bool, cache_bytes: int | None = None) -> boo
     prefilled 512 tokens of the 1.46B demonstration 1.3-2.1x faster than XLA's CPU backend
     (its gathers of expert weights and small batched matmuls are slow) and the first token
     came sooner, while a model held in cache prefills faster with XLA (the shakespeare-char
-    server: `benchmarks/README.md`, decode_real and serve_load). Token steps stay compiled.
+    server: `benchmarks/README.md`, decode_real and serve_load).
     """
-    if not jit_compile or accelerated():
-        return jit_compile
-    return fits_in_cache(model, cache_bytes) is not False
+    return jit_compile and not _memory_bound_on_cpu(model, cache_bytes)
+
+
+def xla_decode(model, jit_compile: bool, cache_bytes: int | None = None) -> bool:
+    """Whether `model`'s token step and decode loop are compiled with XLA: as
+    `jit_compile`, except on a CPU-only machine for a model whose weights are held in a
+    16-bit float and do not fit in the CPU's cache. XLA's CPU backend computes bfloat16
+    and float16 dots in float32 from converted copies of the weights, and hoists those
+    copies out of the decode loop: every weight is held twice more, per call (the 1.46B
+    demonstration in bfloat16 peaked at 10.2 GB with XLA against 4.0 GB without, and
+    stepped no faster). TensorFlow's own (oneDNN) kernels read the 16-bit weights as
+    they are. Float32 weights keep XLA: it fuses the step's many small ops.
+    """
+    sixteen_bit = tf.as_dtype(model.variable_dtype) in (tf.bfloat16, tf.float16)
+    return jit_compile and not (sixteen_bit and _memory_bound_on_cpu(model, cache_bytes))
 
 
 def pad_batch(n: int) -> int:
@@ -114,7 +131,8 @@ class DecodeLoop:
         # autograph=False here and in every decoding/serving program: their loops are
         # explicit `tf.while_loop`s and no Python branch reads a tensor, while converting
         # each function the model calls cost ~8% of the tracing time of the decode tests
-        compiled = dict(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
+        self.jit_compile = xla_decode(model, jit_compile)  # the step's and the loop's
+        compiled = dict(jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
         self.prefill_chunk = tf.function(
             self._prefill_chunk, **{**compiled, "jit_compile": xla_prefill(model, jit_compile)}
         )

@@ -1,10 +1,12 @@
 """Is a model's step bound by memory on this machine? Its weights against the CPU's cache.
 
-Two decoding choices turn on it. Speculative decoding pays only where a step reads its
-weights from memory (a verify pass over several positions then costs about one step);
-and XLA's CPU backend, whose fused programs win while the weights sit in cache (each
+Three decoding choices turn on it. Speculative decoding pays only where a step reads
+its weights from memory (a verify pass over several positions then costs about one
+step). XLA's CPU backend, whose fused programs win while the weights sit in cache (each
 TensorFlow op has a fixed cost that dominates there), gathers expert weights and runs
-small batched matmuls slowly once they do not (`benchmarks/README.md`, decode_real).
+small batched matmuls slowly once they do not (prefill, `decoding.xla_prefill`), and
+multiplies 16-bit weights through float32 copies of them (the decode loop,
+`decoding.xla_decode`; `benchmarks/README.md`, decode_real).
 """
 
 from __future__ import annotations

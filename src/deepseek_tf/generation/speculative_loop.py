@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from deepseek_tf.generation.decoding import prefill_chunks, prepare_decoding, xla_prefill
+from deepseek_tf.generation.decoding import (
+    prefill_chunks,
+    prepare_decoding,
+    xla_decode,
+    xla_prefill,
+)
 from deepseek_tf.generation.sampler import limit_vocab, sample_tokens
 from deepseek_tf.generation.speculative_sampling import (
     DRAFT_NOISE,
@@ -73,8 +78,9 @@ class SpeculativeLoop:
         self.k = draft_tokens
         self.modules = model.mtp_modules[:draft_tokens]
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.vocab_size else None
-        compiled = dict(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
-        prefill = {**compiled, "jit_compile": xla_prefill(model, jit_compile)}  # as plain
+        rounds = xla_decode(model, jit_compile)  # as plain decoding's loop and prefill
+        compiled = dict(jit_compile=rounds, reduce_retracing=True, autograph=False)
+        prefill = {**compiled, "jit_compile": xla_prefill(model, jit_compile)}
         self.prefill_chunk = tf.function(self._prefill_chunk, **prefill)
         self.prefill_last = tf.function(self._prefill_last, **prefill)
         self.rounds = tf.function(self._rounds, **compiled)

@@ -183,6 +183,9 @@ def native_bfloat16(cpu_flags: set[str] | None = None, accelerators: int | None 
     AVX512-BF16 or AMX-BF16. Elsewhere XLA's CPU backend converts every bfloat16 weight
     to float32 (0.2-1.1 billion values/s here, against 3.5-7.3 for a float32 product of
     the same weights: `benchmarks/decode_kernels.py`), so float32 weights decode faster.
+    Where it is native, TensorFlow's own (oneDNN) kernels multiply bfloat16, while XLA's
+    CPU backend still works in float32 copies: decoding a model too large for the CPU's
+    cache leaves XLA for it (`generation.decoding.xla_decode`).
 
     Args:
         cpu_flags: the CPU's feature flags (None: read from /proc/cpuinfo; none there:

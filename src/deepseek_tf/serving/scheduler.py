@@ -89,8 +89,10 @@ class ContinuousScheduler:
         self.warm = warm_up
         b, s = self.slots, self.length
         stops = [] if self.eos_id is None else [self.eos_id]
-        self.rows_cache = SlotCache(model, self.loop, b, s, tf.constant(stops or [-1], tf.int32),
-                                    jit_compile=jit_compile, min_span=min_span)  # fmt: skip
+        stop_ids = tf.constant(stops or [-1], tf.int32)
+        self.rows_cache = SlotCache(
+            model, self.loop, b, s, stop_ids, jit_compile=self.loop.jit_compile, min_span=min_span
+        )
         self.bias = np.zeros((b, model.vocab_size), np.float32)  # each slot's `logit_bias`
         self.biased = np.zeros(b, bool)
         # repetition penalties (`generation.penalties`): settings per slot, state in variables
