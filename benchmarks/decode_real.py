@@ -17,6 +17,13 @@ speed as a fraction of this machine's limit: read bandwidth
 (attention, shared and 6 routed experts, the output head; not the embedding, which is
 gathered).
 
+With `--llama-cpp TREE` (a llama.cpp source tree built as benchmarks/README.md says: `build/bin`
+holds `llama-bench` and `llama-quantize`), llama.cpp runs the same checkpoint too: its
+own `convert_hf_to_gguf.py` writes a bf16 GGUF (the tokenizer's pre-tokenizer, unknown
+to it, is named `deepseek-v3`), `llama-quantize` a Q8_0 one, and `llama-bench` measures
+each (`-r 3`): per step (`-n`), the prompt with its tokens (`-pg`) and the long prompt
+(`-p`). llama.cpp needs q-LoRA for a DeepSeek-2 model of this depth, hence `--q-lora`.
+
     python benchmarks/decode_real.py --keep /tmp/rc    # ~15 min; reuses /tmp/rc/hf
 """
 
@@ -68,6 +75,55 @@ print(json.dumps({"loaded_s": loaded, "first_token_s": first, "decode_tok_s": n 
 """
 
 
+CONVERT = r"""
+import runpy, sys
+tree = sys.argv[1]
+sys.path[:0] = [tree, tree + "/gguf-py"]
+from conversion import base
+# the test tokenizer's BPE pre-tokenizer is unknown to llama.cpp: name DeepSeek-V3's
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "deepseek-v3"
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(tree + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+SAME = {True: "yes", False: "no"}  # the tokens-as-auto's column (llama.cpp's: -)
+
+
+def gguf_files(tree: Path, hf: Path, work: Path) -> dict:
+    """llama.cpp's bf16 and Q8_0 GGUF files of `hf` (made once, kept in `work`)."""
+    files = {"bf16": work / "model-bf16.gguf", "q8_0": work / "model-q8_0.gguf"}
+    if not files["bf16"].is_file():
+        print("[llama.cpp] convert_hf_to_gguf.py --outtype bf16", flush=True)
+        cmd = [sys.executable, "-c", CONVERT, tree, hf, "--outtype", "bf16", "--outfile"]
+        assert measured([*cmd, files["bf16"]])["code"] == 0
+    if not files["q8_0"].is_file():
+        print("[llama.cpp] llama-quantize Q8_0", flush=True)
+        quantize = tree / "build" / "bin" / "llama-quantize"
+        assert measured([quantize, files["bf16"], files["q8_0"], "Q8_0"])["code"] == 0
+    return files
+
+
+def llama_bench(tree: Path, gguf: Path, prompt: int, new: int, prefill: int, cores: int):
+    """llama-bench of `gguf` as the other sides are measured: tokens/s of `new` tokens
+    after a `prompt`-token prompt, per step, and of a `prefill`-token prompt."""
+    bench = tree / "build" / "bin" / "llama-bench"
+    cmd = [bench, "-m", gguf, "-t", cores, "-r", 3, "-o", "json",
+           "-p", prefill, "-n", new, "-pg", f"{prompt},{new}"]  # fmt: skip
+    done = measured(cmd)
+    if done["code"] != 0:
+        return done, {}
+    runs = json.loads(done["out"])
+    by = {(r["n_prompt"], r["n_gen"]): r["avg_ts"] for r in runs}
+    return done, {
+        "decode_tok_s": new / ((prompt + new) / by[(prompt, new)]),  # -pg: all tokens/s
+        "step_tok_s": by[(0, new)],
+        "prefill_tok_s": by[(prefill, 0)],
+        "dtype": gguf.stem.split("-")[-1],
+        "prompt": prompt,
+    }
+
+
 def active_parameters(hf_config: dict) -> int:
     """Weights one decoded token multiplies: every layer's attention (MLA without
     q-LoRA), its dense FFN or shared + `num_experts_per_tok` routed experts, and the
@@ -93,6 +149,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prefill", type=int, default=512, help="long prompt's length")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument(
+        "--q-lora",
+        type=int,
+        default=384,
+        help="the queries' low rank of a new checkpoint (0: full rank)",
+    )
+    parser.add_argument("--llama-cpp", type=Path, help="a built llama.cpp source tree")
     parser.add_argument("--out", default=bc.default_out("decode_real"))
     bc.add_wait_quiet_arg(parser)
     args = parser.parse_args()
@@ -101,7 +164,7 @@ def main() -> None:
     hf, run = work / "hf", work / "auto_run"
     if not (hf / "config.json").is_file():
         print(f"[make] the checkpoint in {hf}", flush=True)
-        make_checkpoint(hf, 12, 1024, 512)
+        make_checkpoint(hf, 12, 1024, 512, args.q_lora or None)
     if not (run / "config.yaml").is_file():
         print("[convert] --from-hf", flush=True)
         assert measured([*CLI, "convert", "--from-hf", hf, "--out", run])["code"] == 0
@@ -111,24 +174,33 @@ def main() -> None:
     sides = [("deepseek-tf", "auto"), ("deepseek-tf", "bfloat16")]
     if not args.skip_peer:
         sides += [("transformers", "bfloat16"), ("transformers", "float32")]
+    if args.llama_cpp:
+        ggufs = gguf_files(args.llama_cpp, hf, work)
+        sides += [("llama.cpp", "bf16"), ("llama.cpp", "q8_0")]
     rows = []
     for framework, dtype in sides:
         quiet = bc.maybe_wait_quiet(f"{framework} {dtype}", args.wait_quiet)
-        if framework == "deepseek-tf":  # real_checkpoint's decode step, in `dtype`
-            cmd = [sys.executable, "-c", DECODE, run, args.new_tokens, dtype, args.prefill]
-        else:
-            cmd = [sys.executable, "-c", PEER, hf, dtype, args.new_tokens, args.prefill]
         print(f"[decode] {framework} {dtype}", flush=True)
-        done = measured(cmd)
-        result = json.loads(done["out"].splitlines()[-1]) if done["code"] == 0 else {}
-        weight_bytes = active * (4 if result.get("dtype") == "float32" else 2)
+        if framework == "llama.cpp":
+            prompt = rows[0].get("prompt", 14)  # deepseek-tf's prompt length
+            done, result = llama_bench(args.llama_cpp, ggufs[dtype], prompt, args.new_tokens,
+                                       args.prefill, info["cores"])  # fmt: skip
+        else:
+            if framework == "deepseek-tf":  # real_checkpoint's decode step, in `dtype`
+                cmd = [sys.executable, "-c", DECODE, run, args.new_tokens, dtype, args.prefill]
+            else:
+                cmd = [sys.executable, "-c", PEER, hf, dtype, args.new_tokens, args.prefill]
+            done = measured(cmd)
+            result = json.loads(done["out"].splitlines()[-1]) if done["code"] == 0 else {}
+        bytes_per = {"float32": 4, "q8_0": 34 / 32}.get(result.get("dtype"), 2)  # Q8_0: 8.5 bits
+        weight_bytes = active * bytes_per
         limit = bandwidth / weight_bytes
         rows.append({"framework": framework, "asked": dtype, **result,
                      "peak_mib": done["peak_mib"], "limit_tok_s": limit, "quiet": quiet,
                      "of_limit": result.get("step_tok_s", 0) / limit})  # fmt: skip
     reference = rows[0].get("tokens")
     for row in rows:
-        row["same_tokens_as_auto"] = row.get("tokens") == reference
+        row["same_tokens_as_auto"] = row.get("tokens") == reference if "tokens" in row else None
     weights_mib = sum(p.stat().st_size for p in hf.glob("*.safetensors")) / MIB
     bc.print_machine(info)
     print(f"active weights per token: {active / 1e6:,.0f}M; read bandwidth "
@@ -147,7 +219,7 @@ def main() -> None:
           bc.fmt(r.get("step_tok_s"), ".2f"), f"{r['of_limit']:.2f}",
           bc.fmt(r.get("prefill_tok_s"), ".1f"),
           bc.fmt(bc.ratio(r.get("prefill_tok_s"), best("prefill_tok_s")), ".2f"),
-          f"{r['peak_mib']:,.0f} MiB", "yes" if r["same_tokens_as_auto"] else "no"]
+          f"{r['peak_mib']:,.0f} MiB", SAME.get(r["same_tokens_as_auto"], "-")]
          for r in rows],
     )  # fmt: skip
     result = {"machine": info, "active_parameters": active, "read_bandwidth": bandwidth,

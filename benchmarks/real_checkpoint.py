@@ -46,8 +46,9 @@ CLI = [sys.executable, "-m", "deepseek_tf.cli.main"]
 MIB = 1024 * 1024
 
 
-def hf_config(layers: int, hidden: int, moe_dim: int, vocab: int):
-    """DeepSeek-V2-Lite's structure (head dims, MLA ranks, experts) at a smaller width."""
+def hf_config(layers: int, hidden: int, moe_dim: int, vocab: int, q_lora: int | None = None):
+    """DeepSeek-V2-Lite's structure (head dims, MLA ranks, experts) at a smaller width;
+    `q_lora`: the queries' low rank (None: V2-Lite's full-rank queries)."""
     from transformers import DeepseekV2Config
 
     return DeepseekV2Config(
@@ -68,7 +69,7 @@ def hf_config(layers: int, hidden: int, moe_dim: int, vocab: int):
         topk_group=1,
         norm_topk_prob=False,
         routed_scaling_factor=1.0,
-        q_lora_rank=None,
+        q_lora_rank=q_lora,
         kv_lora_rank=512,
         qk_nope_head_dim=128,
         qk_rope_head_dim=64,
@@ -80,7 +81,9 @@ def hf_config(layers: int, hidden: int, moe_dim: int, vocab: int):
     )
 
 
-def make_checkpoint(directory: Path, layers: int, hidden: int, moe_dim: int) -> dict:
+def make_checkpoint(
+    directory: Path, layers: int, hidden: int, moe_dim: int, q_lora: int | None = None
+) -> dict:
     """Random bf16 model saved by transformers in 1 GB shards, plus the tokenizer files."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -92,7 +95,7 @@ def make_checkpoint(directory: Path, layers: int, hidden: int, moe_dim: int) -> 
     torch.manual_seed(0)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_config(
-        hf_config(layers, hidden, moe_dim, 102400), dtype=torch.bfloat16
+        hf_config(layers, hidden, moe_dim, 102400, q_lora), dtype=torch.bfloat16
     )
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(directory, max_shard_size="1GB")
@@ -107,7 +110,7 @@ def measured(cmd, timeout=3600, env=None) -> dict:
     wrapper = (
         "import resource, subprocess, sys, time\n"
         "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], capture_output=True, "
-        "text=True)\n"
+        "text=True, errors='replace')\n"
         "print(r.stdout); print(r.stderr[-4000:], file=sys.stderr)\n"
         "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
         "print(f'@@ {r.returncode} {time.perf_counter() - t:.3f} {peak}')\n"

@@ -31,6 +31,11 @@ def test_logits_are_causal_and_cached_forward_matches(tiny_config):
         logits, cache = model.call_with_cache(ids[:, i : i + 1], cache, i)
         pieces.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-4)
+    # one position's logits (a prefill's last) are the full call's at that position
+    for at in (4, 2):
+        one, _ = model.call_with_cache(ids[:, :5], model.init_cache(2, 16), 0, logits_at=at)
+        assert one.shape == (2, 1, 23)
+        np.testing.assert_allclose(np.asarray(one)[:, 0], full[:, at], atol=1e-4)
 
 
 def test_embedding_noise_only_in_training(tiny_config):

@@ -166,9 +166,9 @@ class DecodeLoop:
     def _prefill_chunk(self, ids, cache, start, last=None):
         """`(B, n)` ids at `start...` -> the logits `(B, V)` of chunk position `last`
         (None: the last) and the cache."""
-        logits, cache = self.model.call_with_cache(ids, cache, start)  # (B, n, V)
-        logits = logits[:, -1, :] if last is None else tf.gather(logits, last, axis=1)
-        return self._limit(logits), cache
+        last = tf.shape(ids)[1] - 1 if last is None else last
+        logits, cache = self.model.call_with_cache(ids, cache, start, logits_at=last)  # (B, 1, V)
+        return self._limit(logits[:, 0]), cache
 
     def _limit(self, logits):
         return limit_vocab(logits, self.vocab_limit)

@@ -164,10 +164,11 @@ class SpeculativeLoop:
 
     def _prefill_last(self, chunk, start, ids, is_prompt, state, ends, done, sampling, stop_ids,
                       sampled):  # fmt: skip
+        last = tf.shape(chunk)[1] - 1
         logits, cache, extras = self.model.call_with_cache(
-            chunk, state["cache"], start, return_hidden=True
+            chunk, state["cache"], start, return_hidden=True, logits_at=last
         )
-        logits = limit_vocab(logits[:, -1], self.vocab_limit)  # (B, V)
+        logits = limit_vocab(logits[:, 0], self.vocab_limit)  # (B, V)
         p = start + tf.shape(chunk)[1]
         if sampled:
             first = sample_tokens(logits, *sampling, p)  # (B,)

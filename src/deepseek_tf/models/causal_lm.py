@@ -374,11 +374,15 @@ class CausalLM(ModelStructure, keras.Model):
         max_len = self.max_seq_len if max_len is None else max_len
         return [block.init_cache(batch_size, max_len) for block in self.blocks]
 
-    def call_with_cache(self, token_ids, cache, cache_index, return_hidden=False):
+    def call_with_cache(self, token_ids, cache, cache_index, return_hidden=False, logits_at=None):
         """Runs `token_ids` at positions `cache_index...`; returns `(logits, new_cache)`, or
         with `return_hidden` `(logits, new_cache, extras)`: `extras["hidden"]` the final
         state after the final norm `(B, T, C)` (what MTP depth 1 reads), `"block_inputs"`
-        each block's input `(B, T, C)` (see `generation.speculative`)."""
+        each block's input `(B, T, C)` (see `generation.speculative`).
+
+        `logits` are `(B, T, V)`, or with `logits_at` (a scalar index into `T`) that one
+        position's `(B, 1, V)`: a prompt's prefill needs only its last position, and the
+        head over every position was the largest product of a long prefill (T x V)."""
         x = self.embed(token_ids, training=False)
         new_cache, inputs = [], []
         for block, layer_cache in zip(self.blocks, cache):
@@ -386,10 +390,11 @@ class CausalLM(ModelStructure, keras.Model):
             out = block(x, cache=layer_cache, cache_index=cache_index)
             x = out["x"]
             new_cache.append(out["cache"])
+        at = x if logits_at is None else tf.gather(x, ops.reshape(logits_at, (1,)), axis=1)
         if not return_hidden:
-            return self.head(x), new_cache
+            return self.head(at), new_cache
         extras = {"hidden": self.final_norm(x), "block_inputs": inputs}
-        return self.head(x), new_cache, extras
+        return self.head(at), new_cache, extras
 
     def get_config(self):
         return {**super().get_config(), **init_config(self)}
