@@ -4,15 +4,18 @@
 loaded is held twice; and TensorFlow's CPU allocator keeps every page it ever used, so
 peak memory stays at twice the model. Here each variable is matched through the
 checkpoint's object graph exactly as `Checkpoint.restore` matches it, then read with its
-own `RestoreV2` and assigned before the next one is read. Together with variables built
-without running their initialisers (`layers.deferred_init`), loading a run costs about
-one copy of its weights.
+own `RestoreV2` and assigned, one variable in flight per reader thread (one per core).
+Together with variables built without running their initialisers
+(`layers.deferred_init`), loading a run costs about one copy of its weights.
 
 A floating-point tensor is cast to its variable's dtype (a run saved in float32 loads in
 `model.dtype: bfloat16`, and back); other dtypes (int8 codes, counters) must match.
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import tensorflow as tf
@@ -96,7 +99,7 @@ def restore_weights(checkpoint: RunCheckpoint) -> int:
 
     The newest checkpoint that reads back is restored (a corrupt one is named and skipped,
     as `RunCheckpoint.restore` does); each variable is read with its own RestoreV2 and
-    assigned before the next is read. A checkpoint holding state other than variables is
+    assigned, by one reader per core. A checkpoint holding state other than variables is
     restored by TensorFlow.
 
     Args:
@@ -119,12 +122,19 @@ def restore_weights(checkpoint: RunCheckpoint) -> int:
         plan = _restore_plan(checkpoint.checkpoint, prefix)
         if plan is None:  # state other than variables: TensorFlow's restore
             return checkpoint.restore(prefix, weights_only=True)
-        for variable, key, dtype in plan:
+
+        def read_and_assign(entry):
+            variable, key, dtype = entry
             args = {"tensor_names": [key], "shape_and_slices": [""], "dtypes": [dtype]}
             value = tf.raw_ops.RestoreV2(prefix=prefix, **args)[0]
             variable.assign(
                 value if value.dtype == variable.dtype else tf.cast(value, variable.dtype)
             )
+
+        # one reader per core: a read runs in TensorFlow without the GIL, and one reader
+        # alone took the 1.46B demonstration's 2.8 GB at ~1.3 GB/s from the page cache
+        with ThreadPoolExecutor(max(1, min(len(plan), os.cpu_count() or 1))) as pool:
+            list(pool.map(read_and_assign, plan))
         return int(checkpoint.step.numpy())
 
     return checkpoint.restore_first_readable(checkpoint.candidates(), restore_one)
