@@ -87,7 +87,7 @@ def test_one_padded_prefill_equals_the_chunked_prefill():
     loop = DecodeLoop(model, jit_compile=False)
     ids = tf.constant(np.random.RandomState(0).randint(1, 40, (2, 13)), tf.int32)
     padded, cache_p = loop.prefill(ids, model.init_cache(2, 48), room=48)
-    assert loop.prefill_chunk.experimental_get_tracing_count() == 1  # one call (of 16)
+    assert loop.prefill_program.experimental_get_tracing_count() == 1  # one call (of 16)
     chunked, cache_c = loop.prefill(ids, model.init_cache(2, 48))
     np.testing.assert_allclose(padded, chunked, rtol=1e-5, atol=1e-5)
     for p, c in zip(tf.nest.flatten(cache_p), tf.nest.flatten(cache_c)):
@@ -138,3 +138,29 @@ def test_decode_leaves_xla_for_16_bit_weights_that_do_not_fit_the_cpus_cache(tra
     assert xla_decode(half, True, cache_bytes=0) is True  # cache size unknown: as asked
     # the loop the server and `generate` share applies it with this machine's cache
     assert DecodeLoop(half).jit_compile is (fits_in_cache(half) is not False)
+
+
+def test_a_memory_bound_models_first_prefill_runs_eagerly_and_equals_the_program(loaded):
+    """A model beyond the CPU's cache prefills without XLA, its first prompt eagerly (no
+    trace before the first token), later prompts through the traced program: the same
+    logits and cache both ways."""
+    import numpy as np
+    import tensorflow as tf
+
+    from deepseek_tf.generation.decoding import DecodeLoop
+    from deepseek_tf.generation.memory_bound import accelerated
+
+    if accelerated():
+        pytest.skip("an accelerator is present: the prefill follows jit_compile there")
+    model, tok = loaded
+    loop = DecodeLoop(model, cache_bytes=1)  # every weight "read from memory"
+    assert loop.jit_compile  # float32 weights keep XLA for the step
+    ids = tf.constant([tok.encode("ROMEO:\nWhat is")[:8]], tf.int32)  # one call, padded or not
+    runs = []
+    for traces in (0, 1):
+        logits, cache = loop.prefill(ids, model.init_cache(1, 64), room=64)
+        assert loop.prefill_program.experimental_get_tracing_count() == traces
+        runs.append((np.asarray(logits), [np.asarray(t) for t in tf.nest.flatten(cache)]))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], atol=1e-5)
+    for eager, traced in zip(runs[0][1], runs[1][1]):
+        np.testing.assert_allclose(eager, traced, atol=1e-5)

@@ -153,9 +153,9 @@ def test_cancelled_row_frees_its_slot_within_one_call(scheduler):
 
 def test_warm_up_compiles_every_shape_before_ready(scheduler):
     traces = scheduler.rows_cache.traces()
-    prefill = scheduler.loop.prefill_chunk.experimental_get_tracing_count()
+    prefill = scheduler.loop.prefill_program.experimental_get_tracing_count()
     rng = np.random.RandomState(2)
     for n in (1, 6, 17, 40):  # prompts of many lengths, greedy and sampled
         wait(scheduler.submit(request(rng.randint(0, VOCAB, n).tolist(), 5, 0.8)))
     assert scheduler.rows_cache.traces() == traces
-    assert scheduler.loop.prefill_chunk.experimental_get_tracing_count() == prefill
+    assert scheduler.loop.prefill_program.experimental_get_tracing_count() == prefill
