@@ -124,6 +124,18 @@ def llama_bench(tree: Path, gguf: Path, prompt: int, new: int, prefill: int, cor
     }
 
 
+def framework_footprint(work: Path, args) -> float:
+    """Peak RSS (MiB) of deepseek-tf's side on a 2-layer, width-64 checkpoint of the same
+    structure: Python, TensorFlow, Keras and deepseek-tf themselves (`real_checkpoint`'s
+    "footprint")."""
+    tiny_hf, tiny_run = work / "tiny_hf", work / "tiny_run"
+    if not (tiny_run / "config.yaml").is_file():
+        make_checkpoint(tiny_hf, 2, 64, 32, args.q_lora or None)
+        assert measured([*CLI, "convert", "--from-hf", tiny_hf, "--out", tiny_run])["code"] == 0
+    cmd = [sys.executable, "-c", DECODE, tiny_run, args.new_tokens, "auto", args.prefill]
+    return measured(cmd)["peak_mib"]
+
+
 def active_parameters(hf_config: dict) -> int:
     """Weights one decoded token multiplies: every layer's attention (MLA without
     q-LoRA), its dense FFN or shared + `num_experts_per_tok` routed experts, and the
@@ -198,6 +210,7 @@ def main() -> None:
         rows.append({"framework": framework, "asked": dtype, **result,
                      "peak_mib": done["peak_mib"], "limit_tok_s": limit, "quiet": quiet,
                      "of_limit": result.get("step_tok_s", 0) / limit})  # fmt: skip
+    footprint = framework_footprint(work, args)
     reference = rows[0].get("tokens")
     for row in rows:
         row["same_tokens_as_auto"] = row.get("tokens") == reference if "tokens" in row else None
@@ -222,8 +235,12 @@ def main() -> None:
           f"{r['peak_mib']:,.0f} MiB", SAME.get(r["same_tokens_as_auto"], "-")]
          for r in rows],
     )  # fmt: skip
+    for row in rows[:2]:  # deepseek-tf's: peak RSS over the weights, the footprint aside
+        row["rss_over_weights"] = (row["peak_mib"] - footprint) / weights_mib
+        print(f"{row['framework']} {row['asked']}: peak RSS = footprint {footprint:,.0f} MiB + "
+              f"{row['rss_over_weights']:.2f} x the weights (goal <= 1.3)")  # fmt: skip
     result = {"machine": info, "active_parameters": active, "read_bandwidth": bandwidth,
-              "weights_mib": weights_mib, "rows": rows}  # fmt: skip
+              "weights_mib": weights_mib, "footprint_mib": footprint, "rows": rows}  # fmt: skip
     print(f"results -> {bc.write_json(args.out, result)}")
 
 

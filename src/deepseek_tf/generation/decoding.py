@@ -136,10 +136,13 @@ class DecodeLoop:
         # each function the model calls cost ~8% of the tracing time of the decode tests
         self.jit_compile = xla_decode(model, jit_compile, cache_bytes)  # the step's, the loop's
         compiled = dict(jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
-        xla = xla_prefill(model, jit_compile, cache_bytes)
-        self.prefill_program = tf.function(self._prefill_chunk, **{**compiled, "jit_compile": xla})
+        self.prefill_jit_compile = xla_prefill(model, jit_compile, cache_bytes)
+        prefill = {**compiled, "jit_compile": self.prefill_jit_compile}
+        self.prefill_program = tf.function(self._prefill_chunk, **prefill)
         # a model read from memory on a CPU: its first prefill runs eagerly (see prefill_chunk)
-        self._eager_prefill = not xla and _memory_bound_on_cpu(model, cache_bytes)
+        self._eager_prefill = not self.prefill_jit_compile and _memory_bound_on_cpu(
+            model, cache_bytes
+        )
         self.step = tf.function(self.token_step, **compiled)
         self.decode = tf.function(self._decode, **compiled)
 

@@ -46,6 +46,7 @@ from deepseek_tf.serving.slot_cache import MAX_CHUNK, MIN_SPAN, SlotCache
 
 log = logging.getLogger("deepseek_tf.serving")
 WARM_SPANS = 4096  # spans up to this (and the whole cache) compile before `ready`
+WARM_TRACED_CHUNK = 8  # the longest prefill chunk a warm-up runs when not XLA-compiled
 
 
 class ContinuousScheduler:
@@ -131,10 +132,14 @@ class ContinuousScheduler:
         slot write); returns the seconds it took."""
         began = time.perf_counter()
         spans = self.rows_cache.spans()
+        # an XLA prefill compiles every chunk length; a traced one generalises its shapes
+        # after a few lengths (`reduce_retracing`), and the 1.46B demonstration spent
+        # ~95 s prefilling the long chunks of a 4,096-position cache for nothing
+        longest = None if self.loop.prefill_jit_compile else WARM_TRACED_CHUNK
         for span in sorted({spans[0], self.length}):  # prompts of other spans: on first use
             row, logits = self.model.init_cache(1, span), None
             for n in prefill_chunks((1 << span.bit_length()) - 1):
-                if n <= span:
+                if n <= min(span, longest or span):
                     logits, row = self.loop.prefill(tf.zeros((1, n), tf.int32), row)
             self.rows_cache.insert(tf.constant(0), row, logits)
         done = np.ones(self.slots, bool)
