@@ -159,3 +159,19 @@ def test_warm_up_compiles_every_shape_before_ready(scheduler):
         wait(scheduler.submit(request(rng.randint(0, VOCAB, n).tolist(), 5, 0.8)))
     assert scheduler.rows_cache.traces() == traces
     assert scheduler.loop.prefill_program.experimental_get_tracing_count() == prefill
+
+
+def test_a_traced_scheduler_traces_one_decode_program_per_span(attention_model):
+    """Without XLA a decode call always takes a bias (zeros when no row has one): one
+    trace per span, not one with and one without, and the tokens `generate` gives."""
+    s = ContinuousScheduler(attention_model, None, max_batch=2, step_ms=5, min_span=16,
+                            jit_compile=False).start()  # fmt: skip
+    try:
+        assert s.ready.wait(300)
+        assert s.rows_cache.traces() == len(s.rows_cache.spans()) == 3
+        prompt = [3, 1, 4, 1, 5]
+        job = wait(s.submit(request(prompt, 10)))
+        expected = Generator(attention_model, jit_compile=False).generate([prompt], 10)[0]
+        assert job.tokens == expected and s.rows_cache.traces() == 3
+    finally:
+        s.stop()
