@@ -153,6 +153,14 @@ def test_dispatch_plan_rows_are_exact_and_bounded():
     np.testing.assert_array_equal(row_token[dest], np.repeat(np.arange(n), k).reshape(n, k))
     np.testing.assert_array_equal(tile_expert[dest // tile], idx)  # ... in its expert's tile
     assert (row_token[np.setdiff1d(np.arange(len(row_token)), dest)] == n).all()  # padding
+    # outside XLA: only the tiles in use, the same rows
+    used = dispatch_plan(tf.constant(idx), n_experts, tile, used_only=True)
+    counts = np.bincount(idx.ravel(), minlength=n_experts)
+    n_used = int(used["n_tiles"])
+    assert n_used == (-(-counts // tile)).sum() <= plan["n_tiles"]
+    np.testing.assert_array_equal(np.asarray(used["dest"]), dest)
+    np.testing.assert_array_equal(np.asarray(used["row_token"]), row_token[: n_used * tile])
+    np.testing.assert_array_equal(np.asarray(used["tile_expert"]), tile_expert[:n_used])
     assert auto_tile_size(6, 64) == 1  # decoding: no padding rows
     assert auto_tile_size(2048 * 6, 64) == 64
 

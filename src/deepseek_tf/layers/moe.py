@@ -11,7 +11,7 @@ from deepseek_tf.layers.expert_parallel import expert_parallel_dispatch
 from deepseek_tf.layers.expert_shards import in_replicas
 from deepseek_tf.layers.expert_stacks import ExpertStacks
 from deepseek_tf.layers.moe_capacity import capacity_dispatch
-from deepseek_tf.layers.moe_tiles import auto_tile_size, dim, dispatch_plan
+from deepseek_tf.layers.moe_tiles import auto_tile_size, dim, dispatch_plan, in_xla
 from deepseek_tf.layers.router import TopKRouter
 from deepseek_tf.layers.serialization import init_config
 from deepseek_tf.layers.structure import PrunableUnits, WeightSlice
@@ -326,7 +326,8 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
             out = ops.einsum("nkd,nk->nd", ops.cast(per_slot, "float32"), topk_weight)  # (N, d)
             return ops.cast(out, self.compute_dtype), hidden
         tile = self.tile_size or auto_tile_size(n * k, self.n_routed_experts)
-        plan = dispatch_plan(topk_idx, self.n_routed_experts, tile)
+        # outside XLA, only the tiles the assignments use (see `dispatch_plan`)
+        plan = dispatch_plan(topk_idx, self.n_routed_experts, tile, used_only=not in_xla())
         padded = ops.concatenate(
             [tokens, ops.zeros((1, self.d_model), tokens.dtype)], axis=0
         )  # (N + 1, d): row N is the padding row

@@ -9,6 +9,8 @@ import math
 
 import tensorflow as tf
 from keras import ops
+from tensorflow.python.framework import ops as tf_ops
+from tensorflow.python.ops import control_flow_util
 
 MAX_AUTO_TILE = 128
 
@@ -17,6 +19,14 @@ def dim(x, axis: int):
     """Static size of `x`'s `axis` when known, else a scalar tensor."""
     size = x.shape[axis]
     return size if size is not None else tf.shape(x)[axis]
+
+
+def in_xla() -> bool:
+    """True while tracing for XLA (`tf.function(jit_compile=True)`, any depth of control
+    flow), where every shape must be known at compile time. TensorFlow has no public
+    way to ask; its traces for XLA run inside an XLA control-flow context, which this
+    internal helper reads."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
 
 
 def auto_tile_size(n_assignments, n_experts: int) -> int:
@@ -40,7 +50,7 @@ def auto_tile_size(n_assignments, n_experts: int) -> int:
     return int(min(MAX_AUTO_TILE, 2 ** round(math.log2(target))))
 
 
-def dispatch_plan(topk_idx, n_experts: int, tile: int):
+def dispatch_plan(topk_idx, n_experts: int, tile: int, used_only: bool = False):
     """Static-shape layout of the `(token, slot)` assignments in expert-sorted row tiles.
 
     Rows are grouped by expert (in token order within an expert) and every
@@ -55,12 +65,16 @@ def dispatch_plan(topk_idx, n_experts: int, tile: int):
         topk_idx: `(N, k)` int32 distinct expert ids per token.
         n_experts: `E`.
         tile: rows per tile.
+        used_only: lay out only the tiles the assignments use (a shape known at run
+            time, not XLA-compatible); otherwise the static bound, whose unused tiles
+            each still gather an expert's weights (a server's 16 decoding slots: 72
+            tiles for 96 assignments).
 
     Returns:
         A dict: `"row_token"` `(R,)` int32 token of each row (`N` for padding
         rows), `"dest"` `(N, k)` int32 row of each assignment,
         `"tile_expert"` `(n_tiles,)` int32 expert of each tile and
-        `"n_tiles"`; `R = n_tiles * tile`.
+        `"n_tiles"` (a scalar tensor with `used_only`); `R = n_tiles * tile`.
     """
     n, k = dim(topk_idx, 0), topk_idx.shape[1]
     a = n * k
@@ -74,7 +88,7 @@ def dispatch_plan(topk_idx, n_experts: int, tile: int):
     dest = tf.gather(tile_start * tile, topk_idx) + rank  # (N, k)
 
     m = min(n_experts, a) if isinstance(a, int) else tf.minimum(n_experts, a)
-    n_tiles = (a + m * (tile - 1)) // tile
+    n_tiles = tile_end[-1] if used_only else (a + m * (tile - 1)) // tile
     token = tf.repeat(tf.range(n, dtype=dest.dtype), k)  # (A,) token of each assignment
     row_token = tf.tensor_scatter_nd_update(
         tf.fill([n_tiles * tile], tf.cast(n, dest.dtype)), ops.reshape(dest, (-1, 1)), token
