@@ -139,10 +139,9 @@ class DecodeLoop:
         self.prefill_jit_compile = xla_prefill(model, jit_compile, cache_bytes)
         prefill = {**compiled, "jit_compile": self.prefill_jit_compile}
         self.prefill_program = tf.function(self._prefill_chunk, **prefill)
-        # a model read from memory on a CPU: its first prefill runs eagerly (see prefill_chunk)
-        self._eager_prefill = not self.prefill_jit_compile and _memory_bound_on_cpu(
-            model, cache_bytes
-        )
+        # a model read from memory on a CPU (so prefilled without XLA): its first prefill
+        # runs eagerly (see prefill_chunk)
+        self._eager_prefill = _memory_bound_on_cpu(model, cache_bytes)
         self.step = tf.function(self.token_step, **compiled)
         self.decode = tf.function(self._decode, **compiled)
 
