@@ -78,8 +78,9 @@ class RunDir(RunLayout):
         """
         config = config or self.read_config()
         tokenizer = self.read_tokenizer(required=False)
-        # the checkpoint overwrites every weight (quantizing the structure reads them)
-        with initializers_skipped(zero_fill=config.compression.quantize != "none") as skipped:
+        # the checkpoint overwrites every weight (a quantized structure is built without
+        # reading the float ones: `models.quantization.apply_quantized_structure`)
+        with initializers_skipped() as skipped:
             # the config's vocab_size (may exceed the tokenizer's)
             model = build_model(config, dtype=inference_dtype(config))
         checkpoint = self.weights_checkpoint(model, config)

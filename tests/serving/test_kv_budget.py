@@ -9,7 +9,7 @@ from serving_helpers import request, start_server
 from deepseek_tf.config.loader import apply_overrides, load_config
 from deepseek_tf.errors import InputError
 from deepseek_tf.models.builder import build_model
-from deepseek_tf.serving.kv_budget import cache_bytes, parse_size, plan_cache
+from deepseek_tf.serving.kv_budget import WORKING_COPIES, cache_bytes, parse_size, plan_cache
 from deepseek_tf.serving.server import ServingApp
 
 VOCAB = 37
@@ -49,9 +49,10 @@ def test_cache_bytes_predict_the_cache_allocated(long_model):
 
 def test_the_budget_bounds_the_rows(long_model):
     per_position, fixed = cache_bytes(long_model, 4)
-    budget = fixed + 1000 * per_position + per_position // 2
+    budget = WORKING_COPIES * (fixed + 1000 * per_position) + per_position // 2
     plan = plan_cache(long_model, 4, kv_cache_memory=budget)
-    assert plan.max_model_len == 1000 and plan.bytes <= plan.budget == budget
+    assert plan.max_model_len == 1000 and plan.peak_bytes <= plan.budget == budget
+    assert plan.bytes == fixed + 1000 * per_position  # the cache; its working copies beside it
     assert "4 slots x 1,000 positions" in plan.describe() and "163,840" in plan.describe()
     assert plan_cache(long_model, 4, 500, budget).max_model_len == 500  # the flag, lower
 
@@ -84,7 +85,7 @@ def test_a_budget_serves_a_163840_position_checkpoint(long_model):
     )
     try:
         plan = app.cache_plan
-        assert 64 <= plan.max_model_len < LONG and plan.bytes <= plan.budget == 8 << 20
+        assert 64 <= plan.max_model_len < LONG and plan.peak_bytes <= plan.budget == 8 << 20
         assert leaf_bytes(app.batcher.cache) == plan.bytes  # what the scheduler holds
         status, health = request(url, "GET", "/health")
         assert status == 200 and health["kv_cache"]["max_model_len"] == plan.max_model_len
@@ -106,6 +107,7 @@ def test_a_budget_serves_a_163840_position_checkpoint(long_model):
 def test_no_flags_take_a_quarter_of_available_memory(long_model):
     app = ServingApp(long_model, None, "m", max_batch=16, warm_up=False)
     plan = app.cache_plan
-    assert "25% of the" in plan.budget_source and plan.bytes <= plan.budget
+    assert "25% of the" in plan.budget_source and plan.peak_bytes <= plan.budget
     per_position, fixed = cache_bytes(long_model, 16)
-    assert plan.max_model_len == min(LONG, (plan.budget - fixed) // per_position)
+    fits = (plan.budget // WORKING_COPIES - fixed) // per_position
+    assert plan.max_model_len == min(LONG, fits)

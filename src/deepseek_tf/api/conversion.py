@@ -10,6 +10,8 @@ Examples:
 >>> from deepseek_tf.api.conversion import convert_from_hf, convert_to_hf  # doctest: +SKIP
 >>> convert_from_hf("hf/DeepSeek-V2-Lite", out="runs/v2-lite").describe()   # doctest: +SKIP
 'wrote runs/v2-lite (...)'
+>>> convert_from_hf("hf/DeepSeek-V2-Lite", out="runs/v2-lite-int4", quantize="int4",
+...                 group_size=128)  # doctest: +SKIP
 >>> convert_to_hf("runs/v2-lite", out="hf/back", max_shard_size="2GB")  # doctest: +SKIP
 """
 
@@ -56,7 +58,9 @@ def parse_size(size: str | int) -> int:
     return count
 
 
-def convert_from_hf(hf_dir, *, out, dtype: str | None = None) -> ConversionSummary:
+def convert_from_hf(
+    hf_dir, *, out, dtype: str | None = None, quantize: str | None = None, group_size: int = -1
+) -> ConversionSummary:
     """Converts a Hugging Face DeepSeek-V2/V3 checkpoint into a new run directory.
 
     Args:
@@ -65,17 +69,27 @@ def convert_from_hf(hf_dir, *, out, dtype: str | None = None) -> ConversionSumma
         out: the run directory to write (it must not hold a run).
         dtype: "float32" or "bfloat16": the run's weights and precision (None: the
             checkpoint's, bfloat16 for BF16 and FP8 checkpoints).
+        quantize: None, or "int8" / "int4": store every projection (attention, dense
+            FFN, shared and routed experts, an untied output head) as weight-only codes,
+            quantized tensor by tensor as the checkpoint is read, so the float model is
+            never held whole (what `compress quantize` would make of the float run).
+        group_size: with `quantize`, inputs per scale (-1: one scale per output channel);
+            it must divide the routed experts' input widths.
 
     Returns:
         The `ConversionSummary` (`directory`, `kind="run"`, `n_tensors`, `tokenizer`,
-        `mtp_depth`; `describe()`).
+        `mtp_depth`, `quantize`; `describe()`).
 
     Raises:
-        ConfigError: `config.json` missing, malformed or not DeepSeek; an unknown dtype.
+        ConfigError: `config.json` missing, malformed or not DeepSeek; an unknown dtype
+            or quantize mode.
+        CompressionError: a `group_size` the experts' widths do not divide.
         ConversionError: a tensor missing, mis-shaped or unexpected (named).
         RunDirError: `out` already holds a run.
     """
-    return read_hf_checkpoint(hf_dir, out, dtype=dtype)
+    if quantize is None and group_size != -1:
+        raise ConfigError("--group-size applies to --quantize only")
+    return read_hf_checkpoint(hf_dir, out, dtype=dtype, quantize=quantize, group_size=group_size)
 
 
 def convert_to_hf(

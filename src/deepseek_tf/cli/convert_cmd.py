@@ -1,6 +1,7 @@
 """`deepseek-tf convert`: Hugging Face DeepSeek-V2/V3 checkpoints <-> run directories.
 
 deepseek-tf convert --from-hf HF_DIR --out RUN_DIR [--dtype bfloat16|float32]
+                    [--quantize int8|int4 [--group-size N]]
 deepseek-tf convert --to-hf RUN_DIR --out HF_DIR [--dtype bfloat16] [--max-shard-size 5GB]
 """
 
@@ -25,6 +26,20 @@ def add_parser(subparsers) -> None:
         help="--from-hf: the run's weights and precision (default: the checkpoint's, "
         "bfloat16 for BF16 and FP8 checkpoints); --to-hf: the safetensors dtype (default "
         "float32)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="--from-hf: store every projection (attention, FFN, experts, an untied head) "
+        "as weight-only int8/int4 codes, quantized tensor by tensor as the checkpoint is "
+        "read (the float model is never held whole)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=-1,
+        help="--quantize: inputs per scale (default -1: one per output channel); must "
+        "divide the routed experts' input widths",
     )
     parser.add_argument(
         "--adapter-only",
@@ -53,8 +68,16 @@ def run(args) -> int:
     if args.hf_dir is not None:
         if args.max_shard_size != "5GB" or args.adapter_only:
             raise ConfigError("--max-shard-size and --adapter-only apply to --to-hf only")
-        summary = convert_from_hf(args.hf_dir, out=args.out, dtype=args.dtype)
+        summary = convert_from_hf(
+            args.hf_dir,
+            out=args.out,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            group_size=args.group_size,
+        )
     else:
+        if args.quantize is not None or args.group_size != -1:
+            raise ConfigError("--quantize and --group-size apply to --from-hf only")
         summary = convert_to_hf(
             args.run_dir,
             out=args.out,

@@ -20,6 +20,7 @@ from deepseek_tf.convert.hf_config import (
 )
 from deepseek_tf.convert.hf_weights import NUMPY_DTYPES, assign_hf_weights
 from deepseek_tf.convert.peft_adapter import adapter_tensors, save_peft_adapter
+from deepseek_tf.convert.quantized_weights import assign_quantized_weights, quantized_config
 from deepseek_tf.convert.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointReader,
@@ -55,6 +56,7 @@ class ConversionSummary:
         n_tensors: Hugging Face tensors read or written.
         tokenizer: whether a `tokenizer.json` was carried over.
         mtp_depth: MTP modules converted.
+        quantize: `"none"`, or the weight-only codes the run stores (`"int8"`, `"int4"`).
     """
 
     directory: Path
@@ -62,6 +64,7 @@ class ConversionSummary:
     n_tensors: int
     tokenizer: bool
     mtp_depth: int
+    quantize: str = "none"
 
     def describe(self) -> str:
         """One line for the command line."""
@@ -73,7 +76,8 @@ class ConversionSummary:
         if self.kind == "adapter":
             return f"wrote {self.directory} (a PEFT LoRA adapter: {self.n_tensors} tensors)"
         mtp = f", {self.mtp_depth} MTP module(s)" if self.mtp_depth else ""
-        return f"wrote {self.directory} ({self.n_tensors} tensors{mtp}, {tok})"
+        quant = f", {self.quantize} weights" if self.quantize != "none" else ""
+        return f"wrote {self.directory} ({self.n_tensors} tensors{mtp}{quant}, {tok})"
 
 
 def _has_mtp_tensors(reader: CheckpointReader, n_layers: int) -> bool:
@@ -97,7 +101,11 @@ def load_source_tokenizer(hf_dir: Path, vocab_size: int):
 
 
 def convert_from_hf(
-    hf_dir: str | Path, run_dir: str | Path, dtype: str | None = None
+    hf_dir: str | Path,
+    run_dir: str | Path,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    group_size: int = -1,
 ) -> ConversionSummary:
     """Converts a Hugging Face DeepSeek-V2/V3 checkpoint into a deepseek-tf run directory.
 
@@ -115,6 +123,10 @@ def convert_from_hf(
     MTP modules are converted when `num_nextn_predict_layers > 0` and the
     checkpoint carries them (layer `num_hidden_layers`); checkpoints saved by
     transformers carry none, and then `mtp_depth` becomes 0.
+
+    With `quantize` (`"int8"` or `"int4"`, `group_size` inputs per scale, -1: one per
+    output channel) every projection is stored as weight-only codes, quantized as it is
+    read (`convert.quantized_weights`): the float model is never held whole.
 
     Raises:
         ConfigError: `config.json` is missing, malformed or not DeepSeek.
@@ -144,12 +156,19 @@ def convert_from_hf(
     m = config.model
     if m.mtp_depth and not _has_mtp_tensors(reader, m.n_layers):
         config = update_config(config, model={"mtp_depth": 0})
+    float_config = config
+    if quantize is not None:  # refused before any tensor is read
+        config = quantized_config(config, quantize, group_size)
     tokenizer = load_source_tokenizer(hf_dir, config.model.vocab_size)
 
     with initializers_skipped() as skipped:  # no random weights: the checkpoint's replace them
-        model = build_model(config, dtype=dtype)  # the run's weights: as stored or --dtype
-    n_tensors = assign_hf_weights(model, reader)
-    skipped.run_except(model, [entry.variable for entry in weight_entries(model)])
+        model = build_model(float_config, dtype=dtype)  # the run's weights: as stored or --dtype
+    if quantize is None:
+        n_tensors = assign_hf_weights(model, reader)
+        skipped.run_except(model, [entry.variable for entry in weight_entries(model)])
+    else:  # the projections' float variables are replaced by codes as it goes
+        n_tensors, kept = assign_quantized_weights(model, reader, config.compression)
+        skipped.run_except(model, kept)
 
     run.path.mkdir(parents=True, exist_ok=True)
     run.checkpoint(model).save(0)
@@ -160,7 +179,14 @@ def convert_from_hf(
                 run.copy_in(hf_dir / name, name)
     run.write_config(config)  # last: a run directory is complete once it has its config
     has_tokenizer = tokenizer is not None
-    return ConversionSummary(run.path, "run", n_tensors, has_tokenizer, config.model.mtp_depth)
+    return ConversionSummary(
+        run.path,
+        "run",
+        n_tensors,
+        has_tokenizer,
+        config.model.mtp_depth,
+        config.compression.quantize,
+    )
 
 
 def _export_plan(model, dtype) -> tuple[list[TensorSpec], object]:

@@ -57,14 +57,20 @@ def assign_hf_weights(model, reader: CheckpointReader) -> int:
     entries = weight_entries(model)
     check_tensors(reader, entries, set(shared_copies(model)))
     for entry in entries:
-        target = NUMPY_DTYPES[str(entry.variable.dtype)]  # the router stays float32
-        if _distributed(entry.variable):  # one assignment updates every replica
-            entry.variable.assign(entry.to_keras([reader.get(n, target) for n in entry.names]))
-            continue
-        for begin, block in value_blocks(entry, reader, target):
-            write_block(entry.variable, begin, block)
-            del block
+        write_entry(entry, reader)
     return sum(len(e.names) for e in entries)
+
+
+def write_entry(entry, reader: CheckpointReader) -> None:
+    """Writes `entry.variable` from its Hugging Face tensors, block by block as they are
+    read, in the variable's own dtype (the router stays float32)."""
+    target = NUMPY_DTYPES[str(entry.variable.dtype)]
+    if _distributed(entry.variable):  # one assignment updates every replica
+        entry.variable.assign(entry.to_keras([reader.get(n, target) for n in entry.names]))
+        return
+    for begin, block in value_blocks(entry, reader, target):
+        write_block(entry.variable, begin, block)
+        del block
 
 
 def _distributed(variable) -> bool:

@@ -137,7 +137,7 @@ def weight_entries(model) -> list[Entry]:
         entries += _block(block, f"model.layers.{i}.")
     entries.append(Entry(model.final_norm.scale, ("model.norm.weight",), COPY))
     if model.lm_head is not None:
-        entries.append(Entry(model.lm_head.kernel, ("lm_head.weight",), LINEAR))
+        entries.append(_linear(model.lm_head, "lm_head.weight"))
     for k, module in enumerate(model.mtp_modules):
         p = mtp_prefix(model.n_layers, k)
         entries += [

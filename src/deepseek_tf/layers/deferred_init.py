@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import keras
 import tensorflow as tf
@@ -57,7 +58,8 @@ class SkippedInitializers:
             The number of initialisers run now.
         """
         done, live = {id(v) for v in loaded}, {id(v) for v in model.variables}
-        rest = [(v, f) for v, f in self.pending if id(v) in live and id(v) not in done]
+        pending = [(ref(), f) for ref, f in self.pending]
+        rest = [(v, f) for v, f in pending if id(v) in live and id(v) not in done]
         for variable, initializer in rest:
             variable.assign(initializer(tuple(variable.shape), dtype=variable.dtype))
         self.pending = []
@@ -68,7 +70,9 @@ def _uninitialized(self, initializer):
     """The patched `keras.Variable._initialize_with_initializer`."""
     skipped = getattr(_SKIPPING, "current", None)
     if skipped is not None and isinstance(initializer, keras.initializers.Initializer):
-        skipped.pending.append((self, initializer))
+        # a weak reference: a variable its layer deletes (a float kernel replaced by
+        # quantized codes) is freed at once, not kept alive by this list
+        skipped.pending.append((weakref.ref(self), initializer))
         zeros = skipped.zero_fill
 
         def initializer(shape, dtype):  # unless zero-filled, no page of it is touched

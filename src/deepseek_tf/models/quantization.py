@@ -10,7 +10,14 @@ from __future__ import annotations
 import contextlib
 import gc
 
+from keras import dtype_policies
 from keras.quantizers import AWQConfig, GPTQConfig, Int4QuantizationConfig
+
+# private: Keras resolves a mode into its config object here (see `quantized_structure`)
+from keras.src.quantizers.quantization_config import (
+    get_block_size_for_layer,
+    validate_and_resolve_config,
+)
 
 from deepseek_tf.config.schema import CompressionConfig
 from deepseek_tf.errors import CompressionError
@@ -67,8 +74,13 @@ def apply_quantized_structure(model, c: CompressionConfig) -> None:
     """
     layers = model.quantizable_layers(c.quantize_include)
     cfg = quantization_config(c.quantize, c.quantize_bits, c.quantize_group_size)
-    if c.quantize in ("int8", "int4", "float8"):
+    if c.quantize in ("int8", "int4"):
         # (routed experts were built quantized: the builder passes `expert_quantize`)
+        with frozen_heap():
+            for layer in layers:
+                quantized_structure(layer, c.quantize, cfg)
+        return
+    if c.quantize == "float8":  # Keras' float8 adds scales beside the kernel: no arithmetic
         chosen = {id(layer) for layer in layers}
         if chosen:
             with frozen_heap():
@@ -79,3 +91,32 @@ def apply_quantized_structure(model, c: CompressionConfig) -> None:
             layer.quantize(c.quantize, config=cfg)
             del layer._kernel  # what calibration does once the quantized kernel is written
             setattr(layer, f"is_{c.quantize}_calibrated", True)
+
+
+def quantized_structure(layer, mode: str, config=None) -> None:
+    """The variables and dtype policy `Dense.quantize(mode, config=config)` leaves on
+    `layer` (`"int8"` or `"int4"`), without its arithmetic: loading a quantized run
+    overwrites the codes anyway, and quantizing the (unwritten) float kernel would
+    materialise float32 temporaries of every projection -- several times the output
+    head's size -- that TensorFlow's CPU allocator then keeps. Keras has no public
+    structure-only build, so this follows Keras 3.15's `Layer.quantize` wrapper and
+    `Dense.quantize` step by step (its config resolution, `_kernel`, `quantized_build`,
+    the `"{mode}_from_{policy}"` dtype policy);
+    `tests/models/test_quantized_structure.py` fails if the two drift apart."""
+    config = validate_and_resolve_config(mode, config)
+    mode = config.mode
+    layer._check_quantize_args(mode, layer.compute_dtype)
+    layer._tracker.unlock()
+    try:
+        shape = tuple(layer._kernel.shape)
+        layer.quantization_config = config
+        del layer._kernel
+        layer.quantized_build(shape, mode, config)
+        if layer.dtype_policy.quantization_mode is None:
+            name = mode
+            if mode == "int4":
+                block = get_block_size_for_layer(layer, config)
+                name = f"int4/{-1 if block is None else block}"
+            layer.dtype_policy = dtype_policies.get(f"{name}_from_{layer.dtype_policy.name}")
+    finally:
+        layer._tracker.lock()

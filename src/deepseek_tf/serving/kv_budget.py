@@ -10,10 +10,20 @@ available when the server starts) and picks the longest sequence whose rows fit 
 as vLLM derives `max_model_len` from `gpu_memory_utilization`. Requests longer than the
 plan get a 400 that names it (`serving.protocol.Limits.context`).
 
+The budget covers decoding's working copies too (`WORKING_COPIES`): a decode call
+carries the rows' cache through TensorFlow's while loop as tensors, and each step's
+write makes a new one while the last is alive, beside the cache variables -- three
+caches at once over the span a call reads. TensorFlow's CPU allocator then keeps those
+pages, so a server's memory grows to about three times its cache once a call has read
+the whole of it (measured: 2.75x, `benchmarks/moonshot.py`). Writing the cache in
+place inside the loop would remove the copies; until then the plan is sized so that
+the three fit the budget.
+
 Examples:
     >>> plan = plan_cache(model, max_batch=16)  # doctest: +SKIP
     >>> plan.describe()  # doctest: +SKIP
-    'KV cache: 16 slots x 8,192 positions (2.0 GiB of a 5.7 GiB budget: 25% of ...)'
+    'KV cache: 16 slots x 8,192 positions (1.8 GiB; 5.4 GiB with decoding's working ...'
+
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import tensorflow as tf
 from deepseek_tf.errors import InputError
 
 DEFAULT_FRACTION = 0.25  # of the memory available at start-up, when no budget is given
+WORKING_COPIES = 3  # caches alive while a decode call writes one (see the module docstring)
 MIN_MODEL_LEN = 64  # shorter rows than this serve nothing useful: refuse the budget
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
           "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
@@ -79,12 +90,19 @@ class CachePlan:
     budget_source: str  # how the budget was chosen, for the start-up line
     context: int  # the checkpoint's own context (model.max_seq_len)
 
+    @property
+    def peak_bytes(self) -> int:
+        """The cache with decoding's working copies: what the budget must hold."""
+        return WORKING_COPIES * self.bytes
+
     def describe(self) -> str:
         capped = "" if self.max_model_len == self.context else (
             f"; the checkpoint's context is {self.context:,}")  # fmt: skip
-        return (f"KV cache: {self.slots} slots x {self.max_model_len:,} positions "
-                f"({_gib(self.bytes)} of a {_gib(self.budget)} budget: {self.budget_source})"
-                f"{capped}")  # fmt: skip
+        return (
+            f"KV cache: {self.slots} slots x {self.max_model_len:,} positions "
+            f"({_gib(self.bytes)}; {_gib(self.peak_bytes)} with decoding's working "
+            f"copies, of a {_gib(self.budget)} budget: {self.budget_source}){capped}"
+        )
 
 
 def _gib(n: int) -> str:
@@ -120,14 +138,16 @@ def plan_cache(model, max_batch: int, max_model_len: int | None = None,
     else:
         budget, source = parse_size(kv_cache_memory), "as given"
     per_position, fixed = cache_bytes(model, max_batch)
-    fits = (budget - fixed) // max(per_position, 1)
+    fits = (budget // WORKING_COPIES - fixed) // max(per_position, 1)
     wanted = context if max_model_len is None else int(max_model_len)
     floor = wanted if max_model_len is not None else min(MIN_MODEL_LEN, wanted)  # at least
     if fits < floor:
+        need = WORKING_COPIES * (fixed + per_position * floor)
         raise InputError(
             f"--kv-cache-memory: {_gib(budget)} ({source}) holds {max(fits, 0):,} positions "
-            f"per slot for {max_batch} slots; {_gib(fixed + per_position * floor)} needed for "
-            f"{floor:,} (raise --kv-cache-memory, lower --max-model-len or --max-batch)"
+            f"per slot for {max_batch} slots; {_gib(need)} "
+            f"needed for {floor:,} with decoding's working copies (raise --kv-cache-memory, "
+            f"lower --max-model-len or --max-batch)"
         )
     length = min(wanted, fits)
     return CachePlan(max_batch, int(length), fixed + per_position * int(length), budget,
