@@ -93,26 +93,34 @@ def test_streamed_quantization_equals_compress_quantize_of_the_float_run(
 
 
 def test_each_float_projection_is_freed_once_quantized(hf_dir, tmp_path, monkeypatch):
-    """When a weight is written, no earlier projection's float variable is alive (a
-    routed-expert stack lives until its layer's three stacks are in)."""
+    """When a weight is written, no earlier projection's float variable is alive, and the
+    routed experts never exist in float (written as codes, a block of experts at a time)."""
     written, write = [], quantized_weights.write_entry
+    stacks, write_codes = [], quantized_weights.write_expert_codes
 
     def tracked(entry, reader):
         gc.collect()
-        layer = entry.owner[0] if isinstance(entry.owner, tuple) else entry.owner
         alive = [(owner, path) for ref, owner, path in written if ref() is not None]
         # MLA's kv_b_proj stays float (absorbed decoding folds it into the query and output)
-        stale = [p for owner, p in alive if owner is not layer and "kv_b_proj" not in p]
+        stale = [p for owner, p in alive if owner is not entry.owner and "kv_b_proj" not in p]
         assert not stale, f"{stale} alive when {entry.names[0]} is written"
         write(entry, reader)
         if entry.owner is not None:
-            written.append((weakref.ref(entry.variable), layer, entry.variable.path))
+            written.append((weakref.ref(entry.variable), entry.owner, entry.variable.path))
+
+    def codes_only(entry, reader, mode, group_size):
+        moe, stack = entry.owner
+        assert not hasattr(moe, stack) and entry.variable.dtype == "int8"  # no float stack
+        stacks.append(stack)
+        return write_codes(entry, reader, mode, group_size)
 
     monkeypatch.setattr(quantized_weights, "write_entry", tracked)
+    monkeypatch.setattr(quantized_weights, "write_expert_codes", codes_only)
     convert_from_hf(hf_dir, tmp_path / "q", quantize="int8")
     gc.collect()
     alive = [p for ref, _, p in written if ref() is not None]
-    assert len(written) >= 20 and alive and all("kv_b_proj" in p for p in alive), alive
+    assert len(written) >= 17 and alive and all("kv_b_proj" in p for p in alive), alive
+    assert stacks == ["experts_gate", "experts_up", "experts_down"]
 
 
 def test_bad_quantize_requests_are_one_line_errors(hf_dir, tmp_path, capsys):

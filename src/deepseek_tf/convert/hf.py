@@ -20,7 +20,11 @@ from deepseek_tf.convert.hf_config import (
 )
 from deepseek_tf.convert.hf_weights import NUMPY_DTYPES, assign_hf_weights
 from deepseek_tf.convert.peft_adapter import adapter_tensors, save_peft_adapter
-from deepseek_tf.convert.quantized_weights import assign_quantized_weights, quantized_config
+from deepseek_tf.convert.quantized_weights import (
+    assign_quantized_weights,
+    expert_build_config,
+    quantized_config,
+)
 from deepseek_tf.convert.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointReader,
@@ -156,13 +160,15 @@ def convert_from_hf(
     m = config.model
     if m.mtp_depth and not _has_mtp_tensors(reader, m.n_layers):
         config = update_config(config, model={"mtp_depth": 0})
-    float_config = config
+    built = config
     if quantize is not None:  # refused before any tensor is read
         config = quantized_config(config, quantize, group_size)
+        built = expert_build_config(config)  # the experts as codes from the start
+    check_fits(config, purpose="inference")
     tokenizer = load_source_tokenizer(hf_dir, config.model.vocab_size)
 
     with initializers_skipped() as skipped:  # no random weights: the checkpoint's replace them
-        model = build_model(float_config, dtype=dtype)  # the run's weights: as stored or --dtype
+        model = build_model(built, dtype=dtype)  # the run's weights: as stored or --dtype
     if quantize is None:
         n_tensors = assign_hf_weights(model, reader)
         skipped.run_except(model, [entry.variable for entry in weight_entries(model)])

@@ -1,17 +1,17 @@
 """Converting a Hugging Face checkpoint straight into quantized weights
 (`convert --from-hf DIR --quantize int8|int4`): the float checkpoint is never held whole.
 
-The model is built in float with its initialisers skipped (no page of a weight is
-touched until it is written). Then, weight by weight as the reader yields them, each
-projection is written in float and at once quantized by the same code `compress
-quantize` runs on a float run -- Keras' own `Dense.quantize` for the attention and
-dense-FFN projections, the shared experts and the untied output head, and
-`DeepSeekMoE.quantize_experts` (Keras' primitives, `layers/expert_quant.py`) for the
-routed experts, once a layer's three stacks are in -- so its float variable is
-freed before the next is read: peak memory is the quantized model plus one layer's
-float weights. What stays float, as `compress quantize` leaves it: the token
-embedding, norms, the router, MLA's `kv_b_proj` (absorbed decoding folds it into the
-query and output) and MTP modules' own projections.
+The routed experts (nearly all of a DeepSeek model's weights) are built as codes from the
+start (`expert_build_config`) and written a few experts at a time: each block of experts
+is read, quantized by `layers/expert_quant.py` (what `DeepSeekMoE.quantize_experts` runs
+on a float stack; every expert has its own scales, so a block quantizes as the whole
+would) and its codes and scales written. The other projections -- attention, dense FFN,
+shared experts and the untied output head -- are built in float with their initialisers
+skipped (no page is touched until written), written, and at once quantized by Keras' own
+`Dense.quantize`, which frees the float kernel. Peak memory is the quantized model plus
+one projection's or one expert block's float weights. What stays float, as `compress
+quantize` leaves it: the token embedding, norms, the router, MLA's `kv_b_proj` (absorbed
+decoding folds it into the query and output) and MTP modules' own projections.
 
 The run records `compression.quantize` (+ what it included and the group size) like a
 `compress quantize` run, and loads the same way.
@@ -19,12 +19,18 @@ The run records `compression.quantize` (+ what it included and the group size) l
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from deepseek_tf.compress.quantization import check_request, default_include
 from deepseek_tf.config.loader import update_config
-from deepseek_tf.convert.hf_weights import check_tensors, write_entry
+from deepseek_tf.convert import safetensors_io
+from deepseek_tf.convert.hf_weights import check_tensors, write_block, write_entry
 from deepseek_tf.convert.safetensors_io import CheckpointReader
 from deepseek_tf.convert.weight_map import shared_copies, weight_entries
 from deepseek_tf.errors import ConfigError
+from deepseek_tf.layers import expert_quant
 from deepseek_tf.models.quantization import frozen_heap, quantization_config
 
 MODES = ("int8", "int4")
@@ -49,14 +55,25 @@ def quantized_config(config, mode: str, group_size: int):
     return update_config(config, compression=section)
 
 
+def expert_build_config(config):
+    """The config to build the float model of a quantized conversion from: `config` (the
+    quantized run's) with only its routed experts quantized, so that they are created as
+    codes and no float stack is ever allocated."""
+    c = config.compression
+    include = ("experts",) if "experts" in c.quantize_include else ()
+    section = {"quantize": c.quantize if include else "none", "quantize_include": include}
+    return update_config(config, compression=section)
+
+
 def assign_quantized_weights(model, reader: CheckpointReader, compression) -> tuple[int, list]:
-    """Checks the checkpoint against the float `model` (built with its initialisers
-    skipped), then writes every variable and quantizes each projection of
-    `compression.quantize_include` right after its weights are written.
+    """Checks the checkpoint against `model` (built from `expert_build_config` with its
+    initialisers skipped), then writes every variable: expert codes block by block, each
+    projection of `compression.quantize_include` quantized right after its float weights
+    are written.
 
     Returns:
         `(n_tensors, kept)`: the Hugging Face tensors read, and the variables written that
-        stay float (the others were replaced by codes and scales).
+        are still the model's (the float projections' were replaced by codes and scales).
 
     Raises:
         ConversionError: a tensor is missing, mis-shaped or unexpected (named).
@@ -66,25 +83,38 @@ def assign_quantized_weights(model, reader: CheckpointReader, compression) -> tu
     check_tensors(reader, entries, set(shared_copies(model)))
     n_tensors = sum(len(e.names) for e in entries)
     dense = {id(layer) for layer in model.quantizable_layers(compression.quantize_include)}
-    moes = model.moe_modules() if "experts" in compression.quantize_include else []
-    stacks_left = {id(moe): len(moe.expert_shapes()) for moe in moes}
     cfg = quantization_config(mode, compression.quantize_bits, group_size)
     kept = []
     entries.reverse()  # popped in model order: no list holds a written float variable
     with frozen_heap():
         while entries:
             entry = entries.pop()
+            if entry.float_shape is not None:  # routed experts, built as codes
+                kept += write_expert_codes(entry, reader, mode, group_size)
+                continue
             write_entry(entry, reader)
-            owner = entry.owner
-            if id(owner) in dense:  # a projection's `Dense`
+            if id(entry.owner) in dense:  # a projection's `Dense`: its float kernel goes
+                layer = entry.owner
                 del entry
-                owner.quantize(mode, config=cfg)  # its float kernel is freed here
-            elif isinstance(owner, tuple) and id(owner[0]) in stacks_left:  # (moe, stack)
-                del entry
-                stacks_left[id(owner[0])] -= 1
-                if not stacks_left[id(owner[0])]:
-                    owner[0].quantize_experts(mode, group_size)
+                layer.quantize(mode, config=cfg)
+                del layer
             else:
                 kept.append(entry.variable)
-            del owner
     return n_tensors, kept
+
+
+def write_expert_codes(entry, reader: CheckpointReader, mode: str, group_size: int) -> list:
+    """Writes an expert stack's codes and scales (`entry`: its quantized `weight_map`
+    entry) from the float experts, a block of experts at a time; returns the two."""
+    moe, stack = entry.owner
+    codes, scale = getattr(moe, f"{stack}_codes"), getattr(moe, f"{stack}_scale")
+    expert_bytes = math.prod(entry.float_shape[1:]) * 4  # float32 while quantized
+    step = max(1, safetensors_io.BLOCK_BYTES // expert_bytes)
+    for first in range(0, entry.float_shape[0], step):
+        names = entry.names[first : first + step]
+        block = np.stack([reader.get(name, np.float32).T for name in names])  # (n, in, out)
+        block_codes, block_scale = expert_quant.quantize(block, mode, group_size)
+        del block
+        write_block(codes, (first, 0, 0), block_codes)
+        write_block(scale, (first, 0, 0), block_scale)
+    return [codes, scale]

@@ -30,17 +30,20 @@ class Entry:
         layout: `COPY`, `LINEAR` or `EXPERTS`.
         owner: the `Dense` layer of a `LINEAR` projection, or `(DeepSeekMoE, stack
             name)` of an `EXPERTS` entry (LoRA adapters are found through it).
+        float_shape: for routed experts stored as int8/int4 codes (`variable` is then
+            the codes, `expert_quant`'s layout), the float `(E, in, out)` stack's shape.
     """
 
     variable: object
     names: tuple[str, ...]
     layout: str
     owner: object = None
+    float_shape: tuple[int, ...] | None = None  # quantized experts: the float stack's
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
         """Shape of each Hugging Face tensor."""
-        shape = tuple(int(d) for d in self.variable.shape)
+        shape = self.float_shape or tuple(int(d) for d in self.variable.shape)
         if self.layout == LINEAR:
             return shape[::-1]
         if self.layout == EXPERTS:
@@ -102,13 +105,18 @@ def _moe(moe, prefix: str) -> list[Entry]:
     if moe.scoring_func == "sigmoid":  # the V3 router; transformers' V3 always has the bias
         bias = moe.gate.e_score_correction_bias
         entries.append(Entry(bias, (f"{p}gate.e_score_correction_bias",), COPY))
+    shapes = moe.expert_shapes()
     for proj, stack in (
         ("gate_proj", "experts_gate"),
         ("up_proj", "experts_up"),
         ("down_proj", "experts_down"),
     ):
         names = tuple(f"{p}experts.{e}.{proj}.weight" for e in experts)
-        entries.append(Entry(getattr(moe, stack), names, EXPERTS, (moe, stack)))
+        if moe.expert_quantize != "none":  # the codes; their scales follow from them
+            codes = getattr(moe, f"{stack}_codes")
+            entries.append(Entry(codes, names, EXPERTS, (moe, stack), tuple(shapes[stack])))
+        else:
+            entries.append(Entry(getattr(moe, stack), names, EXPERTS, (moe, stack)))
     if moe.shared_experts is not None:
         entries += _swiglu(moe.shared_experts, f"{p}shared_experts.")
     return entries

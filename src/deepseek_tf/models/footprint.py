@@ -57,6 +57,21 @@ def _described(config: Config) -> tuple[int, int]:
     return outside + blocks + counts["mtp"], cache
 
 
+QUANTIZED_BYTES = {"int8": 1.0, "int4": 0.5}  # per weight, codes (scales are small)
+
+
+def _weight_bytes(config: Config, params: int) -> int:
+    """Float weights at `FLOAT_BYTES`; with int8/int4 codes (`compression.quantize`), all
+    but the token embedding (and an untied head left out of `quantize_include`) at the
+    codes' width -- an upper bound where only some projections are included."""
+    c, m = config.compression, config.model
+    if c.quantize not in QUANTIZED_BYTES:
+        return params * FLOAT_BYTES
+    table = (m.vocab_size or 1) * m.d_model
+    floats = table * (1 if m.tie_embeddings or "head" in c.quantize_include else 2)
+    return int(floats * FLOAT_BYTES + (params - floats) * QUANTIZED_BYTES[c.quantize])
+
+
 def estimate(config: Config) -> dict[str, int]:
     """Bytes: `weights`, `training` (weights + gradients + Adam + activations) and
     `cache` (one full-context sequence)."""
@@ -69,7 +84,7 @@ def estimate(config: Config) -> dict[str, int]:
     activations = tokens * (per_token + 2 * (m.vocab_size or 1))
     return {
         "parameters": params,
-        "weights": params * FLOAT_BYTES,
+        "weights": _weight_bytes(config, params),
         "training": params * 4 * FLOAT_BYTES + activations * FLOAT_BYTES,
         "activations": activations * FLOAT_BYTES,
         "cache": m.max_seq_len * cache_per_token * FLOAT_BYTES,
