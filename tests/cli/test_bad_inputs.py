@@ -172,3 +172,19 @@ def test_serve(capsys, trained_run):
         taken.listen()
         port = taken.getsockname()[1]
         one_line_error(capsys, ["serve", trained_run, "--port", port], "already in use")
+
+
+def test_an_allocation_refused_is_one_line_naming_its_size(capsys, trained_run, monkeypatch):
+    """What an evaluation of a model too large for the machine used to print: TensorFlow's
+    `ResourceExhaustedError` as a 20-line traceback."""
+    import tensorflow as tf
+
+    import deepseek_tf.api.evaluation as evaluation
+
+    def exhausted(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "Out of memory while trying to allocate 57.72GiB. [Op:step]"
+        )
+
+    monkeypatch.setattr(evaluation, "evaluate", exhausted)
+    one_line_error(capsys, ["eval", trained_run, "--max-batches", "1"], "allocate 57.72GiB")

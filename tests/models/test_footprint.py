@@ -39,3 +39,16 @@ def test_refusal_names_the_largest_need():
     long = apply_overrides(config, ["model.max_seq_len=100000000"])
     with pytest.raises(ConfigError, match="model.max_seq_len=100000000"):
         check_fits(long, "inference")
+
+
+@pytest.mark.parametrize("mode, width", [("int8", 1), ("int4", 0.5)])
+def test_quantized_weights_are_counted_at_their_codes_width(mode, width):
+    config = apply_overrides(load_config("tiny-moe"), ["model.vocab_size=40"])
+    quantized = apply_overrides(
+        config,
+        [f"compression.quantize={mode}", "compression.quantize_include=[attention,ffn,experts]"],
+    )
+    params, m = estimate(config)["parameters"], config.model
+    table = 40 * m.d_model * (1 if m.tie_embeddings else 2)  # float: the embedding (+ head)
+    want = table * 4 + (params - table) * width
+    assert estimate(quantized)["weights"] == int(want) < estimate(config)["weights"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from deepseek_tf.data.corpus import resolve_files
 from deepseek_tf.data.pipeline import make_eval_dataset
 from deepseek_tf.errors import InputError, RunDirError, check_count
+from deepseek_tf.generation.decoding import xla_prefill
 from deepseek_tf.rundir import RunDir, load_run
 from deepseek_tf.training.evaluate import evaluate as evaluate_model
 from deepseek_tf.uncertainty.calibrate import calibrate
@@ -117,9 +118,11 @@ def evaluate(
     def dataset(paths=files, split="all" if files else "val"):
         return make_eval_dataset(config.data, tokenizer, batch_size, files=paths, split=split)
 
-    result = evaluate_model(
-        model, dataset(), max_batches=max_batches, jit_compile=config.runtime.jit_compile
-    )
+    # a forward pass over whole sequences, as a prefill: XLA's CPU backend would hold a
+    # float32 copy of every weight of a model larger than the CPU's cache (57.7 GiB for
+    # the int4 moonshot's experts), so such a model is evaluated by TensorFlow's kernels
+    jit_compile = xla_prefill(model, config.runtime.jit_compile)
+    result = evaluate_model(model, dataset(), max_batches=max_batches, jit_compile=jit_compile)
     if not uncertainty:
         return result
     predictor = make_predictor(model, tokenizer, run_dir=run_dir, samples=samples,

@@ -95,9 +95,26 @@ def main(argv=None) -> int:
     except DeepSeekTFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # out of memory: one line naming the allocation, not a traceback
+        if not _out_of_memory(e):
+            raise
+        print(f"error: out of memory ({_first_line(e)})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A `MemoryError`, or TensorFlow's `ResourceExhaustedError` (an allocation refused)."""
+    tf = sys.modules.get("tensorflow")
+    exhausted = getattr(getattr(tf, "errors", None), "ResourceExhaustedError", ())
+    return isinstance(error, (MemoryError, exhausted))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "message", "") or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

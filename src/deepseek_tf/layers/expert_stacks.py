@@ -163,10 +163,13 @@ class ExpertStacks:
         self.expert_parallel = shards
         return variables
 
-    def expert_stack(self, name: str, index=None):
+    def expert_stack(self, name: str, index=None, after=None):
         """Routed-expert stack `name` (`"experts_gate"`, ...) in the compute dtype:
         `(E, in, out)`, or the experts `index` picks `(n, in, out)`. Quantized
-        stacks are gathered as codes and dequantized after the gather."""
+        stacks are gathered as codes and dequantized after the gather; `after` (the
+        layer's input) makes a whole stack's dequantization wait for it -- it depends on
+        no input, so TensorFlow's graph executor would otherwise run every layer's at
+        once when a program starts (a float32 copy of all the experts)."""
         if self.expert_quantize == "none":
             w = getattr(self, name)
             if isinstance(w, ExpertShardVariable) and not in_replicas():  # outside .run
@@ -174,6 +177,9 @@ class ExpertStacks:
             w = w if index is None else tf.gather(w, index)
         else:
             codes, scale = getattr(self, f"{name}_codes"), getattr(self, f"{name}_scale")
+            if after is not None:
+                with tf.control_dependencies([after]):
+                    codes, scale = tf.identity(codes), tf.identity(scale)
             if index is not None:
                 codes, scale = tf.gather(codes, index), tf.gather(scale, index)
             in_dim = self.expert_shapes()[name][1]

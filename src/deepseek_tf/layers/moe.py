@@ -279,10 +279,13 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         combine = ops.einsum(
             "nk,nke->ne", topk_weight, ops.one_hot(topk_idx, self.n_routed_experts)
         )  # (N, E) float32
-        gate = ops.einsum("nd,edh->neh", tokens, self.expert_stack("experts_gate"))  # (N, E, h)
-        up = ops.einsum("nd,edh->neh", tokens, self.expert_stack("experts_up"))  # (N, E, h)
+        gate_w, up_w, down = (
+            self.expert_stack(name, after=tokens)  # (E, in, out)
+            for name in ("experts_gate", "experts_up", "experts_down")
+        )
+        gate = ops.einsum("nd,edh->neh", tokens, gate_w)  # (N, E, h)
+        up = ops.einsum("nd,edh->neh", tokens, up_w)  # (N, E, h)
         hidden = ops.silu(gate) * up  # (N, E, h)
-        down = self.expert_stack("experts_down")  # (E, h, d)
         expert_out = ops.einsum("neh,ehd->ned", hidden, down)  # (N, E, d)
         out = ops.einsum("ned,ne->nd", ops.cast(expert_out, "float32"), combine)  # (N, d)
         chosen_hidden = None
@@ -318,7 +321,7 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
                 # tensors, not variables (the dispatch's custom gradient differentiates
                 # w.r.t. its inputs), in the compute dtype (mixed precision)
                 *(
-                    ops.cast(tf.identity(self.expert_stack(name)), tokens.dtype)
+                    ops.cast(tf.identity(self.expert_stack(name, after=tokens)), tokens.dtype)
                     for name in ("experts_gate", "experts_up", "experts_down")
                 ),
                 return_hidden=return_hidden,

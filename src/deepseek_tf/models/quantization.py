@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 
+import tensorflow as tf
 from keras import dtype_policies
 from keras.quantizers import AWQConfig, GPTQConfig, Int4QuantizationConfig
 
@@ -79,6 +80,7 @@ def apply_quantized_structure(model, c: CompressionConfig) -> None:
         with frozen_heap():
             for layer in layers:
                 quantized_structure(layer, c.quantize, cfg)
+                inputs_first(layer)
         return
     if c.quantize == "float8":  # Keras' float8 adds scales beside the kernel: no arithmetic
         chosen = {id(layer) for layer in layers}
@@ -120,3 +122,19 @@ def quantized_structure(layer, mode: str, config=None) -> None:
             layer.dtype_policy = dtype_policies.get(f"{name}_from_{layer.dtype_policy.name}")
     finally:
         layer._tracker.lock()
+
+
+def inputs_first(layer) -> None:
+    """Makes a quantized `Dense`'s weight-only work (unpacking int4 codes, widening them)
+    wait for the layer's inputs. That work depends on no input, so TensorFlow's graph
+    executor would run every layer's as soon as a program starts, all at once: a float
+    copy of every quantized projection alive together (about 5 GB in the int4 moonshot's
+    first token, `benchmarks/moonshot.py`). Keras calls `quantized_call` for a quantized
+    layer; the instance's own is wrapped (the numbers are unchanged)."""
+    call = layer.quantized_call
+
+    def quantized_call(inputs, *args, **kwargs):
+        with tf.control_dependencies([inputs]):
+            return call(inputs, *args, **kwargs)
+
+    layer.quantized_call = quantized_call
