@@ -3,9 +3,11 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from deepseek_tf.layers import expert_quant
 from deepseek_tf.layers.moe import DeepSeekMoE
+from deepseek_tf.models.quantization import inputs_first, quantization_config
 
 RNG = np.random.default_rng(0)
 
@@ -96,3 +98,34 @@ def test_bad_requests_are_refused():
     layer = _moe(expert_quantize="int8")
     with pytest.raises(ValueError, match="already quantized"):
         layer.quantize_experts("int8")
+
+
+def waiting_int8_reads(fn, spec) -> int:
+    """int8 tensors (codes) in `fn`'s graph read under a control dependency."""
+    graph = tf.function(fn).get_concrete_function(spec).graph
+    ops_ = [op for op in graph.get_operations() if op.control_inputs and op.outputs]
+    return sum(op.outputs[0].dtype == tf.int8 for op in ops_)
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_a_whole_stack_is_dequantized_only_once_the_layer_is_reached(dispatch):
+    """Weight-only work depends on no input: without a control dependency on the layer's
+    input, TensorFlow's executor dequantizes every layer's stacks when a program starts."""
+    moe = DeepSeekMoE(8, 16, n_routed_experts=4, n_shared_experts=0, num_experts_per_tok=2,
+                      expert_quantize="int8", dispatch=dispatch)  # fmt: skip
+    moe.build((1, 16, 8))  # 16 tokens x 2 >= 4 per expert: the capacity dispatch
+    spec = tf.TensorSpec((1, 16, 8), tf.float32)
+    assert waiting_int8_reads(lambda x: moe(x)["x"], spec) == 3  # gate, up and down codes
+
+
+def test_a_quantized_projection_unpacks_only_once_its_input_is_ready():
+    layer = keras.layers.Dense(6, use_bias=False)
+    layer.build((None, 10))
+    layer.quantize("int4", config=quantization_config("int4", 4, -1))
+    spec = tf.TensorSpec((2, 10), tf.float32)
+    assert waiting_int8_reads(layer, spec) == 0
+    x = np.random.default_rng(0).normal(size=(2, 10)).astype("float32")
+    want = np.asarray(layer(x))
+    inputs_first(layer)
+    assert waiting_int8_reads(layer, spec) >= 1
+    np.testing.assert_array_equal(np.asarray(layer(x)), want)
