@@ -20,8 +20,8 @@ distilled student beats the same student trained from scratch for the same steps
 
 With `--preset shakespeare-moe` the rows are the routed experts' weight-only codes
 instead (baseline | int8 experts | int4 experts per channel | int4 experts, groups of
-32 | int8 attention+ffn+experts); goals (issue 13): int8 experts within +0.01
-validation loss, int4 within +0.05.
+32 | int8 attention+ffn+experts | int4 attention+ffn+experts, groups of 32); goals
+(issue 13): int8 experts within +0.01 validation loss, int4 within +0.05.
 
 Usage:
     python benchmarks/compression.py                  # ~10 min on 2 cores
@@ -222,6 +222,8 @@ def expert_rows(run: Path, args) -> list[dict]:
         ("int4 experts (per channel)", "int4", ("experts",), -1),
         ("int4 experts (groups of 32)", "int4", ("experts",), 32),
         ("int8 attention+ffn+experts", "int8", ("attention", "ffn", "experts"), -1),
+        # what `convert --quantize int4 --group-size 32` stores (this model's head is tied)
+        ("int4 attention+ffn+experts (g32)", "int4", ("attention", "ffn", "experts"), 32),
     ]
     for name, mode, include, group in variants:
         print(f"[rows] {name}", flush=True)
