@@ -24,6 +24,9 @@ to it, is named `deepseek-v3`), `llama-quantize` a Q8_0 one, and `llama-bench` m
 each (`-r 3`): per step (`-n`), the prompt with its tokens (`-pg`) and the long prompt
 (`-p`). llama.cpp needs q-LoRA for a DeepSeek-2 model of this depth, hence `--q-lora`.
 
+With `--int8`, deepseek-tf also decodes the checkpoint converted with `convert --from-hf
+--quantize int8` (every projection as weight-only int8 codes).
+
     python benchmarks/decode_real.py --keep /tmp/rc    # ~15 min; reuses /tmp/rc/hf
 """
 
@@ -168,6 +171,9 @@ def main() -> None:
         help="the queries' low rank of a new checkpoint (0: full rank)",
     )
     parser.add_argument("--llama-cpp", type=Path, help="a built llama.cpp source tree")
+    parser.add_argument(
+        "--int8", action="store_true", help="also a `convert --quantize int8` run of it"
+    )
     parser.add_argument("--out", default=bc.default_out("decode_real"))
     bc.add_wait_quiet_arg(parser)
     args = parser.parse_args()
@@ -184,6 +190,13 @@ def main() -> None:
     active = active_parameters(hf_config)
     bandwidth = read_bandwidth(info["cores"])
     sides = [("deepseek-tf", "auto"), ("deepseek-tf", "bfloat16")]
+    if args.int8:  # every projection as int8 codes, quantized as the checkpoint is read
+        int8_run = work / "int8_run"
+        if not (int8_run / "config.yaml").is_file():
+            print("[convert] --from-hf --quantize int8", flush=True)
+            convert = [*CLI, "convert", "--from-hf", hf, "--out", int8_run, "--quantize", "int8"]
+            assert measured(convert)["code"] == 0
+        sides.append(("deepseek-tf", "int8"))
     if not args.skip_peer:
         sides += [("transformers", "bfloat16"), ("transformers", "float32")]
     if args.llama_cpp:
@@ -198,13 +211,17 @@ def main() -> None:
             done, result = llama_bench(args.llama_cpp, ggufs[dtype], prompt, args.new_tokens,
                                        args.prefill, info["cores"])  # fmt: skip
         else:
-            if framework == "deepseek-tf":  # real_checkpoint's decode step, in `dtype`
+            if framework == "deepseek-tf" and dtype == "int8":  # in its own dtype
+                cmd = [sys.executable, "-c", DECODE, int8_run, args.new_tokens, "auto",
+                       args.prefill]  # fmt: skip
+            elif framework == "deepseek-tf":  # real_checkpoint's decode step, in `dtype`
                 cmd = [sys.executable, "-c", DECODE, run, args.new_tokens, dtype, args.prefill]
             else:
                 cmd = [sys.executable, "-c", PEER, hf, dtype, args.new_tokens, args.prefill]
             done = measured(cmd)
             result = json.loads(done["out"].splitlines()[-1]) if done["code"] == 0 else {}
         bytes_per = {"float32": 4, "q8_0": 34 / 32}.get(result.get("dtype"), 2)  # Q8_0: 8.5 bits
+        bytes_per = 1 if dtype == "int8" else bytes_per  # codes (+ per-channel scales)
         weight_bytes = active * bytes_per
         limit = bandwidth / weight_bytes
         rows.append({"framework": framework, "asked": dtype, **result,

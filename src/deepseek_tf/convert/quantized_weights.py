@@ -9,7 +9,10 @@ would) and its codes and scales written. The other projections -- attention, den
 shared experts and the untied output head -- are built in float with their initialisers
 skipped (no page is touched until written), written, and at once quantized by Keras' own
 `Dense.quantize`, which frees the float kernel. Peak memory is the quantized model plus
-one projection's or one expert block's float weights. What stays float, as `compress
+one projection's or one expert block's float weights and the float32 temporaries of
+quantizing it -- for the largest, the output head, a few copies of it (the 15.7B
+V2-Lite-sized moonshot: 8.1 GiB of int4 codes, 12.3 GiB peak; `benchmarks/moonshot.py`).
+What stays float, as `compress
 quantize` leaves it: the token embedding, norms, the router, MLA's `kv_b_proj` (absorbed
 decoding folds it into the query and output) and MTP modules' own projections.
 
