@@ -1,9 +1,9 @@
-"""Tiny Hugging Face DeepSeek models for the conversion tests (torch + transformers)."""
+"""Tiny Hugging Face DeepSeek models for the conversion tests (torch + transformers, imported
+by the functions that need them: `TINY` alone serves tests without them)."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 TINY = {
     "vocab_size": 96,
@@ -49,6 +49,7 @@ def hf_config(model_type: str = "deepseek_v3", **overrides):
 
 def hf_model(config, seed: int = 0, bias_std: float = 0.05):
     """A randomly initialised causal LM in eval mode; V3 routers get a random correction bias."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -61,6 +62,8 @@ def hf_model(config, seed: int = 0, bias_std: float = 0.05):
 
 
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
 

@@ -7,6 +7,7 @@ import weakref
 
 import numpy as np
 import pytest
+from convert_helpers import TINY
 
 import deepseek_tf.convert.quantized_weights as quantized_weights
 from deepseek_tf.cli.main import main
@@ -18,27 +19,9 @@ from deepseek_tf.models.builder import build_model
 from deepseek_tf.rundir import RunDir
 
 HF = {  # DeepSeek-V3-shaped: q-LoRA MLA, a dense layer then an MoE layer, an untied head
+    **{k: v for k, v in TINY.items() if v is not None},
     "model_type": "deepseek_v3",
-    "vocab_size": 96,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "moe_intermediate_size": 16,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "n_routed_experts": 8,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 2,
-    "n_group": 1,
-    "topk_group": 1,
     "first_k_dense_replace": 1,
-    "q_lora_rank": 16,
-    "kv_lora_rank": 16,
-    "qk_nope_head_dim": 8,
-    "qk_rope_head_dim": 8,
-    "v_head_dim": 8,
-    "max_position_embeddings": 64,
-    "num_nextn_predict_layers": 0,
     "tie_word_embeddings": False,
 }
 

@@ -84,7 +84,8 @@ def value_blocks(entry, reader: CheckpointReader, dtype):
     as they are read (blocks of rows, transposed for a Dense kernel; one expert at a
     time), `begin` the block's first index in the variable."""
     if entry.layout == EXPERTS:  # E torch (out, in) -> (E, in, out), a few experts a block
-        shape = tuple(int(d) for d in entry.variable.shape)
+        # (the float stack's shape: quantized experts' variable holds codes)
+        shape = entry.float_shape or tuple(int(d) for d in entry.variable.shape)
         expert_bytes = math.prod(shape[1:]) * np.dtype(dtype).itemsize
         step = max(1, safetensors_io.BLOCK_BYTES // max(1, expert_bytes))
         for first in range(0, shape[0], step):

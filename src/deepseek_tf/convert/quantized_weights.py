@@ -22,14 +22,11 @@ The run records `compression.quantize` (+ what it included and the group size) l
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from deepseek_tf.compress.quantization import check_request, default_include
 from deepseek_tf.config.loader import update_config
-from deepseek_tf.convert import safetensors_io
-from deepseek_tf.convert.hf_weights import check_tensors, write_block, write_entry
+from deepseek_tf.convert.hf_weights import check_tensors, value_blocks, write_block, write_entry
 from deepseek_tf.convert.safetensors_io import CheckpointReader
 from deepseek_tf.convert.weight_map import shared_copies, weight_entries
 from deepseek_tf.errors import ConfigError
@@ -111,13 +108,9 @@ def write_expert_codes(entry, reader: CheckpointReader, mode: str, group_size: i
     entry) from the float experts, a block of experts at a time; returns the two."""
     moe, stack = entry.owner
     codes, scale = getattr(moe, f"{stack}_codes"), getattr(moe, f"{stack}_scale")
-    expert_bytes = math.prod(entry.float_shape[1:]) * 4  # float32 while quantized
-    step = max(1, safetensors_io.BLOCK_BYTES // expert_bytes)
-    for first in range(0, entry.float_shape[0], step):
-        names = entry.names[first : first + step]
-        block = np.stack([reader.get(name, np.float32).T for name in names])  # (n, in, out)
+    for begin, block in value_blocks(entry, reader, np.float32):  # (n, in, out)
         block_codes, block_scale = expert_quant.quantize(block, mode, group_size)
         del block
-        write_block(codes, (first, 0, 0), block_codes)
-        write_block(scale, (first, 0, 0), block_scale)
+        write_block(codes, begin, block_codes)
+        write_block(scale, begin, block_scale)
     return [codes, scale]

@@ -128,8 +128,9 @@ def inputs_first(layer) -> None:
     """Makes a quantized `Dense`'s weight-only work (unpacking int4 codes, widening them)
     wait for the layer's inputs. That work depends on no input, so TensorFlow's graph
     executor would run every layer's as soon as a program starts, all at once: a float
-    copy of every quantized projection alive together (about 5 GB in the int4 moonshot's
-    first token, `benchmarks/moonshot.py`). Keras calls `quantized_call` for a quantized
+    copy of every quantized projection alive together (with `expert_stack(after=)`, the
+    int4 moonshot's `generate` peaked at 15.7 GB before and 12.8 GB after:
+    `benchmarks/moonshot.py`). Keras calls `quantized_call` for a quantized
     layer; the instance's own is wrapped (the numbers are unchanged)."""
     call = layer.quantized_call
 
