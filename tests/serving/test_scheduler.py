@@ -93,6 +93,27 @@ def test_requests_join_a_running_batch_and_get_generates_tokens(scheduler, atten
         assert job.first_token_at is not None and job.finished_at >= job.first_token_at
 
 
+def test_prompts_admitted_together_are_prefilled_as_one_group(attention_model):
+    """Three prompts of different lengths waiting together: one padded call (a group of
+    4: the first prompt twice), each row's logits at its own end, the tokens `generate`
+    gives."""
+    s = ContinuousScheduler(attention_model, None, max_batch=4, step_ms=5, warm_up=False)
+    prompts = [[5, 1, 7], [2, 9, 4, 4, 8, 1, 3, 6, 2], list(range(1, 13))]
+    settings = [(0.0, 3), (0.9, 4), (1.1, 5)]
+    jobs = [s.submit(request(p, 6, t, seed)) for p, (t, seed) in zip(prompts, settings)]
+    s.start()  # admits after its warm-up: all three wait together
+    try:
+        for job in jobs:
+            wait(job)
+        assert s.prefiller.grouped == 3 and s.prefiller.groups == (1, 4)
+        generator = Generator(attention_model)
+        for job, prompt, (temperature, seed) in zip(jobs, prompts, settings):
+            expected = generator.generate([prompt], 6, temperature=temperature, seed=seed)[0]
+            assert job.tokens == expected and job.cached_tokens == 0
+    finally:
+        s.stop()
+
+
 def test_prefix_cache_reuses_a_shared_prefix_with_the_same_tokens(attention_model):
     rng = np.random.RandomState(1)
     system = rng.randint(0, VOCAB, 20).tolist()
@@ -157,6 +178,9 @@ def test_warm_up_compiles_every_shape_before_ready(scheduler):
     rng = np.random.RandomState(2)
     for n in (1, 6, 17, 40):  # prompts of many lengths, greedy and sampled
         wait(scheduler.submit(request(rng.randint(0, VOCAB, n).tolist(), 5, 0.8)))
+    # a group of prompts admitted together (into free slots of the idle scheduler)
+    prompts = [rng.randint(0, VOCAB, n).tolist() for n in (2, 9, 13)]
+    scheduler.prefiller.group([1, 2, 3], prompts, [0, 0, 0])
     assert scheduler.rows_cache.traces() == traces
     assert scheduler.loop.prefill_program.experimental_get_tracing_count() == prefill
 

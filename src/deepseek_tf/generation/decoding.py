@@ -165,7 +165,9 @@ class DecodeLoop:
         logits, at = None, int(start)
         for n in prefill_chunks(p):
             chunk = ids[:, at - start : at - start + n]  # (B, n)
-            logits, cache = self.prefill_chunk(chunk, cache, tf.constant(at, tf.int32))
+            # `last` given as the padded call gives it: one program per chunk length
+            end = tf.constant(n - 1, tf.int32)
+            logits, cache = self.prefill_chunk(chunk, cache, tf.constant(at, tf.int32), end)
             at += n
         return logits, cache
 

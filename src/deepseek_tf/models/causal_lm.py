@@ -380,9 +380,10 @@ class CausalLM(ModelStructure, keras.Model):
         state after the final norm `(B, T, C)` (what MTP depth 1 reads), `"block_inputs"`
         each block's input `(B, T, C)` (see `generation.speculative`).
 
-        `logits` are `(B, T, V)`, or with `logits_at` (a scalar index into `T`) that one
-        position's `(B, 1, V)`: a prompt's prefill needs only its last position, and the
-        head over every position was the largest product of a long prefill (T x V)."""
+        `logits` are `(B, T, V)`, or with `logits_at` (a scalar index into `T`, or `(B,)`:
+        one per row) that position's `(B, 1, V)`: a prompt's prefill needs only its last
+        position, and the head over every position was the largest product of a long
+        prefill (T x V)."""
         x = self.embed(token_ids, training=False)
         new_cache, inputs = [], []
         for block, layer_cache in zip(self.blocks, cache):
@@ -390,7 +391,7 @@ class CausalLM(ModelStructure, keras.Model):
             out = block(x, cache=layer_cache, cache_index=cache_index)
             x = out["x"]
             new_cache.append(out["cache"])
-        at = x if logits_at is None else tf.gather(x, ops.reshape(logits_at, (1,)), axis=1)
+        at = x if logits_at is None else _positions(x, logits_at)  # (B, T or 1, C)
         if not return_hidden:
             return self.head(at), new_cache
         extras = {"hidden": self.final_norm(x), "block_inputs": inputs}
@@ -402,3 +403,9 @@ class CausalLM(ModelStructure, keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _positions(x, at):
+    """`x` `(B, T, C)` at position `at` (a scalar, or `(B,)`: one per row) -> `(B, 1, C)`."""
+    rows = tf.broadcast_to(tf.reshape(at, (-1,)), tf.shape(x)[:1])  # (B,)
+    return tf.gather(x, rows[:, None], axis=1, batch_dims=1)

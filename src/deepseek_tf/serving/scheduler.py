@@ -4,9 +4,10 @@ The server's default scheduler (vLLM's and llama.cpp's server's model). The batc
 fixed set of `max_batch` slots, each a row of one decoding cache held in variables (the
 compiled steps update it in place: no copy of the cache per call). A worker thread loops:
 
-1. admit: each waiting request takes a free slot. Its prompt is prefilled alone
-   (`DecodeLoop.prefill`, power-of-two chunks), starting after the longest prefix found
-   in the prefix cache, and written into the slot's row;
+1. admit: each waiting request takes a free slot. Prompts admitted together with no
+   useful prefix in the prefix cache are prefilled together in padded calls; a prompt
+   that continues a cached prefix is prefilled alone after it (`serving.prefiller`).
+   Each row is written into its slot;
 2. decode: every busy slot advances up to `chunk` positions in one compiled loop of
    `DecodeLoop.token_step` -- the step `generate` runs -- each row at its own position
    and sampled with its own seed, so a request gets the tokens `deepseek-tf generate`
@@ -35,11 +36,12 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.generation import penalties as pen
-from deepseek_tf.generation.decoding import DecodeLoop, prefill_chunks
+from deepseek_tf.generation.decoding import DecodeLoop
 from deepseek_tf.generation.sampler import bias_matrix
 from deepseek_tf.serving.grammar import GrammarConstraint, GrammarVocab
 from deepseek_tf.serving.job import Job
 from deepseek_tf.serving.metrics import ServerMetrics
+from deepseek_tf.serving.prefiller import Prefiller
 from deepseek_tf.serving.prefix_cache import PrefixCache
 from deepseek_tf.serving.protocol import GenRequest
 from deepseek_tf.serving.slot_cache import MAX_CHUNK, MIN_SPAN, SlotCache
@@ -103,6 +105,7 @@ class ContinuousScheduler:
         # repetition penalties (`generation.penalties`): settings per slot, state in variables
         self.penalty_settings = pen.settings_arrays([], b)
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20), exact_only=self.rows_cache.stateful)
+        self.prefiller = Prefiller(model, self.loop, self.rows_cache, self.prefix, lora)
         self.jobs: list[Job | None] = [None] * b
         self.positions = np.zeros(b, np.int32)
         self.ends = np.ones(b, np.int32)
@@ -141,11 +144,7 @@ class ContinuousScheduler:
         # ~95 s prefilling the long chunks of a 4,096-position cache for nothing
         longest = None if self.loop.prefill_jit_compile else WARM_TRACED_CHUNK
         for span in sorted({spans[0], self.length}):  # prompts of other spans: on first use
-            row, logits = self.model.init_cache(1, span), None
-            for n in prefill_chunks((1 << span.bit_length()) - 1):
-                if n <= min(span, longest or span):
-                    logits, row = self.loop.prefill(tf.zeros((1, n), tf.int32), row)
-            self.rows_cache.insert(tf.constant(0), row, logits)
+            self.prefiller.warm_up(span, longest, groups=span == spans[0])
         done = np.ones(self.slots, bool)
         done[0] = False
         bias = np.zeros((self.slots, self.model.vocab_size), np.float32)
@@ -196,38 +195,66 @@ class ContinuousScheduler:
             self.metrics.queue_depth.set(self._queue.qsize())
 
     def _admit(self, block: bool) -> None:
-        while None in self.jobs:
+        """Seats waiting requests in the free slots (module docstring, step 1)."""
+        jobs = []
+        while len(jobs) < self.jobs.count(None):
             try:
                 job = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             block = False
             if job.cancelled:
                 self.abandoned += 1
                 job.finish("cancelled")
-                continue
-            try:
-                self._prefill(self.jobs.index(None), job)
-            except Exception as e:
-                log.exception("prefill failed")
+            else:
+                jobs.append(job)
+        slots = [s for s, j in enumerate(self.jobs) if j is None]
+        fresh = []  # (slot, job): prompts prefilled from position 0, together
+        for slot, job in zip(slots, jobs):
+            req = job.req
+            shared, row = self.prefix.lookup(req.prompt_ids, namespace=req.adapter)
+            grouped = self.prefiller.groupable(len(req.prompt_ids), shared)
+            self._count(job, 0 if grouped else shared)
+            if grouped:
+                fresh.append((slot, job))
+            else:
+                self._seated([(slot, job)], self.prefiller.one, slot, list(req.prompt_ids),
+                             req.adapter, shared, row)  # fmt: skip
+        size = self.prefiller.groups[-1]
+        for group in (fresh[i : i + size] for i in range(0, len(fresh), size)):
+            slots, reqs = [s for s, _ in group], [j.req for _, j in group]
+            prompts, adapters = [list(r.prompt_ids) for r in reqs], [r.adapter for r in reqs]
+            if len(group) == 1:
+                self._seated(group, self.prefiller.one, slots[0], prompts[0], adapters[0])
+            else:
+                self._seated(group, self.prefiller.group, slots, prompts, adapters)
+
+    def _seated(self, group: list[tuple[int, Job]], prefill, *args) -> None:
+        """`prefill(*args)`, then each `(slot, job)` of `group` takes its slot; a failure
+        ends the group's jobs with an error and frees their slots, not the worker."""
+        try:
+            prefill(*args)
+            for slot, job in group:
+                self._seat(slot, job)
+        except Exception as e:
+            log.exception("prefill failed")
+            for slot, job in group:
                 job.finished = True
                 job.put(("error", f"generation failed: {type(e).__name__}"))
+                self.jobs[slot] = None
 
-    def _prefill(self, slot: int, job: Job) -> None:
-        req, prompt = job.req, list(job.req.prompt_ids)
+    def _count(self, job: Job, shared: int) -> None:
+        """Records `job`'s admission, `shared` prompt tokens read from the prefix cache."""
         job.admitted_at = time.perf_counter()
-        shared, row = self.prefix.lookup(prompt, namespace=req.adapter)
-        self.metrics.prefix_queried.inc(len(prompt))
-        self.metrics.prefix_hit.inc(shared)
-        self.metrics.prompt_tokens.inc(len(prompt))
         job.cached_tokens = shared
-        span = self.rows_cache.span_for(len(prompt) - 1)  # a row just long enough
-        row = self.model.init_cache(1, span) if row is None else self.rows_cache.fit(row, span)
-        rest = tf.constant([prompt[shared:]], tf.int32)  # (1, P - shared)
-        with self._adapters([req.adapter]):
-            logits, row = self.loop.prefill(rest, row, start=shared)
-        self.prefix.store(prompt, row, namespace=req.adapter)
-        self.rows_cache.insert(tf.constant(slot), row, logits)
+        self.metrics.prefix_queried.inc(len(job.req.prompt_ids))
+        self.metrics.prefix_hit.inc(shared)
+        self.metrics.prompt_tokens.inc(len(job.req.prompt_ids))
+
+    def _seat(self, slot: int, job: Job) -> None:
+        """Gives `slot` to `job`, whose prompt is in its row: positions, limits, sampling,
+        `logit_bias`, penalties and grammar."""
+        req, prompt = job.req, job.req.prompt_ids
         self.jobs[slot] = job
         self.positions[slot] = len(prompt)
         self.ends[slot] = len(prompt) + req.max_tokens

@@ -54,6 +54,7 @@ class SlotCache:
         self.insert = tf.function(self._insert_fn, jit_compile=jit_compile, autograph=False)
         # one call, not a slice per tensor
         self._read_row = tf.function(self._read_row_fn, autograph=False)
+        self._rows_of = tf.function(self._rows_of_fn, autograph=False)
 
     def advance(self, positions, done, ends, sampling, steps, span: int, bias=None,
                 penalties=None):  # fmt: skip
@@ -116,20 +117,33 @@ class SlotCache:
         self.counts.scatter_nd_update(index, tf.constant(counts))
         self.seen.scatter_nd_update(index, tf.constant(seen))
 
-    def _insert_fn(self, slot, row_cache, row_logits):
-        """Writes a batch-1 cache (of `length` positions or fewer: the rest of the row keeps
-        what it held, which no row reads past its own position) and its last logits into
-        row `slot`."""
-        index = tf.reshape(slot, (1, 1))
-        for var, row in zip(tf.nest.flatten(self.cache), tf.nest.flatten(row_cache)):
-            row = tf.cast(row, var.dtype)
-            if self._positional(var) and row.shape[1] < self.length:
-                n = row.shape[1]
-                at = tf.stack([tf.fill((n,), slot), tf.range(n)], axis=1)  # (n, 2)
-                var.scatter_nd_update(at, row[0])
+    def _insert_fn(self, slots, row_cache, row_logits):
+        """Writes a cache of `K` rows (of `length` positions or fewer: the rest of each row
+        keeps what it held, which no row reads past its own position) and their last
+        logits `(K, V)` into rows `slots` (`(K,)`, or a scalar for one row). A slot named
+        twice (a group of prompts padded to a compiled batch size) takes its first row, so
+        the duplicate writes are the same bits."""
+        slots = tf.reshape(slots, (-1,))  # (K,)
+        same = tf.cast(slots[:, None] == slots[None, :], tf.int32)  # (K, K)
+        first = tf.argmax(same, axis=1, output_type=tf.int32)  # (K,) the row each slot takes
+        index = slots[:, None]  # (K, 1)
+        for var, rows in zip(tf.nest.flatten(self.cache), tf.nest.flatten(row_cache)):
+            rows = tf.gather(tf.cast(rows, var.dtype), first)  # (K, n, ...)
+            if self._positional(var) and rows.shape[1] < self.length:
+                k, n = rows.shape[0], rows.shape[1]
+                at = tf.stack([tf.repeat(slots, n), tf.tile(tf.range(n), [k])], axis=1)
+                var.scatter_nd_update(at, tf.reshape(rows, (k * n, *rows.shape[2:])))
             else:
-                var.scatter_nd_update(index, row)
-        self.logits.scatter_nd_update(index, tf.cast(row_logits, tf.float32))
+                var.scatter_nd_update(index, rows)
+        self.logits.scatter_nd_update(index, tf.gather(tf.cast(row_logits, tf.float32), first))
+
+    def rows_of(self, cache) -> list:
+        """A cache of `K` rows as `K` batch-1 caches (one call, not a slice per tensor)."""
+        return self._rows_of(cache)
+
+    def _rows_of_fn(self, cache):
+        k = tf.nest.flatten(cache)[0].shape[0]
+        return [tf.nest.map_structure(lambda t, i=i: t[i : i + 1], cache) for i in range(k)]
 
     def _advance_fn(self, positions, done, ends, sampling, steps, span: int, bias=None,
                     penalties=None):  # fmt: skip
