@@ -27,6 +27,7 @@ from deepseek_tf.models.footprint import check_fits
 from deepseek_tf.rundir import RunDir, load_run
 from deepseek_tf.serving.kv_budget import parse_size
 from deepseek_tf.serving.lora_adapters import load_adapters, parse_lora, serving_config
+from deepseek_tf.serving.scheduler import STEP_MS
 from deepseek_tf.serving.server import ServingApp, ServingHTTPServer, check_port, make_server
 
 __all__ = ["Served", "export", "serve"]
@@ -131,7 +132,7 @@ def serve(
     max_batch: int = 16,
     no_batching: bool = False,
     batching: str = "continuous",
-    step_ms: float = 20.0,
+    step_ms: float = STEP_MS,
     stream_interval: int = 16,
     prefix_cache_mb: float = 256,
     request_timeout: float | None = None,

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
         "its end (the older scheduler, kept for comparison)",
     )
     parser.add_argument(
-        "--step-ms", type=float, default=20.0, help="continuous: target time of one decode call"
+        "--step-ms", type=float, default=50.0, help="continuous: target time of one decode call"
     )
     parser.add_argument(
         "--stream-interval", type=int, default=16, help="continuous: most tokens per call "

@@ -49,6 +49,9 @@ from deepseek_tf.serving.slot_cache import MAX_CHUNK, MIN_SPAN, SlotCache
 log = logging.getLogger("deepseek_tf.serving")
 WARM_SPANS = 4096  # spans up to this (and the whole cache) compile before `ready`
 WARM_TRACED_CHUNK = 8  # the longest prefill chunk a warm-up runs when not XLA-compiled
+# a decode call's target duration: its fixed cost (the call, ~4 ms of handing out tokens
+# for 16 rows) is 7% of 50 ms and 17% of 20 ms (benchmarks/serve_load.py, --step-ms)
+STEP_MS = 50.0
 
 
 class ContinuousScheduler:
@@ -76,7 +79,7 @@ class ContinuousScheduler:
     constrains = True  # structured output: one step per call while a row is constrained
 
     def __init__(self, model, tokenizer, metrics: ServerMetrics | None = None, *,
-                 max_batch: int = 16, step_ms: float = 20.0, stream_interval: int = 16,
+                 max_batch: int = 16, step_ms: float = STEP_MS, stream_interval: int = 16,
                  prefix_cache_mb: float = 256, max_len: int | None = None,
                  jit_compile: bool = True, warm_up: bool = True, lora=None,
                  min_span: int = MIN_SPAN):  # fmt: skip

@@ -50,7 +50,7 @@ from deepseek_tf.serving.job import Job, Scheduler
 from deepseek_tf.serving.kv_budget import plan_cache
 from deepseek_tf.serving.metrics import ServerMetrics
 from deepseek_tf.serving.protocol import Limits, parse_predict
-from deepseek_tf.serving.scheduler import ContinuousScheduler
+from deepseek_tf.serving.scheduler import STEP_MS, ContinuousScheduler
 
 log = logging.getLogger("deepseek_tf.serving")
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -112,7 +112,7 @@ class ServingApp:
         batching: str = "continuous",
         window_s: float = 0.005,
         chunk: int = 8,
-        step_ms: float = 20.0,
+        step_ms: float = STEP_MS,
         stream_interval: int = 16,
         prefix_cache_mb: float = 256,
         request_timeout: float | None = None,
