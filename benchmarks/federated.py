@@ -78,6 +78,7 @@ def main() -> int:
     from deepseek_tf.api import load, train
     from deepseek_tf.config.loader import apply_overrides, load_config
     from deepseek_tf.data.pipeline import make_eval_dataset
+    from deepseek_tf.errors import TrainingError
     from deepseek_tf.rundir import RunDir
     from deepseek_tf.training.evaluate import evaluate
 
@@ -91,19 +92,27 @@ def main() -> int:
             return None, None
         run = scratch / name.replace(" ", "_").replace(":", "").replace("/", "_")
         started = time.perf_counter()
-        train_federated(apply_overrides(base, list(overrides)), out=run, verbose=0)
+        stopped = None
+        try:
+            train_federated(apply_overrides(base, list(overrides)), out=run, verbose=0)
+        except TrainingError as e:  # the engine stops a diverging run without saving it
+            stopped = str(e)
         wall = time.perf_counter() - started
         rounds = [e for e in RunDir(run).metrics.read() if "round" in e and "event" not in e]
+        last = rounds[-1] if rounds else {}
         rows[name] = {
-            "val_loss": rounds[-1]["val_loss"],
-            "worst_client_loss_last_round": rounds[-1]["worst_client_loss"],
+            "val_loss": last.get("val_loss"),
+            "worst_client_loss_last_round": last.get("worst_client_loss"),
             "bytes_sent_per_round": float(np.mean([r["bytes_sent"] for r in rounds])),
             "bytes_received_per_round": float(np.mean([r["bytes_received"] for r in rounds])),
             "seconds_per_round": float(np.mean([r["seconds"] for r in rounds])),
             "wall_seconds": round(wall, 1),
-            "epsilon": rounds[-1].get("epsilon"),
+            "epsilon": last.get("epsilon"),
+            "rounds_run": len(rounds),
+            "stopped": stopped,
         }
-        print(f"[{name}] val {rows[name]['val_loss']:.4f}, {wall:.0f} s", flush=True)
+        result = f"stopped: {stopped}" if stopped else f"val {rows[name]['val_loss']:.4f}"
+        print(f"[{name}] {result}, {wall:.0f} s", flush=True)
         return run, rounds
 
     fedavg_run, fedavg_rounds = federated("FedAvg by-speaker", "federated.partition=by-speaker")
