@@ -21,6 +21,9 @@ import tensorflow as tf
 from deepseek_tf.generation.decoding import positional_cache, prefill_bucket, prefill_chunks
 
 GROUPS = (1, 4, 8)  # batch sizes of a prefill call (a group is padded up to one)
+# a group's prompts are padded to at least this many tokens: a few idle positions, and
+# the warm-up compiles no group programs for the shortest lengths (serving tests' time)
+GROUP_MIN_TOKENS = 8
 
 
 class Prefiller:
@@ -46,9 +49,8 @@ class Prefiller:
         """A prompt of `n` tokens, `shared` of them cached, goes into a group: groups are
         on, its padded bucket fits its row, and skipping the cached tokens would not
         shorten its own call."""
-        bucket = prefill_bucket(n)
-        return (len(self.groups) > 1 and bucket <= self.rows_cache.span_for(n - 1)
-                and prefill_bucket(n - shared) == bucket)  # fmt: skip
+        return (len(self.groups) > 1 and _bucket(n) <= self.rows_cache.span_for(n - 1)
+                and prefill_bucket(n - shared) == prefill_bucket(n))  # fmt: skip
 
     def one(self, slot: int, prompt: list[int], adapter: int, shared: int = 0, row=None):
         """Prefills `prompt` after its `shared` cached tokens (`row`: their batch-1 cache,
@@ -66,7 +68,7 @@ class Prefiller:
         n, k = len(prompts), next(g for g in self.groups if g >= len(prompts))
         slots, prompts, adapters = ([*x, *x[:1] * (k - n)] for x in (slots, prompts, adapters))
         span = self.rows_cache.span_for(max(map(len, prompts)) - 1)
-        ids = np.zeros((k, prefill_bucket(max(map(len, prompts)))), np.int32)  # (K, P)
+        ids = np.zeros((k, _bucket(max(map(len, prompts)))), np.int32)  # (K, P)
         for i, prompt in enumerate(prompts):
             ids[i, : len(prompt)] = prompt
         last = tf.constant([len(p) - 1 for p in prompts], tf.int32)  # (K,) each one's end
@@ -89,9 +91,10 @@ class Prefiller:
         for n in sizes:
             logits, row = self.loop.prefill(tf.zeros((1, n), tf.int32), row, room=span)
         self.rows_cache.insert(tf.constant(0), row, logits)
-        for k in self.groups[1:] if groups else ():
+        grouped = [n for n in sizes if n >= GROUP_MIN_TOKENS]
+        for k in self.groups[1:] if groups and grouped else ():
             rows = self.model.init_cache(k, span)
-            for n in sizes:
+            for n in grouped:
                 ids, last = tf.zeros((k, n), tf.int32), tf.fill((k,), n - 1)
                 logits, rows = self.loop.prefill_chunk(ids, rows, tf.constant(0), last)
             self.rows_cache.insert(tf.zeros((k,), tf.int32), rows, logits)
@@ -100,3 +103,8 @@ class Prefiller:
     def _adapters(self, ids):
         """The LoRA adapters of the next call's rows (nothing to set without adapters)."""
         return contextlib.nullcontext() if self.lora is None else self.lora.rows(ids)
+
+
+def _bucket(n: int) -> int:
+    """The padded length of a group whose longest prompt has `n` tokens."""
+    return max(prefill_bucket(n), GROUP_MIN_TOKENS)
