@@ -220,8 +220,10 @@ def main() -> None:
                 cmd = [sys.executable, "-c", PEER, hf, dtype, args.new_tokens, args.prefill]
             done = measured(cmd)
             result = json.loads(done["out"].splitlines()[-1]) if done["code"] == 0 else {}
-        bytes_per = {"float32": 4, "q8_0": 34 / 32}.get(result.get("dtype"), 2)  # Q8_0: 8.5 bits
-        bytes_per = 1 if dtype == "int8" else bytes_per  # codes (+ per-channel scales)
+        # int8: the codes (+ per-channel scales); Q8_0: 8.5 bits
+        bytes_per = (
+            1 if dtype == "int8" else {"float32": 4, "q8_0": 34 / 32}.get(result.get("dtype"), 2)
+        )
         weight_bytes = active * bytes_per
         limit = bandwidth / weight_bytes
         rows.append({"framework": framework, "asked": dtype, **result,

@@ -58,7 +58,7 @@ class Prefiller:
         span = self.rows_cache.span_for(len(prompt) - 1)  # a row just long enough
         row = self.model.init_cache(1, span) if row is None else self.rows_cache.fit(row, span)
         rest = tf.constant([prompt[shared:]], tf.int32)  # (1, P - shared)
-        with self._adapters([adapter]):
+        with adapter_rows(self.lora, [adapter]):
             logits, row = self.loop.prefill(rest, row, start=shared, room=span)
         self.prefix.store(prompt, row, namespace=adapter)
         self.rows_cache.insert(tf.constant(slot), row, logits)
@@ -67,12 +67,13 @@ class Prefiller:
         """Prefills several prompts (each `groupable`) in one call into rows `slots`."""
         n, k = len(prompts), next(g for g in self.groups if g >= len(prompts))
         slots, prompts, adapters = ([*x, *x[:1] * (k - n)] for x in (slots, prompts, adapters))
-        span = self.rows_cache.span_for(max(map(len, prompts)) - 1)
-        ids = np.zeros((k, _bucket(max(map(len, prompts)))), np.int32)  # (K, P)
+        longest = max(map(len, prompts))
+        span = self.rows_cache.span_for(longest - 1)
+        ids = np.zeros((k, _bucket(longest)), np.int32)  # (K, P)
         for i, prompt in enumerate(prompts):
             ids[i, : len(prompt)] = prompt
         last = tf.constant([len(p) - 1 for p in prompts], tf.int32)  # (K,) each one's end
-        with self._adapters(adapters):
+        with adapter_rows(self.lora, adapters):
             logits, rows = self.loop.prefill_chunk(
                 tf.constant(ids), self.model.init_cache(k, span), tf.constant(0), last
             )  # (K, V)
@@ -100,9 +101,11 @@ class Prefiller:
             self.rows_cache.insert(tf.zeros((k,), tf.int32), rows, logits)
             self.rows_cache.rows_of(rows)
 
-    def _adapters(self, ids):
-        """The LoRA adapters of the next call's rows (nothing to set without adapters)."""
-        return contextlib.nullcontext() if self.lora is None else self.lora.rows(ids)
+
+def adapter_rows(lora, ids):
+    """Within the block, row `i` of the model's calls uses served adapter `ids[i]`
+    (`models.multi_lora.MultiLora.rows`); nothing to set without adapters (`lora` None)."""
+    return contextlib.nullcontext() if lora is None else lora.rows(ids)
 
 
 def _bucket(n: int) -> int:

@@ -24,7 +24,6 @@ compiled steps update it in place: no copy of the cache per call). A worker thre
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import queue
@@ -41,7 +40,7 @@ from deepseek_tf.generation.sampler import bias_matrix
 from deepseek_tf.serving.grammar import GrammarConstraint, GrammarVocab
 from deepseek_tf.serving.job import Job
 from deepseek_tf.serving.metrics import ServerMetrics
-from deepseek_tf.serving.prefiller import Prefiller
+from deepseek_tf.serving.prefiller import Prefiller, adapter_rows
 from deepseek_tf.serving.prefix_cache import PrefixCache
 from deepseek_tf.serving.protocol import GenRequest
 from deepseek_tf.serving.slot_cache import MAX_CHUNK, MIN_SPAN, SlotCache
@@ -294,12 +293,8 @@ class ContinuousScheduler:
             extra["bias"] = self.no_bias
         if penalties:
             extra["penalties"] = tuple(map(tf.constant, self.penalty_settings))
-        with self._adapters(self.adapters):
+        with adapter_rows(self.lora, self.adapters):
             return self.rows_cache.advance(*args, **extra)
-
-    def _adapters(self, ids):
-        """The LoRA adapters of the next call's rows (nothing to set without adapters)."""
-        return contextlib.nullcontext() if self.lora is None else self.lora.rows(ids)
 
     def _decode(self) -> None:
         constrained = [s for s, j in enumerate(self.jobs) if j is not None and j.constraint]
