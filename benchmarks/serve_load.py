@@ -47,7 +47,7 @@ def serve_child(args) -> None:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from deepseek_tf.config.loader import load_config
-    from deepseek_tf.generation.decoding import Row
+    from deepseek_tf.generation.decoder import Row
     from deepseek_tf.models.builder import build_model
     from deepseek_tf.serving.server import ServingApp, make_server
 

@@ -2,13 +2,8 @@
 
 import pytest
 
-from deepseek_tf.generation.decoding import (
-    Decoder,
-    Row,
-    cache_length,
-    pad_batch,
-    prefill_chunks,
-)
+from deepseek_tf.generation.decoder import Decoder, Row
+from deepseek_tf.generation.decoding import cache_length, pad_batch, prefill_chunks
 from deepseek_tf.generation.generate import Generator
 
 
@@ -103,8 +98,7 @@ def test_prefill_leaves_xla_where_the_weights_do_not_fit_the_cpus_cache(loaded):
     """XLA's CPU backend prefilled the 1.46B demonstration 1.3-2.1x slower than
     TensorFlow's kernels, and a cache-resident model faster (decode_real, serve_load): on
     a CPU-only machine the prefill leaves XLA exactly when the weights exceed the cache."""
-    from deepseek_tf.generation.decoding import xla_prefill
-    from deepseek_tf.generation.memory_bound import accelerated, weight_bytes
+    from deepseek_tf.generation.memory_bound import accelerated, weight_bytes, xla_prefill
 
     if accelerated():
         pytest.skip("an accelerator is present: the prefill follows jit_compile there")
@@ -121,8 +115,13 @@ def test_decode_leaves_xla_for_16_bit_weights_that_do_not_fit_the_cpus_cache(tra
     1.46B demonstration: 10.2 GB against 4.0 GB, decode_real): the token step and loop
     leave XLA for 16-bit weights beyond the cache, and keep it for float32 weights (XLA
     stepped them 1.3x faster than TensorFlow's kernels) and for weights held in cache."""
-    from deepseek_tf.generation.decoding import DecodeLoop, xla_decode
-    from deepseek_tf.generation.memory_bound import accelerated, fits_in_cache, weight_bytes
+    from deepseek_tf.generation.decoding import DecodeLoop
+    from deepseek_tf.generation.memory_bound import (
+        accelerated,
+        fits_in_cache,
+        weight_bytes,
+        xla_decode,
+    )
     from deepseek_tf.models.builder import build_model
     from deepseek_tf.rundir import RunDir
 

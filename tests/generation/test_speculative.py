@@ -9,7 +9,7 @@ import deepseek_tf.generation.speculative_loop as speculative_loop
 from deepseek_tf.api import load, train
 from deepseek_tf.config.loader import apply_overrides, load_config
 from deepseek_tf.errors import InputError
-from deepseek_tf.generation.decoding import Row
+from deepseek_tf.generation.decoder import Row
 from deepseek_tf.generation.generate import Generator
 from deepseek_tf.generation.sampler import filter_logits
 from deepseek_tf.generation.speculative import (

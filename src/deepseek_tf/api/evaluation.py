@@ -24,7 +24,7 @@ from pathlib import Path
 from deepseek_tf.data.corpus import resolve_files
 from deepseek_tf.data.pipeline import make_eval_dataset
 from deepseek_tf.errors import InputError, RunDirError, check_count
-from deepseek_tf.generation.decoding import xla_prefill
+from deepseek_tf.generation.memory_bound import xla_prefill
 from deepseek_tf.rundir import RunDir, load_run
 from deepseek_tf.training.evaluate import evaluate as evaluate_model
 from deepseek_tf.uncertainty.calibrate import calibrate

@@ -14,15 +14,11 @@ sampling settings give the same tokens whichever path decodes them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
-import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.generation import penalties as pen
-from deepseek_tf.generation.memory_bound import accelerated, fits_in_cache
-from deepseek_tf.generation.sampler import bias_matrix, limit_vocab, sample_tokens
+from deepseek_tf.generation.memory_bound import memory_bound_on_cpu, xla_decode, xla_prefill
+from deepseek_tf.generation.sampler import constrain, follow_grammar, limit_vocab, sample_tokens
 from deepseek_tf.layers.mla import MultiHeadLatentAttention
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer shapes)
@@ -72,37 +68,6 @@ def positional_cache(model) -> bool:
     return all(getattr(block, "conv", None) is None for block in model.blocks)
 
 
-def _memory_bound_on_cpu(model, cache_bytes: int | None) -> bool:
-    """A CPU-only machine, and `model`'s weights exceed its cache (`fits_in_cache`)."""
-    return not accelerated() and fits_in_cache(model, cache_bytes) is False
-
-
-def xla_prefill(model, jit_compile: bool, cache_bytes: int | None = None) -> bool:
-    """Whether `model`'s prefill programs are compiled with XLA: as `jit_compile`, except
-    on a CPU-only machine for a model whose weights do not fit in the CPU's cache
-    (`memory_bound.fits_in_cache`; `cache_bytes` as there). There TensorFlow's own kernels
-    prefilled 512 tokens of the 1.46B demonstration 1.3-2.1x faster than XLA's CPU backend
-    (its gathers of expert weights and small batched matmuls are slow) and the first token
-    came sooner, while a model held in cache prefills faster with XLA (the shakespeare-char
-    server: `benchmarks/README.md`, decode_real and serve_load).
-    """
-    return jit_compile and not _memory_bound_on_cpu(model, cache_bytes)
-
-
-def xla_decode(model, jit_compile: bool, cache_bytes: int | None = None) -> bool:
-    """Whether `model`'s token step and decode loop are compiled with XLA: as
-    `jit_compile`, except on a CPU-only machine for a model whose weights are held in a
-    16-bit float and do not fit in the CPU's cache. XLA's CPU backend computes bfloat16
-    and float16 dots in float32 from converted copies of the weights, and hoists those
-    copies out of the decode loop: every weight is held twice more, per call (the 1.46B
-    demonstration in bfloat16 peaked at 10.2 GB with XLA against 4.0 GB without, and
-    stepped no faster). TensorFlow's own (oneDNN) kernels read the 16-bit weights as
-    they are. Float32 weights keep XLA: it fuses the step's many small ops.
-    """
-    sixteen_bit = tf.as_dtype(model.variable_dtype) in (tf.bfloat16, tf.float16)
-    return jit_compile and not (sixteen_bit and _memory_bound_on_cpu(model, cache_bytes))
-
-
 def pad_batch(n: int) -> int:
     """Batch sizes are padded to a power of two (fewer compiled shapes)."""
     return 1 << max(int(n) - 1, 0).bit_length()
@@ -141,7 +106,7 @@ class DecodeLoop:
         self.prefill_program = tf.function(self._prefill_chunk, **prefill)
         # a model read from memory on a CPU (so prefilled without XLA): its first prefill
         # runs eagerly (see prefill_chunk)
-        self._eager_prefill = _memory_bound_on_cpu(model, cache_bytes)
+        self._eager_prefill = memory_bound_on_cpu(model, cache_bytes)
         self.step = tf.function(self.token_step, **compiled)
         self.decode = tf.function(self._decode, **compiled)
 
@@ -193,7 +158,7 @@ class DecodeLoop:
         return limit_vocab(logits, self.vocab_limit)
 
     def token_step(self, cache, logits, positions, forced, forced_ids, done, sampling, stop_ids,
-                   bias=None, penalties=None):  # fmt: skip
+                   bias=None, penalties=None, grammar=None):  # fmt: skip
         """One position of every row: choose its token, then run it through the model.
 
         Args:
@@ -208,17 +173,23 @@ class DecodeLoop:
                 mask).
             penalties: optional `(presence, frequency, repetition, counts, seen)`
                 (`generation.penalties`), applied after `bias`; updated with the token.
+            grammar: optional `(table, dead, states)` token automata
+                (`sampler.constrain`): each row samples only what its state allows, then
+                follows its token; a row whose document is complete stops.
 
         Returns:
             `(token, stopped, logprob, top_ids, top_logprobs, entropy, logits, cache,
-            penalties)`: `(B,)` tokens, whether each sampled a stop id, their statistics
-            (`(B,)`, `(B, TOP_LOGPROBS)`; zeros without `logprobs`), the next logits
-            `(B, V)`, the penalty state (None without).
+            penalties, grammar)`: `(B,)` tokens, whether each sampled a stop id (or ended
+            its grammar), their statistics (`(B,)`, `(B, TOP_LOGPROBS)`; zeros without
+            `logprobs`), the next logits `(B, V)`, the penalty state and the grammar
+            (None without).
         """
         batch = tf.shape(logits)[0]
         top = TOP_LOGPROBS if self.logprobs else 0
         if bias is not None:
             logits = logits + tf.cast(bias, logits.dtype)
+        if grammar is not None:
+            logits = constrain(logits, grammar)
         if penalties is not None:
             logits = pen.apply_penalties(logits, penalties)
         sampled = sample_tokens(logits, *sampling, positions)  # (B,)
@@ -236,9 +207,13 @@ class DecodeLoop:
             entropy = -tf.reduce_sum(tf.exp(log_probs) * log_probs, axis=-1)  # (B,)
         is_stop = tf.reduce_any(token[:, None] == stop_ids[None, :], -1)
         stopped = tf.logical_and(tf.logical_not(forced), is_stop)
+        if grammar is not None:
+            grammar, ended = follow_grammar(grammar, token, tf.logical_not(forced | done))
+            stopped = tf.logical_or(stopped, ended)
         step_logits, cache = self.model.call_with_cache(token[:, None], cache, positions)
         logits = self._limit(step_logits[:, -1, :])
-        return token, stopped, logprob, top_ids, top_lps, entropy, logits, cache, penalties
+        return (token, stopped, logprob, top_ids, top_lps, entropy, logits, cache, penalties,
+                grammar)  # fmt: skip
 
     def _decode(self, ids, is_prompt, cache, logits, positions, steps, ends, done, sampling,
                 stop_ids, bias=None, penalties=None):  # fmt: skip
@@ -280,7 +255,7 @@ class DecodeLoop:
             forced = tf.gather_nd(is_prompt, index)  # (B,)
             out = self.token_step(cache, logits, i, forced, tf.gather_nd(ids, index), done,
                                   sampling, stop_ids, bias, state or None)  # fmt: skip
-            token, stopped, logprob, best_ids, best_lps, spread, logits, cache, state = out
+            token, stopped, logprob, best_ids, best_lps, spread, logits, cache, state, _ = out
             ids = tf.tensor_scatter_nd_update(ids, index, token)
             if self.logprobs:
                 logprobs = tf.tensor_scatter_nd_update(logprobs, index, logprob)
@@ -295,132 +270,3 @@ class DecodeLoop:
         loop = (0, positions, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy,
                 tuple(penalties or ()))  # fmt: skip
         return tf.while_loop(cond, body, loop)
-
-
-@dataclass
-class Row:
-    """One sequence of a batch: its prompt and sampling settings (checked by the caller,
-    see `sampler.check_sampling`)."""
-
-    prompt: Sequence[int]
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    logit_bias: tuple = ()  # `(token, bias)` pairs (`sampler.check_logit_bias`)
-    penalties: pen.Penalties = pen.Penalties()  # presence, frequency, repetition
-
-
-class Decoder:
-    """Host side of the decode loop: lays out a batch of `Row`s, prefills, decodes in
-    steps of up to `chunk` positions (streaming, cancelling rows between steps).
-
-    Args:
-        model: a `CausalLM`.
-        jit_compile: compile the loop with XLA.
-        logprobs: report log-probabilities (see `DecodeLoop`).
-        vocab_limit: ids the tokenizer can decode (see `DecodeLoop`).
-    """
-
-    def __init__(self, model, jit_compile: bool = True, logprobs: bool = False, vocab_limit=None):
-        self.model = model
-        self.loop = DecodeLoop(model, jit_compile, logprobs, vocab_limit)
-
-    def start(self, rows: Sequence[Row], stop_ids: Sequence[int] = ()) -> DecodeState:
-        """Prefills `rows` (each `len(prompt) + max_new_tokens <= model.max_seq_len`)."""
-        n = len(rows)
-        batch = pad_batch(n)
-        ends = [len(r.prompt) + r.max_new_tokens for r in rows]
-        cache_len = cache_length(max(ends), self.model.max_seq_len)
-        ids = np.zeros((batch, cache_len), np.int32)
-        is_prompt = np.zeros((batch, cache_len), bool)
-        for i, r in enumerate(rows):
-            ids[i, : len(r.prompt)] = r.prompt
-            is_prompt[i, : len(r.prompt)] = True
-        start = min(len(r.prompt) for r in rows)  # prefilled; the rest forced in the loop
-        cache = self.model.init_cache(batch, cache_len)
-        logits, cache = self.loop.prefill(tf.constant(ids[:, :start]), cache, room=cache_len)
-        pad = batch - n
-        state = DecodeState(self, rows, stop_ids)
-        state.ids, state.is_prompt = tf.constant(ids), tf.constant(is_prompt)
-        state.cache, state.logits, state.position = cache, logits, start
-        vocab = self.model.vocab_size
-        biases = bias_matrix([r.logit_bias for r in rows], batch, vocab)
-        state.bias = None if biases is None else tf.constant(biases)
-        state.penalties = None
-        if any(r.penalties.active for r in rows):
-            settings = pen.settings_arrays([r.penalties for r in rows], batch)
-            counts, seen = pen.initial_state([r.prompt for r in rows], batch, vocab)
-            state.penalties = tuple(map(tf.constant, (*settings, counts, seen)))
-        state.ends = np.asarray(ends + [1] * pad, np.int32)
-        state.done = np.asarray([False] * n + [True] * pad)
-        state.sampling = (
-            tf.constant([r.temperature for r in rows] + [0.0] * pad, tf.float32),
-            tf.constant([r.top_k for r in rows] + [0] * pad, tf.int32),
-            tf.constant([r.top_p for r in rows] + [1.0] * pad, tf.float32),
-            tf.constant([r.seed for r in rows] + [0] * pad, tf.int32),
-        )
-        return state
-
-
-class DecodeState:
-    """The running decode of one batch (made by `Decoder.start`)."""
-
-    def __init__(self, decoder: Decoder, rows: Sequence[Row], stop_ids: Sequence[int]):
-        self.decoder = decoder
-        self.rows = list(rows)
-        self.stop_set = {int(t) for t in stop_ids}
-        self.stop_ids = tf.constant(sorted(self.stop_set) or [-1], tf.int32)
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.done.all())
-
-    def cancel(self, row: int) -> None:
-        """Stops decoding `row` (its client left, or it reached a stop string)."""
-        self.done[row] = True
-
-    def step(self, chunk: int | None = None) -> list[list[tuple[int, float, list, float]]]:
-        """Decodes up to `chunk` positions (None: to the end); returns each row's new
-        `(token, logprob, [(alt_token, alt_logprob), ...], entropy)` (a stop token is
-        included; logprob, alternatives and entropy only with `logprobs`)."""
-        before = self.position
-        was_done = self.done.copy()
-        last = int(self.ends.max())
-        stop = last if chunk is None else min(before + chunk, last)
-        out = self.decoder.loop.decode(
-            self.ids,
-            self.is_prompt,
-            self.cache,
-            self.logits,
-            tf.fill((len(self.done),), tf.constant(before, tf.int32)),  # rows share positions
-            tf.constant(stop - before, tf.int32),
-            tf.constant(self.ends),
-            tf.constant(self.done),
-            self.sampling,
-            self.stop_ids,
-            self.bias,
-            self.penalties,
-        )
-        steps, _, self.ids, self.cache, self.logits, done, logprobs, top_ids, top_lps = out[:9]
-        ent, self.penalties = out[9], out[10] or None
-        self.position = before + int(steps)
-        self.done = done.numpy().copy()
-        ids = self.ids.numpy()
-        logprobs, top_ids, top_lps = logprobs.numpy(), top_ids.numpy(), top_lps.numpy()
-        ent = ent.numpy()
-        new = []
-        for row, r in enumerate(self.rows):
-            tokens = []
-            if not was_done[row]:
-                first = max(before, len(r.prompt))
-                last_new = min(self.position, len(r.prompt) + r.max_new_tokens)
-                for i in range(first, last_new):
-                    alts = list(zip(top_ids[row, i].tolist(), top_lps[row, i].tolist()))
-                    token = int(ids[row, i])
-                    tokens.append((token, float(logprobs[row, i]), alts, float(ent[row, i])))
-                    if tokens[-1][0] in self.stop_set:
-                        break
-            new.append(tokens)
-        return new

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from deepseek_tf.errors import InputError
-from deepseek_tf.generation.decoding import Decoder, Row
+from deepseek_tf.generation.decoder import Decoder, Row
 from deepseek_tf.generation.penalties import Penalties, check_penalties
 from deepseek_tf.generation.sampler import (
     SEED_MODULUS,

@@ -224,3 +224,28 @@ def sample_tokens(logits, temperature, top_k, top_p, seeds, position):
         return tf.where(temperature > 0, sampled, greedy)
 
     return tf.cond(tf.reduce_any(temperature > 0), sample, lambda: greedy)
+
+
+def constrain(logits, grammar):
+    """`(B, V)` logits with what each row's automaton state forbids at -1e9 (as a
+    grammar's mask given as `bias` would be: allowed logits are untouched).
+
+    Args:
+        logits: `(B, V)`.
+        grammar: `(table (S, V) int32, dead (S,) bool, states (B,) int32)`: the next
+            state after each token, -1 where it is not allowed
+            (`serving.token_automaton.AutomatonBatch`).
+    """
+    table, _, states = grammar
+    allowed = tf.gather(table, states) >= 0  # (B, V)
+    return logits + tf.cast(tf.where(allowed, 0.0, -1e9), logits.dtype)
+
+
+def follow_grammar(grammar, token, moving):
+    """`(grammar, ended)`: each `moving` row's state advanced past its `token` `(B,)`,
+    and `(B,)` whether that row's new state lets no token follow (the document is
+    complete)."""
+    table, dead, states = grammar
+    after = tf.gather_nd(table, tf.stack([states, token], axis=1))  # (B,)
+    states = tf.where(tf.logical_and(moving, after >= 0), after, states)
+    return (table, dead, states), tf.logical_and(moving, tf.gather(dead, states))

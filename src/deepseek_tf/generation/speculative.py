@@ -32,7 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.errors import InputError
-from deepseek_tf.generation.decoding import CACHE_BUCKET, Row, pad_batch
+from deepseek_tf.generation.decoder import Row
+from deepseek_tf.generation.decoding import CACHE_BUCKET, pad_batch
 from deepseek_tf.generation.memory_bound import fits_in_cache, last_level_cache_bytes, weight_bytes
 from deepseek_tf.generation.speculative_loop import SpeculativeLoop
 

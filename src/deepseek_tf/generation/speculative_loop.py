@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from deepseek_tf.generation.decoding import (
-    prefill_chunks,
-    prepare_decoding,
-    xla_decode,
-    xla_prefill,
-)
+from deepseek_tf.generation.decoding import prefill_chunks, prepare_decoding
+from deepseek_tf.generation.memory_bound import xla_decode, xla_prefill
 from deepseek_tf.generation.sampler import limit_vocab, sample_tokens
 from deepseek_tf.generation.speculative_sampling import (
     DRAFT_NOISE,

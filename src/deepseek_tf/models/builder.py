@@ -185,7 +185,7 @@ def native_bfloat16(cpu_flags: set[str] | None = None, accelerators: int | None 
     the same weights: `benchmarks/decode_kernels.py`), so float32 weights decode faster.
     Where it is native, TensorFlow's own (oneDNN) kernels multiply bfloat16, while XLA's
     CPU backend still works in float32 copies: decoding a model too large for the CPU's
-    cache leaves XLA for it (`generation.decoding.xla_decode`).
+    cache leaves XLA for it (`generation.memory_bound.xla_decode`).
 
     Args:
         cpu_flags: the CPU's feature flags (None: read from /proc/cpuinfo; none there:

@@ -3,7 +3,7 @@
 HTTP handler threads `submit` a `Job` and read its `events` queue. The worker
 takes the first waiting job, waits up to `window_s` for more (at most
 `max_batch`), and decodes them as one batch through the one decode loop
-(`generation.decoding.Decoder`, the loop `deepseek-tf generate` runs), `chunk`
+(`generation.decoder.Decoder`, the loop `deepseek-tf generate` runs), `chunk`
 positions at a time. After every chunk it hands each job its new tokens: the
 job turns them into text, checks its stop strings, and the worker drops finished
 or abandoned jobs (a client that disconnected) from the batch. `max_batch=1` turns batching off.
@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 
-from deepseek_tf.generation.decoding import Decoder, Row
+from deepseek_tf.generation.decoder import Decoder, Row
 from deepseek_tf.generation.speculative import SpeculativeDecoder
 from deepseek_tf.serving.job import Job
 from deepseek_tf.serving.prefix_cache import PrefixCache

@@ -60,7 +60,7 @@ class Job:
         self.last_delivery: float | None = None  # when the scheduler last fed it tokens
         self.prompt_tokens = len(req.prompt_ids)
         self.cached_tokens = 0  # prompt tokens served from the prefix cache
-        self.constraint = None  # a `GrammarConstraint` under a schema (`serving.structured`)
+        self.constraint = None  # followed on the host (`structured.ReplyGrammar.host_constraint`)
         self._hold = max((len(s) for s in req.stop), default=1) - 1
 
     def put(self, event: tuple) -> None:
@@ -113,6 +113,20 @@ class Job:
         if self.finished:
             self.finished_at = time.perf_counter()
             self.put(("end", self.finish_reason))
+
+    def deliver(self, new, now: float, metrics) -> None:
+        """`feed(new)`, observed in the server's `metrics` (tokens, TTFT, inter-token gaps)."""
+        first, before = self.first_token_at is None, len(self.tokens)
+        self.feed(new)
+        produced = len(self.tokens) - before
+        metrics.generated_tokens.inc(len(new))
+        if first and self.first_token_at is not None:
+            metrics.ttft.observe(self.first_token_at - self.started)
+        elif produced:
+            gap = (now - (now if self.last_delivery is None else self.last_delivery)) / produced
+            for _ in range(produced):
+                metrics.inter_token.observe(gap)
+        self.last_delivery = now
 
     def finish(self, reason: str = "length") -> None:
         if not self.finished:

@@ -18,7 +18,7 @@ from deepseek_tf.generation.penalties import Penalties, check_penalties
 from deepseek_tf.generation.sampler import SamplingError, check_logit_bias, check_sampling
 from deepseek_tf.serving.api_errors import ApiError, bad
 from deepseek_tf.serving.messages import chat_messages
-from deepseek_tf.serving.structured import compile_reply_grammar, reply_schema
+from deepseek_tf.serving.structured import ReplyGrammar, compile_reply_grammar, reply_schema
 from deepseek_tf.serving.tool_calls import ToolError, ToolSet, tool_set
 
 MAX_STOP_STRINGS = 4
@@ -62,7 +62,7 @@ class GenRequest:
     raw_logit_bias: object = None  # as sent; checked against the vocabulary with the prompt
     schema: dict | None = None  # JSON Schema the reply is held to (`serving.structured`)
     schema_param: str = "response_format"  # the field the schema came from
-    grammar: str | None = None  # `schema` compiled for the tokenizer (`finalize_prompt`)
+    grammar: ReplyGrammar | None = None  # `schema` compiled for the tokenizer (`finalize_prompt`)
     adapter: int = 0  # the served LoRA adapter `model` names (0: the base model)
 
 

@@ -15,7 +15,9 @@ compiled steps update it in place: no copy of the cache per call). A worker thre
    `step_ms` (joining requests wait at most that long), at most `stream_interval`
    while a request streams (its client sees tokens that often: a compiled call has a
    fixed cost of about a millisecond, so one call per token would halve throughput),
-   and 1 while a request needs a decision per token (structured output: `serving.grammar`).
+   and 1 while a request needs a host decision per token (structured output under an
+   open schema: `serving.grammar`; a closed schema's automaton is followed in the loop,
+   `serving.token_automaton`).
    A call reads only the cache positions its rows can reach (`serving.slot_cache`: the
    smallest of its spans above every running row's last position);
 3. hand each job its new tokens (text, stop strings, limits, streaming); finished and
@@ -37,13 +39,13 @@ import tensorflow as tf
 from deepseek_tf.generation import penalties as pen
 from deepseek_tf.generation.decoding import DecodeLoop
 from deepseek_tf.generation.sampler import bias_matrix
-from deepseek_tf.serving.grammar import GrammarConstraint, GrammarVocab
 from deepseek_tf.serving.job import Job
 from deepseek_tf.serving.metrics import ServerMetrics
 from deepseek_tf.serving.prefiller import Prefiller, adapter_rows
 from deepseek_tf.serving.prefix_cache import PrefixCache
 from deepseek_tf.serving.protocol import GenRequest
 from deepseek_tf.serving.slot_cache import MAX_CHUNK, MIN_SPAN, SlotCache
+from deepseek_tf.serving.token_automaton import AutomatonBatch
 
 log = logging.getLogger("deepseek_tf.serving")
 WARM_SPANS = 4096  # spans up to this (and the whole cache) compile before `ready`
@@ -73,6 +75,8 @@ class ContinuousScheduler:
             by each request's `adapter` (None: the base alone).
         min_span: fewest cache positions a decode call attends over (see the module
             docstring; `max_len` or more: always the whole cache).
+        in_loop_grammar: follow closed schemas' token automata inside the decode loop
+            (False: on the host, one token per call -- the plain reference).
     """
 
     constrains = True  # structured output: one step per call while a row is constrained
@@ -81,7 +85,7 @@ class ContinuousScheduler:
                  max_batch: int = 16, step_ms: float = STEP_MS, stream_interval: int = 16,
                  prefix_cache_mb: float = 256, max_len: int | None = None,
                  jit_compile: bool = True, warm_up: bool = True, lora=None,
-                 min_span: int = MIN_SPAN):  # fmt: skip
+                 min_span: int = MIN_SPAN, in_loop_grammar: bool = True):  # fmt: skip
         self.model, self.tokenizer, self.lora = model, tokenizer, lora
         self.metrics = metrics or ServerMetrics("model")
         self.eos_id = None if tokenizer is None else tokenizer.eos_id
@@ -106,6 +110,8 @@ class ContinuousScheduler:
         self.no_bias = None if self.rows_cache.jit_compile else tf.zeros_like(self.bias)
         # repetition penalties (`generation.penalties`): settings per slot, state in variables
         self.penalty_settings = pen.settings_arrays([], b)
+        self.automata = AutomatonBatch(b, model.vocab_size)  # structured output's, per slot
+        self.in_loop_grammar = in_loop_grammar
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20), exact_only=self.rows_cache.stateful)
         self.prefiller = Prefiller(model, self.loop, self.rows_cache, self.prefix, lora)
         self.jobs: list[Job | None] = [None] * b
@@ -119,8 +125,8 @@ class ContinuousScheduler:
         self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._per_token_s = 0.002  # running estimate of one position's decode time
-        self.rows = 0  # statistics: rows admitted, rows abandoned by their client
-        self.abandoned = 0
+        self.rows = 0  # statistics: rows admitted, rows abandoned by their client, decode calls
+        self.abandoned = self.decode_calls = 0
 
     @property
     def cache(self):
@@ -272,8 +278,9 @@ class ContinuousScheduler:
             counts, seen = pen.initial_state([prompt], 1, self.model.vocab_size)
             self.rows_cache.reset_penalties(slot, counts, seen)
         if req.grammar is not None:  # compiled and checked when the request was read
-            vocab = GrammarVocab.for_tokenizer(self.tokenizer)
-            job.constraint = GrammarConstraint(vocab, req.grammar)
+            in_loop = self.in_loop_grammar and req.grammar.automaton is not None
+            self.automata.seat(slot, req.grammar.automaton if in_loop else None)
+            job.constraint = None if in_loop else req.grammar.host_constraint()
         self.rows += 1
 
     def _span(self, done, steps: int) -> int:
@@ -293,6 +300,9 @@ class ContinuousScheduler:
             extra["bias"] = self.no_bias
         if penalties:
             extra["penalties"] = tuple(map(tf.constant, self.penalty_settings))
+        if self.automata.active:
+            extra["grammar"] = self.automata.call_args()
+        self.decode_calls += 1
         with adapter_rows(self.lora, self.adapters):
             return self.rows_cache.advance(*args, **extra)
 
@@ -321,8 +331,10 @@ class ContinuousScheduler:
         penalised = any(j is not None and j.req.penalties.active for j in self.jobs)
         began = time.perf_counter()
         out = self._call(done, steps, bias, penalised)
-        ran, tokens, logprobs, top_ids, top_lps, entropy = (np.asarray(t) for t in out)
+        ran, tokens, logprobs, top_ids, top_lps, entropy, states = (np.asarray(t) for t in out)
         ran = int(ran)
+        if self.automata.active:
+            self.automata.update(states)
         if ran:
             seconds = time.perf_counter() - began
             self._per_token_s = 0.8 * self._per_token_s + 0.2 * seconds / ran
@@ -346,7 +358,7 @@ class ContinuousScheduler:
                 alts = [[]] * len(row)
             new = list(zip(row, lps, alts, ents))
             self.positions[slot] += len(new)
-            self._deliver(job, new, now)
+            job.deliver(new, now, self.metrics)
             if job.constraint is not None and new and not job.finished:
                 try:
                     job.constraint.advance(new[-1][0])
@@ -355,30 +367,18 @@ class ContinuousScheduler:
                     job.finish("stop")
                 if job.constraint.done and self.eos_id is None:
                     job.finish("stop")
+            if self.automata.dead(slot) and not job.finished:  # the document is complete
+                job.finish("stop")
             if job.finished or self.positions[slot] >= self.ends[slot]:
                 job.finish("length")
                 self._release(slot, store=True)
-
-    def _deliver(self, job: Job, new, now: float) -> None:
-        first = job.first_token_at is None
-        before = len(job.tokens)
-        job.feed(new)
-        produced = len(job.tokens) - before
-        self.metrics.generated_tokens.inc(len(new))
-        if first and job.first_token_at is not None:
-            self.metrics.ttft.observe(job.first_token_at - job.started)
-        elif produced:
-            last = now if job.last_delivery is None else job.last_delivery
-            gap = (now - last) / produced
-            for _ in range(produced):
-                self.metrics.inter_token.observe(gap)
-        job.last_delivery = now
 
     def _release(self, slot: int, store: bool) -> None:
         job = self.jobs[slot]
         self.jobs[slot] = None
         self.bias[slot], self.biased[slot] = 0.0, False
         self.adapters[slot] = 0
+        self.automata.seat(slot, None)
         for array, neutral in zip(self.penalty_settings, astuple(pen.Penalties())):
             array[slot] = neutral
         if job.finished:

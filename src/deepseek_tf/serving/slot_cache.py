@@ -57,7 +57,7 @@ class SlotCache:
         self._rows_of = tf.function(self._rows_of_fn, autograph=False)
 
     def advance(self, positions, done, ends, sampling, steps, span: int, bias=None,
-                penalties=None):  # fmt: skip
+                penalties=None, grammar=None):  # fmt: skip
         """The compiled decode call of `span` (see `_advance_fn`): one `tf.function` per
         span, so that each traces only for its own arguments."""
         program = self._programs.get(span)
@@ -66,7 +66,8 @@ class SlotCache:
             program = self._programs[span] = tf.function(
                 step, jit_compile=self.jit_compile, autograph=False
             )
-        return program(positions, done, ends, sampling, steps, bias=bias, penalties=penalties)
+        return program(positions, done, ends, sampling, steps, bias=bias, penalties=penalties,
+                       grammar=grammar)  # fmt: skip
 
     def traces(self) -> int:
         """Decode programs traced so far (every span's)."""
@@ -146,11 +147,13 @@ class SlotCache:
         return [tf.nest.map_structure(lambda t, i=i: t[i : i + 1], cache) for i in range(k)]
 
     def _advance_fn(self, positions, done, ends, sampling, steps, span: int, bias=None,
-                    penalties=None):  # fmt: skip
+                    penalties=None, grammar=None):  # fmt: skip
         """Up to `steps` positions of every row not `done` -> `(steps_run, tokens (B, K),
-        logprobs (B, K), top_ids (B, K, TOP), top_logprobs (B, K, TOP), entropies (B, K))`
-        with `K = MAX_CHUNK`; the cache's first `span` positions and the logits variables
-        (and, with the `penalties` settings, the penalty state) are updated in place."""
+        logprobs (B, K), top_ids (B, K, TOP), top_logprobs (B, K, TOP), entropies (B, K),
+        grammar states (B,))` with `K = MAX_CHUNK`; the cache's first `span` positions and
+        the logits variables (and, with the `penalties` settings, the penalty state) are
+        updated in place. `grammar`: the rows' token automata (`token_step`); without it
+        the states returned are zeros."""
         b = self.slots
         window = span < self.length  # a slice of the positional tensors, else all of them
         cache = tf.nest.map_structure(
@@ -166,25 +169,29 @@ class SlotCache:
                tf.zeros((b, MAX_CHUNK, TOP_LOGPROBS), tf.int32),
                tf.zeros((b, MAX_CHUNK, TOP_LOGPROBS)), tf.zeros((b, MAX_CHUNK)))  # fmt: skip
 
-        def body(j, positions, done, cache, logits, out, state):
+        tables = tuple(grammar[:2]) if grammar is not None else None  # (table, dead)
+        states = grammar[2] if grammar is not None else tf.zeros((b,), tf.int32)
+
+        def body(j, positions, done, cache, logits, out, state, states):
             zero = tf.zeros((b,), tf.int32)
+            rules = (*tables, states) if tables else None
             step = self.loop.token_step(cache, logits, positions, none, zero, done, sampling,
-                                        self.stop_ids, bias, state or None)  # fmt: skip
-            token, stopped, logprob, top_ids, top_lps, entropy, logits, cache, state = step
+                                        self.stop_ids, bias, state or None, rules)  # fmt: skip
+            token, stopped, logprob, top_ids, top_lps, entropy, logits, cache, state, rules = step
             column = tf.stack([tf.range(b), tf.fill((b,), j)], axis=1)  # (B, 2)
             values = (token, logprob, top_ids, top_lps, entropy)
             out = tuple(tf.tensor_scatter_nd_update(o, column, v) for o, v in zip(out, values))
             moving = tf.logical_not(done)
             done = tf.logical_or(done, tf.logical_or(stopped, positions + 1 >= ends))
             positions = tf.where(moving, tf.minimum(positions + 1, self.length - 1), positions)
-            return j + 1, positions, done, cache, logits, out, state or ()
+            states = rules[2] if rules else states
+            return j + 1, positions, done, cache, logits, out, state or (), states
 
         def cond(j, positions, done, *_):
             return tf.logical_and(j < steps, tf.logical_not(tf.reduce_all(done)))
 
-        j, _, _, cache, logits, out, state = tf.while_loop(
-            cond, body, (tf.constant(0), positions, done, cache, logits, out, state)
-        )
+        loop = (tf.constant(0), positions, done, cache, logits, out, state, states)
+        j, _, _, cache, logits, out, state, states = tf.while_loop(cond, body, loop)
         for var, value in zip(tf.nest.flatten(self.cache), tf.nest.flatten(cache)):
             if window and self._positional(var):
                 var[:, :span].assign(value)
@@ -194,4 +201,4 @@ class SlotCache:
         if state:
             self.counts.assign(state[3])
             self.seen.assign(state[4])
-        return (j, *out)
+        return (j, *out, states)

@@ -3,10 +3,14 @@ forced tool call, checked and compiled before the request is queued.
 
 `response_format`: `{"type": "text"}` (free), `{"type": "json_object"}` (any JSON object)
 or OpenAI's `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`. A
-schema the grammar engine refuses (`serving.grammar`) is a 400 that names it.
+schema the grammar engine refuses (`serving.grammar`) is a 400 that names it. A closed
+schema also gets a token automaton (`serving.token_automaton`) that the decode loop
+follows itself; the others are followed on the host, one token per decode call.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,6 +21,7 @@ from deepseek_tf.serving.grammar import (
     GrammarVocab,
     compile_schema,
 )
+from deepseek_tf.serving.token_automaton import TableConstraint, TokenAutomaton, build_automaton
 from deepseek_tf.serving.tool_calls import ToolSet, forced_schema
 
 ANY_OBJECT = {"type": "object"}
@@ -60,7 +65,30 @@ def reply_schema(response_format, tools: ToolSet | None) -> tuple[dict | None, s
     return forced_schema(tools), "tools"
 
 
-def compile_reply_grammar(schema: dict, tokenizer, param: str) -> str:
+@dataclass(frozen=True, eq=False)
+class ReplyGrammar:
+    """A reply's schema compiled for the tokenizer.
+
+    Attributes:
+        vocab: the tokenizer's `GrammarVocab`.
+        text: llguidance's grammar of the schema.
+        automaton: its `TokenAutomaton`, which the decode loop follows (None: the schema is
+            open or its table too large; the host follows `text`).
+    """
+
+    vocab: GrammarVocab
+    text: str
+    automaton: TokenAutomaton | None
+
+    def host_constraint(self):
+        """A constraint followed on the host, one token per decode call: the automaton's
+        when there is one (the in-loop path's plain reference), else llguidance's."""
+        if self.automaton is not None:
+            return TableConstraint(self.automaton)
+        return GrammarConstraint(self.vocab, self.text)
+
+
+def compile_reply_grammar(schema: dict, tokenizer, param: str) -> ReplyGrammar:
     """The compiled grammar of `schema` for `tokenizer`; a 400 naming `param` when the
     engine refuses the schema or the vocabulary cannot begin a reply under it."""
     if tokenizer is None:
@@ -73,4 +101,4 @@ def compile_reply_grammar(schema: dict, tokenizer, param: str) -> str:
     first = np.flatnonzero(GrammarConstraint(vocab, grammar).allowed())
     if not any(tokenizer.decode([int(t)]).strip() for t in first):  # whitespace alone
         raise bad(f"'{param}': this model's vocabulary cannot begin such a reply", param)
-    return grammar
+    return ReplyGrammar(vocab, grammar, build_automaton(schema, vocab))
