@@ -121,7 +121,7 @@ def test_every_document_an_automaton_writes_validates(name, tokenizer, vocab):
     char = CharTokenizer(sorted(set(json.dumps(schema) + ' {}[]:,"0123456789-truefalsn')))
     for tok, eos in ((tokenizer, tokenizer.eos_id), (char, None)):  # with an EOS, without one
         automaton = build_automaton(schema, GrammarVocab.for_tokenizer(tok))
-        assert automaton is not None and automaton.table.shape[1] == tok.vocab_size
+        assert automaton is not None and automaton.classes.shape == (tok.vocab_size,)
         documents = [_walk(automaton, rng, eos) for _ in range(40)]
         documents = [d for d in documents if d is not None]
         assert len(documents) >= 30  # most walks end
@@ -135,20 +135,24 @@ def test_open_schemas_have_no_automaton_and_refused_ones_never_reach_it(vocab):
 
 
 def test_the_table_is_outlines_cores_index(vocab):
+    """Along a walk, the tokens each state allows and where they lead are the index's,
+    with far fewer token classes than tokens."""
     schema = CLOSED["strings"]
     automaton = build_automaton(schema, vocab)
+    assert automaton.table.shape[1] < vocab.size / 4
     builder = _Builder.of(vocab)
     index = Index(build_regex_from_schema(json.dumps(exact_form(schema)), WHITESPACE),
                   builder.outlines)  # fmt: skip
     state, local, rng = index.get_initial_state(), 0, np.random.default_rng(3)
     for _ in range(12):
         expected = {t for t in index.get_allowed_tokens(state) if t < vocab.size}
-        assert set(np.flatnonzero(automaton.table[local] >= 0)) == expected
+        after = automaton.next_states(local)  # (V,)
+        assert set(np.flatnonzero(after >= 0)) == expected
         choices = sorted(expected - {vocab.eos_id})
         if not choices:
             break
         token = int(rng.choice(choices))
-        state, local = index.get_next_state(state, token), int(automaton.table[local, token])
+        state, local = index.get_next_state(state, token), int(after[token])
 
 
 def _run(scheduler, requests):

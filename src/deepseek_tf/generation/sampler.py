@@ -232,12 +232,14 @@ def constrain(logits, grammar):
 
     Args:
         logits: `(B, V)`.
-        grammar: `(table (S, V) int32, dead (S,) bool, states (B,) int32)`: the next
-            state after each token, -1 where it is not allowed
-            (`serving.token_automaton.AutomatonBatch`).
+        grammar: `(table (S, C), classes (A, V), dead (S,), which (B,), states (B,))`:
+            the state after a token of each class (-1: not allowed), each automaton's
+            token classes, the states nothing may leave, each row's automaton and state
+            (`serving.automaton_batch.AutomatonBatch`).
     """
-    table, _, states = grammar
-    allowed = tf.gather(table, states) >= 0  # (B, V)
+    table, classes, _, which, states = grammar
+    columns = tf.gather(classes, which)  # (B, V)
+    allowed = tf.gather(tf.gather(table, states), columns, batch_dims=1) >= 0  # (B, V)
     return logits + tf.cast(tf.where(allowed, 0.0, -1e9), logits.dtype)
 
 
@@ -245,7 +247,9 @@ def follow_grammar(grammar, token, moving):
     """`(grammar, ended)`: each `moving` row's state advanced past its `token` `(B,)`,
     and `(B,)` whether that row's new state lets no token follow (the document is
     complete)."""
-    table, dead, states = grammar
-    after = tf.gather_nd(table, tf.stack([states, token], axis=1))  # (B,)
+    table, classes, dead, which, states = grammar
+    column = tf.gather_nd(classes, tf.stack([which, token], axis=1))  # (B,)
+    after = tf.gather_nd(table, tf.stack([states, column], axis=1))  # (B,)
     states = tf.where(tf.logical_and(moving, after >= 0), after, states)
-    return (table, dead, states), tf.logical_and(moving, tf.gather(dead, states))
+    ended = tf.logical_and(moving, tf.gather(dead, states))
+    return (table, classes, dead, which, states), ended

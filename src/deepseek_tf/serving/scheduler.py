@@ -39,13 +39,13 @@ import tensorflow as tf
 from deepseek_tf.generation import penalties as pen
 from deepseek_tf.generation.decoding import DecodeLoop
 from deepseek_tf.generation.sampler import bias_matrix
+from deepseek_tf.serving.automaton_batch import AutomatonBatch
 from deepseek_tf.serving.job import Job
 from deepseek_tf.serving.metrics import ServerMetrics
 from deepseek_tf.serving.prefiller import Prefiller, adapter_rows
 from deepseek_tf.serving.prefix_cache import PrefixCache
 from deepseek_tf.serving.protocol import GenRequest
 from deepseek_tf.serving.slot_cache import MAX_CHUNK, MIN_SPAN, SlotCache
-from deepseek_tf.serving.token_automaton import AutomatonBatch
 
 log = logging.getLogger("deepseek_tf.serving")
 WARM_SPANS = 4096  # spans up to this (and the whole cache) compile before `ready`

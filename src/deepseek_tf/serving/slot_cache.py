@@ -169,8 +169,8 @@ class SlotCache:
                tf.zeros((b, MAX_CHUNK, TOP_LOGPROBS), tf.int32),
                tf.zeros((b, MAX_CHUNK, TOP_LOGPROBS)), tf.zeros((b, MAX_CHUNK)))  # fmt: skip
 
-        tables = tuple(grammar[:2]) if grammar is not None else None  # (table, dead)
-        states = grammar[2] if grammar is not None else tf.zeros((b,), tf.int32)
+        tables = tuple(grammar[:4]) if grammar is not None else None  # all but the states
+        states = grammar[4] if grammar is not None else tf.zeros((b,), tf.int32)
 
         def body(j, positions, done, cache, logits, out, state, states):
             zero = tf.zeros((b,), tf.int32)
@@ -184,7 +184,7 @@ class SlotCache:
             moving = tf.logical_not(done)
             done = tf.logical_or(done, tf.logical_or(stopped, positions + 1 >= ends))
             positions = tf.where(moving, tf.minimum(positions + 1, self.length - 1), positions)
-            states = rules[2] if rules else states
+            states = rules[4] if rules else states
             return j + 1, positions, done, cache, logits, out, state or (), states
 
         def cond(j, positions, done, *_):

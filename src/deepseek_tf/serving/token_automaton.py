@@ -2,11 +2,13 @@
 
 `serving.grammar` (llguidance) answers a row's mask on the host, one token at a time, so
 while such a row runs every decode call is one step. For a *closed* schema -- one that
-never admits an arbitrary JSON value -- this module builds the schema's token-level
-automaton up front instead: one dense table `next[state, token]` (-1: the token is not
-allowed), which the decode loop reads every step (`generation.sampler.constrain` and
-`follow_grammar`). The mask and the state change stay inside the compiled loop, so
-constrained rows decode as many steps per call as free ones.
+never admits an arbitrary JSON value and uses only keywords outlines-core holds exactly
+(`exact_form`) -- this module builds the schema's token-level
+automaton up front instead: one table `next[state, class of token]` (-1: not allowed),
+which the decode loop reads every step (`generation.sampler.constrain` and
+`follow_grammar`; a batch's automata together: `serving.automaton_batch`). The mask and
+the state change stay inside the compiled loop, so constrained rows decode as many steps
+per call as free ones.
 
 The automaton comes from outlines-core (the engine of `outlines`: Rust, no framework
 dependency): the schema's regular expression over the tokenizer's token bytes, as
@@ -30,13 +32,12 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
 from outlines_core import Index, Vocabulary
 from outlines_core.json_schema import build_regex_from_schema
 
 from deepseek_tf.serving.grammar import WHITESPACE, GrammarVocab
 
-MAX_TABLE_CELLS = 1 << 24  # states x vocabulary of one automaton: 64 MiB of int32
+MAX_TABLE_CELLS = 1 << 22  # states x token classes of one automaton: 16 MiB of int32
 CACHED_PER_VOCAB = 64  # automata kept per tokenizer, by schema
 MAX_ENUM_RANGE = 256  # a bounded integer with at most this many values becomes an enum
 # What outlines-core holds exactly (tests/serving/test_token_automaton.py walks each):
@@ -112,18 +113,29 @@ def exact_form(schema):
 class TokenAutomaton:
     """A schema's documents as token transitions (state 0 is the start).
 
+    Tokens that every state treats alike share a class (a JSON schema over DeepSeek's
+    129k-token vocabulary has a few hundred classes: the structural tokens, and "any
+    token allowed inside a string"), so the table is states x classes, not x vocabulary.
+
     Attributes:
-        table: `(S, V)` int32: the state after each token, -1 where it is not allowed.
+        table: `(S, C)` int32: the state after a token of each class, -1 where it is not
+            allowed (class 0: tokens never allowed).
+        classes: `(V,)` int32: each token's class.
         dead: `(S,)` bool: states no token may leave (the document is complete; a
             vocabulary with an EOS allows it in every complete state instead).
     """
 
     table: np.ndarray
+    classes: np.ndarray
     dead: np.ndarray
 
     @property
     def states(self) -> int:
         return self.table.shape[0]
+
+    def next_states(self, state: int) -> np.ndarray:
+        """`(V,)` int32: the state after each token from `state`, -1 where not allowed."""
+        return self.table[state][self.classes]
 
 
 def _outlines_vocabulary(vocab: GrammarVocab) -> tuple[Vocabulary, int]:
@@ -143,18 +155,23 @@ def _table(index: Index, vocab: GrammarVocab, eos: int) -> TokenAutomaton:
     edges = index.get_transitions()  # {state: {token: state}}
     start = index.get_initial_state()
     reached = {s for out in edges.values() for s in out.values()} | set(edges) | {start}
-    order = [start, *sorted(reached - {start})]
-    number = {s: i for i, s in enumerate(order)}
-    table = np.full((len(order), vocab.size), -1, np.int32)
+    number = {s: i for i, s in enumerate([start, *sorted(reached - {start})])}
+    moves: dict[int, dict[int, int]] = {}  # token -> {state: next state}
     for state, out in edges.items():
-        row = table[number[state]]
         for token, after in out.items():
             if token < vocab.size:
-                row[token] = number[after]
-    for state in index.get_final_states():
-        if state in number and eos < vocab.size:
-            table[number[state], eos] = number[state]  # EOS ends the row (a stop id)
-    return TokenAutomaton(table, (table < 0).all(axis=1))
+                moves.setdefault(token, {})[number[state]] = number[after]
+    if eos < vocab.size:  # EOS ends the row (a stop id) from each complete state
+        moves[eos] = {number[s]: number[s] for s in index.get_final_states() if s in number}
+    columns: dict[tuple, int] = {(): 0}
+    classes = np.zeros(vocab.size, np.int32)
+    for token, move in moves.items():
+        classes[token] = columns.setdefault(tuple(sorted(move.items())), len(columns))
+    table = np.full((len(number), len(columns)), -1, np.int32)
+    for column, c in columns.items():
+        for state, after in column:
+            table[state, c] = after
+    return TokenAutomaton(table, classes, (table < 0).all(axis=1))
 
 
 class _Builder:
@@ -188,10 +205,10 @@ class _Builder:
                 index = Index(regex, self.outlines)
             except (ValueError, TypeError, RuntimeError):  # a schema outlines cannot hold
                 index = None
-            if index is not None and len(index.get_transitions()) * self.vocab.size <= (
-                MAX_TABLE_CELLS
-            ):
+            if index is not None:
                 automaton = _table(index, self.vocab, self.eos)
+                if automaton.table.size > MAX_TABLE_CELLS:
+                    automaton = None
         with self._lock:
             if len(self.built) >= CACHED_PER_VOCAB:
                 self.built.pop(next(iter(self.built)))
@@ -213,10 +230,10 @@ class TableConstraint:
         self.automaton, self.state = automaton, 0
 
     def allowed(self) -> np.ndarray:
-        return self.automaton.table[self.state] >= 0
+        return self.automaton.next_states(self.state) >= 0
 
     def advance(self, token_id: int) -> None:
-        after = int(self.automaton.table[self.state, int(token_id)])
+        after = int(self.automaton.next_states(self.state)[int(token_id)])
         if after < 0:
             raise ValueError(f"token {token_id} leaves the automaton in state {self.state}")
         self.state = after
@@ -224,74 +241,3 @@ class TableConstraint:
     @property
     def done(self) -> bool:
         return bool(self.automaton.dead[self.state])
-
-
-class AutomatonBatch:
-    """The automata of a batch's rows as one table for the decode call.
-
-    State 0 is a free row's (every token allowed, staying in 0); each distinct automaton's
-    states follow at an offset. A row keeps its own automaton's state between calls; the
-    table is rebuilt when the set of automata changes, its rows padded to a power of two
-    (a new size is a new compiled program).
-
-    Args:
-        slots: rows in the batch.
-        width: the model's vocabulary (ids past the tokenizer's are never allowed).
-
-    Examples:
-        batch = AutomatonBatch(slots=16, width=model.vocab_size)
-        batch.seat(3, automaton)
-        table, dead, states = batch.call_args()  # into `SlotCache.advance(grammar=...)`
-        batch.update(states_after)  # what the call returned
-    """
-
-    MIN_STATES = 64
-
-    def __init__(self, slots: int, width: int):
-        self.width = width
-        self.rows: list[TokenAutomaton | None] = [None] * slots
-        self.local = np.zeros(slots, np.int32)
-        self._members: tuple = ()
-        self._offsets: dict[int, int] = {}
-        self._tensors = None
-
-    def seat(self, slot: int, automaton: TokenAutomaton | None) -> None:
-        self.rows[slot], self.local[slot] = automaton, 0
-
-    @property
-    def active(self) -> bool:
-        return any(a is not None for a in self.rows)
-
-    def dead(self, slot: int) -> bool:
-        """Whether the row's document is complete with nothing allowed after it."""
-        automaton = self.rows[slot]
-        return automaton is not None and bool(automaton.dead[self.local[slot]])
-
-    def _build(self, members: tuple) -> None:
-        size = 1 + sum(a.states for a in members)
-        size = max(self.MIN_STATES, 1 << (size - 1).bit_length())
-        table = np.full((size, self.width), -1, np.int32)
-        table[0] = 0
-        dead = np.zeros(size, bool)
-        offset, self._offsets = 1, {}
-        for a in members:
-            rows, vocab = a.table.shape
-            table[offset : offset + rows, :vocab] = np.where(a.table >= 0, a.table + offset, -1)
-            dead[offset : offset + rows] = a.dead
-            self._offsets[id(a)], offset = offset, offset + rows
-        self._members, self._tensors = members, (tf.constant(table), tf.constant(dead))
-
-    def call_args(self):
-        """`(table (S, V) int32, dead (S,) bool, states (B,) int32)` for the call."""
-        members = tuple({id(a): a for a in self.rows if a is not None}.values())
-        if tuple(map(id, members)) != tuple(map(id, self._members)):
-            self._build(members)
-        states = [0 if a is None else self._offsets[id(a)] + int(s)
-                  for a, s in zip(self.rows, self.local)]  # fmt: skip
-        return (*self._tensors, tf.constant(states, tf.int32))
-
-    def update(self, states) -> None:
-        """Takes each row's state after a call (`(B,)` in the call's numbering)."""
-        for slot, automaton in enumerate(self.rows):
-            if automaton is not None:
-                self.local[slot] = int(states[slot]) - self._offsets[id(automaton)]
