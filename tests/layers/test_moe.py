@@ -165,6 +165,26 @@ def test_dispatch_plan_rows_are_exact_and_bounded():
     assert auto_tile_size(2048 * 6, 64) == 64
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_inactive_rows_are_not_routed(jit):
+    """A decoding server's idle slots (`active` False): the active rows' output is the
+    unmasked layer's, the idle rows' routed part is zero, and outside XLA the dispatch
+    lays out only the active rows' tiles (no weights gathered for the idle)."""
+    x = np.random.RandomState(3).randn(6, 1, D).astype("float32")  # (B, T=1, d): decoding
+    layer = _moe(dispatch="sparse", tile_size=1, n_shared_experts=0)
+    active = np.array([True, False, True, False, False, True])
+    call = tf.function(lambda x, a: layer(x, active=a)["x"], jit_compile=jit)
+    full = np.asarray(layer(tf.constant(x))["x"])
+    masked = np.asarray(call(tf.constant(x), tf.constant(active)))
+    np.testing.assert_allclose(masked[active], full[active], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(masked[~active], 0.0)
+    idx = np.asarray(layer.gate(tf.constant(x[:, 0]))[0])  # (B, k)
+    plan = dispatch_plan(tf.constant(idx), layer.n_routed_experts, 1, used_only=True,
+                         valid=tf.constant(active))  # fmt: skip
+    assert int(plan["n_tiles"]) == idx[active].size  # tiles of 1 row: the active assignments
+    assert (np.asarray(plan["dest"])[~active] == int(plan["n_tiles"])).all()
+
+
 def _hf_moe(config_kwargs, rng):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")

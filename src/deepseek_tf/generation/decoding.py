@@ -210,7 +210,9 @@ class DecodeLoop:
         if grammar is not None:
             grammar, ended = follow_grammar(grammar, token, tf.logical_not(forced | done))
             stopped = tf.logical_or(stopped, ended)
-        step_logits, cache = self.model.call_with_cache(token[:, None], cache, positions)
+        step_logits, cache = self.model.call_with_cache(
+            token[:, None], cache, positions, active=tf.logical_not(done)
+        )
         logits = self._limit(step_logits[:, -1, :])
         return (token, stopped, logprob, top_ids, top_lps, entropy, logits, cache, penalties,
                 grammar)  # fmt: skip

@@ -234,7 +234,9 @@ class DecoderBlock(keras.layers.Layer):
             cache["conv"] = self.conv.init_state(batch_size)
         return cache
 
-    def call(self, x, cache=None, cache_index=None, training=None, return_hidden=False):
+    def call(self, x, cache=None, cache_index=None, training=None, return_hidden=False,
+             active=None):  # fmt: skip
+        """`active`: optional `(B,)` bool rows whose tokens matter (`DeepSeekMoE.call`)."""
         h = self.attn_norm(x)
         new_cache = None
         if cache is None:
@@ -251,7 +253,9 @@ class DecoderBlock(keras.layers.Layer):
         x = x + self.drop(mixed, training=training)
         out = {}
         if self.moe_config:
-            moe_out = self.ffn(self.ffn_norm(x), training=training, return_hidden=True)
+            moe_out = self.ffn(
+                self.ffn_norm(x), training=training, return_hidden=True, active=active
+            )
             ffn_out, hidden = moe_out["x"], moe_out["hidden"]
             out.update(aux_loss=moe_out["aux_loss"], expert_load=moe_out["expert_load"])
         else:

@@ -244,14 +244,23 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
             self.shared_experts.build(input_shape)
         self.build_expert_stacks()
 
-    def call(self, x, training=None, return_hidden=False):
+    def call(self, x, training=None, return_hidden=False, active=None):
+        """`active`: optional `(B,)` bool, the rows whose tokens matter (a decoding
+        server's busy slots): the tiled dispatch routes only theirs, and the others'
+        routed output is zeros."""
         lead_shape = ops.shape(x)[:-1]
         tokens = ops.reshape(x, (-1, self.d_model))  # (N, d)
         topk_idx, topk_weight, scores = self.gate(tokens)  # (N, k), (N, k), (N, E)
-        routed_fn = self._sparse if self.dispatch == "sparse" else self._dense
         if self.experts_sharded and in_replicas():
-            routed_fn = self._expert_parallel
-        routed, routed_hidden = routed_fn(tokens, topk_idx, topk_weight, return_hidden)
+            routed = self._expert_parallel(tokens, topk_idx, topk_weight, return_hidden)
+        elif self.dispatch == "sparse":
+            valid = None
+            if active is not None:  # (B,) -> (N,): every position of a row
+                valid = ops.reshape(tf.broadcast_to(active[:, None], lead_shape), (-1,))
+            routed = self._sparse(tokens, topk_idx, topk_weight, return_hidden, valid)
+        else:
+            routed = self._dense(tokens, topk_idx, topk_weight, return_hidden)
+        routed, routed_hidden = routed
         out = ops.reshape(routed, ops.shape(x))  # (B, T, d)
 
         hidden = None
@@ -310,9 +319,10 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         )  # (N, d), (N, k, h) or None
         return ops.cast(out, self.compute_dtype), hidden
 
-    def _sparse(self, tokens, topk_idx, topk_weight, return_hidden):
+    def _sparse(self, tokens, topk_idx, topk_weight, return_hidden, valid=None):
         """Exact top-k dispatch: expert-major capacity rounds for many tokens (training,
-        prefill), expert-sorted row tiles for few (decoding) or an unknown count."""
+        prefill), expert-sorted row tiles for few (decoding) or an unknown count; only
+        the `valid` tokens' (`(N,)` bool, None: all) in tiles."""
         n, k = dim(tokens, 0), self.num_experts_per_tok
         if isinstance(n, int) and n * k >= CAPACITY_MIN_LOAD * self.n_routed_experts:
             per_slot, hidden = capacity_dispatch(
@@ -330,7 +340,9 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
             return ops.cast(out, self.compute_dtype), hidden
         tile = self.tile_size or auto_tile_size(n * k, self.n_routed_experts)
         # outside XLA, only the tiles the assignments use (see `dispatch_plan`)
-        plan = dispatch_plan(topk_idx, self.n_routed_experts, tile, used_only=not in_xla())
+        plan = dispatch_plan(
+            topk_idx, self.n_routed_experts, tile, used_only=not in_xla(), valid=valid
+        )
         padded = ops.concatenate(
             [tokens, ops.zeros((1, self.d_model), tokens.dtype)], axis=0
         )  # (N + 1, d): row N is the padding row
@@ -343,11 +355,15 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         hidden = ops.silu(ops.matmul(rows, w_gate)) * ops.matmul(rows, w_up)  # (n_tiles, tile, h)
         rows_out = ops.matmul(hidden, w_down)  # (n_tiles, tile, d)
         rows_out = ops.reshape(rows_out, (-1, self.d_model))  # (R, d)
+        if valid is not None:  # row R: what tokens not routed read
+            rows_out = ops.concatenate([rows_out, ops.zeros_like(rows_out[:1])], axis=0)
         per_slot = tf.gather(rows_out, plan["dest"])  # (N, k, d)
         out = ops.einsum("nkd,nk->nd", ops.cast(per_slot, "float32"), topk_weight)  # (N, d)
         chosen_hidden = None
         if return_hidden:
             hidden = ops.reshape(hidden, (-1, self.moe_hidden_dim))  # (R, h)
+            if valid is not None:
+                hidden = ops.concatenate([hidden, ops.zeros_like(hidden[:1])], axis=0)
             chosen_hidden = tf.gather(hidden, plan["dest"])  # (N, k, h)
         return ops.cast(out, self.compute_dtype), chosen_hidden
 

@@ -50,7 +50,7 @@ def auto_tile_size(n_assignments, n_experts: int) -> int:
     return int(min(MAX_AUTO_TILE, 2 ** round(math.log2(target))))
 
 
-def dispatch_plan(topk_idx, n_experts: int, tile: int, used_only: bool = False):
+def dispatch_plan(topk_idx, n_experts: int, tile: int, used_only: bool = False, valid=None):
     """Static-shape layout of the `(token, slot)` assignments in expert-sorted row tiles.
 
     Rows are grouped by expert (in token order within an expert) and every
@@ -69,16 +69,21 @@ def dispatch_plan(topk_idx, n_experts: int, tile: int, used_only: bool = False):
             time, not XLA-compatible); otherwise the static bound, whose unused tiles
             each still gather an expert's weights (a server's 16 decoding slots: 72
             tiles for 96 assignments).
+        valid: optional `(N,)` bool: tokens to route; the others take no row (their
+            `dest` is `R`, past the last row), so with `used_only` a server's idle
+            slots gather no expert's weights.
 
     Returns:
         A dict: `"row_token"` `(R,)` int32 token of each row (`N` for padding
-        rows), `"dest"` `(N, k)` int32 row of each assignment,
+        rows), `"dest"` `(N, k)` int32 row of each assignment (`R`: not routed),
         `"tile_expert"` `(n_tiles,)` int32 expert of each tile and
         `"n_tiles"` (a scalar tensor with `used_only`); `R = n_tiles * tile`.
     """
     n, k = dim(topk_idx, 0), topk_idx.shape[1]
     a = n * k
     routed = ops.sum(ops.one_hot(topk_idx, n_experts, dtype="int32"), axis=1)  # (N, E) 0/1
+    if valid is not None:
+        routed = routed * ops.cast(valid, "int32")[:, None]
     before = tf.cumsum(routed, axis=0, exclusive=True)  # (N, E) earlier tokens per expert
     counts = ops.sum(routed, axis=0)  # (E,)
     tiles_per_expert = (counts + tile - 1) // tile  # (E,)
@@ -90,9 +95,11 @@ def dispatch_plan(topk_idx, n_experts: int, tile: int, used_only: bool = False):
     m = min(n_experts, a) if isinstance(a, int) else tf.minimum(n_experts, a)
     n_tiles = tile_end[-1] if used_only else (a + m * (tile - 1)) // tile
     token = tf.repeat(tf.range(n, dtype=dest.dtype), k)  # (A,) token of each assignment
+    if valid is not None:  # the others write (and later read) row R, one past the last
+        dest = tf.where(valid[:, None], dest, n_tiles * tile)
     row_token = tf.tensor_scatter_nd_update(
-        tf.fill([n_tiles * tile], tf.cast(n, dest.dtype)), ops.reshape(dest, (-1, 1)), token
-    )  # (R,)
+        tf.fill([n_tiles * tile + 1], tf.cast(n, dest.dtype)), ops.reshape(dest, (-1, 1)), token
+    )[:-1]  # (R,)
     tiles = tf.range(n_tiles, dtype=dest.dtype)  # (n_tiles,)
     tile_expert = ops.sum(
         ops.cast(tile_end[None, :] <= tiles[:, None], "int32"), axis=1

@@ -374,7 +374,8 @@ class CausalLM(ModelStructure, keras.Model):
         max_len = self.max_seq_len if max_len is None else max_len
         return [block.init_cache(batch_size, max_len) for block in self.blocks]
 
-    def call_with_cache(self, token_ids, cache, cache_index, return_hidden=False, logits_at=None):
+    def call_with_cache(self, token_ids, cache, cache_index, return_hidden=False, logits_at=None,
+                        active=None):  # fmt: skip
         """Runs `token_ids` at positions `cache_index...`; returns `(logits, new_cache)`, or
         with `return_hidden` `(logits, new_cache, extras)`: `extras["hidden"]` the final
         state after the final norm `(B, T, C)` (what MTP depth 1 reads), `"block_inputs"`
@@ -383,12 +384,13 @@ class CausalLM(ModelStructure, keras.Model):
         `logits` are `(B, T, V)`, or with `logits_at` (a scalar index into `T`, or `(B,)`:
         one per row) that position's `(B, 1, V)`: a prompt's prefill needs only its last
         position, and the head over every position was the largest product of a long
-        prefill (T x V)."""
+        prefill (T x V). `active`: optional `(B,)` bool, the rows whose tokens matter (MoE
+        layers route only theirs: `DeepSeekMoE.call`)."""
         x = self.embed(token_ids, training=False)
         new_cache, inputs = [], []
         for block, layer_cache in zip(self.blocks, cache):
             inputs.append(x)
-            out = block(x, cache=layer_cache, cache_index=cache_index)
+            out = block(x, cache=layer_cache, cache_index=cache_index, active=active)
             x = out["x"]
             new_cache.append(out["cache"])
         at = x if logits_at is None else _positions(x, logits_at)  # (B, T or 1, C)
