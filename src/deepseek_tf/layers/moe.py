@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from deepseek_tf.layers import expert_quant
+from deepseek_tf.layers import expert_quant, moe_tiles
 from deepseek_tf.layers.expert_parallel import expert_parallel_dispatch
 from deepseek_tf.layers.expert_shards import in_replicas
 from deepseek_tf.layers.expert_stacks import ExpertStacks
@@ -245,24 +245,16 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         self.build_expert_stacks()
 
     def call(self, x, training=None, return_hidden=False, active=None):
-        """`active`: optional `(B,)` bool, the rows whose tokens matter (a decoding
-        server's busy slots): the tiled dispatch routes only theirs, and the others'
-        routed output is zeros."""
+        """`active`: optional `(B,)` bool rows to route (others' routed output: zeros)."""
         lead_shape = ops.shape(x)[:-1]
         tokens = ops.reshape(x, (-1, self.d_model))  # (N, d)
         topk_idx, topk_weight, scores = self.gate(tokens)  # (N, k), (N, k), (N, E)
+        routed_fn = self._sparse if self.dispatch == "sparse" else self._dense
         if self.experts_sharded and in_replicas():
-            routed = self._expert_parallel(tokens, topk_idx, topk_weight, return_hidden)
-        elif self.dispatch == "sparse":
-            valid = None
-            if active is not None:  # (B,) -> (N,): every position of a row
-                valid = ops.reshape(tf.broadcast_to(active[:, None], lead_shape), (-1,))
-            routed = self._sparse(tokens, topk_idx, topk_weight, return_hidden, valid)
-        else:
-            routed = self._dense(tokens, topk_idx, topk_weight, return_hidden)
-        routed, routed_hidden = routed
+            routed_fn = self._expert_parallel
+        valid = None if active is None else moe_tiles.token_rows(active, lead_shape)  # (N,)
+        routed, routed_hidden = routed_fn(tokens, topk_idx, topk_weight, return_hidden, valid)
         out = ops.reshape(routed, ops.shape(x))  # (B, T, d)
-
         hidden = None
         if self.shared_experts is not None:
             shared, hidden = self.shared_experts(x, return_hidden=True)
@@ -283,7 +275,7 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
             result["hidden"] = hidden
         return result
 
-    def _dense(self, tokens, topk_idx, topk_weight, return_hidden):
+    def _dense(self, tokens, topk_idx, topk_weight, return_hidden, valid=None):
         """Reference: every expert on every token, combined by a dense `(N, E)` gate."""
         combine = ops.einsum(
             "nk,nke->ne", topk_weight, ops.one_hot(topk_idx, self.n_routed_experts)
@@ -302,7 +294,7 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
             chosen_hidden = tf.gather(hidden, topk_idx, batch_dims=1)  # (N, k, h)
         return ops.cast(out, self.compute_dtype), chosen_hidden
 
-    def _expert_parallel(self, tokens, topk_idx, topk_weight, return_hidden):
+    def _expert_parallel(self, tokens, topk_idx, topk_weight, return_hidden, valid=None):
         """This replica's experts for every replica's tokens (`expert_parallel_dispatch`)."""
         stacks = (
             ops.cast(tf.identity(self.expert_stack(name)), tokens.dtype)  # (E/N, in, out)
@@ -321,8 +313,7 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
 
     def _sparse(self, tokens, topk_idx, topk_weight, return_hidden, valid=None):
         """Exact top-k dispatch: expert-major capacity rounds for many tokens (training,
-        prefill), expert-sorted row tiles for few (decoding) or an unknown count; only
-        the `valid` tokens' (`(N,)` bool, None: all) in tiles."""
+        prefill), expert-sorted row tiles of the `valid` ones for few or an unknown count."""
         n, k = dim(tokens, 0), self.num_experts_per_tok
         if isinstance(n, int) and n * k >= CAPACITY_MIN_LOAD * self.n_routed_experts:
             per_slot, hidden = capacity_dispatch(
@@ -340,9 +331,7 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
             return ops.cast(out, self.compute_dtype), hidden
         tile = self.tile_size or auto_tile_size(n * k, self.n_routed_experts)
         # outside XLA, only the tiles the assignments use (see `dispatch_plan`)
-        plan = dispatch_plan(
-            topk_idx, self.n_routed_experts, tile, used_only=not in_xla(), valid=valid
-        )
+        plan = dispatch_plan(topk_idx, self.n_routed_experts, tile, not in_xla(), valid)
         padded = ops.concatenate(
             [tokens, ops.zeros((1, self.d_model), tokens.dtype)], axis=0
         )  # (N + 1, d): row N is the padding row
@@ -355,16 +344,12 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         hidden = ops.silu(ops.matmul(rows, w_gate)) * ops.matmul(rows, w_up)  # (n_tiles, tile, h)
         rows_out = ops.matmul(hidden, w_down)  # (n_tiles, tile, d)
         rows_out = ops.reshape(rows_out, (-1, self.d_model))  # (R, d)
-        if valid is not None:  # row R: what tokens not routed read
-            rows_out = ops.concatenate([rows_out, ops.zeros_like(rows_out[:1])], axis=0)
-        per_slot = tf.gather(rows_out, plan["dest"])  # (N, k, d)
+        per_slot = moe_tiles.gather_rows(rows_out, plan["dest"])  # (N, k, d)
         out = ops.einsum("nkd,nk->nd", ops.cast(per_slot, "float32"), topk_weight)  # (N, d)
         chosen_hidden = None
         if return_hidden:
             hidden = ops.reshape(hidden, (-1, self.moe_hidden_dim))  # (R, h)
-            if valid is not None:
-                hidden = ops.concatenate([hidden, ops.zeros_like(hidden[:1])], axis=0)
-            chosen_hidden = tf.gather(hidden, plan["dest"])  # (N, k, h)
+            chosen_hidden = moe_tiles.gather_rows(hidden, plan["dest"])  # (N, k, h)
         return ops.cast(out, self.compute_dtype), chosen_hidden
 
     def _seq_aux_loss(self, x, topk_idx, scores):

@@ -106,3 +106,14 @@ def dispatch_plan(topk_idx, n_experts: int, tile: int, used_only: bool = False, 
     )  # (n_tiles,) experts wholly before each tile
     tile_expert = ops.minimum(tile_expert, n_experts - 1)  # unused tiles: any expert
     return {"row_token": row_token, "dest": dest, "tile_expert": tile_expert, "n_tiles": n_tiles}
+
+
+def token_rows(active, lead_shape):
+    """`(B,)` bool rows -> `(N,)` bool tokens of `(B, T)` positions flattened."""
+    return ops.reshape(tf.broadcast_to(active[:, None], lead_shape), (-1,))
+
+
+def gather_rows(rows, index):
+    """`rows[index]` of `(R, ...)` rows, zeros where `index` is `R` (a token not routed:
+    `dispatch_plan`'s `valid`)."""
+    return tf.gather(ops.concatenate([rows, ops.zeros_like(rows[:1])], axis=0), index)
