@@ -134,6 +134,17 @@ def test_open_schemas_have_no_automaton_and_refused_ones_never_reach_it(vocab):
         assert build_automaton(schema, vocab) is None
 
 
+def test_a_schema_too_large_to_build_stays_on_host_masks(vocab, monkeypatch):
+    """States x vocabulary past `MAX_WALKS` (the build's cost): no automaton."""
+    from deepseek_tf.serving import token_automaton
+
+    long = obj(s={"type": "string", "maxLength": 40})  # ~40 states
+    monkeypatch.setattr(token_automaton, "MAX_WALKS", 10 * vocab.size)
+    assert build_automaton(long, vocab) is None
+    monkeypatch.setattr(token_automaton, "MAX_WALKS", 1000 * vocab.size)
+    assert build_automaton({**long, "title": "uncached"}, vocab) is not None
+
+
 def test_the_table_is_outlines_cores_index(vocab):
     """Along a walk, the tokens each state allows and where they lead are the index's,
     with far fewer token classes than tokens."""
@@ -168,7 +179,9 @@ def _run(scheduler, requests):
 def test_in_loop_automata_give_the_host_references_tokens(tiny_config, tokenizer):
     """Two closed schemas and a free row, then JSON mode (llguidance, host masks) beside a
     closed schema, greedy and sampled: the same tokens with the automata followed in the
-    decode loop as on the host; without JSON mode, several steps per call in the loop."""
+    decode loop as on the host; without JSON mode, several steps per call in the loop.
+    Traced, not XLA-compiled, to keep it quick: the XLA path of the same step serves the
+    closed schemas of `test_json_mode.py`, whose replies are validated there."""
     import dataclasses
 
     config = dataclasses.replace(tiny_config, model=dataclasses.replace(
@@ -185,6 +198,7 @@ def test_in_loop_automata_give_the_host_references_tokens(tiny_config, tokenizer
     mixed = [ask(ANY_OBJECT, 0.0, 5), ask(REPORT, 0.7, 6)]
     assert closed[1].grammar.automaton is not None and mixed[0].grammar.automaton is None
     schedulers = [ContinuousScheduler(model, tokenizer, max_batch=4, step_ms=40, warm_up=False,
+                                      jit_compile=False,
                                       in_loop_grammar=in_loop).start()
                   for in_loop in (True, False)]  # fmt: skip
     try:
