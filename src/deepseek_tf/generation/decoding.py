@@ -173,7 +173,7 @@ class DecodeLoop:
                 mask).
             penalties: optional `(presence, frequency, repetition, counts, seen)`
                 (`generation.penalties`), applied after `bias`; updated with the token.
-            grammar: optional `(table, dead, states)` token automata
+            grammar: optional `(table, classes, dead, which, states)` token automata
                 (`sampler.constrain`): each row samples only what its state allows, then
                 follows its token; a row whose document is complete stops.
 

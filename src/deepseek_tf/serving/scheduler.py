@@ -79,7 +79,7 @@ class ContinuousScheduler:
             (False: on the host, one token per call -- the plain reference).
     """
 
-    constrains = True  # structured output: one step per call while a row is constrained
+    constrains = True  # structured output (host-masked rows: one step per call)
 
     def __init__(self, model, tokenizer, metrics: ServerMetrics | None = None, *,
                  max_batch: int = 16, step_ms: float = STEP_MS, stream_interval: int = 16,
@@ -199,6 +199,7 @@ class ContinuousScheduler:
                         job.finished = True
                         job.put(("error", f"generation failed: {type(e).__name__}"))
                     self.jobs[slot] = None
+                    self.automata.seat(slot, None)
             self.metrics.running_rows.set(self.running())
             self.metrics.queue_depth.set(self._queue.qsize())
 
@@ -250,6 +251,7 @@ class ContinuousScheduler:
                 job.finished = True
                 job.put(("error", f"generation failed: {type(e).__name__}"))
                 self.jobs[slot] = None
+                self.automata.seat(slot, None)
 
     def _count(self, job: Job, shared: int) -> None:
         """Records `job`'s admission, `shared` prompt tokens read from the prefix cache."""
