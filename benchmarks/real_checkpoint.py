@@ -197,6 +197,19 @@ print(json.dumps(result))
 """
 
 
+def healthy(server: subprocess.Popen, url: str, started: float, limit: float = 900) -> bool:
+    """Waits for `url`/health to answer; False if `server` exits or `limit` seconds after
+    `started` pass first."""
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5).read()
+            return True
+        except OSError:
+            if server.poll() is not None or time.perf_counter() - started > limit:
+                return False
+            time.sleep(1)
+
+
 def chat_once(run: Path, port: int) -> dict:
     """Starts `serve`, waits for /health, sends one chat request, stops the server."""
     started = time.perf_counter()
@@ -208,14 +221,8 @@ def chat_once(run: Path, port: int) -> dict:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.perf_counter() - started > 900:
-                    return {"error": "the server did not start"}
-                time.sleep(1)
+        if not healthy(server, url, started):
+            return {"error": "the server did not start"}
         ready = time.perf_counter() - started
         body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
         request = urllib.request.Request(

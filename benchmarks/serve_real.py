@@ -21,13 +21,13 @@ import json
 import os
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bench_common as bc
-from real_checkpoint import CLI, make_checkpoint, measured
+from real_checkpoint import CLI, healthy, make_checkpoint, measured
 
 NAME = "serve_real"
 
@@ -50,25 +50,14 @@ def serve(run: Path, slots: int, port: int, args) -> dict:
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.perf_counter() - began > 900:
-                    return {"error": "the server did not start"}
-                time.sleep(1)
+        if not healthy(server, url, began):
+            return {"error": "the server did not start"}
         ready = time.perf_counter() - began
         chat(url, args.max_tokens)  # the prefix cache now holds the prompt, as later
         alone = [chat(url, args.max_tokens) for _ in range(args.chats)]
-        together: list[dict] = []
-        threads = [threading.Thread(target=lambda: together.append(chat(url, args.max_tokens)))
-                   for _ in range(args.chats)]  # fmt: skip
         began = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with ThreadPoolExecutor(args.chats) as pool:
+            together = list(pool.map(lambda _: chat(url, args.max_tokens), range(args.chats)))
         wall = time.perf_counter() - began
         latency = bc.median([c["s"] for c in alone])
         return {"slots": slots, "ready_s": ready, "alone_s": [c["s"] for c in alone],
