@@ -107,7 +107,6 @@ class DecodeLoop:
         # a model read from memory on a CPU (so prefilled without XLA): its first prefill
         # runs eagerly (see prefill_chunk)
         self._eager_prefill = memory_bound_on_cpu(model, cache_bytes)
-        self.step = tf.function(self.token_step, **compiled)
         self.decode = tf.function(self._decode, **compiled)
 
     def prefill(self, ids, cache, start: int = 0, room: int | None = None):
