@@ -14,12 +14,13 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.generation.decoding import pad_batch
 from deepseek_tf.serving.token_automaton import TokenAutomaton
 
 
 def _bucket(n: int, least: int) -> int:
     """`n` rounded up to a power of two, at least `least` (a new size is a new program)."""
-    return max(least, 1 << (max(n, 1) - 1).bit_length())
+    return max(least, pad_batch(n))
 
 
 class AutomatonBatch:

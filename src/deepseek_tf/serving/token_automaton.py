@@ -197,25 +197,29 @@ class _Builder:
                 builder = cls._per_vocab[vocab] = cls(vocab)
             return builder
 
+    def _index(self, schema: dict) -> Index | None:
+        """outlines-core's index of `schema` (None: not closed, or past `MAX_WALKS`)."""
+        exact = exact_form(schema)
+        if exact is None:
+            return None
+        regex = build_regex_from_schema(json.dumps(exact), WHITESPACE)
+        states = len(Index(regex, self.bytes).get_transitions())  # cheap: 256 tokens
+        return Index(regex, self.outlines) if states * self.vocab.size <= MAX_WALKS else None
+
     def build(self, schema: dict) -> TokenAutomaton | None:
         key = json.dumps(schema, sort_keys=True)
         with self._lock:
             if key in self.built:
                 return self.built[key]
-        automaton, exact = None, exact_form(schema)
-        if exact is not None:
-            try:
-                regex = build_regex_from_schema(json.dumps(exact), WHITESPACE)
-                states = len(Index(regex, self.bytes).get_transitions())  # cheap: 256 tokens
-                index = None
-                if states * self.vocab.size <= MAX_WALKS:
-                    index = Index(regex, self.outlines)
-            except Exception:  # a schema outlines-core cannot hold: llguidance's host masks
-                index = None
-            if index is not None:
-                automaton = _table(index, self.vocab, self.eos)
-                if automaton.table.size > MAX_TABLE_CELLS:
-                    automaton = None
+        automaton = None
+        try:  # any failure (a schema outlines-core cannot hold): llguidance's host masks
+            index = self._index(schema)
+        except Exception:
+            index = None
+        if index is not None:
+            automaton = _table(index, self.vocab, self.eos)
+            if automaton.table.size > MAX_TABLE_CELLS:
+                automaton = None
         with self._lock:
             if len(self.built) >= CACHED_PER_VOCAB:
                 self.built.pop(next(iter(self.built)))
