@@ -104,10 +104,11 @@ class ContinuousScheduler:
         )
         self.bias = np.zeros((b, model.vocab_size), np.float32)  # each slot's `logit_bias`
         self.biased = np.zeros(b, bool)
-        # a traced (not XLA-compiled) decode call always takes a bias, zeros when no row has
-        # one: a second variant of a traced program is a whole second trace (~5 s per span
-        # for the 1.46B demonstration), while adding zeros to the logits costs nothing
-        self.no_bias = None if self.rows_cache.jit_compile else tf.zeros_like(self.bias)
+        # a decode call always takes a bias, zeros when no row has one: a second variant of
+        # a program is a whole second trace and XLA compilation (~5 s per span for the
+        # 1.46B demonstration, half of the warm-up's decode programs), while adding zeros
+        # to the logits costs nothing
+        self.no_bias = tf.zeros_like(self.bias)
         # repetition penalties (`generation.penalties`): settings per slot, state in variables
         self.penalty_settings = pen.settings_arrays([], b)
         self.automata = AutomatonBatch(b, model.vocab_size)  # structured output's, per slot
@@ -155,13 +156,11 @@ class ContinuousScheduler:
             self.prefiller.warm_up(span, longest, groups=span == spans[0])
         done = np.ones(self.slots, bool)
         done[0] = False
-        bias = np.zeros((self.slots, self.model.vocab_size), np.float32)
         for span in self.rows_cache.spans():
             if span > WARM_SPANS and span != self.length:
                 continue  # compiled on first use
             self.positions[0] = span - 1
-            self._call(done, steps=1)
-            self._call(done, steps=1, bias=bias)
+            self._call(done, steps=1)  # with or without `logit_bias`: one program
         self.positions[0] = 0
         return time.perf_counter() - began
 
@@ -296,10 +295,7 @@ class ContinuousScheduler:
         args = (tf.constant(positions), tf.constant(done), tf.constant(self.ends), sampling,
                 tf.constant(steps, tf.int32), self._span(done, steps))  # fmt: skip
         extra = {}
-        if bias is not None:
-            extra["bias"] = tf.constant(bias)
-        elif self.no_bias is not None:
-            extra["bias"] = self.no_bias
+        extra["bias"] = self.no_bias if bias is None else tf.constant(bias)
         if penalties:
             extra["penalties"] = tuple(map(tf.constant, self.penalty_settings))
         if self.automata.active:
