@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from deepseek_tf.errors import ConfigError
-from deepseek_tf.training.autobatch import BFC_VARIABLE, check_memory_stats
+from deepseek_tf.training.autobatch import BFC_VARIABLE, MIB, _refit, check_memory_stats
 
 VOCAB = 65
 OVERRIDES = ["data.seq_len=48", "model.d_model=64"]
@@ -61,6 +61,19 @@ def test_auto_batch_fits_the_budget_and_grows_with_it():
     assert small["confirmed_step_mib"] <= 24
     assert large["confirmed_step_mib"] <= 96
     assert large["batch_size"] > small["batch_size"] >= 2
+
+
+def test_a_step_over_the_budget_is_refitted_through_the_largest_that_fit():
+    """Probes of 2 and 8 sequences that differ by allocator rounding put the first try
+    at the largest batch; the next is read off the line through it and 8, not halved."""
+    fits, over, budget = (8, 1.0 * MIB), (4096, 386.0 * MIB), 64.0 * MIB
+    per_seq = (over[1] - fits[1]) / (over[0] - fits[0])
+    batch = _refit(fits, over, budget, replicas=1)
+    assert fits[1] + (batch - fits[0]) * per_seq <= budget  # on the line, under the budget
+    assert fits[1] + (batch + 1 - fits[0]) * per_seq > budget  # ... and the largest such
+    assert _refit(fits, over, budget, replicas=4) % 4 == 0
+    assert _refit(fits, (9, 70.0 * MIB), budget, replicas=1) == 8  # never below what fit
+    assert _refit((0, 0.0), (16, 100.0 * MIB), 10.0 * MIB, replicas=2) == 2  # nor replicas
 
 
 def test_a_budget_below_one_sequence_is_a_clear_error(measured):

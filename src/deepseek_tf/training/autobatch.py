@@ -5,7 +5,8 @@ does not raise an out-of-memory error the way a GPU does (the OS kills the proce
 instead), so instead of trying batches until one fails, this measures what a step
 *adds* to memory at two small batch sizes, fits `peak(b) = fixed + per_sequence * b`,
 picks the largest batch (a multiple of the replica count) whose prediction fits the
-budget, and then runs one step at that batch to confirm (halving until it fits).
+budget, and then runs one step at that batch to confirm; a step over the budget is
+refitted through the largest batch known to fit (`_refit`) until one fits.
 
 Step memory is TensorFlow's allocator peak during one compiled step over what was
 allocated before it (`tf.config.experimental.get_memory_info` after
@@ -107,6 +108,19 @@ def step_bytes(config, vocab_size: int, batch: int) -> int:
     return used
 
 
+def _refit(fits: tuple[int, float], over: tuple[int, float], budget: float, replicas: int) -> int:
+    """The next batch to try after `over` = (batch, bytes) exceeded the budget: the line
+    through it and `fits`, the largest batch known to fit (`(0, 0)`: none), read at the
+    budget; below `over`'s batch and at least `fits`'. Small probes' memory is mostly
+    allocator rounding, so a line through them alone can be far off: for a tiny model
+    it measured ~0 per sequence, and halving from the largest batch then took four more
+    probes to settle on 512 sequences where ~650 fit."""
+    per_seq = max((over[1] - fits[1]) / max(over[0] - fits[0], 1), 1.0)
+    batch = fits[0] + int((budget - fits[1]) // per_seq)
+    batch = min(batch // replicas * replicas, over[0] - replicas)
+    return max(batch, fits[0], replicas)
+
+
 def find_batch_size(
     config,
     vocab_size: int,
@@ -135,6 +149,8 @@ def find_batch_size(
             f"tokens need ~{measured[0] / MIB:.0f} MiB, over the {budget / MIB:.0f} MiB budget; "
             "lower data.seq_len or the model size"
         )
+    known = [(b, m) for b, m in zip(small, measured) if m <= budget]
+    fits = known[-1] if known else (0, 0.0)  # the largest batch known to fit
     while True:
         used = step_bytes(config, vocab_size, batch)
         if log:
@@ -142,9 +158,9 @@ def find_batch_size(
                 f"[batch-size auto] batch {batch}: step adds {used / MIB:.0f} MiB "
                 f"(budget {budget / MIB:.0f} MiB)"
             )
-        if used <= budget or batch <= replicas:
+        if used <= budget or batch <= max(fits[0], replicas):
             break
-        batch = max(batch // 2 // replicas * replicas, replicas)
+        batch = _refit(fits, (batch, used), budget, replicas)
     return {
         "batch_size": batch,
         "seq_len": config.data.packed_length(),
