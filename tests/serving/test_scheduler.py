@@ -117,10 +117,12 @@ def test_prompts_admitted_together_are_prefilled_as_one_group(attention_model):
 def test_prefix_cache_reuses_a_shared_prefix_with_the_same_tokens(attention_model):
     rng = np.random.RandomState(1)
     system = rng.randint(0, VOCAB, 20).tolist()
-    cold = ContinuousScheduler(attention_model, None, max_batch=2, prefix_cache_mb=0).start()
+    # traced, not XLA-compiled: this is the cache's logic (the tokens of an XLA-compiled
+    # scheduler are `test_same_tokens_everywhere`'s)
+    plain = dict(max_batch=2, warm_up=False, jit_compile=False)
+    cold = ContinuousScheduler(attention_model, None, prefix_cache_mb=0, **plain).start()
     # spans of 16, 32, 48 positions: entries are rows of the span that held them
-    warm = ContinuousScheduler(attention_model, None, max_batch=2, warm_up=False,
-                               min_span=16).start()  # fmt: skip
+    warm = ContinuousScheduler(attention_model, None, min_span=16, **plain).start()
     try:
         wait(warm.submit(request(system[:12], 3)))  # leaves a 16-position entry ...
         first = wait(warm.submit(request(system + [1, 2], 6)))  # ... grown to 32 for this
