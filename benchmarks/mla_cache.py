@@ -17,7 +17,7 @@ Two parts:
    `--repeats` timed calls after one compiling call; batch 1 and 8.
 
 Usage:
-    python benchmarks/mla_cache.py                   # ~1-2 min on 2 cores
+    python benchmarks/mla_cache.py --wait-quiet 300  # ~1-2 min on a quiet 2-core machine
     python benchmarks/mla_cache.py --lengths 128 --batches 1 --steps 8 --repeats 1  # smoke
 
 Writes benchmarks/results/mla_cache.json.
@@ -181,10 +181,11 @@ def report(result: dict) -> None:
                 bc.fmt(r["absorbed_over_naive"], ".2f") + "x",
                 bc.fmt(r["naive_cache_mib_fp32"], ".1f"),
                 bc.fmt(r["absorbed_cache_mib_fp32"], ".2f"),
+                bc.fmt(r["others_cpu_share"], ".0%"),
             ]
         )
     headers = ["", "naive tok/s", "absorbed tok/s", "absorbed/naive"]
-    bc.print_table([*headers, "naive cache MiB", "absorbed cache MiB"], rows)
+    bc.print_table([*headers, "naive cache MiB", "absorbed cache MiB", "others' CPU"], rows)
 
 
 def main(argv=None) -> int:
@@ -194,6 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=64, help="tokens decoded per timed call")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (median)")
     parser.add_argument("--out", default=bc.default_out(NAME), help="result JSON path")
+    bc.add_wait_quiet_arg(parser)
     args = parser.parse_args(argv)
     if min(args.lengths) < args.steps or args.steps < 1 or args.repeats < 1:
         parser.error("need 1 <= --steps <= every --lengths and --repeats >= 1")
@@ -216,10 +218,12 @@ def main(argv=None) -> int:
     for batch in args.batches:
         for length in args.lengths:
             runs = {}
-            for absorb in (False, True):
-                r = time_decode(absorb, batch, length, args.steps, args.repeats)
-                result["decode"].append(r)
-                runs[r["path"]] = r
+            quiet = bc.maybe_wait_quiet(f"batch {batch}, cache {length}", args.wait_quiet)
+            with bc.CpuMeter() as meter:  # both paths: others' CPU while they ran
+                for absorb in (False, True):
+                    r = time_decode(absorb, batch, length, args.steps, args.repeats)
+                    result["decode"].append(r)
+                    runs[r["path"]] = r
                 print(
                     f"{r['path']:>8} batch {batch} cache {length}: "
                     f"{r['tokens_per_sec']:,.0f} tok/s",
@@ -237,8 +241,13 @@ def main(argv=None) -> int:
                     ),
                     "naive_cache_mib_fp32": naive["cache_mib_fp32"],
                     "absorbed_cache_mib_fp32": absorbed["cache_mib_fp32"],
+                    "quiet": quiet,
+                    "others_cpu_share": meter.result["others_cpu_share"],
                 }
             )
+            note = bc.contention_note(f"batch {batch}, cache {length}", meter.result)
+            if note:
+                print(note, flush=True)
     path = bc.write_json(args.out, result)
     print()
     report(result)

@@ -88,8 +88,10 @@ def first_below(curve: list[dict], threshold: float) -> float | None:
     return None
 
 
-def run_ours(minutes: float, run_dir: Path, overrides=()) -> dict:
-    cmd = [*cli_command(), "train", "--preset", PRESET, "--out", str(run_dir)]
+def run_ours(minutes: float, run_dir: Path, overrides=(), preset: str = PRESET) -> dict:
+    """`deepseek-tf train --preset PRESET` as a subprocess, its validations stamped with
+    wall seconds since just before the process started (`curve`)."""
+    cmd = [*cli_command(), "train", "--preset", preset, "--out", str(run_dir)]
     cmd += ["--sample-tokens", "0"]
     for item in overrides:
         cmd += ["--set", item]
