@@ -4,11 +4,14 @@ Written from nanoGPT's description, not copied: learned position embeddings,
 pre-LayerNorm blocks without biases, causal attention through
 F.scaled_dot_product_attention, 4x GELU MLP, tied embeddings, dropout 0; AdamW(0.9,
 0.99), weight decay on 2-D parameters only, warm-up + cosine schedule, clipping, random
-64-token windows of the train split. Used by `shakespeare_char.py`.
+64-token windows of the train split; nanoGPT's speed settings (`torch.compile`, bf16
+autocast), the fastest on this CPU unless one is named (`peer_speed`). Used by
+`shakespeare_char.py` and `speedrun.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -16,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import bench_common as bc
+from peer_speed import Speed, fastest, prepare
 
 
 @dataclass(frozen=True)
@@ -46,14 +50,13 @@ BABY = Recipe()
 GPU = Recipe(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
              max_iters=5000)  # fmt: skip
 
-# the baby recipe's figures, as shakespeare_char.py reports them
-BATCH_SIZE = BABY.batch_size
-BLOCK_SIZE = BABY.block_size
 VAL_FRACTION = 0.1
 SEED = 1337
 EVAL_ITERS = 200  # nanoGPT-style estimate: mean over this many random batches
 EVAL_EVERY = 500  # peer's full-split evaluations, at the steps the preset evaluates
 LOG_INTERVAL = 10  # nanoGPT reads loss.item() only every log_interval iterations
+# a speed trial: untimed iterations (compilation), then ~TRIAL_SECONDS of timed ones
+TRIAL_WARM, TRIAL_SECONDS, TRIAL_ITERS = 5, 10.0, 250
 
 
 # --------------------------------------------------------------------------------------
@@ -200,10 +203,7 @@ def full_split_loss(torch, model, data, r: Recipe = BABY, batch: int = 128) -> f
         for i in range(0, len(blocks), batch):
             b = blocks[i : i + batch]
             x, y = b[:, :-1], b[:, 1:]
-            logits = model(x)
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
-            )
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
             total += float(loss)
             count += y.numel()
     model.train()
@@ -218,10 +218,7 @@ def estimate_loss(torch, model, data, r: Recipe = BABY) -> float:
     with torch.no_grad():
         for _ in range(EVAL_ITERS):
             x, y = get_batch(torch, data, r)
-            logits = model(x)
-            losses.append(
-                float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)))
-            )
+            losses.append(float(F.cross_entropy(model(x).flatten(0, 1), y.flatten())))
     model.train()
     return sum(losses) / len(losses)
 
@@ -234,13 +231,16 @@ def _setup(torch) -> int:
     return threads
 
 
-def _train_iteration(torch, model, optimizer, train_data, it: int, r: Recipe):
-    """One iteration of nanoGPT's train.py loop; returns the loss tensor."""
+def _train_iteration(torch, model, optimizer, train_data, it: int, r: Recipe, run=None):
+    """One iteration of nanoGPT's train.py loop; returns the loss tensor. `run`:
+    `peer_speed.prepare`'s `(forward, context)` (None: eager float32)."""
+    forward, context = run or (model, contextlib.nullcontext)
     for group in optimizer.param_groups:
         group["lr"] = nanogpt_lr(it, r.max_iters, r)
     x, y = get_batch(torch, train_data, r)
-    logits = model(x)  # (B, T, V)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    with context():
+        logits = forward(x)  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
     optimizer.step()
@@ -248,7 +248,32 @@ def _train_iteration(torch, model, optimizer, train_data, it: int, r: Recipe):
     return loss
 
 
-def run_peer_for(seconds: float, r: Recipe = GPU, eval_every_seconds: float = 300.0) -> dict:
+def choose_speed(torch, r: Recipe, vocab_size: int, train_data, speed: Speed | None):
+    """`(speed, trials)`: `speed` as given, or (None) the fastest of nanoGPT's settings
+    on a few iterations of a fresh model (`peer_speed.fastest`)."""
+    if speed is not None:
+        return speed, []
+
+    def trial(s: Speed) -> float:
+        torch.manual_seed(SEED)
+        model = build_gpt(torch, vocab_size, r)
+        optimizer, run, times = make_optimizer(torch, model, r), prepare(torch, model, s), []
+        for it in range(TRIAL_WARM + TRIAL_ITERS + 1):
+            times.append(time.perf_counter())
+            if it > TRIAL_WARM + 1 and times[-1] - times[TRIAL_WARM] > TRIAL_SECONDS:
+                break
+            _train_iteration(torch, model, optimizer, train_data, it, r, run).item()
+        steps = [b - a for a, b in zip(times[TRIAL_WARM:], times[TRIAL_WARM + 1 :])]
+        return r.batch_size * r.block_size / bc.median(steps)
+
+    chosen, trials = fastest(trial)
+    torch.manual_seed(SEED)  # the run itself starts where an untried peer would
+    print(f"[peer] training with {chosen.name}", flush=True)
+    return chosen, trials
+
+
+def run_peer_for(seconds: float, r: Recipe = GPU, eval_every_seconds: float = 300.0,
+                 speed: Speed | None = None) -> dict:  # fmt: skip
     """nanoGPT's recipe `r` for `seconds` of wall time (data, model, training and its
     full-split evaluations all count), evaluated every `eval_every_seconds` of wall time
     and at the end: a validation-loss vs wall-clock curve."""
@@ -256,14 +281,16 @@ def run_peer_for(seconds: float, r: Recipe = GPU, eval_every_seconds: float = 30
     threads = _setup(torch)
     started = time.perf_counter()
     train_data, val_data, vocab_size = load_char_data(torch)
+    speed, trials = choose_speed(torch, r, vocab_size, train_data, speed)
+    started += sum(t.get("seconds", 0.0) for t in trials)  # the trials are not the run's
     model = build_gpt(torch, vocab_size, r)
-    optimizer = make_optimizer(torch, model, r)
+    optimizer, run = make_optimizer(torch, model, r), prepare(torch, model, speed)
     model.train()
     curve, it, next_eval, train_time = [], 0, eval_every_seconds, 0.0
     meter = bc.CpuMeter().start()
     while it < r.max_iters and time.perf_counter() - started < seconds:
         t0 = time.perf_counter()
-        loss = _train_iteration(torch, model, optimizer, train_data, it, r)
+        loss = _train_iteration(torch, model, optimizer, train_data, it, r, run)
         it += 1
         train_time += time.perf_counter() - t0
         if time.perf_counter() - started >= next_eval:
@@ -281,6 +308,8 @@ def run_peer_for(seconds: float, r: Recipe = GPU, eval_every_seconds: float = 30
         "recipe": {k: v for k, v in r.__dict__.items()},
         "torch": torch.__version__,
         "threads": threads,
+        "speed": speed.name,
+        "speed_trials": trials,
         "params": sum(p.numel() for p in model.parameters()),
         "iterations": it,
         "curve": curve,
@@ -290,17 +319,21 @@ def run_peer_for(seconds: float, r: Recipe = GPU, eval_every_seconds: float = 30
     }
 
 
-def run_peer(steps: int, r: Recipe = BABY, estimate: bool = True) -> dict:
-    """nanoGPT's recipe `r` for `steps` iterations (schedule decaying over them)."""
+def run_peer(steps: int, r: Recipe = BABY, estimate: bool = True,
+             speed: Speed | None = None) -> dict:  # fmt: skip
+    """nanoGPT's recipe `r` for `steps` iterations (schedule decaying over them), with
+    `speed` (None: the fastest on a short trial, `choose_speed`)."""
     torch = import_torch()
     threads = _setup(torch)
     load_before = bc.load_average()
     wall_started = time.perf_counter()
     train_data, val_data, vocab_size = load_char_data(torch)
     r = dataclasses.replace(r, max_iters=steps)  # nanoGPT: lr_decay_iters = max_iters
+    speed, trials = choose_speed(torch, r, vocab_size, train_data, speed)
+    wall_started += sum(t.get("seconds", 0.0) for t in trials)  # the trials are not the run's
     model = build_gpt(torch, vocab_size, r)
     params = sum(p.numel() for p in model.parameters())  # tied head counted once
-    optimizer = make_optimizer(torch, model, r)
+    optimizer, run = make_optimizer(torch, model, r), prepare(torch, model, speed)
     model.train()
 
     train_time, first_iter, loss_value = 0.0, None, None
@@ -309,7 +342,7 @@ def run_peer(steps: int, r: Recipe = BABY, estimate: bool = True) -> dict:
     meter = bc.CpuMeter().start()
     for it in range(steps):
         started = time.perf_counter()
-        loss = _train_iteration(torch, model, optimizer, train_data, it, r)
+        loss = _train_iteration(torch, model, optimizer, train_data, it, r, run)
         if (it + 1) % LOG_INTERVAL == 0 or it + 1 == steps:
             loss_value = loss.item()
         elapsed = time.perf_counter() - started
@@ -334,6 +367,8 @@ def run_peer(steps: int, r: Recipe = BABY, estimate: bool = True) -> dict:
         "implementation": "nanoGPT model.py GPT re-implemented in PyTorch (this file)",
         "torch": torch.__version__,
         "threads": threads,
+        "speed": speed.name,
+        "speed_trials": trials,
         "steps": steps,
         "params": params,
         "params_non_embedding": params - model.wpe.weight.numel(),  # nanoGPT's count

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import bench_common as bc
 from nanogpt_peer import BABY, GPU, import_torch, run_peer
+from peer_speed import CHOICES, parse_speed
 
 NAME = "shakespeare_char"
 PRESET = "shakespeare-char"
@@ -138,7 +139,8 @@ def report(result: dict) -> None:
     )
     bc.print_machine(result["machine"])
     rows = []
-    for label, r in (("deepseek-tf", ours), ("nanoGPT (PyTorch)", peer)):
+    peer_label = f"nanoGPT (PyTorch, {peer.get('speed', 'eager-fp32')})" if peer else ""
+    for label, r in (("deepseek-tf", ours), (peer_label, peer)):
         if r is None:
             continue
         est = r.get("nanogpt_estimate", {}).get("val")
@@ -200,6 +202,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--skip-peer", action="store_true", help="run deepseek-tf only")
     parser.add_argument("--skip-ours", action="store_true", help="run the PyTorch peer only")
+    parser.add_argument(
+        "--peer-speed", choices=CHOICES, default="auto",
+        help="the peer's torch.compile / bf16 autocast (auto: the fastest on a short trial)",
+    )  # fmt: skip
     parser.add_argument("--out", help="result JSON path (default: results/NAME[_gpu].json)")
     bc.add_wait_quiet_arg(parser)
     parser.add_argument(
@@ -239,7 +245,8 @@ def main(argv=None) -> int:
     if not args.skip_peer:
         quiet = bc.maybe_wait_quiet("peer", args.wait_quiet)
         recipe = RECIPES[args.recipe]
-        result["peer"] = run_peer(args.steps, recipe, estimate=args.recipe == "baby")
+        result["peer"] = run_peer(args.steps, recipe, estimate=args.recipe == "baby",
+                                  speed=parse_speed(args.peer_speed))  # fmt: skip
         result["peer"]["wait_quiet"] = quiet
     ours, peer = result["ours"], result["peer"]
     if ours and peer:

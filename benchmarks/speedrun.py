@@ -41,6 +41,7 @@ import bench_common as bc
 import flops
 import yaml
 from nanogpt_peer import GPU, import_torch, run_peer_for
+from peer_speed import CHOICES, parse_speed
 from shakespeare_char import cli_command, read_metrics
 
 NAME = "speedrun"
@@ -262,8 +263,11 @@ def main(argv=None) -> int:
     parser.add_argument("--peer-minutes", type=float, help="the peer's (default: --minutes)")
     parser.add_argument("--peer-eval-minutes", type=float, default=5.0)
     parser.add_argument("--skip-peer", action="store_true", help="run deepseek-tf only")
+    parser.add_argument(
+        "--peer-speed", choices=CHOICES, default="auto",
+        help="the peer's torch.compile / bf16 autocast (auto: the fastest on a short trial)",
+    )  # fmt: skip
     parser.add_argument("--skip-ours", action="store_true", help="run the PyTorch peer only")
-    parser.add_argument("--peer-from", metavar="JSON", help="the peer of an earlier run's result")
     parser.add_argument("--ablate", action="store_true", help="the ablation table instead")
     parser.add_argument(
         "--ablation-minutes", type=float, default=2.0, help="training time of each row"
@@ -291,20 +295,18 @@ def main(argv=None) -> int:
         bc.write_json(args.out.replace(".json", "_ablations.json"), result)
         ablation_table(result["ablations"], args.ablation_minutes, result["matmul_peak"])
         return 0
-    if not (args.skip_peer or args.peer_from) and bc.module_missing("torch"):
+    if not args.skip_peer and bc.module_missing("torch"):
         import_torch()  # the install hint now, not after an hour of training
     if not args.skip_ours:
         with tempfile.TemporaryDirectory(prefix="speedrun-") as tmp:
             bc.maybe_wait_quiet("ours", args.wait_quiet)
             run_dir = Path(args.keep_run) if args.keep_run else Path(tmp) / "run"
             result["ours"] = run_ours(args.minutes, run_dir, [time_limit_override(args.minutes)])
-    if args.peer_from:
-        result["peer"] = json.loads(Path(args.peer_from).read_text())["peer"]
-        result["peer"]["from"] = args.peer_from
-    elif not args.skip_peer:
+    if not args.skip_peer:  # in the same invocation: a peer from another day compares days
         bc.maybe_wait_quiet("peer", args.wait_quiet)
         minutes = args.peer_minutes or args.minutes
-        result["peer"] = run_peer_for(60 * minutes, GPU, 60 * args.peer_eval_minutes)
+        result["peer"] = run_peer_for(60 * minutes, GPU, 60 * args.peer_eval_minutes,
+                                      speed=parse_speed(args.peer_speed))  # fmt: skip
     if result.get("peer"):
         result["peer"]["flops_per_token"] = peer_flops_per_token(result["peer"]["recipe"])
     result["matmul_peak"] = flops.matmul_peak()  # last: the timed runs go first
