@@ -56,7 +56,7 @@ EVAL_ITERS = 200  # nanoGPT-style estimate: mean over this many random batches
 EVAL_EVERY = 500  # peer's full-split evaluations, at the steps the preset evaluates
 LOG_INTERVAL = 10  # nanoGPT reads loss.item() only every log_interval iterations
 # a speed trial: untimed iterations (compilation), then ~TRIAL_SECONDS of timed ones
-TRIAL_WARM, TRIAL_SECONDS, TRIAL_ITERS = 5, 10.0, 250
+TRIAL_WARM, TRIAL_SECONDS, TRIAL_ITERS = 2, 10.0, 250
 
 
 # --------------------------------------------------------------------------------------
