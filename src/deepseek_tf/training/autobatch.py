@@ -160,6 +160,7 @@ def find_batch_size(
             )
         if used <= budget or batch <= max(fits[0], replicas):
             break
+        per_seq = max((used - fits[1]) / max(batch - fits[0], 1), 1.0)  # what is reported
         batch = _refit(fits, (batch, used), budget, replicas)
     return {
         "batch_size": batch,
