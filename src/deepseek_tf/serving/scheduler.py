@@ -294,8 +294,7 @@ class ContinuousScheduler:
         positions = np.where(done, 0, self.positions)  # a free slot's stays inside the span
         args = (tf.constant(positions), tf.constant(done), tf.constant(self.ends), sampling,
                 tf.constant(steps, tf.int32), self._span(done, steps))  # fmt: skip
-        extra = {}
-        extra["bias"] = self.no_bias if bias is None else tf.constant(bias)
+        extra = {"bias": self.no_bias if bias is None else tf.constant(bias)}
         if penalties:
             extra["penalties"] = tuple(map(tf.constant, self.penalty_settings))
         if self.automata.active:
