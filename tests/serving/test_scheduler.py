@@ -176,10 +176,15 @@ def test_cancelled_row_frees_its_slot_within_one_call(scheduler):
 
 def test_warm_up_compiles_every_shape_before_ready(scheduler):
     traces = scheduler.rows_cache.traces()
+    # one decode program per span: with or without `logit_bias` is the same program
+    assert traces == len(scheduler.rows_cache.spans())
     prefill = scheduler.loop.prefill_program.experimental_get_tracing_count()
     rng = np.random.RandomState(2)
     for n in (1, 6, 17, 40):  # prompts of many lengths, greedy and sampled
         wait(scheduler.submit(request(rng.randint(0, VOCAB, n).tolist(), 5, 0.8)))
+    biased = request(rng.randint(0, VOCAB, 9).tolist(), 5)
+    biased.logit_bias = ((3, -100.0), (7, 5.0))
+    assert 3 not in wait(scheduler.submit(biased)).tokens
     # a group of prompts admitted together (into free slots of the idle scheduler)
     prompts = [rng.randint(0, VOCAB, n).tolist() for n in (2, 9, 13)]
     scheduler.prefiller.group([1, 2, 3], prompts, [0, 0, 0])
