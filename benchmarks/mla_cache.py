@@ -224,11 +224,11 @@ def main(argv=None) -> int:
                     r = time_decode(absorb, batch, length, args.steps, args.repeats)
                     result["decode"].append(r)
                     runs[r["path"]] = r
-                print(
-                    f"{r['path']:>8} batch {batch} cache {length}: "
-                    f"{r['tokens_per_sec']:,.0f} tok/s",
-                    flush=True,
-                )
+                    print(
+                        f"{r['path']:>8} batch {batch} cache {length}: "
+                        f"{r['tokens_per_sec']:,.0f} tok/s",
+                        flush=True,
+                    )
             naive, absorbed = runs["naive"], runs["absorbed"]
             result["decode_ratios"].append(
                 {

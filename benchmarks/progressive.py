@@ -55,7 +55,7 @@ def train_once(label: str, preset: str, overrides: list[str], minutes: float | N
     if minutes:
         overrides = [*overrides, time_limit_override(minutes)]
     with tempfile.TemporaryDirectory(prefix=f"progressive-{label}-") as tmp:
-        run = run_ours(0, Path(tmp) / "run", overrides, preset=preset)
+        run = run_ours(Path(tmp) / "run", overrides, preset=preset)
     note = bc.contention_note(label, run["cpu"])
     if note:
         print(note, flush=True)

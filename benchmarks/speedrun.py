@@ -89,7 +89,7 @@ def first_below(curve: list[dict], threshold: float) -> float | None:
     return None
 
 
-def run_ours(minutes: float, run_dir: Path, overrides=(), preset: str = PRESET) -> dict:
+def run_ours(run_dir: Path, overrides=(), preset: str = PRESET) -> dict:
     """`deepseek-tf train --preset PRESET` as a subprocess, its validations stamped with
     wall seconds since just before the process started (`curve`)."""
     cmd = [*cli_command(), "train", "--preset", preset, "--out", str(run_dir)]
@@ -230,7 +230,7 @@ def ablate(args) -> dict:
         ]
         with tempfile.TemporaryDirectory(prefix="speedrun-ablate-") as tmp:
             bc.maybe_wait_quiet(label, args.wait_quiet)
-            rows[label] = run_ours(0, Path(tmp) / "run", [*schedule, *overrides])
+            rows[label] = run_ours(Path(tmp) / "run", [*schedule, *overrides])
             rows[label]["overrides"] = overrides
     return rows
 
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="speedrun-") as tmp:
             bc.maybe_wait_quiet("ours", args.wait_quiet)
             run_dir = Path(args.keep_run) if args.keep_run else Path(tmp) / "run"
-            result["ours"] = run_ours(args.minutes, run_dir, [time_limit_override(args.minutes)])
+            result["ours"] = run_ours(run_dir, [time_limit_override(args.minutes)])
     if not args.skip_peer:  # in the same invocation: a peer from another day compares days
         bc.maybe_wait_quiet("peer", args.wait_quiet)
         minutes = args.peer_minutes or args.minutes

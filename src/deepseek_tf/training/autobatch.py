@@ -108,6 +108,11 @@ def step_bytes(config, vocab_size: int, batch: int) -> int:
     return used
 
 
+def _slope(low: tuple[int, float], high: tuple[int, float]) -> float:
+    """Bytes per sequence on the line through two `(batch, bytes)` measurements."""
+    return max((high[1] - low[1]) / max(high[0] - low[0], 1), 1.0)
+
+
 def _refit(fits: tuple[int, float], over: tuple[int, float], budget: float, replicas: int) -> int:
     """The next batch to try after `over` = (batch, bytes) exceeded the budget: the line
     through it and `fits`, the largest batch known to fit (`(0, 0)`: none), read at the
@@ -115,8 +120,7 @@ def _refit(fits: tuple[int, float], over: tuple[int, float], budget: float, repl
     allocator rounding, so a line through them alone can be far off: for a tiny model
     it measured ~0 per sequence, and halving from the largest batch then took four more
     probes to settle on 512 sequences where ~650 fit."""
-    per_seq = max((over[1] - fits[1]) / max(over[0] - fits[0], 1), 1.0)
-    batch = fits[0] + int((budget - fits[1]) // per_seq)
+    batch = fits[0] + int((budget - fits[1]) // _slope(fits, over))
     batch = min(batch // replicas * replicas, over[0] - replicas)
     return max(batch, fits[0], replicas)
 
@@ -139,7 +143,7 @@ def find_batch_size(
     budget = budget_bytes or default_budget_bytes()
     small = (2 * replicas, 8 * replicas)  # two probes; the difference is per-sequence memory
     measured = [step_bytes(config, vocab_size, b) for b in small]
-    per_seq = max((measured[1] - measured[0]) / (small[1] - small[0]), 1.0)
+    per_seq = _slope(*zip(small, measured))
     fixed = max(measured[0] - per_seq * small[0], 0.0)
     batch = int((budget - fixed) // per_seq) // replicas * replicas
     batch = min(batch, max_batch // replicas * replicas)
@@ -151,8 +155,8 @@ def find_batch_size(
         )
     known = [(b, m) for b, m in zip(small, measured) if m <= budget]
     fits = known[-1] if known else (0, 0.0)  # the largest batch known to fit
-    while True:
-        used = step_bytes(config, vocab_size, batch)
+    while True:  # (a refit that falls back to `fits` reuses its measurement)
+        used = fits[1] if batch == fits[0] else step_bytes(config, vocab_size, batch)
         if log:
             log(
                 f"[batch-size auto] batch {batch}: step adds {used / MIB:.0f} MiB "
@@ -160,7 +164,7 @@ def find_batch_size(
             )
         if used <= budget or batch <= max(fits[0], replicas):
             break
-        per_seq = max((used - fits[1]) / max(batch - fits[0], 1), 1.0)  # what is reported
+        per_seq = _slope(fits, (batch, used))  # what is reported
         batch = _refit(fits, (batch, used), budget, replicas)
     return {
         "batch_size": batch,
