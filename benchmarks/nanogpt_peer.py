@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 import bench_common as bc
-from peer_speed import Speed, fastest, prepare
+from peer_speed import SPEEDS, Speed, fastest, prepare
 
 
 @dataclass(frozen=True)
@@ -250,9 +250,7 @@ def _train_iteration(torch, model, optimizer, train_data, it: int, r: Recipe, ru
 
 def choose_speed(torch, r: Recipe, vocab_size: int, train_data, speed: Speed | None):
     """`(speed, trials)`: `speed` as given, or (None) the fastest of nanoGPT's settings
-    on a few iterations of a fresh model (`peer_speed.fastest`)."""
-    if speed is not None:
-        return speed, []
+    on a few iterations of a fresh model (`peer_speed.fastest`; a given one is tried too)."""
 
     def trial(s: Speed) -> float:
         torch.manual_seed(SEED)
@@ -266,23 +264,25 @@ def choose_speed(torch, r: Recipe, vocab_size: int, train_data, speed: Speed | N
         steps = [b - a for a, b in zip(times[TRIAL_WARM:], times[TRIAL_WARM + 1 :])]
         return r.batch_size * r.block_size / bc.median(steps)
 
-    chosen, trials = fastest(trial)
+    chosen, trials = fastest(trial, speeds=SPEEDS if speed is None else (speed,))
     torch.manual_seed(SEED)  # the run itself starts where an untried peer would
     print(f"[peer] training with {chosen.name}", flush=True)
     return chosen, trials
 
 
 def run_peer_for(seconds: float, r: Recipe = GPU, eval_every_seconds: float = 300.0,
-                 speed: Speed | None = None) -> dict:  # fmt: skip
+                 speed: Speed | None = None, fit=None) -> dict:  # fmt: skip
     """nanoGPT's recipe `r` for `seconds` of wall time (data, model, training and its
     full-split evaluations all count), evaluated every `eval_every_seconds` of wall time
-    and at the end: a validation-loss vs wall-clock curve."""
+    and at the end: a validation-loss vs wall-clock curve. `fit(tokens_per_sec)`: the
+    recipe for the chosen setting's trial speed (a schedule fitted to `seconds`)."""
     torch = import_torch()
     threads = _setup(torch)
     started = time.perf_counter()
     train_data, val_data, vocab_size = load_char_data(torch)
     speed, trials = choose_speed(torch, r, vocab_size, train_data, speed)
     started += sum(t.get("seconds", 0.0) for t in trials)  # the trials are not the run's
+    r = fit(next(t["tokens_per_sec"] for t in trials if t["speed"] == speed.name)) if fit else r
     model = build_gpt(torch, vocab_size, r)
     optimizer, run = make_optimizer(torch, model, r), prepare(torch, model, speed)
     model.train()

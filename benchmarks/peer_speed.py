@@ -58,13 +58,13 @@ def prepare(torch, model, speed: Speed):
     return forward, contextlib.nullcontext
 
 
-def fastest(trial: Callable[[Speed], float], log=print) -> tuple[Speed, list[dict]]:
+def fastest(trial: Callable[[Speed], float], log=print, speeds=SPEEDS) -> tuple[Speed, list[dict]]:
     """Runs `trial(speed)` (training tokens/s of a short run, compilation excluded) for
-    every speed; returns the fastest and every trial's result (with its wall `seconds`,
+    every speed of `speeds`; returns the fastest and every trial's result (with its wall `seconds`,
     which a caller leaves out of its own wall time). A speed whose trial fails
     (no C++ compiler for inductor, no bfloat16 kernels) is skipped."""
     trials = []
-    for speed in SPEEDS:
+    for speed in speeds:
         started = time.perf_counter()
         try:
             rate = trial(speed)
@@ -77,7 +77,7 @@ def fastest(trial: Callable[[Speed], float], log=print) -> tuple[Speed, list[dic
         seconds = time.perf_counter() - started
         trials.append({"speed": speed.name, "tokens_per_sec": rate, "seconds": seconds,
                        **({"error": error} if error else {})})  # fmt: skip
-    ran = [(t["tokens_per_sec"], s) for t, s in zip(trials, SPEEDS) if t["tokens_per_sec"]]
+    ran = [(t["tokens_per_sec"], s) for t, s in zip(trials, speeds) if t["tokens_per_sec"]]
     if not ran:
         raise RuntimeError("no peer speed setting ran on this machine")
     return max(ran, key=lambda pair: pair[0])[1], trials

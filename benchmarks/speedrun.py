@@ -6,11 +6,16 @@ One invocation runs, one after the other (never at the same time):
    as a subprocess, for `--minutes` of wall time (the preset's own time limit, scaled).
    The clock starts before the process does, so Python and TensorFlow start-up, XLA
    compilation, every evaluation and checkpoint count. Each evaluation (the whole
-   validation split, as `eval` measures it) is stamped with the wall clock.
-2. peer: nanoGPT's GPU recipe for tiny Shakespeare (6 layers, 6 heads, width 384,
-   context 256, batch 64, dropout 0.2, lr 1e-3, 100 warm-up iterations, cosine decay to
-   1e-4 over 5,000 iterations) in PyTorch (`nanogpt_peer.py`) for the same wall time,
-   evaluated on the same validation blocks every `--peer-eval-minutes`.
+   validation split, as `eval` measures it) is stamped with the wall clock. Then
+   `deepseek-tf eval DIR` reads the model the run saved (`train.keep_best`).
+2. peer: nanoGPT (`nanogpt_peer.py`, PyTorch) in its fastest setting on this machine
+   (`--peer-speed`) for the same wall time, evaluated on the same validation blocks
+   every `--peer-eval-minutes`. `--peer-recipe preset` (default): the preset's shape
+   and hyper-parameters (6 x 256, 4 heads, context 256, batch 32, dropout 0.1, AdamW
+   lr 1e-3 cosine to 1e-4 after 100 warm-up steps) with nanoGPT's GELU MLP (4 x 256,
+   the same parameters within 1%) and its iterations fitted to the hour at the speed
+   its trial measured, so the two sides differ by framework, not recipe. `gpu`:
+   nanoGPT's GPU recipe as it ships (6 x 384, batch 64, 5,000 iterations).
 
 It writes the table (time to 1.60 / 1.55 / 1.50 / 1.47, best loss) and a PNG of
 validation loss against wall-clock time for both (`results/speedrun.png`).
@@ -29,6 +34,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,7 +46,7 @@ from pathlib import Path
 import bench_common as bc
 import flops
 import yaml
-from nanogpt_peer import GPU, import_torch, run_peer_for
+from nanogpt_peer import GPU, Recipe, import_torch, run_peer_for
 from peer_speed import CHOICES, parse_speed
 from shakespeare_char import cli_command, read_metrics
 
@@ -49,6 +55,10 @@ PRESET = "shakespeare-speedrun"
 THRESHOLDS = (1.60, 1.55, 1.50, 1.47)
 GOAL = 1.47  # nanoGPT's GPU recipe after 5,000 iterations (its README: 1.4697)
 VOCAB = 65  # tiny Shakespeare's characters
+# nanoGPT at the preset's shape and hyper-parameters (max_iters: fitted to the hour)
+PRESET_SHAPED = Recipe(n_layer=6, n_head=4, n_embd=256, block_size=256, dropout=0.1,
+                       batch_size=32)  # fmt: skip
+FIT_SHARE = 0.92  # of the peer's minutes spent in training steps (the rest: evaluations)
 
 # One lever changed at a time against the preset; every row trains for the same wall
 # time (--ablation-minutes, compilation included) at the peak learning rate (a cosine
@@ -137,6 +147,33 @@ def run_ours(run_dir: Path, overrides=(), preset: str = PRESET) -> dict:
     return result
 
 
+def eval_saved(run_dir: Path) -> dict:
+    """`deepseek-tf eval RUN` on the finished run: the model it saved (keep_best)."""
+    cmd = [*cli_command(), "eval", str(run_dir)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"[ours] {' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+    loss = json.loads(proc.stdout.strip().splitlines()[-1])["loss"]
+    print(f"[ours] deepseek-tf eval of the saved run: {loss:.4f}", flush=True)
+    return {"command": " ".join(cmd), "loss": loss, "seconds": time.perf_counter() - started}
+
+
+def fitted(minutes: float):
+    """`fit(tokens_per_sec)` for `run_peer_for`: the preset-shaped recipe whose cosine
+    schedule ends inside `minutes` at that speed (as the preset's steps do for ours)."""
+
+    def fit(tokens_per_sec: float) -> Recipe:
+        per_step = PRESET_SHAPED.batch_size * PRESET_SHAPED.block_size
+        iters = int(FIT_SHARE * 60 * minutes * tokens_per_sec / per_step)
+        print(f"[peer] {iters} iterations fitted to {minutes:g} minutes", flush=True)
+        return dataclasses.replace(
+            PRESET_SHAPED, max_iters=max(iters, 2 * PRESET_SHAPED.warmup_iters)
+        )
+
+    return fit
+
+
 def time_limit_override(minutes: float) -> str:
     """The preset's time limit for a `minutes` budget: start-up and the last evaluation
     and checkpoint come on top of the training loop's limit (~1 min here, kept 1.5)."""
@@ -152,7 +189,7 @@ def plot(result: dict, path: Path) -> None:
     ax = fig.add_subplot()
     for key, label in (
         ("ours", "deepseek-tf shakespeare-speedrun"),
-        ("peer", "nanoGPT GPU recipe"),
+        ("peer", "nanoGPT (PyTorch)"),
     ):
         run = result.get(key)
         if run:
@@ -204,6 +241,7 @@ def report(result: dict) -> None:
                 label,
                 *(bc.fmt(x and x / 60, ".1f") for x in times),
                 f"{best:.4f}",
+                bc.fmt(run.get("saved_eval", {}).get("loss"), ".4f"),
                 bc.fmt(run["train_tokens_per_sec"], ".0f"),
                 bc.fmt(utilisation(run, peaks, dtype), ".0%") + f" ({dtype[:4]})",
                 bc.fmt(run["wall_seconds"] / 60, ".1f"),
@@ -211,7 +249,10 @@ def report(result: dict) -> None:
             ]
         )
     heads = [f"min to {th:.2f}" for th in THRESHOLDS]
-    bc.print_table(["", *heads, "best val", "train tok/s", "MFU", "wall min", "others' CPU"], rows)
+    bc.print_table(
+        ["", *heads, "best val", "eval of saved", "train tok/s", "MFU", "wall min", "others' CPU"],
+        rows,
+    )
 
 
 def ablate(args) -> dict:
@@ -267,6 +308,11 @@ def main(argv=None) -> int:
         "--peer-speed", choices=CHOICES, default="auto",
         help="the peer's torch.compile / bf16 autocast (auto: the fastest on a short trial)",
     )  # fmt: skip
+    parser.add_argument(
+        "--peer-recipe", choices=("preset", "gpu"), default="preset",
+        help="preset: nanoGPT at the preset's shape, schedule fitted to the hour; "
+        "gpu: nanoGPT's GPU recipe as shipped",
+    )  # fmt: skip
     parser.add_argument("--skip-ours", action="store_true", help="run the PyTorch peer only")
     parser.add_argument("--ablate", action="store_true", help="the ablation table instead")
     parser.add_argument(
@@ -302,11 +348,18 @@ def main(argv=None) -> int:
             bc.maybe_wait_quiet("ours", args.wait_quiet)
             run_dir = Path(args.keep_run) if args.keep_run else Path(tmp) / "run"
             result["ours"] = run_ours(run_dir, [time_limit_override(args.minutes)])
+            result["ours"]["saved_eval"] = eval_saved(run_dir)
     if not args.skip_peer:  # in the same invocation: a peer from another day compares days
         bc.maybe_wait_quiet("peer", args.wait_quiet)
         minutes = args.peer_minutes or args.minutes
-        result["peer"] = run_peer_for(60 * minutes, GPU, 60 * args.peer_eval_minutes,
-                                      speed=parse_speed(args.peer_speed))  # fmt: skip
+        shaped = args.peer_recipe == "preset"
+        result["peer"] = run_peer_for(60 * minutes, PRESET_SHAPED if shaped else GPU,
+                                      60 * args.peer_eval_minutes,
+                                      speed=parse_speed(args.peer_speed),
+                                      fit=fitted(minutes) if shaped else None)  # fmt: skip
+        result["peer"]["recipe_name"] = args.peer_recipe
+        bf16 = "bf16" in result["peer"]["speed"]
+        result["peer"]["precision"] = "bfloat16 autocast" if bf16 else "float32"
     if result.get("peer"):
         result["peer"]["flops_per_token"] = peer_flops_per_token(result["peer"]["recipe"])
     result["matmul_peak"] = flops.matmul_peak()  # last: the timed runs go first
