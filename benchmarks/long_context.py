@@ -138,30 +138,38 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=512, help="model.attention_block_size")
     parser.add_argument("--memory-gib", type=float, default=20.0, help="per-process limit")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--skip-kernel", action="store_true", help="the model rows only")
+    parser.add_argument(
+        "--positions", default=",".join(POSITIONS), help="model rows, comma-separated"
+    )
     parser.add_argument("--out", default=default_out("long_context"))
     add_wait_quiet_arg(parser)
     args = parser.parse_args()
     limit = int(args.memory_gib * 2**30)  # inherited by every measurement's process
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     lengths = [int(x) for x in args.lengths.split(",")]
+    positions = args.positions.split(",")
+    unknown = sorted(set(positions) - set(POSITIONS))
+    if unknown:
+        parser.error(f"--positions: unknown {', '.join(unknown)} (known: {', '.join(POSITIONS)})")
     results = {"machine": machine_info(["tensorflow", "keras", "torch"]), "args": vars(args)}
     print_machine(results["machine"])
     results["quiet"] = maybe_wait_quiet("long_context", args.wait_quiet)
-    sides = ["plain", "blocked"] + ([] if args.skip_peer else ["torch"])
+    sides = [] if args.skip_kernel else ["plain", "blocked"] + ([] if args.skip_peer else ["torch"])
     results["kernel"] = {f"{s} T={t}": kernel_row(s, t, args) for t in lengths for s in sides}
     print_table(
         ["attention alone, fwd+bwd", *map(str, lengths)],
         [[s, *(_cell(results["kernel"][f"{s} T={t}"]) for t in lengths)] for s in sides],
     )
     models = {}
-    for name, position in POSITIONS.items():
+    for name in positions:
         for path, switch in PATHS.items():
             for t in lengths:
-                models[f"{name}, {path}, T={t}"] = model_row([*position, *switch], t, args)
+                models[f"{name}, {path}, T={t}"] = model_row([*POSITIONS[name], *switch], t, args)
     results["model"] = models
     rows = [
         [f"{name}, {path}", *(_cell(models[f"{name}, {path}, T={t}"]) for t in lengths)]
-        for name in POSITIONS
+        for name in positions
         for path in PATHS
     ]
     print_table(["training step, batch 1", *map(str, lengths)], rows)

@@ -43,6 +43,7 @@ def _both(q, k, v, q_positions, k_positions, table, block_size):
     "heads, kv_heads, dv, t, block_size, dynamic",
     [
         (4, 4, 8, 13, 4, False),  # MHA, T not a multiple of the block
+        (4, 2, 8, 13, 4, True),  # the bias (Toeplitz tiles) with padded queries and keys
         (4, 2, 8, 16, 8, True),  # GQA with the dynamic-attention bias
         (2, 2, 6, 9, 16, True),  # one block larger than the sequence; Dv != D (MLA)
         (6, 3, 8, 20, 1, True),  # one key per block
@@ -79,15 +80,38 @@ def test_prefill_into_a_cache_with_per_row_positions():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "q_positions, k_positions",
+    [
+        (tf.range(4, 11), tf.range(13)),  # prefill at 4: tiles start 4 after their keys
+        (tf.constant([0, 1, 2, 5, 6, 7, 9]), tf.range(13)),  # a gap: the bias is gathered
+    ],
+)
+def test_shared_positions_with_the_bias_equal_the_plain_path(q_positions, k_positions):
+    rng = np.random.default_rng(3)
+    q = tf.constant(rng.normal(size=(2, 7, 4, 8)), tf.float32)
+    k = tf.constant(rng.normal(size=(2, 13, 2, 8)), tf.float32)
+    v = tf.constant(rng.normal(size=(2, 13, 2, 8)), tf.float32)
+    table = tf.constant(rng.normal(size=(BUCKETS[0], 4)), tf.float32)
+    (plain, plain_grads), (blocked, blocked_grads) = _both(
+        q, k, v, q_positions, k_positions, table, 4
+    )
+    np.testing.assert_allclose(blocked, plain, rtol=1e-5, atol=1e-5)
+    for want, got in zip(plain_grads, blocked_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_compiled_and_bfloat16():
-    """Inside `tf.function` (XLA) with bfloat16 inputs: the plain path's values within
-    bfloat16's resolution, in the inputs' dtype."""
+    """Inside `tf.function` (XLA) with bfloat16 inputs and the bias: the plain path's
+    values within bfloat16's resolution, in the inputs' dtype."""
     rng = np.random.default_rng(1)
     q, k, v = (tf.constant(rng.normal(size=(1, 24, 2, 8)), tf.bfloat16) for _ in range(3))
+    table = tf.constant(rng.normal(size=(BUCKETS[0], 2)), tf.float32)
     positions = tf.range(24)
     blocked = tf.function(blocked_attention, jit_compile=True)
-    out = blocked(q, k, v, positions, positions, 0.35, block_size=8)
-    plain = causal_attention(q, k, v, positions, positions, 0.35)
+    out = blocked(q, k, v, positions, positions, 0.35, table, BUCKETS, block_size=8)
+    bias = _plain_bias(table, positions, positions)
+    plain = causal_attention(q, k, v, positions, positions, 0.35, bias)
     assert out.dtype == tf.bfloat16
     np.testing.assert_allclose(
         tf.cast(out, tf.float32).numpy(), tf.cast(plain, tf.float32).numpy(), atol=0.05
