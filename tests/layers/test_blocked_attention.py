@@ -43,7 +43,7 @@ def _both(q, k, v, q_positions, k_positions, table, block_size):
     "heads, kv_heads, dv, t, block_size, dynamic",
     [
         (4, 4, 8, 13, 4, False),  # MHA, T not a multiple of the block
-        (4, 2, 8, 13, 4, True),  # the bias (Toeplitz tiles) with padded queries and keys
+        (4, 2, 8, 13, 4, True),  # the bias with padded queries and keys
         (4, 2, 8, 16, 8, True),  # GQA with the dynamic-attention bias
         (2, 2, 6, 9, 16, True),  # one block larger than the sequence; Dv != D (MLA)
         (6, 3, 8, 20, 1, True),  # one key per block
@@ -84,7 +84,7 @@ def test_prefill_into_a_cache_with_per_row_positions():
     "q_positions, k_positions",
     [
         (tf.range(4, 11), tf.range(13)),  # prefill at 4: tiles start 4 after their keys
-        (tf.constant([0, 1, 2, 5, 6, 7, 9]), tf.range(13)),  # a gap: the bias is gathered
+        (tf.constant([0, 1, 2, 5, 6, 7, 9]), tf.range(13)),  # a gap in the queries
     ],
 )
 def test_shared_positions_with_the_bias_equal_the_plain_path(q_positions, k_positions):
