@@ -58,11 +58,19 @@ def prepare(torch, model, speed: Speed):
     return forward, contextlib.nullcontext
 
 
+def add_speed_arg(parser) -> None:
+    """`--peer-speed {auto, eager-fp32, ...}`, read back with `parse_speed`."""
+    parser.add_argument(
+        "--peer-speed", choices=CHOICES, default="auto",
+        help="the peer's torch.compile / bf16 autocast (auto: the fastest on a short trial)",
+    )  # fmt: skip
+
+
 def fastest(trial: Callable[[Speed], float], log=print, speeds=SPEEDS) -> tuple[Speed, list[dict]]:
     """Runs `trial(speed)` (training tokens/s of a short run, compilation excluded) for
-    every speed of `speeds`; returns the fastest and every trial's result (with its wall `seconds`,
-    which a caller leaves out of its own wall time). A speed whose trial fails
-    (no C++ compiler for inductor, no bfloat16 kernels) is skipped."""
+    every speed of `speeds`; returns the fastest and every trial's result (with its wall
+    `seconds`, which a caller leaves out of its own wall time). A speed whose trial
+    fails (no C++ compiler for inductor, no bfloat16 kernels) is skipped."""
     trials = []
     for speed in speeds:
         started = time.perf_counter()

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import bench_common as bc
 from nanogpt_peer import BABY, GPU, import_torch, run_peer
-from peer_speed import CHOICES, parse_speed
+from peer_speed import add_speed_arg, parse_speed
 
 NAME = "shakespeare_char"
 PRESET = "shakespeare-char"
@@ -202,10 +202,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--skip-peer", action="store_true", help="run deepseek-tf only")
     parser.add_argument("--skip-ours", action="store_true", help="run the PyTorch peer only")
-    parser.add_argument(
-        "--peer-speed", choices=CHOICES, default="auto",
-        help="the peer's torch.compile / bf16 autocast (auto: the fastest on a short trial)",
-    )  # fmt: skip
+    add_speed_arg(parser)
     parser.add_argument("--out", help="result JSON path (default: results/NAME[_gpu].json)")
     bc.add_wait_quiet_arg(parser)
     parser.add_argument(

@@ -47,7 +47,7 @@ import bench_common as bc
 import flops
 import yaml
 from nanogpt_peer import GPU, Recipe, import_torch, run_peer_for
-from peer_speed import CHOICES, parse_speed
+from peer_speed import add_speed_arg, parse_speed
 from shakespeare_char import cli_command, read_metrics
 
 NAME = "speedrun"
@@ -306,10 +306,7 @@ def main(argv=None) -> int:
     parser.add_argument("--peer-minutes", type=float, help="the peer's (default: --minutes)")
     parser.add_argument("--peer-eval-minutes", type=float, default=5.0)
     parser.add_argument("--skip-peer", action="store_true", help="run deepseek-tf only")
-    parser.add_argument(
-        "--peer-speed", choices=CHOICES, default="auto",
-        help="the peer's torch.compile / bf16 autocast (auto: the fastest on a short trial)",
-    )  # fmt: skip
+    add_speed_arg(parser)
     parser.add_argument(
         "--peer-recipe", choices=("preset", "gpu"), default="preset",
         help="preset: nanoGPT at the preset's shape, schedule fitted to the hour; "
