@@ -40,18 +40,20 @@ class Decoder:
         jit_compile: compile the loop with XLA.
         logprobs: report log-probabilities (see `DecodeLoop`).
         vocab_limit: ids the tokenizer can decode (see `DecodeLoop`).
+        cache_bytes: the CPU's last-level cache (see `DecodeLoop`); None: the system's.
     """
 
-    def __init__(self, model, jit_compile: bool = True, logprobs: bool = False, vocab_limit=None):
+    def __init__(self, model, jit_compile: bool = True, logprobs: bool = False, vocab_limit=None,
+                 cache_bytes: int | None = None):  # fmt: skip
         self.model = model
-        self.loop = DecodeLoop(model, jit_compile, logprobs, vocab_limit)
+        self.loop = DecodeLoop(model, jit_compile, logprobs, vocab_limit, cache_bytes)
 
     def start(self, rows: Sequence[Row], stop_ids: Sequence[int] = ()) -> DecodeState:
         """Prefills `rows` (each `len(prompt) + max_new_tokens <= model.max_seq_len`)."""
         n = len(rows)
         batch = pad_batch(n)
         ends = [len(r.prompt) + r.max_new_tokens for r in rows]
-        cache_len = cache_length(max(ends), self.model.max_seq_len)
+        cache_len = cache_length(max(ends), self.model.max_seq_len, self.loop.xla_step)
         ids = np.zeros((batch, cache_len), np.int32)
         is_prompt = np.zeros((batch, cache_len), bool)
         for i, r in enumerate(rows):

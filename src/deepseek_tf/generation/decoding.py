@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from deepseek_tf.generation import decode_layout
 from deepseek_tf.generation import penalties as pen
 from deepseek_tf.generation.memory_bound import memory_bound_on_cpu, xla_decode, xla_prefill
 from deepseek_tf.generation.sampler import constrain, follow_grammar, limit_vocab, sample_tokens
@@ -46,9 +47,20 @@ def prefill_bucket(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
-def cache_length(total: int, max_seq_len: int) -> int:
-    """Cache positions for sequences of up to `total` tokens."""
-    return min(-(-int(total) // CACHE_BUCKET) * CACHE_BUCKET, max_seq_len)
+def cache_length(total: int, max_seq_len: int, power_of_two: bool = False) -> int:
+    """Cache positions for sequences of up to `total` tokens: a multiple of
+    `CACHE_BUCKET`, or with `power_of_two` a power of two times it (fewer shapes where
+    each costs an XLA compilation: `DecodeLoop.xla_step`).
+
+    >>> cache_length(200, 4096), cache_length(200, 4096, power_of_two=True)
+    (256, 256)
+    >>> cache_length(300, 4096), cache_length(300, 4096, power_of_two=True)
+    (320, 512)
+    """
+    buckets = -(-int(total) // CACHE_BUCKET)
+    if power_of_two:
+        buckets = 1 << (buckets - 1).bit_length()
+    return min(buckets * CACHE_BUCKET, max_seq_len)
 
 
 def prepare_decoding(model) -> None:
@@ -88,6 +100,12 @@ class DecodeLoop:
             None: every id of the model.
         cache_bytes: the CPU's last-level cache, which the XLA choices compare the
             weights with (`xla_prefill`, `xla_decode`); None: read from the system.
+
+    Attributes:
+        jit_compile: whether the token step and the decode loop are compiled with XLA.
+        xla_step: whether, the loop left uncompiled, its batch-1 token step is (a model
+            in the decode layout, `generation.decode_layout`); its cache lengths are then
+            powers of two (`cache_length`), each a compilation.
     """
 
     def __init__(self, model, jit_compile: bool = True, logprobs: bool = False, vocab_limit=None,
@@ -101,6 +119,10 @@ class DecodeLoop:
         # each function the model calls cost ~8% of the tracing time of the decode tests
         self.jit_compile = xla_decode(model, jit_compile, cache_bytes)  # the step's, the loop's
         compiled = dict(jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
+        # a model in the decode layout: the batch-1 step under XLA inside an uncompiled
+        # loop (in a compiled loop XLA hoists float32 copies of every weight out of it)
+        self.xla_step = jit_compile and not self.jit_compile and decode_layout.applied(model)
+        self._xla_token_step = tf.function(self.token_step, **{**compiled, "jit_compile": True})
         self.prefill_jit_compile = xla_prefill(model, jit_compile, cache_bytes)
         prefill = {**compiled, "jit_compile": self.prefill_jit_compile}
         self.prefill_program = tf.function(self._prefill_chunk, **prefill)
@@ -247,6 +269,7 @@ class DecodeLoop:
         top_ids = tf.zeros((batch, length, top), tf.int32)
         top_lps = tf.zeros((batch, length, top), tf.float32)
         rows = tf.range(batch)
+        step = self._xla_token_step if self.xla_step and ids.shape[0] == 1 else self.token_step
 
         def cond(j, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy, state):
             return tf.logical_and(j < steps, tf.logical_not(tf.reduce_all(done)))
@@ -254,8 +277,8 @@ class DecodeLoop:
         def body(j, i, ids, cache, logits, done, logprobs, top_ids, top_lps, entropy, state):
             index = tf.stack([rows, i], axis=1)  # (B, 2)
             forced = tf.gather_nd(is_prompt, index)  # (B,)
-            out = self.token_step(cache, logits, i, forced, tf.gather_nd(ids, index), done,
-                                  sampling, stop_ids, bias, state or None)  # fmt: skip
+            out = step(cache, logits, i, forced, tf.gather_nd(ids, index), done, sampling,
+                       stop_ids, bias, state or None)  # fmt: skip
             token, stopped, logprob, best_ids, best_lps, spread, logits, cache, state, _ = out
             ids = tf.tensor_scatter_nd_update(ids, index, token)
             if self.logprobs:

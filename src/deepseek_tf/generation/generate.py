@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from deepseek_tf.errors import InputError
+from deepseek_tf.generation import decode_layout
 from deepseek_tf.generation.decoder import Decoder, Row
 from deepseek_tf.generation.penalties import Penalties, check_penalties
 from deepseek_tf.generation.sampler import (
@@ -56,6 +57,10 @@ class Generator:
     output is plain decoding's, sampled output follows the same distribution (drawn
     from other random numbers); `speculative_stats` counts the drafts.
 
+    On a CPU, a model whose 16-bit weights do not fit in the cache is put in the decode
+    layout (`generation.decode_layout`: its kernels held `(out, in)`; save it only after
+    `decode_layout.restore`).
+
     Args:
         model: a `CausalLM`.
         jit_compile: compile prefill and the decoding loop with XLA.
@@ -84,6 +89,8 @@ class Generator:
         self.model = model
         self.jit_compile = jit_compile
         self.vocab_limit = vocab_limit
+        if jit_compile and decode_layout.wanted(model):  # 16-bit weights read from memory
+            decode_layout.apply(model)
         self.decoder = Decoder(model, jit_compile, vocab_limit=vocab_limit)
         self._detailed = None  # the loop with log-probabilities and entropies, on demand
         if speculative not in SPECULATIVE:

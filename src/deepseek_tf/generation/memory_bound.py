@@ -71,7 +71,9 @@ def xla_decode(model, jit_compile: bool, cache_bytes: int | None = None) -> bool
     copies out of the decode loop: every weight is held twice more, per call (the 1.46B
     demonstration in bfloat16 peaked at 10.2 GB with XLA against 4.0 GB without, and
     stepped no faster). TensorFlow's own (oneDNN) kernels read the 16-bit weights as
-    they are. Float32 weights keep XLA: it fuses the step's many small ops.
+    they are. Float32 weights keep XLA: it fuses the step's many small ops. Such a model
+    in the decode layout (`generation.decode_layout`) still runs its batch-1 token step
+    under XLA, called from the uncompiled loop (`DecodeLoop.xla_step`).
     """
     sixteen_bit = tf.as_dtype(model.variable_dtype) in (tf.bfloat16, tf.float16)
     return jit_compile and not (sixteen_bit and memory_bound_on_cpu(model, cache_bytes))

@@ -29,10 +29,14 @@ from deepseek_tf.layers.expert_shards import (
     in_replicas,
     scatter_full,
 )
+from deepseek_tf.layers.structure import replace_weight
 
 
 class ExpertStacks:
     """Storage of stacked routed-expert weights (a mixin of `DeepSeekMoE`)."""
+
+    # float stacks held `(E, out, in)` for decoding (`transpose_stacks`); runtime state
+    stacks_out_in = False
 
     def build_expert_stacks(self) -> None:
         """Creates the stacks in their stored form (float, or codes + scales restored
@@ -130,6 +134,20 @@ class ExpertStacks:
         self._tracker.lock()
         self.expert_quantize, self.expert_group_size = mode, group_size
 
+    def transpose_stacks(self) -> bool:
+        """Holds the float stacks `(E, out, in)`, or back `(E, in, out)` (each call flips;
+        `generation.decode_layout`): XLA's CPU backend multiplies a vector by a 16-bit
+        matrix at the memory's bandwidth only when the matrix's rows are the outputs.
+        Each stack is replaced by a new variable, so the layout costs no memory once the
+        old one is freed. Returns False, changing nothing, for stacks it leaves as they
+        are (quantized, with adapters, sharded)."""
+        if self.expert_quantize != "none" or self.lora_rank or self.experts_sharded:
+            return False
+        for name in self.expert_shapes():
+            replace_weight(self, name, tf.transpose(getattr(self, name).value, (0, 2, 1)))
+        self.stacks_out_in = not self.stacks_out_in
+        return True
+
     @property
     def experts_sharded(self) -> bool:
         """Whether the float stacks are per-replica shards (`shard_experts`)."""
@@ -163,9 +181,10 @@ class ExpertStacks:
         self.expert_parallel = shards
         return variables
 
-    def expert_stack(self, name: str, index=None, after=None):
+    def expert_stack(self, name: str, index=None, after=None, transposed: bool = False):
         """Routed-expert stack `name` (`"experts_gate"`, ...) in the compute dtype:
-        `(E, in, out)`, or the experts `index` picks `(n, in, out)`. Quantized
+        `(E, in, out)`, or the experts `index` picks `(n, in, out)`; with `transposed`
+        `(E | n, out, in)` (free when the stacks are held so, `transpose_stacks`). Quantized
         stacks are gathered as codes and dequantized after the gather; `after` (the
         layer's input) makes a whole stack's dequantization wait for it -- it depends on
         no input, so TensorFlow's graph executor would otherwise run every layer's at
@@ -186,4 +205,6 @@ class ExpertStacks:
             w = expert_quant.dequantize(codes, scale, self.expert_quantize, in_dim, "float32")
         if self.lora_rank:  # adapters on a frozen (possibly quantized) base
             w = ops.cast(w, "float32") + self.lora_delta(name, index)
+        if transposed != self.stacks_out_in:
+            w = tf.transpose(w, (0, 2, 1))
         return ops.cast(w, self.compute_dtype)

@@ -338,6 +338,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         Dn, R), w_uv (H, R, Dv))`, heads leading as XLA's batched products want them."""
         h, nope, rank = self.n_heads, self.qk_nope_head_dim, self.kv_lora_rank
         w = ops.cast(self.kv_b_proj.kernel, self.compute_dtype)  # (R, H*(Dn+Dv))
+        if getattr(self.kv_b_proj, "kernel_out_in", False):  # `generation.decode_layout`
+            w = ops.transpose(w)
         w = ops.reshape(w, (rank, h, nope + self.v_head_dim))  # (R, H, Dn+Dv)
         w_uk = ops.transpose(w[..., :nope], (1, 2, 0))  # (H, Dn, R)
         w_uv = ops.transpose(w[..., nope:], (1, 0, 2))  # (H, R, Dv)

@@ -19,6 +19,7 @@ from deepseek_tf.layers.swiglu import SwiGLU
 
 DISPATCH = ("sparse", "dense")
 CAPACITY_MIN_LOAD = 4  # mean assignments per expert from which capacity dispatch is used
+UNROLLED_TILES = 16  # under XLA, stacks held (E, out, in) multiply up to this many tiles one by one
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -322,10 +323,11 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
                 # tensors, not variables (the dispatch's custom gradient differentiates
                 # w.r.t. its inputs), in the compute dtype (mixed precision)
                 *(
-                    ops.cast(tf.identity(self.expert_stack(name, after=tokens)), tokens.dtype)
-                    for name in ("experts_gate", "experts_up", "experts_down")
+                    ops.cast(tf.identity(stack), tokens.dtype)
+                    for stack in self._stacks(transposed=self.stacks_out_in, after=tokens)
                 ),
                 return_hidden=return_hidden,
+                transposed=self.stacks_out_in,
             )  # (N, k, d), (N, k, h) or None
             out = ops.einsum("nkd,nk->nd", ops.cast(per_slot, "float32"), topk_weight)  # (N, d)
             return ops.cast(out, self.compute_dtype), hidden
@@ -337,12 +339,7 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
         )  # (N + 1, d): row N is the padding row
         rows = tf.gather(padded, plan["row_token"])  # (R, d)
         rows = ops.reshape(rows, (plan["n_tiles"], tile, self.d_model))  # (n_tiles, tile, d)
-        tile_expert = plan["tile_expert"]
-        w_gate = self.expert_stack("experts_gate", tile_expert)  # (n_tiles, d, h)
-        w_up = self.expert_stack("experts_up", tile_expert)  # (n_tiles, d, h)
-        w_down = self.expert_stack("experts_down", tile_expert)  # (n_tiles, h, d)
-        hidden = ops.silu(ops.matmul(rows, w_gate)) * ops.matmul(rows, w_up)  # (n_tiles, tile, h)
-        rows_out = ops.matmul(hidden, w_down)  # (n_tiles, tile, d)
+        hidden, rows_out = self._tiles(rows, plan["tile_expert"])  # (n_tiles, tile, h|d)
         rows_out = ops.reshape(rows_out, (-1, self.d_model))  # (R, d)
         per_slot = moe_tiles.gather_rows(rows_out, plan["dest"])  # (N, k, d)
         out = ops.einsum("nkd,nk->nd", ops.cast(per_slot, "float32"), topk_weight)  # (N, d)
@@ -351,6 +348,37 @@ class DeepSeekMoE(ExpertStacks, keras.layers.Layer):
             hidden = ops.reshape(hidden, (-1, self.moe_hidden_dim))  # (R, h)
             chosen_hidden = moe_tiles.gather_rows(hidden, plan["dest"])  # (N, k, h)
         return ops.cast(out, self.compute_dtype), chosen_hidden
+
+    def _stacks(self, index=None, transposed=False, after=None):
+        """The gate, up and down stacks (`expert_stack`)."""
+        names = ("experts_gate", "experts_up", "experts_down")
+        return [self.expert_stack(n, index, after=after, transposed=transposed) for n in names]
+
+    def _tiles(self, rows, tile_expert):
+        """SwiGLU of each tile's expert on its rows `(n_tiles, tile, d)` -> hidden
+        `(n_tiles, tile, h)` and outputs `(n_tiles, tile, d)`.
+
+        Stacks held `(E, out, in)` (`transpose_stacks`) multiply with `transpose_b`; under
+        XLA with few tiles (batch-1 decoding: one per routed expert) each tile's expert is
+        gathered and multiplied on its own: XLA's CPU backend reads a gathered 16-bit
+        matrix at the memory's bandwidth in a matrix-vector product, and ~4x slower in a
+        batched one (`benchmarks/README.md`, decode_real)."""
+        t = self.stacks_out_in
+        n_tiles = rows.shape[0]
+        if t and in_xla() and isinstance(n_tiles, int) and n_tiles <= UNROLLED_TILES:
+            # one tile at a time: `(tile, d)` rows against `(h|d, d|h)` weights
+            tiles = [self._swiglu(rows[j], self._stacks(tile_expert[j], transposed=True), True)
+                     for j in range(n_tiles)]  # fmt: skip
+            return tuple(ops.stack(parts) for parts in zip(*tiles))
+        return self._swiglu(rows, self._stacks(tile_expert, transposed=t), t)
+
+    @staticmethod
+    def _swiglu(rows, stacks, transposed):
+        """`(hidden, out)` of rows `(..., tile, d)` through `(..., d|h, h|d)` weights."""
+        w_gate, w_up, w_down = stacks
+        gate = tf.matmul(rows, w_gate, transpose_b=transposed)  # (..., tile, h)
+        hidden = ops.silu(gate) * tf.matmul(rows, w_up, transpose_b=transposed)
+        return hidden, tf.matmul(hidden, w_down, transpose_b=transposed)  # (..., tile, d)
 
     def _seq_aux_loss(self, x, topk_idx, scores):
         """`alpha * mean_b sum_i f_i P_i`, the DeepSeek-V3 sequence-wise balance loss.

@@ -60,8 +60,10 @@ def _masked_gather(table, index, valid):
     return rows * tf.cast(valid, rows.dtype)[:, None]
 
 
-def _forward(tokens, weights, slots, assign_of_slot, k, n_experts, capacity, with_hidden=True):
-    """One round's SwiGLU experts: `(A, d)` outputs, `(A, h)` hidden, and what backward needs.
+def _forward(tokens, weights, slots, assign_of_slot, k, n_experts, capacity, with_hidden=True,
+             transposed=False):  # fmt: skip
+    """One round's SwiGLU experts: `(A, d)` outputs, `(A, h)` hidden, and what backward needs
+    (`transposed`: the stacks are held `(E, out, in)`).
 
     Empty slots compute on an arbitrary token: no assignment reads their outputs, and their
     output gradients are zero, so they add nothing to any gradient.
@@ -70,10 +72,11 @@ def _forward(tokens, weights, slots, assign_of_slot, k, n_experts, capacity, wit
     n_slots = n_experts * capacity
     token_of_slot = tf.minimum(assign_of_slot // k, tokens.shape[0] - 1)  # (E*C,)
     rows = tf.reshape(tf.gather(tokens, token_of_slot), (n_experts, capacity, -1))  # (E, C, d)
-    gate, up = tf.matmul(rows, w_gate), tf.matmul(rows, w_up)  # (E, C, h)
+    gate = tf.matmul(rows, w_gate, transpose_b=transposed)  # (E, C, h)
+    up = tf.matmul(rows, w_up, transpose_b=transposed)  # (E, C, h)
     act = tf.nn.silu(gate)
     hidden = act * up  # (E, C, h)
-    y = tf.matmul(hidden, w_down)  # (E, C, d)
+    y = tf.matmul(hidden, w_down, transpose_b=transposed)  # (E, C, d)
     inside = slots < n_slots  # (A,) assignments of this round
     out = _masked_gather(tf.reshape(y, (n_slots, -1)), slots, inside)  # (A, d)
     hid = None
@@ -109,8 +112,9 @@ def _backward(d_out, weights, slots, assign_of_slot, saved, k: int, n_experts: i
 
 
 def capacity_dispatch(
-    tokens, topk_idx, w_gate, w_up, w_down, capacity_factor: float = 1.25, return_hidden=False
-):
+    tokens, topk_idx, w_gate, w_up, w_down, capacity_factor: float = 1.25, return_hidden=False,
+    transposed: bool = False,
+):  # fmt: skip
     """Outputs `(N, k, d)` of each token's `k` experts, and their hidden activations
     `(N, k, h)` when `return_hidden` (else None; for statistics: no gradient flows back
     through them).
@@ -122,6 +126,9 @@ def capacity_dispatch(
             expert): its output is zero.
         w_gate, w_up: `(E, d, h)` stacked expert weights (tensors); w_down: `(E, h, d)`.
         capacity_factor: rows per expert of the first round, over the mean load.
+        return_hidden: also return the hidden activations.
+        transposed: the stacks are held `(E, out, in)` (a model in decode layout,
+            `generation.decode_layout`); inference only, it has no gradient.
     """
     n, k = tokens.shape[0], topk_idx.shape[1]
     n_experts = w_gate.shape[0]
@@ -162,17 +169,21 @@ def capacity_dispatch(
         weights = (w_gate, w_up, w_down)
         slots0, table0 = plan(0, capacity)
         out0, hid0, saved0 = _forward(
-            tokens, weights, slots0, table0, k, n_experts, capacity, return_hidden
+            tokens, weights, slots0, table0, k, n_experts, capacity, return_hidden, transposed
         )
 
         def add_round(slots, table, rows, out, *hid):
-            o, h, _ = _forward(tokens, weights, slots, table, k, n_experts, rows, return_hidden)
+            o, h, _ = _forward(
+                tokens, weights, slots, table, k, n_experts, rows, return_hidden, transposed
+            )
             return (out + o, *((hid[0] + h,) if return_hidden else ()))
 
         out, *hid = overflow(add_round, (out0, *((hid0,) if return_hidden else ())))
 
         def grad(d_out, *d_hid):
             del d_hid  # statistics only
+            if transposed:
+                raise ValueError("capacity_dispatch: stacks held (E, out, in) have no gradient")
             first = _backward(d_out, weights, slots0, table0, saved0, k, n_experts, capacity)
 
             def add_grads(slots, table, rows, *acc):
@@ -186,7 +197,7 @@ def capacity_dispatch(
             return (out, tf.stop_gradient(hid[0])), grad
         return out, grad
 
-    d, h = w_down.shape[-1], w_up.shape[-1]
+    d, h = (w_down.shape[-2], w_up.shape[-2]) if transposed else (w_down.shape[-1], w_up.shape[-1])
     result = dispatch(tokens, w_gate, w_up, w_down)  # (A, d)[, (A, h)]
     if not return_hidden:
         return tf.reshape(result, (n, k, d)), None

@@ -166,3 +166,22 @@ def projection_parameters(layer) -> int:
 def count(*shapes) -> int:
     """Total elements of the given shapes."""
     return sum(math.prod(s) for s in shapes)
+
+
+def replace_weight(layer, name: str, value) -> None:
+    """Replaces `layer`'s variable attribute `name` by a new variable holding `value` (any
+    shape; same trainability), the old one untracked. Keras' own `del layer.<name>` runs a
+    full `gc.collect()` per variable (0.17 s each: 22 s for the 1.46B demonstration's 130)."""
+    old = getattr(layer, name)
+    trainable = old.trainable
+    layer._untrack_variable(old)
+    object.__delattr__(layer, name)
+    del old
+    layer._tracker.unlock()
+    try:
+        setattr(layer, name, layer.add_weight(
+            name=name.lstrip("_"), shape=value.shape, dtype=value.dtype, trainable=trainable,
+            initializer=lambda shape, dtype: value,
+        ))  # fmt: skip
+    finally:
+        layer._tracker.lock()
