@@ -224,6 +224,19 @@ def test_prepared_absorbed_kernels_decode_as_the_kernel_does_and_are_never_saved
     layer.prepare_decoding()
     fresh, _ = _decode(layer, x, prefill=3)
     np.testing.assert_allclose(fresh, np.asarray(layer(x)), atol=1e-5)
+    # one (out, in) matrix per head (`generation.decode_layout`), eager and under XLA
+    layer.prepare_decoding(out_in=True)
+    w_uk = layer._absorbed_kernels.values[0]
+    assert len(w_uk) == layer.n_heads and tuple(w_uk[0].shape) == (
+        layer.kv_lora_rank,
+        layer.qk_nope_head_dim,
+    )
+    per_head, _ = _decode(layer, x, prefill=3)
+    np.testing.assert_allclose(per_head, np.asarray(layer(x)), atol=1e-5)
+    step = tf.function(lambda x, cache, i: layer(x, cache=cache, cache_index=i), jit_compile=True)
+    out, cache = layer(x[:, :3], cache=layer.init_cache(2, 8), cache_index=0)
+    out, _ = step(x[:, 3:4], cache, tf.constant(3, tf.int32))
+    np.testing.assert_allclose(np.asarray(out), per_head[:, 3:4], atol=1e-5)
 
 
 def test_absorbed_cache_holds_the_normed_latent_and_roped_key_and_masks_the_rest():

@@ -67,9 +67,10 @@ def prepare_decoding(model) -> None:
     """Brings the weights that layers derive for decoding up to date (MLA's absorbed
     kernels, `MultiHeadLatentAttention.prepare_decoding`); every decode loop calls it
     when it is made."""
+    out_in = decode_layout.applied(model)
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, MultiHeadLatentAttention):
-            layer.prepare_decoding()
+            layer.prepare_decoding(out_in)
 
 
 def positional_cache(model) -> bool:

@@ -47,6 +47,20 @@ class _Derived:
     tracking (a plain object: never saved in a checkpoint or counted as a weight)."""
 
     values: list | None = None
+    out_in: bool = False  # held `(H, out, in)` (`prepare_decoding`)
+
+
+def head_product(x, w):
+    """Each head's vector times its matrix: `(B, T, H, in)` through `w` `(H, in, out)`, or
+    a list of `H` matrices `(out, in)`, -> `(B, T, H, out)`. The list (a model in
+    `generation.decode_layout`) multiplies head by head: under XLA each is a
+    matrix-vector product that XLA's CPU backend reads at the memory's bandwidth when
+    the matrix is a parameter with the outputs as rows; a batched product converts the
+    whole 16-bit kernel to float32 first, and a slice of one is copied."""
+    if isinstance(w, (list, tuple)):
+        heads = [tf.einsum("bti,oi->bto", x[:, :, h], w_h) for h, w_h in enumerate(w)]
+        return ops.stack(heads, axis=2)  # (B, T, H, out)
+    return ops.einsum("bthi,hio->btho", x, w)
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -311,7 +325,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         cache = {**cache, "kv": kv, "pe": pe}
 
         w_uk, w_uv = self._absorbed_kernels.values or self.absorbed_kernels()
-        q_latent = ops.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, R)
+        q_latent = head_product(q_nope, w_uk)  # (B, T, H, R)
         if runs_blocked(q_latent, self.blocked_above):  # a long prefill
             # one key head (MQA): queries [q_latent, q_pe], keys [latent, pe], values latent
             q = ops.concatenate([q_latent, q_pe], axis=-1)  # (B, T, H, R + Dr)
@@ -321,7 +335,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                 q, k, kv[:, :, None], q_positions, k_positions, self.scale,
                 block_size=self.block_size,
             )  # (B, T, H, R)  # fmt: skip
-            return ops.einsum("bthr,hrd->bthd", context, w_uv), cache  # (B, T, H, Dv)
+            return head_product(context, w_uv), cache  # (B, T, H, Dv)
         scores = ops.einsum("bthr,bsr->bths", q_latent, kv)  # (B, T, H, S)
         scores = scores + ops.einsum("bthd,bsd->bths", q_pe, pe)  # (B, T, H, S)
         scores = ops.cast(scores, "float32") * self.scale
@@ -330,8 +344,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         scores = ops.where(mask, scores, NEG_INF)  # (B, T, H, S)
         probs = ops.cast(ops.softmax(scores, axis=-1), kv.dtype)  # (B, T, H, S)
         context = ops.einsum("bths,bsr->bthr", probs, kv)  # (B, T, H, R)
-        out = ops.einsum("bthr,hrd->bthd", context, w_uv)  # (B, T, H, Dv)
-        return out, cache
+        return head_product(context, w_uv), cache  # (B, T, H, Dv)
 
     def absorbed_kernels(self):
         """`kv_b_proj`'s kernel split and laid out for the absorbed einsums: `(w_uk (H,
@@ -345,21 +358,27 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         w_uv = ops.transpose(w[..., nope:], (1, 0, 2))  # (H, R, Dv)
         return w_uk, w_uv
 
-    def prepare_decoding(self) -> None:
+    def prepare_decoding(self, out_in: bool = False) -> None:
         """Keeps `absorbed_kernels()` in variables for the decode loops (which call this
         when they are made): computed inside every step, XLA's CPU backend slices and
         transposes `kv_b_proj` per token (15.6 ms against 0.65 ms per layer at
         DeepSeek-V2-Lite's head shapes). The copies are derived, never checkpointed;
-        a loop made after the weights change sees the new ones."""
+        a loop made after the weights change sees the new ones. `out_in`: hold them
+        as one `(out, in)` matrix per head (a model in `generation.decode_layout`, see
+        `head_product`)."""
         if not self.absorb:
             return
         kernels = self.absorbed_kernels()
         held = self._absorbed_kernels
-        if held.values is None:
+        if out_in:
+            held.values = [[tf.Variable(tf.transpose(k[h]), trainable=False)
+                            for h in range(self.n_heads)] for k in kernels]  # fmt: skip
+        elif held.values is None or held.out_in:
             held.values = [tf.Variable(k, trainable=False) for k in kernels]
         else:
             for v, k in zip(held.values, kernels):
                 v.assign(k)
+        held.out_in = out_in
 
     def get_config(self):
         return {**super().get_config(), **init_config(self)}
