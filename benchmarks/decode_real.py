@@ -24,6 +24,11 @@ to it, is named `deepseek-v3`), `llama-quantize` a Q8_0 one, and `llama-bench` m
 each (`-r 3`): per step (`-n`), the prompt with its tokens (`-pg`) and the long prompt
 (`-p`). llama.cpp needs q-LoRA for a DeepSeek-2 model of this depth, hence `--q-lora`.
 
+deepseek-tf's processes run with XLA's persistent cache in a fresh directory, as the
+command line runs them (`deepseek_tf.xla_cache`): the `auto` side fills it (a first run on
+a machine: its first token waits for the batch-1 step's compilation), the `bfloat16` side
+(the same model here) reads it (every later run).
+
 With `--int8`, deepseek-tf also decodes the checkpoint converted with `convert --from-hf
 --quantize int8` (every projection as weight-only int8 codes).
 
@@ -41,6 +46,8 @@ from pathlib import Path
 import bench_common as bc
 from decode_kernels import read_bandwidth
 from real_checkpoint import CLI, DECODE, MIB, make_checkpoint, measured
+
+from deepseek_tf.xla_cache import enable as enable_xla_cache
 
 PEER = r"""
 import json, sys, time
@@ -189,6 +196,10 @@ def main() -> None:
     hf_config = json.loads((hf / "config.json").read_text())
     active = active_parameters(hf_config)
     bandwidth = read_bandwidth(info["cores"])
+    # `auto` first, with XLA's persistent cache empty (it compiles, as a first `deepseek-tf
+    # generate` on a machine does), then `bfloat16` with that cache (as every later one)
+    xla_cache = {"DEEPSEEK_TF_XLA_CACHE": tempfile.mkdtemp(prefix="bench-xla-")}
+    enable_xla_cache(xla_cache)  # the environment the command line gives TensorFlow
     sides = [("deepseek-tf", "auto"), ("deepseek-tf", "bfloat16")]
     if args.int8:  # every projection as int8 codes, quantized as the checkpoint is read
         int8_run = work / "int8_run"
@@ -218,7 +229,7 @@ def main() -> None:
                 cmd = [sys.executable, "-c", DECODE, run, args.new_tokens, dtype, args.prefill]
             else:
                 cmd = [sys.executable, "-c", PEER, hf, dtype, args.new_tokens, args.prefill]
-            done = measured(cmd)
+            done = measured(cmd, env=xla_cache if framework == "deepseek-tf" else None)
             result = json.loads(done["out"].splitlines()[-1]) if done["code"] == 0 else {}
         # int8: the codes (+ per-channel scales); Q8_0: 8.5 bits
         bytes_per = (
