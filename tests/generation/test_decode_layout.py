@@ -11,10 +11,10 @@ from deepseek_tf.layers.moe import DeepSeekMoE
 from deepseek_tf.models.builder import build_model
 
 
-def tiny(dtype="bfloat16"):
-    """MLA with q-LoRA, a dense layer, then DeepSeekMoE (the 1.46B demonstration's kinds
-    of weight), in `dtype`."""
-    return build_model(load_config("tiny-moe"), vocab_size=40, seed=3, dtype=dtype)
+def tiny(dtype="bfloat16", preset="tiny-moe"):
+    """`tiny-moe`: MLA with q-LoRA, a dense layer, then DeepSeekMoE (the 1.46B
+    demonstration's kinds of weight); `tiny`: multi-head attention and SwiGLU; in `dtype`."""
+    return build_model(load_config(preset), vocab_size=40, seed=3, dtype=dtype)
 
 
 def weights_by_path(model):
@@ -52,7 +52,8 @@ def test_the_layout_computes_the_same_and_restores_every_weight_exactly():
     np.testing.assert_array_equal(np.asarray(tf.cast(model(ids), tf.float32)), reference)
 
 
-def test_batch_one_steps_under_xla_give_plain_decodings_tokens():
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny"])
+def test_batch_one_steps_under_xla_give_plain_decodings_tokens(preset):
     """A model read from memory (`cache_bytes=1`) in the layout decodes batch 1 with its
     step under XLA (routed experts one by one) and larger batches with TensorFlow's
     kernels: both give the tokens of the model in its own layout."""
@@ -60,7 +61,7 @@ def test_batch_one_steps_under_xla_give_plain_decodings_tokens():
 
     if accelerated():
         pytest.skip("an accelerator is present: decoding follows jit_compile there")
-    model = tiny()
+    model = tiny(preset=preset)
     prompts = [[1, 5, 9, 2], [7, 3]]
     plain = Decoder(model, cache_bytes=1)
     assert not plain.loop.xla_step
