@@ -224,19 +224,20 @@ def test_prepared_absorbed_kernels_decode_as_the_kernel_does_and_are_never_saved
     layer.prepare_decoding()
     fresh, _ = _decode(layer, x, prefill=3)
     np.testing.assert_allclose(fresh, np.asarray(layer(x)), atol=1e-5)
-    # one (out, in) matrix per head (`generation.decode_layout`), eager and under XLA
-    layer.prepare_decoding(out_in=True)
-    w_uk = layer._absorbed_kernels.values[0]
-    assert len(w_uk) == layer.n_heads and tuple(w_uk[0].shape) == (
-        layer.kv_lora_rank,
-        layer.qk_nope_head_dim,
-    )
-    per_head, _ = _decode(layer, x, prefill=3)
-    np.testing.assert_allclose(per_head, np.asarray(layer(x)), atol=1e-5)
-    step = tf.function(lambda x, cache, i: layer(x, cache=cache, cache_index=i), jit_compile=True)
-    out, cache = layer(x[:, :3], cache=layer.init_cache(2, 8), cache_index=0)
+    # held in float32 (a 16-bit model in `generation.decode_layout`), eager and under XLA
+    half = _layer(absorb=True, yarn=True, dtype="bfloat16")
+    half.set_weights(layer.get_weights())
+    expected, _ = _decode(half, x, prefill=3)
+    half.prepare_decoding("float32")
+    assert {v.dtype for v in half._absorbed_kernels.values} == {tf.float32}
+    wide, _ = _decode(half, x, prefill=3)
+    np.testing.assert_allclose(wide, expected, atol=0.05 * np.abs(expected).max())
+    step = tf.function(lambda x, cache, i: half(x, cache=cache, cache_index=i), jit_compile=True)
+    out, cache = half(x[:, :3], cache=half.init_cache(2, 8), cache_index=0)
     out, _ = step(x[:, 3:4], cache, tf.constant(3, tf.int32))
-    np.testing.assert_allclose(np.asarray(out), per_head[:, 3:4], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), wide[:, 3:4], atol=0.05 * np.abs(wide).max()
+    )
 
 
 def test_absorbed_cache_holds_the_normed_latent_and_roped_key_and_masks_the_rest():

@@ -67,10 +67,10 @@ def prepare_decoding(model) -> None:
     """Brings the weights that layers derive for decoding up to date (MLA's absorbed
     kernels, `MultiHeadLatentAttention.prepare_decoding`); every decode loop calls it
     when it is made."""
-    out_in = decode_layout.applied(model)
+    dtype = "float32" if decode_layout.applied(model) else None  # (see prepare_decoding)
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, MultiHeadLatentAttention):
-            layer.prepare_decoding(out_in)
+            layer.prepare_decoding(dtype)
 
 
 def positional_cache(model) -> bool:

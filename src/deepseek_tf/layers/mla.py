@@ -47,20 +47,14 @@ class _Derived:
     tracking (a plain object: never saved in a checkpoint or counted as a weight)."""
 
     values: list | None = None
-    out_in: bool = False  # held `(H, out, in)` (`prepare_decoding`)
 
 
 def head_product(x, w):
-    """Each head's vector times its matrix: `(B, T, H, in)` through `w` `(H, in, out)`, or
-    a list of `H` matrices `(out, in)`, -> `(B, T, H, out)`. The list (a model in
-    `generation.decode_layout`) multiplies head by head: under XLA each is a
-    matrix-vector product that XLA's CPU backend reads at the memory's bandwidth when
-    the matrix is a parameter with the outputs as rows; a batched product converts the
-    whole 16-bit kernel to float32 first, and a slice of one is copied."""
-    if isinstance(w, (list, tuple)):
-        heads = [tf.einsum("bti,oi->bto", x[:, :, h], w_h) for h, w_h in enumerate(w)]
-        return ops.stack(heads, axis=2)  # (B, T, H, out)
-    return ops.einsum("bthi,hio->btho", x, w)
+    """Each head's vector times its matrix: `(B, T, H, in)` through `w` `(H, in, out)` ->
+    `(B, T, H, out)`, computed in `w`'s dtype (float32 kernels of a model in
+    `generation.decode_layout`: `prepare_decoding`) and returned in `x`'s."""
+    out = ops.einsum("bthi,hio->btho", ops.cast(x, w.dtype), w)
+    return ops.cast(out, x.dtype)
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -358,27 +352,26 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         w_uv = ops.transpose(w[..., nope:], (1, 0, 2))  # (H, R, Dv)
         return w_uk, w_uv
 
-    def prepare_decoding(self, out_in: bool = False) -> None:
+    def prepare_decoding(self, dtype=None) -> None:
         """Keeps `absorbed_kernels()` in variables for the decode loops (which call this
         when they are made): computed inside every step, XLA's CPU backend slices and
         transposes `kv_b_proj` per token (15.6 ms against 0.65 ms per layer at
         DeepSeek-V2-Lite's head shapes). The copies are derived, never checkpointed;
-        a loop made after the weights change sees the new ones. `out_in`: hold them
-        as one `(out, in)` matrix per head (a model in `generation.decode_layout`, see
-        `head_product`)."""
+        a loop made after the weights change sees the new ones. `dtype`: theirs (None:
+        the compute dtype). A 16-bit model decoded under XLA (`generation.decode_layout`)
+        keeps them in float32: XLA's CPU backend converts a 16-bit kernel to float32
+        for every batched (per-head) product anyway, and multiplying each head alone
+        (matrix-vector products it reads faster) stepped no faster and took ~6 s more to
+        trace and compile (the 1.46B demonstration)."""
         if not self.absorb:
             return
-        kernels = self.absorbed_kernels()
+        kernels = [ops.cast(k, dtype or self.compute_dtype) for k in self.absorbed_kernels()]
         held = self._absorbed_kernels
-        if out_in:
-            held.values = [[tf.Variable(tf.transpose(k[h]), trainable=False)
-                            for h in range(self.n_heads)] for k in kernels]  # fmt: skip
-        elif held.values is None or held.out_in:
+        if held.values is None or held.values[0].dtype != kernels[0].dtype:
             held.values = [tf.Variable(k, trainable=False) for k in kernels]
         else:
             for v, k in zip(held.values, kernels):
                 v.assign(k)
-        held.out_in = out_in
 
     def get_config(self):
         return {**super().get_config(), **init_config(self)}
