@@ -57,7 +57,7 @@ def _transposed_call(layer):
     """`layer.call` for a kernel held `(out, in)`: `Dense.call` with `transpose_b`."""
 
     def call(inputs, training=None):
-        x = tf.reshape(inputs, (-1, inputs.shape[-1]))  # (N, in)
+        x = tf.reshape(inputs, (-1, layer._kernel.shape[1]))  # (N, in)
         y = tf.matmul(x, layer._kernel, transpose_b=True)  # (N, out)
         y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [layer.units]], 0))  # (..., out)
         if layer.bias is not None:
