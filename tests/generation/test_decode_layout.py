@@ -9,6 +9,7 @@ from deepseek_tf.generation import decode_layout
 from deepseek_tf.generation.decoder import Decoder, Row
 from deepseek_tf.layers.moe import DeepSeekMoE
 from deepseek_tf.models.builder import build_model
+from deepseek_tf.training.checkpoint import RunCheckpoint
 
 
 def tiny(dtype="bfloat16", preset="tiny-moe"):
@@ -30,7 +31,7 @@ def greedy(decoder, prompts, n):
     return out
 
 
-def test_the_layout_computes_the_same_and_restores_every_weight_exactly():
+def test_the_layout_computes_the_same_and_restores_every_weight_exactly(tmp_path):
     model = tiny()
     ids = np.random.default_rng(0).integers(0, 40, (2, 12))  # 48 assignments: capacity
     reference = np.asarray(tf.cast(model(ids), tf.float32))
@@ -46,7 +47,10 @@ def test_the_layout_computes_the_same_and_restores_every_weight_exactly():
     np.testing.assert_allclose(
         np.asarray(tf.cast(model(ids), tf.float32)), reference, atol=0.02 * np.abs(reference).max()
     )
+    with pytest.raises(ValueError, match="decode layout"):  # a square kernel would pass
+        RunCheckpoint(tmp_path, model).save(1)
     assert decode_layout.restore(model) == moved and not decode_layout.applied(model)
+    RunCheckpoint(tmp_path, model).save(1)
     after = weights_by_path(model)
     assert all(np.array_equal(after[k], before[k]) for k in before)
     np.testing.assert_array_equal(np.asarray(tf.cast(model(ids), tf.float32)), reference)

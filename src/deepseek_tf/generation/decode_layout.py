@@ -13,7 +13,8 @@ token step runs under XLA (`generation.decoding.DecodeLoop`). Each weight is rep
 a new variable holding its transpose, so the layout costs no memory once the old one is
 freed; `restore` puts the original layout back. A model in this layout computes the
 same function (TensorFlow's kernels multiply it with `transpose_b`), but its variables
-are not those of its checkpoint: save it only after `restore`.
+are not those of its checkpoint: `training.checkpoint.RunCheckpoint` refuses to save it
+until `restore`.
 """
 
 from __future__ import annotations

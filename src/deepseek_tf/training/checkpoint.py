@@ -23,6 +23,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from deepseek_tf.errors import RunDirError
+from deepseek_tf.generation import decode_layout
 
 CHECKPOINT_NAME = "ckpt"
 INDEX_FILE = "checkpoint"  # tf.train.CheckpointManager's index
@@ -111,6 +112,7 @@ class RunCheckpoint:
         extra=None,
     ):
         self.directory = Path(directory)
+        self.model = model
         self.chief = chief
         self.log = log
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -167,6 +169,17 @@ class RunCheckpoint:
                 self.log(f"[checkpoint] index file rewritten: newest is {Path(on_disk[-1]).name}")
 
     def save(self, step: int) -> str:
+        """Saves the checkpoint of `step`; returns its prefix.
+
+        Raises:
+            ValueError: the model is in the decode layout (its kernels transposed, a square
+                one indistinguishable from the original once saved).
+        """
+        if decode_layout.applied(self.model):
+            raise ValueError(
+                "the model is in the decode layout (kernels held (out, in)): "
+                "generation.decode_layout.restore(model) before saving it"
+            )
         self.step.assign(step)
         if self.chief:
             return self.manager.save(checkpoint_number=step)
