@@ -3,18 +3,18 @@
 At batch 1 decoding multiplies one vector by every weight it uses, so its speed is the
 speed at which those weights are read. XLA's CPU backend reads a 16-bit matrix at the
 memory's bandwidth in a matrix-vector product only when the matrix's rows are the
-outputs and the matrix is a parameter of the program as it is (no reshape between):
-0.8 of this machine's read bandwidth, against 0.05-0.1 for Keras' `(in, out)` kernels,
-and 0.4-0.5 for TensorFlow's own (oneDNN) kernels either way round
-(`benchmarks/README.md`, decode_kernels and decode_real). So a model decoded from memory
-on a CPU (`memory_bound.memory_bound_on_cpu`) in a 16-bit float holds its projection
-kernels `(out, in)` and its routed-expert stacks `(E, out, in)` (`apply`), and its batch-1
-token step runs under XLA (`generation.decoding.DecodeLoop`). Each weight is replaced by
-a new variable holding its transpose, so the layout costs no memory once the old one is
-freed; `restore` puts the original layout back. A model in this layout computes the
-same function (TensorFlow's kernels multiply it with `transpose_b`), but its variables
-are not those of its checkpoint: `training.checkpoint.RunCheckpoint` refuses to save it
-until `restore`.
+outputs and the matrix is a parameter of the program as it is (no reshape between): 0.8
+of this machine's read bandwidth, against 0.03-0.08 for Keras' `(in, out)` kernels
+(`benchmarks/README.md`, decode_kernels), and ~0.2-0.45 for TensorFlow's own (oneDNN)
+kernels (the 1.46B demonstration's profile of 2026-12-07, decode_real). So a model
+decoded from memory on a CPU (`memory_bound.memory_bound_on_cpu`) in a 16-bit float
+holds its projection kernels `(out, in)` and its routed-expert stacks `(E, out, in)`
+(`apply`), and its batch-1 token step runs under XLA (`generation.decoding.DecodeLoop`).
+Each weight is replaced by a new variable holding its transpose, so the layout costs no
+memory once the old one is freed; `restore` puts the original layout back. A model in
+this layout computes the same function (TensorFlow's kernels multiply it with
+`transpose_b`), but its variables are not those of its checkpoint:
+`training.checkpoint.RunCheckpoint` refuses to save it until `restore`.
 """
 
 from __future__ import annotations
