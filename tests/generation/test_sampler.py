@@ -64,3 +64,16 @@ def test_settings_are_normalised():
     assert check_sampling(seed=10**5000).seed == 10**5000 % 2**31  # any int is a seed
     assert check_sampling(temperature=1.0, top_p=0.0).temperature == 0.0  # empty nucleus
     assert check_sampling(temperature=2, top_k=3).top_k == 3
+
+
+def test_noise_stays_below_one_so_an_impossible_token_is_never_drawn():
+    """Seed 3 at position 9 hashes token 98,579 to the largest value: with 24 bits of
+    noise it rounded to 1.0, whose Gumbel noise is +inf, and the 1.46B demonstration's
+    `generate` drew that id past its 355-token tokenizer ("token id 98579 is out of
+    range")."""
+    noise = uniform_noise(tf.constant([3]), tf.constant(9), 102_400).numpy()
+    assert noise.max() < 1.0 and noise.min() > 0.0
+    logits = tf.concat([tf.zeros((1, 355)), tf.fill((1, 102_400 - 355), -1e9)], axis=1)
+    token = sample_tokens(logits, tf.constant([1.0]), tf.constant([0]), tf.constant([1.0]),
+                          tf.constant([3]), tf.constant(9))  # fmt: skip
+    assert int(token[0]) < 355

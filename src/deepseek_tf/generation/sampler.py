@@ -148,8 +148,11 @@ def uniform_noise(seeds, position, vocab):
     for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):  # murmur3's finaliser
         x = (x ^ tf.bitwise.right_shift(x, tf.constant(shift, u32))) * tf.constant(mult, u32)
     x = x ^ tf.bitwise.right_shift(x, tf.constant(16, u32))
-    mantissa = tf.cast(tf.bitwise.right_shift(x, tf.constant(8, u32)), tf.float32)
-    return (mantissa + 0.5) / float(1 << 24)  # (B, V)
+    # 23 bits: `m + 0.5` is exact in float32 and the largest value is 1 - 2^-24 (with 24
+    # bits it rounded to 1.0, whose Gumbel noise is +inf: that token won whatever its
+    # logit, an id past the tokenizer's included)
+    mantissa = tf.cast(tf.bitwise.right_shift(x, tf.constant(9, u32)), tf.float32)
+    return (mantissa + 0.5) / float(1 << 23)  # (B, V)
 
 
 def limit_vocab(logits, vocab_limit: int | None):
