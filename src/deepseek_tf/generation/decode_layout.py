@@ -22,19 +22,16 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from deepseek_tf.generation.memory_bound import memory_bound_on_cpu
+from deepseek_tf.generation.memory_bound import memory_bound_on_cpu, sixteen_bit
 from deepseek_tf.layers.expert_stacks import ExpertStacks
 from deepseek_tf.layers.structure import replace_weight
-
-SIXTEEN_BIT = (tf.bfloat16, tf.float16)
 
 
 def wanted(model, cache_bytes: int | None = None) -> bool:
     """Whether `model` decodes faster in this layout here: 16-bit float weights read from
     memory on a CPU-only machine (`cache_bytes`: the CPU's last-level cache; None: read
     from the system)."""
-    sixteen = tf.as_dtype(model.variable_dtype) in SIXTEEN_BIT
-    return sixteen and memory_bound_on_cpu(model, cache_bytes)
+    return sixteen_bit(model.variable_dtype) and memory_bound_on_cpu(model, cache_bytes)
 
 
 def applied(model) -> bool:
@@ -50,7 +47,7 @@ def _plain(layer) -> bool:
         and layer.built
         and layer.quantization_mode is None
         and not layer.lora_enabled
-        and tf.as_dtype(layer._kernel.dtype) in SIXTEEN_BIT
+        and sixteen_bit(layer._kernel.dtype)
     )
 
 

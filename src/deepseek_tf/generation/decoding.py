@@ -123,7 +123,11 @@ class DecodeLoop:
         # a model in the decode layout: the batch-1 step under XLA inside an uncompiled
         # loop (in a compiled loop XLA hoists float32 copies of every weight out of it)
         self.xla_step = jit_compile and not self.jit_compile and decode_layout.applied(model)
-        self._xla_token_step = tf.function(self.token_step, **{**compiled, "jit_compile": True})
+        self._xla_token_step = (
+            tf.function(self.token_step, **{**compiled, "jit_compile": True})
+            if self.xla_step
+            else None
+        )
         self.prefill_jit_compile = xla_prefill(model, jit_compile, cache_bytes)
         prefill = {**compiled, "jit_compile": self.prefill_jit_compile}
         self.prefill_program = tf.function(self._prefill_chunk, **prefill)

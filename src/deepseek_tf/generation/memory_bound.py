@@ -29,6 +29,11 @@ def last_level_cache_bytes() -> int | None:
     return max(sizes) if sizes else None
 
 
+def sixteen_bit(dtype) -> bool:
+    """Whether `dtype` (a variable's, or a model's `variable_dtype`) is a 16-bit float."""
+    return tf.as_dtype(dtype) in (tf.bfloat16, tf.float16)
+
+
 def weight_bytes(model) -> int:
     """Bytes of every weight of `model`, as stored."""
     return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in model.weights)
@@ -75,5 +80,6 @@ def xla_decode(model, jit_compile: bool, cache_bytes: int | None = None) -> bool
     in the decode layout (`generation.decode_layout`) still runs its batch-1 token step
     under XLA, called from the uncompiled loop (`DecodeLoop.xla_step`).
     """
-    sixteen_bit = tf.as_dtype(model.variable_dtype) in (tf.bfloat16, tf.float16)
-    return jit_compile and not (sixteen_bit and memory_bound_on_cpu(model, cache_bytes))
+    return jit_compile and not (
+        sixteen_bit(model.variable_dtype) and memory_bound_on_cpu(model, cache_bytes)
+    )
